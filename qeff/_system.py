@@ -1,0 +1,38 @@
+"""Facts about the machine: physical cores, peak memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+
+__all__ = ["physical_cores", "peak_rss_mb"]
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once).
+
+    Threads default to this: on CPUs with SMT, a second thread per core only adds contention for
+    the matmul units that decode is bound by.
+    """
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in allowed:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topo / "physical_package_id").read_text().strip()
+            core = (topo / "core_id").read_text().strip()
+        except OSError:
+            return len(allowed)
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,202 @@
+"""ONNX export of a retained-state model, and the passes applied to every exported graph.
+
+One graph serves prefill (``seq_len = prompt_len``) and decode (``seq_len = 1``): ``batch_size``,
+``seq_len`` and ``ctx_len`` are symbolic. The passes keep the file portable to the Cloud AI
+compiler: float constants are clipped to the fp16 range, no ``com.microsoft`` op may appear, and
+what produced the file is stamped into its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from qeff.errors import QEffError
+from qeff.transform import QEffCausalLM
+
+__all__ = ["export", "fp16_clip", "stamp_metadata", "check_portable", "ExportResult", "FP16_MAX", "library_versions"]
+
+FP16_MAX = 65504.0
+OPSET = 17
+#: Tensors at least this large go to the external data file.
+EXTERNAL_THRESHOLD = 1024
+DATA_FILE = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    clipped_values: int
+    metadata: dict[str, str]
+
+
+def library_versions() -> dict[str, str]:
+    import onnxruntime
+    import transformers
+
+    import qeff
+
+    return {
+        "qeff": qeff.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _clip_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
+    if arr.dtype.kind != "f":
+        return arr, 0
+    finite_big = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
+    count = int(finite_big.sum())
+    if count:
+        arr = np.where(finite_big, np.clip(arr, -FP16_MAX, FP16_MAX), arr).astype(arr.dtype)
+    return arr, count
+
+
+def fp16_clip(model: onnx.ModelProto) -> int:
+    """Clip every finite float constant (initializers, ``Constant`` nodes, ``ConstantOfShape``
+    fills) into ``[-65504, 65504]`` in place; ``±inf``, NaN and integer tensors are left alone.
+    Returns how many values were clipped."""
+    total = 0
+
+    def clip_tensor(tensor: onnx.TensorProto) -> int:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise QEffError("fp16_clip needs tensors loaded in memory, not external data")
+        arr = numpy_helper.to_array(tensor)
+        clipped, count = _clip_array(arr)
+        if count:
+            tensor.CopyFrom(numpy_helper.from_array(clipped, tensor.name))
+        return count
+
+    def visit(graph: onnx.GraphProto) -> None:
+        nonlocal total
+        for init in graph.initializer:
+            total += clip_tensor(init)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    total += clip_tensor(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        visit(g)
+
+    visit(model.graph)
+    return total
+
+
+def check_portable(model: onnx.ModelProto) -> None:
+    """The exported graph must hold only standard ONNX ops (no ``com.microsoft`` contrib ops)."""
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise QEffError(f"exported graph holds non-standard ops {', '.join(foreign)}; the Cloud AI compiler rejects them")
+
+
+def stamp_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def _fix_logits_shape(model: onnx.ModelProto) -> None:
+    # TorchScript cannot prove the gathered row dim is 1; say so in the graph's signature.
+    for out in model.graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].Clear()
+            out.type.tensor_type.shape.dim[1].dim_value = 1
+
+
+def _dynamic_axes(qmodel: QEffCausalLM) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch_size", 1: "seq_len"},
+        "position_ids": {0: "batch_size", 1: "seq_len"},
+        "logits": {0: "batch_size"},
+    }
+    for name in qmodel.input_names[2:] + qmodel.output_names[1:]:
+        axes[name] = {0: "batch_size", 2: "ctx_len"}
+    return axes
+
+
+def export(
+    qmodel: QEffCausalLM,
+    out_dir: str | os.PathLike,
+    *,
+    model_id: str = "",
+    extra_metadata: dict[str, str] | None = None,
+) -> ExportResult:
+    """Export ``qmodel`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``) and run the passes.
+
+    The example inputs only fix the graph's structure: every dim that varies is symbolic.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch, seq, ctx = 2, 4, 8
+    input_ids = torch.zeros((batch, seq), dtype=torch.int64)
+    position_ids = torch.arange(seq, dtype=torch.int64)[None].repeat(batch, 1)
+    past = qmodel.empty_cache(batch, ctx)
+    raw = out_dir / "raw.onnx"
+    for stale in (out_dir / "model.onnx", out_dir / DATA_FILE):
+        stale.unlink(missing_ok=True)  # onnx appends to an existing external data file
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo; it is the one that exports
+        # transformers' models in well under a second with plain ops. Its tracer warnings are noise.
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(
+                qmodel,
+                (input_ids, position_ids, *past),
+                str(raw),
+                input_names=qmodel.input_names,
+                output_names=qmodel.output_names,
+                dynamic_axes=_dynamic_axes(qmodel),
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+    model = onnx.load(str(raw))
+    for leftover in out_dir.glob("raw.onnx*"):
+        leftover.unlink()
+    for leftover in out_dir.iterdir():
+        # The TorchScript exporter may spill large weights next to the raw file; they are now loaded.
+        if leftover.is_file() and leftover.name not in ("model.onnx", DATA_FILE):
+            leftover.unlink()
+    _fix_logits_shape(model)
+    check_portable(model)
+    clipped = fp16_clip(model)
+    metadata = {
+        "qeff.model_id": model_id,
+        "qeff.transforms": ",".join(qmodel.transforms),
+        "qeff.passes": "FP16Clip",
+        "qeff.fp16_clipped_values": str(clipped),
+        "qeff.num_layers": str(qmodel.shape.num_layers),
+        "qeff.num_kv_heads": str(qmodel.shape.num_kv_heads),
+        "qeff.head_dim": str(qmodel.shape.head_dim),
+        "qeff.vocab_size": str(qmodel.shape.vocab_size),
+        "qeff.versions": json.dumps(library_versions(), sort_keys=True),
+        **(extra_metadata or {}),
+    }
+    stamp_metadata(model, metadata)
+    path = out_dir / "model.onnx"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=EXTERNAL_THRESHOLD,
+    )
+    return ExportResult(path=path, clipped_values=clipped, metadata=metadata)

@@ -1,0 +1,124 @@
+"""ONNX Runtime session: the retained cache lives in OrtValues that stay bound between steps.
+
+Binding modes (``binding=``):
+
+- ``"inplace"`` (default): each layer's cache is ONE OrtValue bound both as ``past_*`` input and
+  as ``…_RetainedState`` output. The graph reads the old cache only through the scatter (and the
+  gather of pad slots that feeds it), which ORT's CPU kernels run in place, so nothing is copied.
+  ``tests/test_ort_binding.py`` proves it bit-exact against ``"swap"`` and ``"numpy"`` over whole
+  generations; ``benchmarks/`` measures the difference.
+- ``"swap"``: two OrtValues per tensor, input and output swapped after each step.
+- ``"numpy"``: plain ``InferenceSession.run`` with the cache round-tripping through numpy —
+  the slow reference the other two are checked against.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qeff._system import physical_cores
+from qeff.errors import BackendUnavailableError, UsageError
+
+__all__ = ["OrtSession", "session_options", "BINDINGS"]
+
+BINDINGS = ("inplace", "swap", "numpy")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def session_options(threads: int | None = None, *, optimized_path: str | None = None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+        opts.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", Path(optimized_path).name + ".data"
+        )
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return opts
+
+
+class OrtSession:
+    backend = "ort"
+    prompt_len = None
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        batch_size: int,
+        ctx_len: int,
+        threads: int | None = None,
+        binding: str = "inplace",
+    ):
+        if binding not in BINDINGS:
+            raise UsageError(f"unknown ORT binding {binding!r}; choose one of {', '.join(BINDINGS)}")
+        if batch_size < 1 or ctx_len < 1:
+            raise UsageError(f"batch_size and ctx_len must be positive (got {batch_size}, {ctx_len})")
+        ort = _ort()
+        self.model_path = Path(model_path)
+        self.threads = threads or physical_cores()
+        self.session = ort.InferenceSession(
+            str(self.model_path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
+        )
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_")]
+        self.num_layers = len(self.past_names) // 2
+        past0 = inputs["past_key.0"].shape  # [batch_size, n_kv, ctx_len, head_dim]
+        self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
+        self.vocab_size = int(self.session.get_outputs()[0].shape[2])
+        self.batch_size, self.ctx_len, self.binding = batch_size, ctx_len, binding
+        shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
+        self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, 1, self.vocab_size), np.float32, "cpu")
+        if binding == "numpy":
+            self._np_cache = [np.zeros(shape, np.float32) for _ in self.past_names]
+            return
+        self._io = self.session.io_binding()
+        new = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu")  # noqa: E731
+        self._cache = [new() for _ in self.past_names]
+        self._cache_out = self._cache if binding == "inplace" else [new() for _ in self.past_names]
+        self._io.bind_ortvalue_output("logits", self._logits)
+        self._bind_cache()
+
+    def _bind_cache(self) -> None:
+        for name, src, dst in zip(self.past_names, self._cache, self._cache_out):
+            self._io.bind_ortvalue_input(name, src)
+            self._io.bind_ortvalue_output(name + "_RetainedState", dst)
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if self.binding == "numpy":
+            feeds = {"input_ids": input_ids, "position_ids": position_ids, **dict(zip(self.past_names, self._np_cache))}
+            outs = self.session.run(None, feeds)
+            self._np_cache = outs[1:]
+            return outs[0][:, 0, :]
+        self._io.bind_cpu_input("input_ids", input_ids)
+        self._io.bind_cpu_input("position_ids", position_ids)
+        self.session.run_with_iobinding(self._io)
+        if self.binding == "swap":
+            self._cache, self._cache_out = self._cache_out, self._cache
+            self._bind_cache()
+        return self._logits.numpy()[:, 0, :]
+
+    def read_cache(self) -> list[np.ndarray]:
+        if self.binding == "numpy":
+            return [c.copy() for c in self._np_cache]
+        return [v.numpy().copy() for v in self._cache]
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,181 @@
+"""The retained-state model: an HF causal LM wrapped so that its KV cache is graph state.
+
+    forward(input_ids (B,S) int64, position_ids (B,S) int64 [-1 = pad],
+            past_key.0, past_value.0, …  (B, n_kv, ctx_len, head_dim) float32)
+      → logits (B, 1, vocab) for the last valid position of each row,
+        past_key.0_RetainedState, past_value.0_RetainedState, …  (the whole updated cache)
+
+The HF module is used as is (its parameters are never touched); the wrapper hands it a
+:class:`~qeff.transform.cache.RetainedStateCache` and a mask built from ``position_ids``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qeff.errors import UnsupportedModelError, WeightsChangedError
+from qeff.transform.cache import RetainedStateCache
+from qeff.transform.mask import additive_mask
+from qeff.transform.registry import ArchSpec, get_spec, supported_model_types
+
+__all__ = ["QEffCausalLM", "CacheShape", "transform", "parameter_fingerprint", "check_parameters_unchanged"]
+
+#: Names of the transforms applied, stamped into exported graphs' metadata.
+TRANSFORMS = ("RetainedStateCache", "PositionIdsMask", "LastTokenLogits", "EagerAttention")
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    def past_shape(self, batch_size: int, ctx_len: int) -> tuple[int, int, int, int]:
+        return (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "position_ids"]
+    for i in range(num_layers):
+        names += [f"past_key.{i}", f"past_value.{i}"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"past_key.{i}_RetainedState", f"past_value.{i}_RetainedState"]
+    return names
+
+
+class QEffCausalLM(nn.Module):
+    """See the module docstring for the contract."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        config = model.config
+        n_kv, head_dim = spec.kv_shape(config)
+        self.shape = CacheShape(config.num_hidden_layers, n_kv, head_dim, config.vocab_size)
+        self._windows = spec.windows(config)
+        decoder = spec.decoder(model)
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.transforms = TRANSFORMS
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def input_names(self) -> list[str]:
+        return input_names(self.shape.num_layers)
+
+    @property
+    def output_names(self) -> list[str]:
+        return output_names(self.shape.num_layers)
+
+    def empty_cache(self, batch_size: int, ctx_len: int) -> list[torch.Tensor]:
+        shape = self.shape.past_shape(batch_size, ctx_len)
+        return [torch.zeros(shape, dtype=torch.float32) for _ in range(2 * self.shape.num_layers)]
+
+    def _masks(self, position_ids: torch.Tensor, ctx_len: int):
+        masks = {t: additive_mask(position_ids, ctx_len, window=w) for t, w in self._windows.items()}
+        return masks[""] if set(masks) == {""} else masks
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        if len(past) != 2 * self.shape.num_layers:
+            raise ValueError(f"expected {2 * self.shape.num_layers} cache tensors, got {len(past)}")
+        ctx_len = past[0].shape[2]
+        cache = RetainedStateCache(list(zip(past[0::2], past[1::2])), position_ids)
+        decoder = self.spec.decoder(self.model)
+        out = decoder(
+            input_ids=input_ids,
+            position_ids=position_ids.clamp(min=0),  # pads: any valid position; their output is dropped
+            attention_mask=self._masks(position_ids, ctx_len),
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, S, H)
+        last = position_ids.argmax(dim=1, keepdim=True)  # (B, 1): column of the last valid token
+        hidden = torch.gather(hidden, 1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, 1, H)
+        logits = self.spec.head(self.model, hidden).float()  # (B, 1, V)
+        return (logits, *cache.retained())
+
+
+def parameter_fingerprint(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """name → (shape, dtype, blake2b of the bytes) for every parameter and persistent buffer."""
+    out: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        t = tensor.detach().contiguous().cpu()
+        digest = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16)
+        out[name] = (tuple(t.shape), str(t.dtype), digest.hexdigest())
+    return out
+
+
+def check_parameters_unchanged(before: dict, after: dict) -> None:
+    """Raise :class:`WeightsChangedError` naming every parameter added, removed, reshaped or changed."""
+    problems = []
+    for name in sorted(set(before) | set(after)):
+        if name not in after:
+            problems.append(f"{name}: removed")
+        elif name not in before:
+            problems.append(f"{name}: added")
+        elif before[name][:2] != after[name][:2]:
+            problems.append(f"{name}: shape/dtype {before[name][:2]} -> {after[name][:2]}")
+        elif before[name][2] != after[name][2]:
+            problems.append(f"{name}: values changed")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; … {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise WeightsChangedError(f"the transform changed {len(problems)} parameter(s): {shown}")
+
+
+def _check_modules(model: nn.Module, spec: ArchSpec) -> None:
+    unknown = set()
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__.startswith("torch.nn.") or cls.__module__ == "transformers.activations":
+            continue
+        if cls.__name__ not in spec.modules:
+            unknown.add(f"{cls.__module__}.{cls.__name__}")
+    if unknown:
+        raise UnsupportedModelError(
+            f"qeff cannot transform module type(s) {', '.join(sorted(unknown))} of architecture "
+            f"{spec.name!r}: they are not known to follow the retained-state cache protocol"
+        )
+
+
+def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
+    """Wrap an HF causal LM into the retained-state contract, verifying nothing else changed.
+
+    Raises :class:`UnsupportedModelError` naming the architecture or module type it cannot handle,
+    and :class:`WeightsChangedError` if any parameter's name, shape or value changed.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    spec = get_spec(model_type) if model_type else None
+    if spec is None:
+        raise UnsupportedModelError(
+            f"qeff cannot transform {type(model).__name__} (model_type={model_type!r}); "
+            f"supported model types: {', '.join(supported_model_types())}"
+        )
+    _check_modules(model, spec)
+    before = parameter_fingerprint(model) if check_weights else None
+    model.eval()
+    # Eager attention: plain MatMul/Softmax in the graph (portable to every compiler), and the
+    # same arithmetic as the HF eager reference we verify against.
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        config._attn_implementation = "eager"
+    wrapped = QEffCausalLM(model, spec)
+    if before is not None:
+        check_parameters_unchanged(before, parameter_fingerprint(wrapped.model))
+    return wrapped
