@@ -80,6 +80,23 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: Modules of ``qeff.transform`` that hold the mechanism, not an architecture.
+_CORE_MODULES = frozenset({"cache", "mask", "model", "registry"})
+_loaded = False
+
+
 def _load_builtin() -> None:
-    # Importing the architecture modules registers them; done lazily to keep import cheap.
-    from qeff.transform import llama  # noqa: F401
+    """Import every architecture file in ``qeff/transform/`` (each registers its spec), so that
+    adding an architecture is adding one file. Done lazily to keep ``import qeff`` cheap."""
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+    import pkgutil
+
+    import qeff.transform as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name not in _CORE_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"qeff.transform.{info.name}")
+    _loaded = True
