@@ -296,6 +296,7 @@ def test_dry_run_script_compiles_by_hand(onnx_path, tmp_path, fake_path):
         ({"extra_options": ("-mos=2",)}, "use mos= instead"),
         ({"extra_options": ("-aic-num-cores=4",)}, "use num_cores= instead"),
         ({"extra_options": ("stats-level=70",)}, "must be one flag starting with '-'"),
+        ({"extra_options": ("-retained-state",)}, "drop it: qeff always passes it"),
     ],
 )
 def test_bad_options_are_usage_errors(kwargs, match):
@@ -320,3 +321,10 @@ def test_missing_or_foreign_onnx_is_an_artifact_error(tmp_path):
                                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])), str(plain))
     with pytest.raises(ArtifactError, match="not a retained-state graph"):
         compile(plain, tmp_path / "out", dry_run=True, compiler="/x/qaic-exec")
+
+
+def test_recompiling_into_a_directory_drops_files_of_the_earlier_options(onnx_path, tmp_path):
+    out = tmp_path / "out"
+    compile(onnx_path, out, QaicCompileOptions(num_devices=4), dry_run=True, compiler="/x/qaic-exec")
+    compile(onnx_path, out, QaicCompileOptions(), dry_run=True, compiler="/x/qaic-exec")
+    assert not list(out.glob("mdp_ts_*.json"))

@@ -34,8 +34,9 @@ Facts this module relies on (checked against documents, not yet against hardware
   partition = tensor slicing): the SDK page "MDP Load Partition Configuration" (qaic-compile
   tools) and QEfficient's generated ``mdp_ts_config.json``.
 - ``qaic-compile`` is the compiler of newer Apps SDKs (SDK docs 80-99100-3, "Compile the model");
-  every published ``qaic-compile`` invocation spells the hardware ``-aic-hw-version=ai100`` and
-  still passes ``-compile-only``. Older SDKs ship only ``qaic-exec``, documented with ``2.0``.
+  the public ``qaic-compile`` invocations found (build scripts against SDK 1.21, later QEfficient)
+  all spell the hardware ``-aic-hw-version=ai100`` and still pass ``-compile-only``. Older SDKs
+  ship ``qaic-exec``, documented with ``2.0`` (later QEfficient passes it ``ai100`` too).
 """
 
 from __future__ import annotations
@@ -87,18 +88,19 @@ LOG_FILE = "compile.log"
 #: The symbolic dims the specializations bind; the export names them so.
 SYMBOLS = ("batch_size", "seq_len", "ctx_len")
 
-# Flags this module owns; passing one through ``extra_options`` would contradict an option.
+# Flags this module owns (→ the option that sets them, None = always set); passing one through
+# ``extra_options`` would repeat or contradict it.
 _MANAGED_FLAGS = {
     "-m": "the onnx_path argument",
     "-model": "the onnx_path argument",
-    "-aic-hw": "(always set)",
+    "-aic-hw": None,
     "-aic-hw-version": "aic_hw_version=",
     "-network-specialization-config": "batch_size=/prompt_len=/ctx_len=",
-    "-convert-to-fp16": "(always set)",
-    "-retained-state": "(always set)",
+    "-convert-to-fp16": None,
+    "-retained-state": None,
     "-aic-num-cores": "num_cores=",
     "-custom-IO-list-file": "mxint8= (the file is generated)",
-    "-compile-only": "(set for every compiler)",
+    "-compile-only": None,
     "-aic-binary-dir": "the out_dir argument",
     "-mxfp6-matmul": "mxfp6=True",
     "-mos": "mos=",
@@ -116,7 +118,7 @@ class QaicCompileOptions:
     prompt_len: int = 32
     #: Cache slots per row: the longest prompt + generation the QPC can hold.
     ctx_len: int = 128
-    #: AI cores per device (``-aic-num-cores``); a Cloud AI 100 card has up to 16.
+    #: AI cores per device (``-aic-num-cores``); ``/opt/qti-aic/tools/qaic-util -q`` shows a card's.
     num_cores: int = 16
     #: Devices in the group the QPC is tensor-sliced over (the runtime's device ids come later).
     num_devices: int = 1
@@ -151,7 +153,9 @@ class QaicCompileOptions:
                 raise UsageError(f"extra compiler option {option!r} must be one flag starting with '-', e.g. '-stats-level=70'")
             flag = option.split("=", 1)[0]
             if flag in _MANAGED_FLAGS:
-                raise UsageError(f"extra compiler option {option!r} is set by qeff itself; use {_MANAGED_FLAGS[flag]} instead")
+                instead = _MANAGED_FLAGS[flag]
+                hint = f"use {instead} instead" if instead else "drop it: qeff always passes it"
+                raise UsageError(f"extra compiler option {option!r} is set by qeff itself; {hint}")
 
     def to_dict(self) -> dict:
         """Builtin-typed, for manifests and cache keys."""
@@ -380,6 +384,8 @@ def compile(
     names = retained_state_names(onnx_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("mdp_ts_*.json"), out_dir / LOG_FILE]:
+        stale.unlink(missing_ok=True)  # left by an earlier compile into this directory
     spec = specializations(options)
     _write(out_dir / SPECIALIZATIONS_FILE, json.dumps(spec, indent=4) + "\n")
     _write(out_dir / CUSTOM_IO_FILE, custom_io_yaml(custom_io(names, mxint8=options.mxint8)))
