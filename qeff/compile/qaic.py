@@ -1,0 +1,451 @@
+"""Compile a retained-state ONNX graph into a QPC for Qualcomm Cloud AI 100.
+
+One call writes everything the SDK compiler reads into a compile directory, then runs it there::
+
+    qpc_16cores_1BS_32PL_128CL_2devices_mxfp6/   (the name users know: :func:`qpc_dir_name`)
+        specializations.json    the shapes to build: prefill (seq_len = prompt_len), then decode (1)
+        custom_io.yaml          every past_* input and *_RetainedState output kept as float16/mxint8
+        mdp_ts_2.json           tensor slicing over the device group (only with 2+ devices)
+        compile.sh              the exact command, runnable by hand from anywhere
+        compile.json            the manifest: options, compiler, command, files
+        compile.log             the compiler's stdout and stderr (after a real run)
+        qpcs/programqpc.bin     the QPC (``-aic-binary-dir``)
+
+The command names the files by paths relative to the compile directory and runs with it as the
+working directory, so the directory can be built in a temporary place and renamed into a cache
+without its manifest or ``compile.sh`` going stale. ``dry_run=True`` writes all of it except the
+QPC and needs no SDK.
+
+Facts this module relies on (checked against documents, not yet against hardware; see
+``docs/cloud-ai-100.md``):
+
+- Flags, their spellings and order, ``-compile-only``, the QPC subdirectory ``qpcs`` and the rule
+  that a prompt_len of 1 leaves only one specialization: QEfficient's
+  ``QEfficient/compile/compile_helper.py`` (quic/efficient-transformers, 2024), which invokes
+  ``/opt/qti-aic/exec/qaic-exec`` with ``-m= -aic-hw -aic-hw-version=2.0
+  -network-specialization-config= -convert-to-fp16 -retained-state -aic-num-cores=
+  -custom-IO-list-file= -compile-only -aic-binary-dir=`` and then ``-mxfp6-matmul``, ``-mos=``
+  (only when > 0), ``-aic-enable-depth-first``, ``-mdp-load-partition-config=``.
+- ``specializations.json`` (values are strings; the compiler rejects integers) and the custom-IO
+  YAML layout (`` - IOName: …`` / ``   Precision: …``, inputs then outputs): the Cloud AI SDK page
+  "Large Language Models" (cloud-ai-sdk-pages, Model-Architecture-Support/Large-Language-Models).
+- The multi-device partition file (``connections`` of ``devices`` + ``type`` ``"p2p"``;
+  ``partitions`` of ``name`` + ``devices`` of ``deviceId``/``numCores``; several devices in one
+  partition = tensor slicing): the SDK page "MDP Load Partition Configuration" (qaic-compile
+  tools) and QEfficient's generated ``mdp_ts_config.json``.
+- ``qaic-compile`` is the compiler of newer Apps SDKs (SDK docs 80-99100-3, "Compile the model");
+  the public ``qaic-compile`` invocations found (build scripts against SDK 1.21, later QEfficient)
+  all spell the hardware ``-aic-hw-version=ai100`` and still pass ``-compile-only``. Older SDKs
+  ship ``qaic-exec``, documented with ``2.0`` (later QEfficient passes it ``ai100`` too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import qeff
+from qeff.errors import ArtifactError, BackendUnavailableError, CompileError, UsageError
+
+__all__ = [
+    "QaicCompileOptions",
+    "QaicCompileResult",
+    "compile",
+    "qpc_dir_name",
+    "find_compiler",
+    "default_hw_version",
+    "specializations",
+    "retained_state_names",
+    "custom_io",
+    "custom_io_yaml",
+    "mdp_ts_config",
+    "build_command",
+    "SDK_EXEC_DIR",
+    "COMPILERS",
+    "QPC_SUBDIR",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where the Apps SDK installs its compilers.
+SDK_EXEC_DIR = Path("/opt/qti-aic/exec")
+#: Compiler executables, preferred first: ``qaic-compile`` (newer SDKs), ``qaic-exec`` (older).
+COMPILERS = ("qaic-compile", "qaic-exec")
+#: The QPC goes here inside the compile directory (QEfficient's ``…/qpcs``, which users pass to execute).
+QPC_SUBDIR = "qpcs"
+QPC_FILE = "programqpc.bin"
+SPECIALIZATIONS_FILE = "specializations.json"
+CUSTOM_IO_FILE = "custom_io.yaml"
+SCRIPT_FILE = "compile.sh"
+MANIFEST_FILE = "compile.json"
+LOG_FILE = "compile.log"
+#: The symbolic dims the specializations bind; the export names them so.
+SYMBOLS = ("batch_size", "seq_len", "ctx_len")
+
+# Flags this module owns (→ the option that sets them, None = always set); passing one through
+# ``extra_options`` would repeat or contradict it.
+_MANAGED_FLAGS = {
+    "-m": "the onnx_path argument",
+    "-model": "the onnx_path argument",
+    "-aic-hw": None,
+    "-aic-hw-version": "aic_hw_version=",
+    "-network-specialization-config": "batch_size=/prompt_len=/ctx_len=",
+    "-convert-to-fp16": None,
+    "-retained-state": None,
+    "-aic-num-cores": "num_cores=",
+    "-custom-IO-list-file": "mxint8= (the file is generated)",
+    "-compile-only": None,
+    "-aic-binary-dir": "the out_dir argument",
+    "-mxfp6-matmul": "mxfp6=True",
+    "-mos": "mos=",
+    "-aic-enable-depth-first": "aic_enable_depth_first=True",
+    "-mdp-load-partition-config": "num_devices=",
+}
+
+
+@dataclass(frozen=True)
+class QaicCompileOptions:
+    """What to compile for. Defaults are QEfficient's (``infer``: 1 / 32 / 128, no mx formats)."""
+
+    batch_size: int = 1
+    #: The prefill chunk length (``seq_len`` of the first specialization); 1 = decode-only QPC.
+    prompt_len: int = 32
+    #: Cache slots per row: the longest prompt + generation the QPC can hold.
+    ctx_len: int = 128
+    #: AI cores per device (``-aic-num-cores``); ``/opt/qti-aic/tools/qaic-util -q`` shows a card's.
+    num_cores: int = 16
+    #: Devices in the group the QPC is tensor-sliced over (the runtime's device ids come later).
+    num_devices: int = 1
+    #: Weights of MatMuls in MXFP6 (``-mxfp6-matmul``).
+    mxfp6: bool = False
+    #: The retained cache (past_* and *_RetainedState) in MXINT8 instead of float16 (custom IO).
+    mxint8: bool = False
+    #: ``-mos=N``, the effort to reduce on-chip memory; None (or QEfficient's -1) = not passed.
+    mos: int | None = None
+    #: ``-aic-enable-depth-first``.
+    aic_enable_depth_first: bool = False
+    #: ``-aic-hw-version``; None = the spelling the compiler found documents (see default_hw_version).
+    aic_hw_version: str | None = None
+    #: Further compiler flags passed through verbatim, e.g. ``("-stats-level=70",)``.
+    extra_options: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.mos is not None and self.mos <= 0:
+            object.__setattr__(self, "mos", None)  # QEfficient spells "not set" as -1
+        object.__setattr__(self, "extra_options", tuple(self.extra_options))
+        for name in ("batch_size", "prompt_len", "ctx_len", "num_cores", "num_devices"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer (got {value!r})")
+        if self.prompt_len > self.ctx_len:
+            raise UsageError(
+                f"prompt_len={self.prompt_len} is larger than ctx_len={self.ctx_len}: a prefill chunk "
+                f"must fit in the cache; use a smaller prompt_len or a larger ctx_len"
+            )
+        for option in self.extra_options:
+            if not isinstance(option, str) or not option.startswith("-"):
+                raise UsageError(f"extra compiler option {option!r} must be one flag starting with '-', e.g. '-stats-level=70'")
+            flag = option.split("=", 1)[0]
+            if flag in _MANAGED_FLAGS:
+                instead = _MANAGED_FLAGS[flag]
+                hint = f"use {instead} instead" if instead else "drop it: qeff always passes it"
+                raise UsageError(f"extra compiler option {option!r} is set by qeff itself; {hint}")
+
+    def to_dict(self) -> dict:
+        """Builtin-typed, for manifests and cache keys."""
+        out = asdict(self)
+        out["extra_options"] = list(self.extra_options)
+        return out
+
+
+@dataclass(frozen=True)
+class QaicCompileResult:
+    out_dir: Path
+    #: The QPC directory (``out_dir/qpcs``): what :class:`qeff.runtime.qaic.QaicSession` opens.
+    qpc_dir: Path
+    #: argv of the compiler; file paths are relative to ``out_dir``, where it runs.
+    command: list[str]
+    manifest: dict
+    dry_run: bool
+
+    def shell_command(self) -> str:
+        """One line a user can paste into a shell to run the compile by hand."""
+        return f"cd {shlex.quote(str(self.out_dir))} && {shlex.join(self.command)}"
+
+
+def qpc_dir_name(options: QaicCompileOptions) -> str:
+    """The compile directory's name, as QEfficient users know it.
+
+    ``qpc_{cores}cores_{bs}BS_{pl}PL_{cl}CL_{n}devices`` + ``_mxfp6`` / ``_mxfp6_mxint8`` /
+    ``_fp16_mxint8`` / ``_fp16``, e.g. ``qpc_16cores_1BS_32PL_128CL_2devices_mxfp6`` (QEfficient's
+    README and ``cloud/infer.py``). QEfficient later put ``{mos}MOS_`` before the device count;
+    here it appears only when ``mos`` is set, so the default name stays the familiar one. Depth-first,
+    the hardware version and extra flags are not in the name (nor were they in QEfficient's): the
+    manifest tells such directories apart.
+    """
+    o = options
+    mos = f"{o.mos}MOS_" if o.mos is not None else ""
+    if o.mxfp6 and o.mxint8:
+        precision = "_mxfp6_mxint8"
+    elif o.mxfp6:
+        precision = "_mxfp6"
+    elif o.mxint8:
+        precision = "_fp16_mxint8"
+    else:
+        precision = "_fp16"
+    return f"qpc_{o.num_cores}cores_{o.batch_size}BS_{o.prompt_len}PL_{o.ctx_len}CL_{mos}{o.num_devices}devices{precision}"
+
+
+def find_compiler(*, search_path: str | None = None, exec_dir: str | os.PathLike | None = None) -> Path:
+    """The Cloud AI compiler: ``qaic-compile`` or ``qaic-exec`` on ``PATH``, else in ``exec_dir``
+    (default :data:`SDK_EXEC_DIR`). A compiler the user put on ``PATH`` wins over the SDK's.
+
+    Raises :class:`BackendUnavailableError` naming every place it looked.
+    """
+    search_path = os.environ.get("PATH", "") if search_path is None else search_path
+    exec_dir = SDK_EXEC_DIR if exec_dir is None else exec_dir
+    for name in COMPILERS:
+        found = shutil.which(name, path=search_path)
+        if found:
+            return Path(found)
+    for name in COMPILERS:
+        candidate = Path(exec_dir) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise BackendUnavailableError(
+        f"no Cloud AI 100 compiler found: looked for {' and '.join(COMPILERS)} on PATH and in {exec_dir}; "
+        f"install the Cloud AI Apps SDK, or pass the compiler's path"
+    )
+
+
+def default_hw_version(compiler: str | os.PathLike) -> str:
+    """``ai100`` for ``qaic-compile`` (how every published invocation spells it), ``2.0`` for
+    ``qaic-exec`` (the SDK's LLM guide and QEfficient 2024)."""
+    return "ai100" if Path(compiler).name == "qaic-compile" else "2.0"
+
+
+def specializations(options: QaicCompileOptions) -> dict:
+    """Prefill then decode, values as strings; only one entry when prompt_len is 1."""
+    o = options
+    shapes = [(o.batch_size, o.prompt_len, o.ctx_len)]
+    if o.prompt_len != 1:
+        shapes.append((o.batch_size, 1, o.ctx_len))
+    return {"specializations": [{"batch_size": str(b), "seq_len": str(s), "ctx_len": str(c)} for b, s, c in shapes]}
+
+
+def retained_state_names(onnx_path: str | os.PathLike) -> list[str]:
+    """Every ``past_*`` input then every ``*_RetainedState`` output of the graph, in graph order.
+
+    Checks the retained-state contract the compile depends on: each ``past_X`` has its
+    ``past_X_RetainedState``, and the inputs carry the symbolic dims the specializations bind.
+    """
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX model {path} does not exist; export the model first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ArtifactError(f"ONNX model {path} cannot be read: {exc}") from exc
+    inputs = [i.name for i in model.graph.input if i.name.startswith("past_")]
+    outputs = [o.name for o in model.graph.output if o.name.endswith("_RetainedState")]
+    if not inputs:
+        raise ArtifactError(f"{path} has no past_* inputs: it is not a retained-state graph (export it with qeff)")
+    unmatched = sorted(set(inputs) ^ {o[: -len("_RetainedState")] for o in outputs})
+    if unmatched:
+        raise ArtifactError(f"{path}: retained-state inputs and outputs do not pair up for {', '.join(unmatched)}")
+    dims = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    missing = [s for s in SYMBOLS if s not in dims]
+    if missing:
+        raise ArtifactError(f"{path} has no symbolic dim(s) {', '.join(missing)}; the specializations bind them")
+    return inputs + outputs
+
+
+def custom_io(names: list[str], *, mxint8: bool) -> dict[str, str]:
+    """IO name → precision for the retained cache: ``mxint8`` or ``float16``."""
+    precision = "mxint8" if mxint8 else "float16"
+    return {name: precision for name in names}
+
+
+def custom_io_yaml(mapping: dict[str, str]) -> str:
+    """The custom-IO list file, laid out as the SDK's LLM guide shows it."""
+    groups = [
+        ("# Model Inputs", [n for n in mapping if not n.endswith("_RetainedState")]),
+        ("# Model Outputs", [n for n in mapping if n.endswith("_RetainedState")]),
+    ]
+    lines = []
+    for title, names in groups:
+        lines += [title, ""]
+        for name in names:
+            lines += [f" - IOName: {name}", f"   Precision: {mapping[name]}", ""]
+    return "\n".join(lines)
+
+
+def mdp_ts_config(num_devices: int, num_cores: int) -> dict:
+    """Tensor slicing over ``num_devices`` logical devices joined peer-to-peer, one partition."""
+    devices = list(range(num_devices))
+    return {
+        "connections": [{"devices": devices, "type": "p2p"}],
+        "partitions": [{"name": "Partition0", "devices": [{"deviceId": d, "numCores": num_cores} for d in devices]}],
+    }
+
+
+def mdp_file_name(num_devices: int) -> str:
+    return f"mdp_ts_{num_devices}.json"
+
+
+def build_command(compiler: str | os.PathLike, onnx_path: str | os.PathLike, options: QaicCompileOptions) -> list[str]:
+    """The compiler's argv; the files it names are relative to the compile directory."""
+    o = options
+    hw = o.aic_hw_version or default_hw_version(compiler)
+    command = [
+        str(compiler),
+        f"-m={onnx_path}",
+        "-aic-hw",
+        f"-aic-hw-version={hw}",
+        f"-network-specialization-config={SPECIALIZATIONS_FILE}",
+        "-convert-to-fp16",
+        "-retained-state",
+        f"-aic-num-cores={o.num_cores}",
+        f"-custom-IO-list-file={CUSTOM_IO_FILE}",
+        # qaic-exec compiles *and runs* unless told not to; qaic-compile accepts the flag too.
+        "-compile-only",
+        f"-aic-binary-dir={QPC_SUBDIR}",
+    ]
+    if o.mxfp6:
+        command.append("-mxfp6-matmul")
+    if o.mos is not None:
+        command.append(f"-mos={o.mos}")
+    if o.aic_enable_depth_first:
+        command.append("-aic-enable-depth-first")
+    if o.num_devices > 1:
+        command.append(f"-mdp-load-partition-config={mdp_file_name(o.num_devices)}")
+    command.extend(o.extra_options)
+    return command
+
+
+def _script(command: list[str], dir_name: str) -> str:
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            f"# Compiles {dir_name} for Cloud AI 100 (written by qeff). Runs from anywhere:",
+            "# the files it names sit next to this script.",
+            "set -e",
+            'cd "$(dirname "$0")"',
+            f"rm -rf {QPC_SUBDIR}",
+            "exec " + " \\\n    ".join(shlex.quote(a) for a in command),
+            "",
+        ]
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def compile(
+    onnx_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: QaicCompileOptions | None = None,
+    *,
+    dry_run: bool = False,
+    compiler: str | os.PathLike | None = None,
+    timeout_s: float | None = None,
+) -> QaicCompileResult:
+    """Write the compile directory ``out_dir`` for ``onnx_path`` and, unless ``dry_run``, run the compiler.
+
+    ``compiler`` defaults to :func:`find_compiler`; a dry run without an SDK names
+    ``/opt/qti-aic/exec/qaic-exec``. Raises :class:`CompileError` (with the command, exit code and
+    stderr) when the compiler fails or writes no QPC, :class:`BackendUnavailableError` when no
+    compiler is found, :class:`ArtifactError` when the ONNX file is missing or not retained-state.
+    """
+    options = options or QaicCompileOptions()
+    onnx_path = Path(onnx_path).resolve()
+    out_dir = Path(out_dir).resolve()
+    if compiler is not None:
+        compiler = Path(compiler)
+        if not dry_run and not (compiler.is_file() and os.access(compiler, os.X_OK)):
+            raise BackendUnavailableError(f"Cloud AI compiler {compiler} does not exist or is not executable")
+    else:
+        try:
+            compiler = find_compiler()
+        except BackendUnavailableError:
+            if not dry_run:
+                raise
+            compiler = Path(SDK_EXEC_DIR) / "qaic-exec"
+    options = replace(options, aic_hw_version=options.aic_hw_version or default_hw_version(compiler))
+    names = retained_state_names(onnx_path)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("mdp_ts_*.json"), out_dir / LOG_FILE]:
+        stale.unlink(missing_ok=True)  # left by an earlier compile into this directory
+    spec = specializations(options)
+    _write(out_dir / SPECIALIZATIONS_FILE, json.dumps(spec, indent=4) + "\n")
+    _write(out_dir / CUSTOM_IO_FILE, custom_io_yaml(custom_io(names, mxint8=options.mxint8)))
+    files = {"specializations": SPECIALIZATIONS_FILE, "custom_io": CUSTOM_IO_FILE, "mdp_ts_config": None, "qpc_dir": QPC_SUBDIR}
+    if options.num_devices > 1:
+        files["mdp_ts_config"] = mdp_file_name(options.num_devices)
+        _write(out_dir / files["mdp_ts_config"], json.dumps(mdp_ts_config(options.num_devices, options.num_cores), indent=4) + "\n")
+    command = build_command(compiler, onnx_path, options)
+    dir_name = qpc_dir_name(options)
+    script = out_dir / SCRIPT_FILE
+    _write(script, _script(command, dir_name))
+    script.chmod(0o755)
+    manifest = {
+        "backend": "qaic",
+        "qeff_version": qeff.__version__,
+        "dir_name": dir_name,
+        "options": options.to_dict(),
+        "compiler": {"name": compiler.name, "path": str(compiler)},
+        "onnx_path": str(onnx_path),
+        "command": command,
+        "files": files,
+        "specializations": spec["specializations"],
+    }
+    _write(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    result = QaicCompileResult(out_dir=out_dir, qpc_dir=out_dir / QPC_SUBDIR, command=command, manifest=manifest, dry_run=dry_run)
+    if dry_run:
+        return result
+
+    qpc_dir = out_dir / QPC_SUBDIR
+    if qpc_dir.exists():
+        shutil.rmtree(qpc_dir)  # a stale QPC must never pass for this compile's output
+    log.info("running the Cloud AI compiler: %s", result.shell_command())
+    try:
+        proc = subprocess.run(command, cwd=out_dir, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise CompileError(
+            f"{compiler.name} did not finish within {timeout_s} s compiling {onnx_path}", command=command, stderr=stderr
+        ) from exc
+    except OSError as exc:
+        raise CompileError(f"{compiler} could not be started: {exc}", command=command) from exc
+    _write(out_dir / LOG_FILE, f"$ {result.shell_command()}\n--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}")
+    if proc.returncode != 0:
+        raise CompileError(
+            f"{compiler.name} failed with exit code {proc.returncode} compiling {onnx_path}: "
+            f"{_last_line(proc.stderr) or _last_line(proc.stdout) or 'no output'} (full log: {out_dir / LOG_FILE})",
+            command=command,
+            returncode=proc.returncode,
+            stderr=proc.stderr,
+        )
+    if not (qpc_dir / QPC_FILE).is_file():
+        raise CompileError(
+            f"{compiler.name} exited 0 but wrote no {QPC_SUBDIR}/{QPC_FILE} in {out_dir} (full log: {out_dir / LOG_FILE})",
+            command=command,
+            returncode=proc.returncode,
+            stderr=proc.stderr,
+        )
+    return result
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
