@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from qeff.errors import UsageError
 
 __all__ = ["compile", "BACKENDS", "onnx_identity"]
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "qaic")
 
 
 def onnx_identity(onnx_path: Path) -> dict:
@@ -32,9 +31,21 @@ def compile(
     prompt_len: int = 32,
     ctx_len: int = 128,
     threads: int | None = None,
-) -> Built:
+    num_cores: int = 16,
+    num_devices: int = 1,
+    mxfp6: bool = False,
+    mxint8: bool = False,
+    mos: int | None = None,
+    aic_enable_depth_first: bool = False,
+    aic_hw_version: str | None = None,
+    extra_options: tuple[str, ...] = (),
+    dry_run: bool = False,
+):
     """Compile ``onnx_path`` for ``backend`` into ``out_dir`` (default: a readable directory name
-    beside the graph, e.g. ``ort_1BS_32PL_128CL``). Reused when its manifest matches."""
+    beside the graph, e.g. ``ort_1BS_32PL_128CL`` or ``qpc_16cores_1BS_32PL_128CL_1devices``).
+    Reused when its manifest matches. The ``num_cores`` … ``extra_options`` options are Cloud AI's;
+    ``dry_run`` (qaic only) writes the compiler's files and command without running it and returns
+    a :class:`qeff.compile.qaic.QaicCompileResult`."""
     from qeff.export import library_versions
 
     onnx_path = Path(onnx_path)
@@ -52,8 +63,23 @@ def compile(
         manifest = {"backend": "ort", "options": options, "onnx": onnx_identity(onnx_path), "versions": library_versions()}
         target = Path(out_dir) if out_dir else onnx_path.parent / name
         return build_artifact(target, manifest, lambda tmp: build_ort(onnx_path, tmp, threads=threads), required=(OPTIMIZED,))
+    if backend == "qaic":
+        from qeff.compile import qaic
+
+        qopts = qaic.QaicCompileOptions(
+            **options, num_cores=num_cores, num_devices=num_devices, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
+            aic_enable_depth_first=aic_enable_depth_first, aic_hw_version=aic_hw_version, extra_options=tuple(extra_options),
+        )
+        target = Path(out_dir) if out_dir else onnx_path.parent / qaic.qpc_dir_name(qopts)
+        if dry_run:
+            # Not a cache entry: no manifest.json, so nothing will ever reuse it as a QPC.
+            return qaic.compile(onnx_path, target, qopts, dry_run=True)
+        compiler = qaic.find_compiler()  # fail before touching the cache when there is no SDK
+        manifest = {"backend": "qaic", "options": qopts.to_dict(), "onnx": onnx_identity(onnx_path),
+                    "compiler": str(compiler), "versions": library_versions()}
+        return build_artifact(
+            target, manifest, lambda tmp: qaic.compile(onnx_path, tmp, qopts, compiler=compiler).manifest,
+            required=(f"{qaic.QPC_SUBDIR}/programqpc.bin",),
+        )
     raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
-
-def describe(built: Built) -> str:
-    return json.dumps(built.manifest.get("inputs", {}).get("options", {}))

@@ -7,8 +7,11 @@ from qeff.runtime.base import Session
 __all__ = ["Session"]
 
 
-def open_session(artifact_dir, *, threads: int | None = None, binding: str = "inplace") -> Session:
-    """Open a compiled artifact directory; dimensions come from its manifest."""
+def open_session(
+    artifact_dir, *, threads: int | None = None, binding: str = "inplace", device_ids: list[int] | None = None
+) -> Session:
+    """Open a compiled artifact directory; dimensions come from its manifest (ORT) or the QPC
+    itself (Cloud AI). ``device_ids`` is the Cloud AI device group; ``threads``/``binding`` are ORT's."""
     from pathlib import Path
 
     from qeff.artifacts import read_manifest
@@ -16,6 +19,8 @@ def open_session(artifact_dir, *, threads: int | None = None, binding: str = "in
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
+    if manifest is None and ((artifact_dir / "programqpc.bin").is_file() or (artifact_dir / "qpcs").is_dir()):
+        manifest = {"inputs": {"backend": "qaic"}}  # a QPC compiled elsewhere (or by hand)
     if manifest is None:
         raise ArtifactError(f"{artifact_dir} is not a compiled qeff artifact (no manifest.json); run `qeff compile`")
     inputs = manifest.get("inputs", {})
@@ -33,6 +38,10 @@ def open_session(artifact_dir, *, threads: int | None = None, binding: str = "in
             prompt_len=options["prompt_len"],
         )
         return session
+    if backend == "qaic":
+        from qeff.runtime.qaic import QaicSession
+
+        return QaicSession(artifact_dir, device_ids=device_ids)
     raise ArtifactError(f"{artifact_dir} was compiled for backend {backend!r}, which this qeff cannot open")
 
 

@@ -23,7 +23,7 @@ from qeff.transform.cache import RetainedStateCache
 from qeff.transform.mask import additive_mask
 from qeff.transform.registry import ArchSpec, get_spec, supported_model_types
 
-__all__ = ["QEffCausalLM", "CacheShape", "transform", "parameter_fingerprint", "check_parameters_unchanged"]
+__all__ = ["QEffCausalLM", "CacheShape", "transform", "parameter_fingerprint", "fingerprint_digest", "check_parameters_unchanged"]
 
 #: Names of the transforms applied, stamped into exported graphs' metadata.
 TRANSFORMS = ("RetainedStateCache", "PositionIdsMask", "LastTokenLogits", "EagerAttention")
@@ -69,6 +69,7 @@ class QEffCausalLM(nn.Module):
         params = inspect.signature(decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.transforms = TRANSFORMS
+        self.weights_digest: str | None = None  # set by transform(): a digest of every parameter
 
     @property
     def config(self):
@@ -177,5 +178,15 @@ def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
         config._attn_implementation = "eager"
     wrapped = QEffCausalLM(model, spec)
     if before is not None:
-        check_parameters_unchanged(before, parameter_fingerprint(wrapped.model))
+        after = parameter_fingerprint(wrapped.model)
+        check_parameters_unchanged(before, after)
+        wrapped.weights_digest = fingerprint_digest(after)
     return wrapped
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    """One hex digest of every parameter's name, shape, dtype and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(fingerprint):
+        h.update(repr((name, *fingerprint[name])).encode())
+    return h.hexdigest()
