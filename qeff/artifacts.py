@@ -82,18 +82,20 @@ def build_artifact(
     builder: Callable[[Path], dict | None],
     *,
     required: tuple[str, ...] = (),
+    force: bool = False,
 ) -> Built:
     """Reuse ``directory`` if its manifest's inputs equal ``manifest`` (and ``required`` files
     exist); else run ``builder(tmp_dir)`` and atomically move the result into place.
 
-    ``builder`` may return extra facts (sizes, timings) stored under ``"outputs"``.
+    ``builder`` may return extra facts (sizes, timings) stored under ``"outputs"``. ``force``
+    rebuilds even when the manifest matches.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    if _matches(directory, manifest, required):
+    if not force and _matches(directory, manifest, required):
         return _reused(directory)
     with FileLock(str(directory) + ".lock"):
-        if _matches(directory, manifest, required):  # another process built it while we waited
+        if not force and _matches(directory, manifest, required):  # another process built it while we waited
             return _reused(directory)
         tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

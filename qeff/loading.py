@@ -26,7 +26,7 @@ import torch
 
 from qeff.errors import ModelNotFoundError, UsageError
 
-__all__ = ["ModelSource", "resolve", "load", "load_source", "from_config", "embedded_gguf", "DEFAULT_MODEL"]
+__all__ = ["ModelSource", "resolve", "load", "load_source", "load_tokenizer", "from_config", "embedded_gguf", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -127,10 +127,7 @@ def resolve(name: str, *, revision: str | None = None, cache_dir: str | None = N
     return ModelSource(name, "hub", repo_id=name, revision=revision)
 
 
-def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) in eval mode; the model uses eager attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _pretrained_args(source: ModelSource, cache_dir: str | None) -> tuple[str, dict[str, Any]]:
     common: dict[str, Any] = {}
     if source.kind == "gguf":
         target, common["gguf_file"] = str(source.path.parent), source.path.name
@@ -141,6 +138,24 @@ def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: tor
         common.update(revision=source.revision, cache_dir=cache_dir)
         if _offline() or _hub_cached(source.repo_id, source.revision, cache_dir):
             common["local_files_only"] = True
+    return target, common
+
+
+def load_tokenizer(source: ModelSource, *, cache_dir: str | None = None):
+    from transformers import AutoTokenizer
+
+    target, common = _pretrained_args(source, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(target, **common)
+    except OSError as exc:
+        raise ModelNotFoundError(f"could not load the tokenizer of {source.name!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) in eval mode; the model uses eager attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target, common = _pretrained_args(source, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **common)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="eager", **common)

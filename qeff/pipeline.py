@@ -35,9 +35,16 @@ SMALL_MODEL_PARAMS = 2_000_000_000
 
 @contextmanager
 def stage(description: str, *, enabled: bool = True):
-    """A progress line with a running clock for work that has no finer-grained progress."""
+    """Progress for work with no finer-grained progress: a running clock on a terminal; in logs
+    (stderr not a TTY) one line when it starts and one when it ends."""
     if not enabled:
         yield
+        return
+    start = time.perf_counter()
+    if not sys.stderr.isatty():
+        print(f"{description} …", file=sys.stderr, flush=True)
+        yield
+        print(f"{description}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         return
     from tqdm.auto import tqdm
 
@@ -138,7 +145,7 @@ def prepare(
     revision: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
-    **_ignored,
+    force: bool = False,
 ) -> Prepared:
     """Export ``name`` (or a given ``model`` with its ``identity``), reusing a matching export."""
     home = Path(home) if home else qeff_home()
@@ -176,7 +183,7 @@ def prepare(
             "onnx_bytes": sum(p.stat().st_size for p in tmp.glob("model.onnx*")),
         }
 
-    prepared.export = build_artifact(target, manifest, build, required=("model.onnx",))
+    prepared.export = build_artifact(target, manifest, build, required=("model.onnx",), force=force)
     return prepared
 
 
@@ -189,6 +196,7 @@ def verify_cached(
     steps: int,
     tolerances=None,
     progress: bool = True,
+    force: bool = False,
 ) -> tuple[Built, dict]:
     """HF vs transformed PyTorch vs ONNX Runtime on these prompts, cached beside the export.
     Returns the artifact and the report as a dict (``passed``, ``comparisons``, …)."""
@@ -216,5 +224,5 @@ def verify_cached(
                             prompt_len=prompt_len, ctx_len=ctx_len, steps=steps, tolerances=tol)
         return {"report": report.to_dict()}
 
-    built = build_artifact(prepared.export_dir / f"verify-{manifest_hash(manifest)}", manifest, build)
+    built = build_artifact(prepared.export_dir / f"verify-{manifest_hash(manifest)}", manifest, build, force=force)
     return built, built.manifest["outputs"]["report"]

@@ -22,6 +22,16 @@ def onnx_identity(onnx_path: Path) -> dict:
     return {"path": str(onnx_path.resolve()), "stats": stats}
 
 
+def _with_progress(builder, description: str, enabled: bool):
+    from qeff.pipeline import stage
+
+    def run(tmp: Path):
+        with stage(description, enabled=enabled):
+            return builder(tmp)
+
+    return run
+
+
 def compile(
     onnx_path: str | os.PathLike,
     backend: str = "ort",
@@ -40,6 +50,8 @@ def compile(
     aic_hw_version: str | None = None,
     extra_options: tuple[str, ...] = (),
     dry_run: bool = False,
+    force: bool = False,
+    progress: bool = False,
 ):
     """Compile ``onnx_path`` for ``backend`` into ``out_dir`` (default: a readable directory name
     beside the graph, e.g. ``ort_1BS_32PL_128CL`` or ``qpc_16cores_1BS_32PL_128CL_1devices``).
@@ -62,7 +74,8 @@ def compile(
         name = ort_dir_name(**options)
         manifest = {"backend": "ort", "options": options, "onnx": onnx_identity(onnx_path), "versions": library_versions()}
         target = Path(out_dir) if out_dir else onnx_path.parent / name
-        return build_artifact(target, manifest, lambda tmp: build_ort(onnx_path, tmp, threads=threads), required=(OPTIMIZED,))
+        return build_artifact(target, manifest, _with_progress(lambda tmp: build_ort(onnx_path, tmp, threads=threads), "Compiling for ONNX Runtime", progress),
+            required=(OPTIMIZED,), force=force)
     if backend == "qaic":
         from qeff.compile import qaic
 
@@ -78,8 +91,9 @@ def compile(
         manifest = {"backend": "qaic", "options": qopts.to_dict(), "onnx": onnx_identity(onnx_path),
                     "compiler": str(compiler), "versions": library_versions()}
         return build_artifact(
-            target, manifest, lambda tmp: qaic.compile(onnx_path, tmp, qopts, compiler=compiler).manifest,
-            required=(f"{qaic.QPC_SUBDIR}/programqpc.bin",),
+            target, manifest,
+            _with_progress(lambda tmp: qaic.compile(onnx_path, tmp, qopts, compiler=compiler).manifest, "Compiling for Cloud AI 100", progress),
+            required=(f"{qaic.QPC_SUBDIR}/programqpc.bin",), force=force,
         )
     raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 

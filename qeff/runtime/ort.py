@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qeff._system import physical_cores
-from qeff.errors import BackendUnavailableError, UsageError
+from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
 
 __all__ = ["OrtSession", "session_options", "BINDINGS"]
 
@@ -72,9 +72,17 @@ class OrtSession:
         ort = _ort()
         self.model_path = Path(model_path)
         self.threads = threads or physical_cores()
-        self.session = ort.InferenceSession(
-            str(self.model_path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own pybind error types for unreadable models
+            if not self.model_path.is_file():
+                raise ArtifactError(f"{self.model_path} does not exist; export or compile the model first") from exc
+            raise ArtifactError(
+                f"ONNX Runtime cannot load {self.model_path} ({str(exc).splitlines()[0][:200]}); "
+                f"the file is corrupt or incomplete: delete its directory to rebuild it"
+            ) from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_")]
         self.num_layers = len(self.past_names) // 2

@@ -1,0 +1,448 @@
+"""The ``qeff`` command line.
+
+    qeff infer    load → transform → export → verify → compile → execute, each stage cached
+    qeff export   export a model's retained-state ONNX graph
+    qeff compile  compile an exported graph for a backend (``--dry-run`` for Cloud AI without an SDK)
+    qeff execute  run a compiled artifact (an ORT artifact or a Cloud AI QPC)
+    qeff verify   HF vs transformed PyTorch vs ONNX Runtime on a model
+    qeff list     the cached artifacts under $QEFF_HOME
+
+Flags keep the seed product's spellings (``--model_name``, ``--num_cores``, ``--device_group [0,1]``,
+…); each also has a dashed spelling. ``python -m qeff.cloud.infer`` and ``python -m qeff.cloud.execute``
+are aliases. Exit codes: 0 success, 1 a failed stage (compiler error, verification outside
+tolerance), 2 a usage error (one sentence, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from qeff.errors import ArtifactError, QEffError, UsageError
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors: exit 2 with one sentence too
+        self.print_usage(sys.stderr)
+        self.exit(2, f"qeff: error: {message}\n")
+
+
+def _flag(parser, name: str, *more: str, **kwargs):
+    """--seed_style and --dashed-style spellings of one option."""
+    dashed = name.replace("_", "-")
+    spellings = [name] + ([dashed] if dashed != name else []) + list(more)
+    return parser.add_argument(*spellings, **kwargs)
+
+
+def _model_args(p):
+    _flag(p, "--model_name", "-m", default="smollm2-135m",
+          help="model card/alias, HF repo id, local HF directory or .gguf file (default: smollm2-135m, the embedded SmolLM2-135M-Instruct)")
+    _flag(p, "--cache_dir", default=None, help="Hugging Face cache directory (default: HF's own)")
+    _flag(p, "--revision", default=None, help="hub revision (branch, tag or commit)")
+    _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
+
+
+def _compile_args(p):
+    _flag(p, "--backend", choices=["ort", "qaic", "auto"], default="auto",
+          help="ort = ONNX Runtime on the CPU; qaic = Cloud AI 100; auto = qaic when its SDK is installed, else ort (default)")
+    _flag(p, "--batch_size", type=int, default=1, help="rows per batch (default 1)")
+    _flag(p, "--prompt_len", type=int, default=32, help="prefill chunk length in tokens (default 32)")
+    _flag(p, "--ctx_len", type=int, default=128, help="cache slots per row: prompt + generated tokens (default 128)")
+    _flag(p, "--num_cores", type=int, default=16, help="Cloud AI cores per device (default 16)")
+    _flag(p, "--device_group", default=None, help="Cloud AI device ids used together, e.g. [0,1] or 0,1 (default: [0])")
+    _flag(p, "--mxfp6", action="store_true", help="Cloud AI: MatMul weights in MXFP6")
+    _flag(p, "--mxint8", action="store_true", help="Cloud AI: the KV cache in MXINT8")
+    _flag(p, "--mos", type=int, default=-1, help="Cloud AI: -mos effort (default -1 = not passed)")
+    _flag(p, "--aic_enable_depth_first", action="store_true", help="Cloud AI: depth-first scheduling")
+    _flag(p, "--aic_hw_version", default=None, help="Cloud AI: -aic-hw-version (default: what the compiler documents)")
+    _flag(p, "--compiler_option", action="append", default=[], metavar="FLAG",
+          help="extra Cloud AI compiler flag, passed through (repeatable), e.g. -stats-level=70")
+
+
+def _run_args(p):
+    _flag(p, "--prompt", default=None, help=f'prompt(s), several separated by "|" (default: "{DEFAULT_PROMPT}")')
+    _flag(p, "--prompts_txt_file_path", default=None, help="file with one prompt per line")
+    _flag(p, "--generation_len", type=int, default=None, help="max new tokens per prompt (default: until EOS or the cache is full)")
+    _flag(p, "--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the first prompt's tokens as they come (default on)")
+    p.add_argument("--json", action="store_true", help="print one JSON line of results on stdout; human output goes to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qeff", description="Run and verify HF causal LMs on static-shape accelerators (ONNX Runtime, Cloud AI 100).")
+    parser.add_argument("--version", action="version", version=f"qeff {__import__('qeff').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("infer", help="load → transform → export → verify → compile → execute (stages cached)")
+    _model_args(p)
+    _compile_args(p)
+    _run_args(p)
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="check HF vs PyTorch vs ONNX Runtime before compiling (default: on for models up to 2B parameters)")
+    p.add_argument("--force", action="store_true", help="rebuild every stage even when a cached artifact matches")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export", help="export the retained-state ONNX graph")
+    _model_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached export matches")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compile", help="compile an exported graph for a backend")
+    _model_args(p)
+    _flag(p, "--onnx_path", default=None, help="an exported model.onnx (default: export --model_name first)")
+    _compile_args(p)
+    _flag(p, "--dry_run", action="store_true", help="qaic: write the compiler's files and print its command without running it")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("execute", help="run a compiled artifact")
+    _flag(p, "--qpc_path", "--artifact", required=True, help="a compile directory (ort_… or qpc_…) or a QPC directory")
+    _flag(p, "--model_name", "-m", default=None, help="where the tokenizer comes from (default: the one saved beside the export)")
+    _flag(p, "--device_group", default=None, help="Cloud AI device ids, e.g. [0,1]")
+    _run_args(p)
+    p.set_defaults(func=cmd_execute)
+
+    p = sub.add_parser("verify", help="HF vs transformed PyTorch vs ONNX Runtime")
+    _model_args(p)
+    _run_args(p)
+    _flag(p, "--prompt_len", type=int, default=32)
+    _flag(p, "--ctx_len", type=int, default=128)
+    _flag(p, "--steps", type=int, default=16, help="generated tokens compared per prompt (default 16)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("list", help="list cached artifacts")
+    _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+class _Out:
+    """Human lines go to stdout, or to stderr when --json reserves stdout for the JSON line."""
+
+    def __init__(self, json_mode: bool):
+        self.json_mode = json_mode
+        self.human = sys.stderr if json_mode else sys.stdout
+
+    def say(self, *parts) -> None:
+        print(*parts, file=self.human, flush=True)
+
+
+def _home(args) -> Path | None:
+    return Path(args.home) if getattr(args, "home", None) else None
+
+
+def _resolve_backend(name: str) -> str:
+    if name != "auto":
+        return name
+    from qeff.compile.qaic import find_compiler
+
+    try:
+        find_compiler()
+        import importlib.util
+
+        return "qaic" if importlib.util.find_spec("qaicrt") is not None else "ort"
+    except QEffError:
+        return "ort"
+
+
+def _reuse_note(out: _Out, what: str, built) -> None:
+    if built.reused:
+        out.say(f"[qeff] reused cached {what} {built.path} (saved {built.build_seconds:.1f} s)")
+    else:
+        out.say(f"[qeff] built {what} {built.path} in {built.seconds:.1f} s")
+
+
+def _compile(args, onnx_path: Path, backend: str, out: _Out):
+    import qeff
+
+    group = _device_group(args)
+    kwargs = dict(batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len)
+    if backend == "qaic":
+        kwargs.update(num_cores=args.num_cores, num_devices=len(group or [0]), mxfp6=args.mxfp6, mxint8=args.mxint8,
+                      mos=args.mos if args.mos > 0 else None, aic_enable_depth_first=args.aic_enable_depth_first,
+                      aic_hw_version=args.aic_hw_version, extra_options=tuple(args.compiler_option))
+    elif args.mxfp6 or args.mxint8 or args.mos > 0 or args.aic_enable_depth_first or args.compiler_option:
+        out.say("[qeff] note: --mxfp6/--mxint8/--mos/--aic_enable_depth_first/--compiler_option apply to Cloud AI only; the ort backend runs fp32")
+    return qeff.compile(onnx_path, backend, threads=getattr(args, "threads", None), progress=True,
+                        dry_run=getattr(args, "dry_run", False), force=getattr(args, "force", False), **kwargs)
+
+
+def _device_group(args) -> list[int] | None:
+    from qeff.inputs import parse_device_group
+
+    return parse_device_group(getattr(args, "device_group", None))
+
+
+def _prompts(args) -> list[str]:
+    from qeff.inputs import read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
+    return prompts or [DEFAULT_PROMPT]
+
+
+def _run(session, tokenizer, prompts: list[str], args, out: _Out) -> dict:
+    """Generate for every prompt (in batches of the session's batch size) and print the figures."""
+    import qeff
+    from qeff.generation import TextStreamer
+    from qeff.inputs import batches
+
+    plan = batches(prompts, session.batch_size)
+    ids_rows = [tokenizer(p)["input_ids"] for p in prompts]
+    for p, ids in zip(prompts, ids_rows):
+        if len(ids) >= session.ctx_len:
+            raise UsageError(
+                f"prompt {p[:40]!r}{'…' if len(p) > 40 else ''} has {len(ids)} tokens, more than ctx_len={session.ctx_len} "
+                f"can hold with room to generate; use a larger --ctx_len or a shorter prompt"
+            )
+    results, texts, token_ids = [], [], []
+    for index, (rows, real) in enumerate(plan):
+        streamer = TextStreamer(tokenizer, out=out.human) if args.stream and index == 0 else None
+        if streamer:
+            out.human.write(f"\n{rows[0]}")
+        r = qeff.generate(session, rows, tokenizer=tokenizer, generation_len=args.generation_len, on_token=streamer)
+        if streamer:
+            streamer.end()
+        results.append(r)
+        texts += r.texts[:real]
+        token_ids += r.token_ids[:real]
+        for message in r.messages[:real]:
+            out.say(f"[qeff] {message}")
+    decode_s = sum(r.decode_s for r in results)
+    e2e = sum(r.e2e_s for r in results)
+    new_tokens = sum(r.new_tokens for r in results)
+    decode_tokens = sum(r.decode_tokens for r in results)
+    return {
+        "ttft_s": results[0].ttft_s,
+        "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
+        "total_tok_s": new_tokens / e2e if e2e > 0 else 0.0,
+        "e2e_s": e2e,
+        "new_tokens": new_tokens,
+        "batches": len(results),
+        "batch_size": session.batch_size,
+        "token_ids": token_ids,
+        "text": texts,
+        "prompts": prompts,
+    }
+
+
+def _print_figures(out: _Out, figures: dict, *, show_texts: bool) -> None:
+    if show_texts:
+        for prompt, text in zip(figures["prompts"], figures["text"]):
+            out.say(f"\n=== {prompt!r}\n{text}")
+    out.say(
+        f"\n[qeff] batch size {figures['batch_size']} × {figures['batches']} batch(es), {figures['new_tokens']} new tokens\n"
+        f"  time to first token : {figures['ttft_s'] * 1000:9.1f} ms\n"
+        f"  decode              : {figures['decode_tok_s']:9.2f} tokens/s\n"
+        f"  total               : {figures['total_tok_s']:9.2f} tokens/s\n"
+        f"  end to end          : {figures['e2e_s']:9.3f} s"
+    )
+
+
+def _emit_json(figures: dict, **extra) -> None:
+    from qeff._system import peak_rss_mb
+
+    record = {**figures, **extra, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(json.dumps(record, default=str), flush=True)
+
+
+def _open(artifact: Path, args, rebuild=None):
+    """Open a compiled artifact; a corrupt one is rebuilt once when ``rebuild`` can."""
+    import qeff
+
+    try:
+        return qeff.open_session(artifact, threads=getattr(args, "threads", None), device_ids=_device_group(args)), False
+    except ArtifactError:
+        if rebuild is None:
+            raise
+        shutil.rmtree(artifact, ignore_errors=True)
+        built = rebuild()
+        return qeff.open_session(built.path, threads=getattr(args, "threads", None), device_ids=_device_group(args)), True
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_infer(args) -> int:
+    from qeff.pipeline import SMALL_MODEL_PARAMS, prepare, verify_cached
+
+    out = _Out(args.json)
+    start = time.perf_counter()
+    prompts = _prompts(args)
+    group = _device_group(args)
+    backend = _resolve_backend(args.backend)
+    if backend == "qaic":
+        from qeff.compile.qaic import find_compiler
+        from qeff.runtime.qaic import load_sdk
+
+        find_compiler()
+        load_sdk()
+    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir, force=args.force)
+    _reuse_note(out, "export", prepared.export)
+    tokenizer = prepared.tokenizer
+    load_s = prepared.load_s
+    want_verify = args.verify if args.verify is not None else prepared.num_parameters <= SMALL_MODEL_PARAMS
+    verify_summary = None
+    if want_verify:
+        ids = [tokenizer(p)["input_ids"] for p in prompts[: args.batch_size]]
+        longest = max(len(i) for i in ids)
+        steps = max(1, min(16, args.ctx_len - longest))
+        if longest < args.ctx_len:
+            built, report = verify_cached(prepared, prompt_token_ids=ids, prompt_len=args.prompt_len, ctx_len=args.ctx_len, steps=steps, force=args.force)
+            load_s = prepared.load_s
+            verify_summary = {c["name"]: {k: c[k] for k in ("logits_mse", "logits_max_abs", "tokens_matched", "tokens_total", "passed")}
+                              for c in report["comparisons"]}
+            for c in report["comparisons"]:
+                out.say(f"[qeff] verify {c['reference']} vs {c['candidate']}: {'ok' if c['passed'] else 'FAILED'} — logits MSE "
+                        f"{c['logits_mse']:.2e}, max-abs {c['logits_max_abs']:.2e}, tokens {c['tokens_matched']}/{c['tokens_total']}"
+                        + (" (cached)" if built.reused else ""))
+            if not report["passed"]:
+                failures = "; ".join(f for c in report["comparisons"] for f in c["failures"])
+                raise QEffError(f"verification failed: {failures}; run `qeff verify` for the full report, or --no-verify to skip")
+    built = _compile(args, prepared.onnx_path, backend, out)
+    _reuse_note(out, f"{backend} artifact", built)
+    session, rebuilt = _open(built.path, args, rebuild=lambda: _compile(args, prepared.onnx_path, backend, out))
+    if rebuilt:
+        out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
+    figures = _run(session, tokenizer, prompts, args, out)
+    _print_figures(out, figures, show_texts=not args.stream or len(prompts) > 1)
+    if args.json:
+        _emit_json(figures, backend=backend, model=args.model_name, load_s=round(load_s, 3), device_group=group,
+                   artifact=str(built.path), reused={"export": prepared.export.reused, "compile": built.reused},
+                   verify=verify_summary, wall_s=round(time.perf_counter() - start, 3))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from qeff.pipeline import prepare
+
+    out = _Out(False)
+    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir, force=args.force)
+    _reuse_note(out, "export", prepared.export)
+    out.say(str(prepared.onnx_path))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    out = _Out(False)
+    backend = _resolve_backend(args.backend)
+    if args.dry_run and backend != "qaic":
+        raise UsageError("--dry_run applies to --backend qaic (the ort backend needs no external compiler)")
+    if args.onnx_path:
+        onnx_path = Path(args.onnx_path)
+    else:
+        from qeff.pipeline import prepare
+
+        prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir)
+        _reuse_note(out, "export", prepared.export)
+        onnx_path = prepared.onnx_path
+    result = _compile(args, onnx_path, backend, out)
+    if args.dry_run:
+        out.say(f"[qeff] wrote the compiler's files to {result.out_dir}; run the compile by hand with:\n{result.shell_command()}")
+        return 0
+    _reuse_note(out, f"{backend} artifact", result)
+    out.say(str(result.path))
+    return 0
+
+
+def cmd_execute(args) -> int:
+    out = _Out(args.json)
+    artifact = Path(args.qpc_path)
+    if not artifact.exists():
+        raise UsageError(f"--qpc_path {str(artifact)!r} does not exist")
+    tokenizer = None
+    if args.model_name:
+        from qeff.loading import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(resolve(args.model_name))
+    else:
+        for candidate in (artifact, *artifact.parents[:3]):
+            if (candidate / "tokenizer_config.json").is_file():
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(candidate))
+                break
+    if tokenizer is None:
+        raise UsageError(f"no tokenizer found beside {artifact}; pass --model_name to say where it comes from")
+    session, _ = _open(artifact, args)
+    figures = _run(session, tokenizer, _prompts(args), args, out)
+    _print_figures(out, figures, show_texts=not args.stream or len(figures["prompts"]) > 1)
+    if args.json:
+        _emit_json(figures, backend=session.backend, artifact=str(artifact), load_s=0.0)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from qeff.pipeline import prepare, verify_cached
+
+    out = _Out(args.json)
+    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir)
+    ids = [prepared.tokenizer(p)["input_ids"] for p in _prompts(args)]
+    built, report = verify_cached(prepared, prompt_token_ids=ids, prompt_len=args.prompt_len, ctx_len=args.ctx_len, steps=args.steps)
+    for c in report["comparisons"]:
+        out.say(f"{c['reference']} vs {c['candidate']}: {'ok' if c['passed'] else 'FAILED'}; logits MSE {c['logits_mse']:.3g} "
+                f"max-abs {c['logits_max_abs']:.3g} (tol {c['tolerances']['logits_max_abs']:.3g}); cache MSE {c['cache_mse']:.3g} "
+                f"max-abs {c['cache_max_abs']:.3g}; tokens {c['tokens_matched']}/{c['tokens_total']} ({c['ambiguous']} ambiguous)")
+        for failure in c["failures"]:
+            out.say(f"  - {failure}")
+    if args.json:
+        print(json.dumps(report), flush=True)
+    return 0 if report["passed"] else 1
+
+
+def cmd_list(args) -> int:
+    from qeff.artifacts import qeff_home, read_manifest
+
+    home = _home(args) or qeff_home()
+    if not home.is_dir():
+        print(f"no artifacts: {home} does not exist")
+        return 0
+    rows = []
+    for manifest in sorted(home.rglob("manifest.json")):
+        directory = manifest.parent
+        try:
+            record = read_manifest(directory) or {}
+        except ArtifactError:
+            rows.append((str(directory.relative_to(home)), "corrupt", "-", "-"))
+            continue
+        size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("created", 0)))
+        kind = record.get("inputs", {}).get("backend") or record.get("inputs", {}).get("stage", "?")
+        rows.append((str(directory.relative_to(home)), kind, f"{size / 2**20:.1f} MiB", created))
+    if not rows:
+        print(f"no artifacts under {home}")
+        return 0
+    width = max(len(r[0]) for r in rows)
+    print(f"{'artifact':<{width}}  {'kind':<8} {'size':>10}  created   (under {home})")
+    for path, kind, size, created in rows:
+        print(f"{path:<{width}}  {kind:<8} {size:>10}  {created}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"qeff: error: {exc}", file=sys.stderr)
+        return 2
+    except QEffError as exc:
+        print(f"qeff: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qeff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""User inputs the CLI reconciles: device groups, prompts, and prompts versus batch size.
+
+Prompts and batch size (the rule users of the seed product know):
+
+- ``--prompt "a|b|c"`` splits on ``|``; ``--prompts_txt_file_path F`` reads one prompt per
+  non-empty line. Both may be given (file prompts come after).
+- Fewer prompts than ``--batch_size``: the prompts are repeated, in order, to fill the batch
+  (every row does real work, so batch throughput is measured honestly); only the distinct prompts'
+  outputs are printed.
+- More prompts than ``--batch_size``: they run in successive batches of ``batch_size``; the last
+  batch is filled by repeating its prompts. Every prompt's output is printed once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qeff.errors import UsageError
+
+__all__ = ["parse_device_group", "read_prompts", "batches"]
+
+
+def parse_device_group(text: str | None) -> list[int] | None:
+    """``"[0,1]"``, ``"0,1"``, ``"0 1"`` or ``"3"`` → ``[0, 1]`` / ``[3]``; None/empty → None."""
+    if text is None:
+        return None
+    body = text.strip()
+    if not body:
+        return None
+    if body.startswith("[") != body.endswith("]"):
+        raise UsageError(f"malformed device group {text!r}: unbalanced brackets; write it like [0,1] or 0,1")
+    body = body.strip("[]").strip()
+    parts = [p for p in re.split(r"[,\s]+", body) if p]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise UsageError(f"malformed device group {text!r}: expected device ids (non-negative integers) like [0,1] or 0,1")
+    ids = [int(p) for p in parts]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"malformed device group {text!r}: device {sorted({i for i in ids if ids.count(i) > 1})[0]} is listed twice")
+    return ids
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    prompts: list[str] = []
+    if prompt is not None:
+        prompts += prompt.split("|")
+        if any(not p.strip() for p in prompts):
+            raise UsageError(f"--prompt {prompt!r} holds an empty prompt (check for a stray '|')")
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UsageError(f"prompts file {prompts_file!r} does not exist")
+        lines = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        from_file = [line for line in lines if line.strip()]
+        if not from_file:
+            raise UsageError(f"prompts file {prompts_file!r} holds no prompt (one prompt per non-empty line)")
+        prompts += from_file
+    return prompts
+
+
+def batches(prompts: list[str], batch_size: int) -> list[tuple[list[str], int]]:
+    """Split into batches of exactly ``batch_size`` rows; returns (rows, number of real prompts)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1 (got {batch_size})")
+    if not prompts:
+        raise UsageError("no prompts given")
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        real = prompts[start : start + batch_size]
+        rows = [real[i % len(real)] for i in range(batch_size)]
+        out.append((rows, len(real)))
+    return out
