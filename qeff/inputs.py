@@ -9,6 +9,9 @@ Prompts and batch size (the rule users of the seed product know):
   outputs are printed.
 - More prompts than ``--batch_size``: they run in successive batches of ``batch_size``; the last
   batch is filled by repeating its prompts. Every prompt's output is printed once.
+
+The speed figures (``new_tokens``, tokens/s) count every row the backend computed, filler rows
+included: that is the work the hardware did at that batch size.
 """
 
 from __future__ import annotations

@@ -174,7 +174,8 @@ def from_config(model_type: str, config: dict[str, Any] | None = None, *, seed: 
     the same (model_type, config, seed) always gives the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, **(config or {}))
+    overrides = {k: v for k, v in (config or {}).items() if k != "model_type"}  # e.g. a saved config.json
+    cfg = AutoConfig.for_model(model_type, **overrides)
     cfg._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

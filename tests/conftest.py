@@ -9,6 +9,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402
 
+import qeff  # noqa: E402
+
 from tests.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
 
 
@@ -25,6 +27,28 @@ def smollm2():
     import qeff
 
     return qeff.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """Only the real tokenizer (4 s instead of the model's 15 s)."""
+    from qeff.loading import load_tokenizer, resolve
+
+    return load_tokenizer(resolve("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A local HF checkpoint: tiny random Llama weights with SmolLM2's real tokenizer and vocab."""
+    from tests.tiny import TINY_CONFIGS
+
+    path = tmp_path_factory.mktemp("tiny-llama-real-tokenizer")
+    model_type, config = TINY_CONFIGS["llama"]
+    config = dict(config, vocab_size=len(smollm2_tokenizer), eos_token_id=smollm2_tokenizer.eos_token_id,
+                  bos_token_id=smollm2_tokenizer.bos_token_id)
+    qeff.from_config(model_type, config, seed=4).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
 
 
 __all__ = ["TINY_CONFIGS", "tiny_model"]
