@@ -175,7 +175,10 @@ def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
         model.set_attn_implementation("eager")
     else:
         config._attn_implementation = "eager"
-    wrapped = QEffCausalLM(model, spec)
+    # An nn.Module starts in training mode, and the TorchScript exporter restores the wrapper's mode
+    # *recursively* after export: a wrapper left in training mode switched the HF model's dropout on
+    # for every later PyTorch run (GPT-2's logits moved by 0.2 after an export).
+    wrapped = QEffCausalLM(model, spec).eval()
     if before is not None:
         check_parameters_unchanged(before, parameter_fingerprint(wrapped.model))
     return wrapped
