@@ -37,6 +37,16 @@ REL_MSE = 1e-11
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Loop", "If", "Scan", "Unique", "Compress"})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine (or under
+    xdist) the spinning OpenMP workers made this module ~7x slower (13 s vs 97 s measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _param(case_id: str):
     reason = TINY[case_id].known_failure
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
