@@ -84,13 +84,19 @@ class RetainedStateLayer(CacheLayerMixin):
 
 
 class RetainedStateCache(Cache):
-    """A :class:`transformers.Cache` over :class:`RetainedStateLayer` s, one per decoder layer."""
+    """A :class:`transformers.Cache` over :class:`RetainedStateLayer` s, one per decoder layer.
+
+    ``position_ids`` (B, S), ``-1`` = pad, are those of the step being run: an attention that must
+    know where its queries sit (ALiBi's distance bias, see ``mpt.py``) reads them here, because HF
+    does not hand positions to every attention module.
+    """
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], position_ids: torch.Tensor):
         ctx_len = past[0][0].shape[2]
         slots = scatter_slots(position_ids, ctx_len)
         valid = position_ids >= 0
         super().__init__(layers=[RetainedStateLayer(k, v, slots, valid) for k, v in past])
+        self.position_ids = position_ids
 
     def retained(self) -> list[torch.Tensor]:
         """The updated cache, flattened as ``[k0, v0, k1, v1, …]`` (the graph's output order)."""

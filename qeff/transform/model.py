@@ -5,8 +5,11 @@
       → logits (B, 1, vocab) for the last valid position of each row,
         past_key.0_RetainedState, past_value.0_RetainedState, …  (the whole updated cache)
 
-The HF module is used as is (its parameters are never touched); the wrapper hands it a
-:class:`~qeff.transform.cache.RetainedStateCache` and a mask built from ``position_ids``.
+The HF module's parameters are never touched; the wrapper hands it a
+:class:`~qeff.transform.cache.RetainedStateCache` and a mask built from ``position_ids``. The
+transform does change the model in place where the graph needs it: eval mode, eager attention,
+dense mixture-of-experts (:mod:`qeff.transform.experts`), and the module replacements its
+architecture declares (``ArchSpec.replace``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from qeff.errors import UnsupportedModelError, WeightsChangedError
 from qeff.transform.cache import RetainedStateCache
+from qeff.transform.experts import use_dense_experts
 from qeff.transform.mask import additive_mask
 from qeff.transform.registry import ArchSpec, get_spec, supported_model_types
 
@@ -139,18 +143,34 @@ def check_parameters_unchanged(before: dict, after: dict) -> None:
 
 
 def _check_modules(model: nn.Module, spec: ArchSpec) -> None:
+    known = spec.modules | {cls.__name__ for cls in spec.replace.values()}  # an already transformed model
     unknown = set()
     for module in model.modules():
         cls = type(module)
         if cls.__module__.startswith("torch.nn.") or cls.__module__ == "transformers.activations":
             continue
-        if cls.__name__ not in spec.modules:
+        if cls.__name__ not in known:
             unknown.add(f"{cls.__module__}.{cls.__name__}")
     if unknown:
         raise UnsupportedModelError(
             f"qeff cannot transform module type(s) {', '.join(sorted(unknown))} of architecture "
             f"{spec.name!r}: they are not known to follow the retained-state cache protocol"
         )
+
+
+def _replace_modules(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """Swap the class of each module ``spec.replace`` names for its drop-in subclass, in place."""
+    applied = set()
+    for module in model.modules():
+        replacement = spec.replace.get(type(module).__name__)
+        if replacement is not None:
+            if not issubclass(replacement, type(module)):  # a drop-in keeps HF's __init__ and state
+                raise UnsupportedModelError(
+                    f"{replacement.__name__} replaces {type(module).__name__} of {spec.name!r} but does not subclass it"
+                )
+            module.__class__ = replacement
+            applied.add(replacement.__name__)
+    return sorted(applied)
 
 
 def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
@@ -167,6 +187,9 @@ def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
             f"qeff cannot transform {type(model).__name__} (model_type={model_type!r}); "
             f"supported model types: {', '.join(supported_model_types())}"
         )
+    reason = spec.refuse(config)
+    if reason:
+        raise UnsupportedModelError(f"qeff cannot transform this {spec.name!r} model: {reason}")
     _check_modules(model, spec)
     before = parameter_fingerprint(model) if check_weights else None
     model.eval()
@@ -176,7 +199,14 @@ def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
         model.set_attn_implementation("eager")
     else:
         config._attn_implementation = "eager"
-    wrapped = QEffCausalLM(model, spec)
+    extra = tuple(_replace_modules(model, spec))
+    if use_dense_experts(model):
+        extra += ("DenseExperts",)
+    # An nn.Module starts in training mode, and the TorchScript exporter restores the wrapper's mode
+    # *recursively* after export: a wrapper left in training mode switched the HF model's dropout on
+    # for every later PyTorch run (GPT-2's logits moved by 0.2 after an export).
+    wrapped = QEffCausalLM(model, spec).eval()
+    wrapped.transforms = TRANSFORMS + extra
     if before is not None:
         after = parameter_fingerprint(wrapped.model)
         check_parameters_unchanged(before, after)

@@ -4,12 +4,14 @@ The generic mechanism (a :class:`~qeff.transform.cache.RetainedStateCache` hande
 and a mask built from ``position_ids``) does the work for any architecture whose attention calls
 ``cache.update`` and honours a 4D ``attention_mask``. An :class:`ArchSpec` declares only what
 differs: which module classes were checked to follow that protocol, how to reach the decoder and
-the head, and how the cache is shaped. One small file per architecture registers its spec.
+the head, how the cache is shaped, which HF modules must be replaced by a drop-in subclass (an
+attention that does not fit the protocol as written), and which configurations are refused. One
+small file per architecture registers its spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -43,10 +45,19 @@ def _default_windows(config) -> dict[str, int | None]:
     return {"": window}
 
 
+def _accept_any(config) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """What one architecture declares. ``modules`` are the class names verified to follow the
-    retained-state protocol; any other non-``torch.nn`` module in a model is refused by name."""
+    retained-state protocol; any other non-``torch.nn`` module in a model is refused by name.
+
+    ``replace`` maps an HF module class name to a subclass of it whose ``forward`` fits the
+    protocol; the transform swaps the class of each such module in place (parameters untouched).
+    ``refuse(config)`` returns why a configuration of this architecture is not supported, or None.
+    """
 
     name: str
     model_types: tuple[str, ...]
@@ -55,6 +66,8 @@ class ArchSpec:
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _default_head
     kv_shape: Callable[[object], tuple[int, int]] = _default_kv_shape
     windows: Callable[[object], dict[str, int | None]] = _default_windows
+    replace: Mapping[str, type[nn.Module]] = field(default_factory=dict)
+    refuse: Callable[[object], str | None] = _accept_any
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -81,7 +94,7 @@ def supported_model_types() -> list[str]:
 
 
 #: Modules of ``qeff.transform`` that hold the mechanism, not an architecture.
-_CORE_MODULES = frozenset({"cache", "mask", "model", "registry"})
+_CORE_MODULES = frozenset({"cache", "experts", "mask", "model", "registry"})
 _loaded = False
 
 

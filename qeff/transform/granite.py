@@ -1,0 +1,29 @@
+"""Granite: Llama with multipliers. The embedding, residual and attention multipliers live in the
+decoder; the logits are divided by ``logits_scaling`` in ``GraniteForCausalLM.forward``, which the
+wrapper does not call, so the head below does it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qeff.transform.registry import ArchSpec, register
+
+
+def _scaled_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.get_output_embeddings()(hidden) / model.config.logits_scaling
+
+
+GRANITE = register(
+    ArchSpec(
+        name="granite",
+        model_types=("granite",),
+        modules=frozenset(
+            {
+                "GraniteForCausalLM", "GraniteModel", "GraniteDecoderLayer", "GraniteAttention", "GraniteMLP",
+                "GraniteRMSNorm", "GraniteRotaryEmbedding",
+            }
+        ),
+        head=_scaled_head,
+    )
+)
