@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from qeff.pipeline import prepare
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    prepared = prepare(args.model, ctx_len=args.ctx_len, prompt_len=args.prompt_len, batch_size=1, progress=False)
+    prepared = prepare(args.model, progress=False)
     model, tokenizer = prepared.model, prepared.tokenizer
     text = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. " * 4
     ids = tokenizer(text)["input_ids"][: args.prompt_tokens]

@@ -9,6 +9,7 @@ what produced the file is stamped into its metadata.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from qeff.transform import QEffCausalLM
 
 __all__ = ["export", "fp16_clip", "stamp_metadata", "check_portable", "ExportResult", "FP16_MAX", "library_versions"]
 
+log = logging.getLogger(__name__)
+
 FP16_MAX = 65504.0
 OPSET = 17
 #: Tensors at least this large go to the external data file.
@@ -36,6 +39,9 @@ class ExportResult:
     path: Path
     clipped_values: int
     metadata: dict[str, str]
+    #: TorchScript tracer warnings: each marks a value the trace may have frozen into the graph
+    #: (a Python branch or int taken from a tensor). None for the built-in architectures.
+    trace_warnings: tuple[str, ...] = ()
 
 
 def library_versions() -> dict[str, str]:
@@ -151,10 +157,11 @@ def export(
     raw = out_dir / "raw.onnx"
     for stale in (out_dir / "model.onnx", out_dir / DATA_FILE):
         stale.unlink(missing_ok=True)  # onnx appends to an existing external data file
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         # The TorchScript exporter is deprecated in favour of dynamo; it is the one that exports
-        # transformers' models in well under a second with plain ops. Its tracer warnings are noise.
-        warnings.simplefilter("ignore")
+        # transformers' models in well under a second with plain ops, so its deprecation notice is
+        # dropped. Tracer warnings are kept: each one marks a value that may be frozen in the graph.
+        warnings.simplefilter("always")
         with torch.no_grad():
             torch.onnx.export(
                 qmodel,
@@ -167,6 +174,11 @@ def export(
                 dynamo=False,
                 do_constant_folding=True,
             )
+    trace_warnings = tuple(
+        sorted({f"{w.filename}:{w.lineno}: {w.message}" for w in caught if w.category.__name__ == "TracerWarning"})
+    )
+    for message in trace_warnings:
+        log.warning("export: tracer warning (a value may be frozen into the graph): %s", message)
     model = onnx.load(str(raw))
     for leftover in out_dir.glob("raw.onnx*"):
         leftover.unlink()
@@ -182,6 +194,7 @@ def export(
         "qeff.transforms": ",".join(qmodel.transforms),
         "qeff.passes": "FP16Clip",
         "qeff.fp16_clipped_values": str(clipped),
+        "qeff.trace_warnings": str(len(trace_warnings)),
         "qeff.num_layers": str(qmodel.shape.num_layers),
         "qeff.num_kv_heads": str(qmodel.shape.num_kv_heads),
         "qeff.head_dim": str(qmodel.shape.head_dim),
@@ -199,4 +212,4 @@ def export(
         location=DATA_FILE,
         size_threshold=EXTERNAL_THRESHOLD,
     )
-    return ExportResult(path=path, clipped_values=clipped, metadata=metadata)
+    return ExportResult(path=path, clipped_values=clipped, metadata=metadata, trace_warnings=trace_warnings)

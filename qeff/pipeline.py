@@ -180,6 +180,7 @@ def prepare(
             "config": config.to_dict(),
             "weights_digest": qmodel.weights_digest,
             "fp16_clipped_values": result.clipped_values,
+            "trace_warnings": list(result.trace_warnings),
             "onnx_bytes": sum(p.stat().st_size for p in tmp.glob("model.onnx*")),
         }
 

@@ -61,6 +61,7 @@ def test_metadata_stamp(exported):
     assert set(versions) >= {"qeff", "torch", "transformers", "onnx", "onnxruntime"}
     assert versions["qeff"] == qeff.__version__
     assert meta["qeff.num_layers"] == "2"
+    assert meta["qeff.trace_warnings"] == "0" and result.trace_warnings == ()  # nothing frozen into the graph
 
 
 def test_fp16_clip_clips_finite_floats_only():
