@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import qeff
-    from qeff.export import library_versions
+    from qeff.exporter import library_versions
     from qeff.pipeline import prepare
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qeff.compile import compile
+from qeff.compilers import compile
 from qeff.errors import QEffError, UsageError
-from qeff.export import export
+from qeff.exporter import export
 from qeff.generation import GenerationResult, generate
 from qeff.loading import from_config, load
 from qeff.runtime import open_session
-from qeff.transform import transform
-from qeff.verify import Tolerances, VerifyReport, verify
+from qeff.transforms import supported_model_types, transform
+from qeff.verification import Tolerances, VerifyReport, verify
 
 __all__ = [
     "GenerationResult",
@@ -36,6 +36,7 @@ __all__ = [
     "generate",
     "load",
     "open_session",
+    "supported_model_types",
     "transform",
     "verify",
 ]

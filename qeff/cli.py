@@ -144,7 +144,7 @@ def _home(args) -> Path | None:
 def _resolve_backend(name: str) -> str:
     if name != "auto":
         return name
-    from qeff.compile.qaic import find_compiler
+    from qeff.compilers.qaic import find_compiler
 
     try:
         find_compiler()
@@ -281,7 +281,7 @@ def cmd_infer(args) -> int:
     group = _device_group(args)
     backend = _resolve_backend(args.backend)
     if backend == "qaic":
-        from qeff.compile.qaic import find_compiler
+        from qeff.compilers.qaic import find_compiler
         from qeff.runtime.qaic import load_sdk
 
         find_compiler()

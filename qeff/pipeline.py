@@ -114,7 +114,7 @@ class Prepared:
     @property
     def qmodel(self):
         if self._qmodel is None:
-            from qeff.transform import transform
+            from qeff.transforms import transform
 
             self._qmodel = transform(self.model)
         return self._qmodel
@@ -129,8 +129,8 @@ class Prepared:
 
 
 def _export_manifest(identity: dict) -> dict:
-    from qeff.export import OPSET, library_versions
-    from qeff.transform.model import TRANSFORMS
+    from qeff.exporter import OPSET, library_versions
+    from qeff.transforms.model import TRANSFORMS
 
     return {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
 
@@ -165,7 +165,7 @@ def prepare(
     prepared = Prepared(name=display, export=None, source=source, _model=model, _tokenizer=tokenizer)  # type: ignore[arg-type]
 
     def build(tmp: Path) -> dict:
-        from qeff.export import export
+        from qeff.exporter import export
 
         loaded_model = prepared.model  # loads when not given
         with stage(f"Transforming and exporting {display} to ONNX", enabled=progress):
@@ -204,7 +204,7 @@ def verify_cached(
     from dataclasses import asdict
 
     from qeff.runtime.ort import OrtSession
-    from qeff.verify import Tolerances, verify
+    from qeff.verification import Tolerances, verify
 
     tol = tolerances or Tolerances()
     manifest = {

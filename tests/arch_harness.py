@@ -17,8 +17,8 @@ from transformers import GenerationConfig
 from arch_configs import VOCAB, TinyArch
 from qeff.loading import from_config
 from qeff.runtime.base import Session
-from qeff.transform import QEffCausalLM, transform
-from qeff.transform.experts import experts_modules
+from qeff.transforms import QEffCausalLM, transform
+from qeff.transforms.experts import experts_modules
 
 __all__ = [
     "CTX_LEN", "GEN_LEN", "PROMPT_LEN", "PROMPTS", "Built", "Diff", "build", "compare", "hf_greedy",

@@ -18,18 +18,18 @@ import onnx
 import pytest
 import torch
 
-import qeff.transform.model as model_module
+import qeff.transforms.model as model_module
 from arch_configs import TINY
 from arch_harness import (
     CTX_LEN, GEN_LEN, PROMPT_LEN, PROMPTS, Built, build, compare, hf_greedy, teacher_forced_logits,
 )
 from qeff.errors import UnsupportedModelError
-from qeff.export import export
+from qeff.exporter import export
 from qeff.generation import generate
 from qeff.loading import from_config
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.torch import TorchSession
-from qeff.transform import supported_model_types, transform
+from qeff.transforms import supported_model_types, transform
 
 REL_MAX_ABS = 5e-6
 REL_MSE = 1e-11

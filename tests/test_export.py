@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 import qeff
 from qeff.errors import QEffError
-from qeff.export import FP16_MAX, check_portable, fp16_clip
+from qeff.exporter import FP16_MAX, check_portable, fp16_clip
 from tests.tiny import tiny_model
 
 

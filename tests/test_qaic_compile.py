@@ -1,4 +1,4 @@
-"""qeff.compile.qaic without the SDK: golden command lines and files for a grid of options, compiler
+"""qeff.compilers.qaic without the SDK: golden command lines and files for a grid of options, compiler
 discovery, and the success and failure paths through a fake compiler put first on PATH.
 
 Regenerate the golden files (then read the diff!) with ``QEFF_UPDATE_GOLDEN=1 pytest tests/test_qaic_compile.py``.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qeff.compile import qaic
-from qeff.compile.qaic import QaicCompileOptions, compile, find_compiler, qpc_dir_name
+from qeff.compilers import qaic
+from qeff.compilers.qaic import QaicCompileOptions, compile, find_compiler, qpc_dir_name
 from qeff.errors import ArtifactError, BackendUnavailableError, CompileError, UsageError
 
 GOLDEN = Path(__file__).parent / "golden" / "qaic"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qeff.compile.qaic import QaicCompileOptions, compile, find_compiler
+from qeff.compilers.qaic import QaicCompileOptions, compile, find_compiler
 from qeff.errors import BackendUnavailableError
 from qeff.runtime import qaic as qaic_runtime
 
@@ -42,9 +42,9 @@ def sdk_runtime() -> None:
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory) -> Path:
-    from qeff.export import export
+    from qeff.exporter import export
     from qeff.loading import from_config
-    from qeff.transform import transform
+    from qeff.transforms import transform
 
     return export(transform(from_config("llama", TINY_LLAMA, seed=0)), tmp_path_factory.mktemp("tiny_llama")).path
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qeff.compile import qaic as qaic_compile
-from qeff.compile.qaic import QaicCompileOptions
+from qeff.compilers import qaic as qaic_compile
+from qeff.compilers.qaic import QaicCompileOptions
 from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
 from qeff.generation import generate
 from qeff.runtime import qaic as qaic_runtime
@@ -36,9 +36,9 @@ TINY_LLAMA = dict(
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory) -> Path:
-    from qeff.export import export
+    from qeff.exporter import export
     from qeff.loading import from_config
-    from qeff.transform import transform
+    from qeff.transforms import transform
 
     qmodel = transform(from_config("llama", TINY_LLAMA, seed=0))
     return export(qmodel, tmp_path_factory.mktemp("tiny_llama")).path

@@ -8,8 +8,8 @@ from torch import nn
 
 import qeff
 from qeff.errors import UnsupportedModelError, WeightsChangedError
-from qeff.transform import check_parameters_unchanged, parameter_fingerprint, transform
-from qeff.transform.cache import scatter_slots
+from qeff.transforms import check_parameters_unchanged, parameter_fingerprint, transform
+from qeff.transforms.cache import scatter_slots
 from tests.tiny import tiny_model
 
 
@@ -74,7 +74,7 @@ def test_fingerprint_detects_every_kind_of_change():
 
 def test_transform_refuses_a_weight_changing_step(monkeypatch):
     """If anything inside transform() changed a weight, transform() itself must raise."""
-    from qeff.transform import model as tm
+    from qeff.transforms import model as tm
 
     original = tm.QEffCausalLM.__init__
 

@@ -26,7 +26,7 @@ def open_session(
     inputs = manifest.get("inputs", {})
     backend, options = inputs.get("backend"), inputs.get("options", {})
     if backend == "ort":
-        from qeff.compile.ort import OPTIMIZED
+        from qeff.compilers.ort import OPTIMIZED
         from qeff.runtime.ort import OrtSession
 
         session = OrtSession(

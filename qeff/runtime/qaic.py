@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qeff.compile.qaic import MANIFEST_FILE, QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
+from qeff.compilers.qaic import MANIFEST_FILE, QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
 from qeff.errors import ArtifactError, BackendUnavailableError, QEffError, UsageError
 
 __all__ = ["QaicSession", "load_sdk", "SDK_LIB_DIR", "SDK_PYTHON_DIR"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qeff.transform import QEffCausalLM
+from qeff.transforms import QEffCausalLM
 
 __all__ = ["TorchSession"]
 

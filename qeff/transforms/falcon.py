@@ -15,7 +15,7 @@ graph's 4D mask cannot feed; supporting it means replacing ``FalconModel.forward
 
 from __future__ import annotations
 
-from qeff.transform.registry import ArchSpec, register
+from qeff.transforms.registry import ArchSpec, register
 
 
 def _kv_shape(config) -> tuple[int, int]:

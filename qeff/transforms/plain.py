@@ -6,12 +6,12 @@ CodeGen's interleaved rotary and Phi's partial rotary), are computed from the ``
 wrapper passes. Starcoder2's and Phi-3's ``sliding_window`` is read by the generic window rule.
 GPTBigCode's multi-query cache shape comes from its config's ``num_key_value_heads`` (1 when
 ``multi_query``).
-Mixtral's experts are made static by :mod:`qeff.transform.experts`, like every HF experts module.
+Mixtral's experts are made static by :mod:`qeff.transforms.experts`, like every HF experts module.
 """
 
 from __future__ import annotations
 
-from qeff.transform.registry import ArchSpec, register
+from qeff.transforms.registry import ArchSpec, register
 
 
 def _spec(name: str, *classes: str) -> ArchSpec:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from transformers.models.mpt.modeling_mpt import MptAttention
 
-from qeff.transform.cache import RetainedStateCache
-from qeff.transform.registry import ArchSpec, register
+from qeff.transforms.cache import RetainedStateCache
+from qeff.transforms.registry import ArchSpec, register
 
 
 class QEffMptAttention(MptAttention):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qeff.transform.registry import ArchSpec, register
+from qeff.transforms.registry import ArchSpec, register
 
 
 def _scaled_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

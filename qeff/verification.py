@@ -27,7 +27,7 @@ from qeff.errors import UsageError, VerificationError
 from qeff.generation import prefill_chunks
 from qeff.runtime.base import Session
 from qeff.runtime.torch import TorchSession
-from qeff.transform import QEffCausalLM, transform
+from qeff.transforms import QEffCausalLM, transform
 
 __all__ = ["Tolerances", "Comparison", "VerifyReport", "Trace", "verify", "hf_trace", "session_trace", "compare"]
 

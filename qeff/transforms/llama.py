@@ -2,12 +2,12 @@
 
 Nothing differs from the generic mechanism: their attention calls ``cache.update`` and adds the
 4D mask. Mistral's ``sliding_window`` and Qwen2's per-layer ``layer_types`` are read by the
-generic window rule in :mod:`qeff.transform.registry`.
+generic window rule in :mod:`qeff.transforms.registry`.
 """
 
 from __future__ import annotations
 
-from qeff.transform.registry import ArchSpec, register
+from qeff.transforms.registry import ArchSpec, register
 
 
 def _modules(prefix: str) -> frozenset[str]:

@@ -7,7 +7,7 @@ Layout (one layer)::
 A forward step receives the whole cache as graph inputs, writes the new tokens' keys and values
 into the slots named by ``position_ids`` and returns the *whole* updated cache as outputs (the
 ``…_RetainedState`` tensors). Attention then reads all ``ctx_len`` slots through a mask built from
-``position_ids`` (see :mod:`qeff.transform.mask`), so slots that hold stale data are never seen.
+``position_ids`` (see :mod:`qeff.transforms.mask`), so slots that hold stale data are never seen.
 
 Padding (``position_id == -1``) must never corrupt a valid slot, and no index may be out of range
 (ONNX Runtime rejects out-of-range scatter indices; upstream designs write pads at INT32_MAX and

@@ -21,7 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from qeff.errors import QEffError
-from qeff.transform import QEffCausalLM
+from qeff.transforms import QEffCausalLM
 
 __all__ = ["export", "fp16_clip", "stamp_metadata", "check_portable", "ExportResult", "FP16_MAX", "library_versions"]
 

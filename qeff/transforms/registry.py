@@ -1,6 +1,6 @@
 """Architecture registry: what each supported ``model_type`` needs beyond the generic mechanism.
 
-The generic mechanism (a :class:`~qeff.transform.cache.RetainedStateCache` handed to the HF model
+The generic mechanism (a :class:`~qeff.transforms.cache.RetainedStateCache` handed to the HF model
 and a mask built from ``position_ids``) does the work for any architecture whose attention calls
 ``cache.update`` and honours a 4D ``attention_mask``. An :class:`ArchSpec` declares only what
 differs: which module classes were checked to follow that protocol, how to reach the decoder and
@@ -93,13 +93,13 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-#: Modules of ``qeff.transform`` that hold the mechanism, not an architecture.
+#: Modules of ``qeff.transforms`` that hold the mechanism, not an architecture.
 _CORE_MODULES = frozenset({"cache", "experts", "mask", "model", "registry"})
 _loaded = False
 
 
 def _load_builtin() -> None:
-    """Import every architecture file in ``qeff/transform/`` (each registers its spec), so that
+    """Import every architecture file in ``qeff/transforms/`` (each registers its spec), so that
     adding an architecture is adding one file. Done lazily to keep ``import qeff`` cheap."""
     global _loaded
     if _loaded:
@@ -108,8 +108,7 @@ def _load_builtin() -> None:
     import pkgutil
     from pathlib import Path
 
-    # By path, not `import qeff.transform`: the package re-exports a function of that name.
     for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
         if info.name not in _CORE_MODULES and not info.name.startswith("_"):
-            importlib.import_module(f"qeff.transform.{info.name}")
+            importlib.import_module(f"qeff.transforms.{info.name}")
     _loaded = True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qeff.transform.model import (
+from qeff.transforms.model import (
     CacheShape,
     QEffCausalLM,
     check_parameters_unchanged,
@@ -11,7 +11,7 @@ from qeff.transform.model import (
     parameter_fingerprint,
     transform,
 )
-from qeff.transform.registry import ArchSpec, get_spec, register, supported_model_types
+from qeff.transforms.registry import ArchSpec, get_spec, register, supported_model_types
 
 __all__ = [
     "ArchSpec",

@@ -57,8 +57,8 @@ def compile(
     beside the graph, e.g. ``ort_1BS_32PL_128CL`` or ``qpc_16cores_1BS_32PL_128CL_1devices``).
     Reused when its manifest matches. The ``num_cores`` … ``extra_options`` options are Cloud AI's;
     ``dry_run`` (qaic only) writes the compiler's files and command without running it and returns
-    a :class:`qeff.compile.qaic.QaicCompileResult`."""
-    from qeff.export import library_versions
+    a :class:`qeff.compilers.qaic.QaicCompileResult`."""
+    from qeff.exporter import library_versions
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -69,7 +69,7 @@ def compile(
         )
     options = {"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len}
     if backend == "ort":
-        from qeff.compile.ort import OPTIMIZED, build_ort, ort_dir_name
+        from qeff.compilers.ort import OPTIMIZED, build_ort, ort_dir_name
 
         name = ort_dir_name(**options)
         manifest = {"backend": "ort", "options": options, "onnx": onnx_identity(onnx_path), "versions": library_versions()}
@@ -77,7 +77,7 @@ def compile(
         return build_artifact(target, manifest, _with_progress(lambda tmp: build_ort(onnx_path, tmp, threads=threads), "Compiling for ONNX Runtime", progress),
             required=(OPTIMIZED,), force=force)
     if backend == "qaic":
-        from qeff.compile import qaic
+        from qeff.compilers import qaic
 
         qopts = qaic.QaicCompileOptions(
             **options, num_cores=num_cores, num_devices=num_devices, mxfp6=mxfp6, mxint8=mxint8, mos=mos,

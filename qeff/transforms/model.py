@@ -6,9 +6,9 @@
         past_key.0_RetainedState, past_value.0_RetainedState, …  (the whole updated cache)
 
 The HF module's parameters are never touched; the wrapper hands it a
-:class:`~qeff.transform.cache.RetainedStateCache` and a mask built from ``position_ids``. The
+:class:`~qeff.transforms.cache.RetainedStateCache` and a mask built from ``position_ids``. The
 transform does change the model in place where the graph needs it: eval mode, eager attention,
-dense mixture-of-experts (:mod:`qeff.transform.experts`), and the module replacements its
+dense mixture-of-experts (:mod:`qeff.transforms.experts`), and the module replacements its
 architecture declares (``ArchSpec.replace``).
 """
 
@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from qeff.errors import UnsupportedModelError, WeightsChangedError
-from qeff.transform.cache import RetainedStateCache
-from qeff.transform.experts import use_dense_experts
-from qeff.transform.mask import additive_mask
-from qeff.transform.registry import ArchSpec, get_spec, supported_model_types
+from qeff.transforms.cache import RetainedStateCache
+from qeff.transforms.experts import use_dense_experts
+from qeff.transforms.mask import additive_mask
+from qeff.transforms.registry import ArchSpec, get_spec, supported_model_types
 
 __all__ = ["QEffCausalLM", "CacheShape", "transform", "parameter_fingerprint", "fingerprint_digest", "check_parameters_unchanged"]
 
