@@ -73,3 +73,13 @@ def test_threads_default_to_physical_cores(onnx_path):
     session = OrtSession(onnx_path, batch_size=1, ctx_len=8)
     assert session.threads == physical_cores() >= 1
     assert OrtSession(onnx_path, batch_size=1, ctx_len=8, threads=1).threads == 1
+
+
+@pytest.mark.parametrize("binding", ["inplace", "swap"])
+def test_specialized_decode_session_gives_the_same_tokens(onnx_path, binding):
+    prompts = random_prompts((9, 3), seed=13)
+    plain = qeff.generate(OrtSession(onnx_path, batch_size=2, ctx_len=40), prompt_token_ids=prompts, prompt_len=4, generation_len=24, eos_token_id=[])
+    special = OrtSession(onnx_path, batch_size=2, ctx_len=40, binding=binding, specialize_decode=True)
+    assert special.decode_session is not special.session
+    result = qeff.generate(special, prompt_token_ids=prompts, prompt_len=4, generation_len=24, eos_token_id=[])
+    assert result.token_ids == plain.token_ids

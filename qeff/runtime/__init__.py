@@ -8,7 +8,12 @@ __all__ = ["Session"]
 
 
 def open_session(
-    artifact_dir, *, threads: int | None = None, binding: str = "inplace", device_ids: list[int] | None = None
+    artifact_dir,
+    *,
+    threads: int | None = None,
+    binding: str = "inplace",
+    device_ids: list[int] | None = None,
+    specialize_decode: bool = False,
 ) -> Session:
     """Open a compiled artifact directory; dimensions come from its manifest (ORT) or the QPC
     itself (Cloud AI). ``device_ids`` is the Cloud AI device group; ``threads``/``binding`` are ORT's."""
@@ -36,6 +41,7 @@ def open_session(
             threads=threads,
             binding=binding,
             prompt_len=options["prompt_len"],
+            specialize_decode=specialize_decode,
         )
         return session
     if backend == "qaic":
