@@ -1,0 +1,92 @@
+"""The pytest plugin (entry point ``pytest11``: ``pytest_qeff.plugin``). Hooks only: each one
+delegates to the module that owns the work.
+
+    options   --qeff-* and --device-group → Settings (config.stash)
+    cards     model cards: schema, loading, selection
+    collect   card × case → parametrized stage tests, markers, xfail for known failures
+    stages    the stage tests' bodies (suite/test_conformance.py calls them)
+    results   records from every worker → results.json (controller only)
+    publish   results.json, the HTML report (report/), baselines, the terminal table
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_qeff import collect, fixtures, options, publish, results
+
+__all__: list[str] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    options.add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    collect.register_markers(config)
+    settings = options.resolve(config)
+    config.stash[options.SETTINGS] = settings
+    config.pluginmanager.register(fixtures, "qeff-fixtures")
+    if not settings.active:
+        return
+    collect.route_args(config)
+    if config.getoption("dist", "no") == "load" and not _chose_dist(config):
+        config.option.dist = "loadgroup"  # keep each card's stages (and artifacts) on one worker
+    if not options.is_worker(config):  # the controller merges; workers only send reports
+        collector = config.stash[publish.COLLECTOR] = results.Collector()
+        config.pluginmanager.register(collector, "qeff-results")
+
+
+def _chose_dist(config: pytest.Config) -> bool:
+    return any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in config.invocation_params.args)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash.get(options.SETTINGS, None)
+    if settings is None or not settings.active:
+        return []
+    groups = " ".join(",".join(map(str, g)) for g in settings.device_groups)
+    lines = [
+        f"qeff: {len(settings.cards)} card(s), tier {settings.tier}, backends {'+'.join(settings.backends)}, "
+        f"device groups {groups}, cards from {settings.cards_dir}"
+    ]
+    if settings.changed is not None:
+        lines += settings.changed.describe()
+    return lines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    settings = metafunc.config.stash[options.SETTINGS]
+    collect.parametrize(metafunc, settings.cards, settings.tier, settings.backends)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.stash[options.SETTINGS].active and any(collect.item_meta(i) for i in items):
+        raise pytest.UsageError("the qeff conformance suite needs cards: add --qeff-model NAME (or all) or --qeff-changed-since REF")
+    collect.mark_items(items)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    settings = config.stash.get(options.SETTINGS, None)
+    collector = config.stash.get(publish.COLLECTOR, None)
+    if settings is None or collector is None:
+        return
+    published = publish.publish(config, settings, collector, exitstatus)
+    if published is not None:
+        config.stash[publish.PUBLISHED] = published
+    if settings.changed is not None and not settings.cards and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.OK  # nothing affected is a pass for pull-request gating
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    settings = config.stash.get(options.SETTINGS, None)
+    if settings is None or not settings.active or options.is_worker(config):
+        return
+    lines = publish.terminal_lines(settings, config.stash.get(publish.PUBLISHED, None))
+    if lines:
+        terminalreporter.section("qeff")
+        for line in lines:
+            terminalreporter.write_line(line)
