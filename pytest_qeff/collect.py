@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
+from pytest_qeff.options import worker_id
 
-__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "route_args"]
+__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "route_args"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
@@ -62,6 +63,10 @@ def parametrize(metafunc: pytest.Metafunc, cards: Sequence[Card], tier: str, bac
         metafunc.parametrize("qeff_backend", list(backends))
 
 
+def is_suite_test(item: pytest.Item) -> bool:
+    return "qeff_case" in getattr(item, "fixturenames", ())
+
+
 def item_meta(item: pytest.Item) -> dict | None:
     """Who a suite test is (builtin types only, so it travels with xdist reports)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
@@ -75,6 +80,7 @@ def item_meta(item: pytest.Item) -> dict | None:
         "tier": target.tier,
         "stage": marker.args[0],
         "backend": params.get("qeff_backend"),
+        "worker": worker_id(item.config),
     }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_qeff import devices
-from pytest_qeff.options import SETTINGS, Settings, worker_id
+from pytest_qeff.options import SETTINGS, Settings, is_worker, worker_id
 from pytest_qeff.stages import Pipeline
 
 __all__ = ["qeff_settings", "qeff_pipeline", "qeff_record"]
@@ -26,6 +26,12 @@ def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path
     QEFF_HOME is set (kept between runs, reused while manifests match), else to the session's
     temporary directory; either way each xdist worker has its own directory."""
     worker = worker_id(pytestconfig)
+    if is_worker(pytestconfig):
+        # N workers each running torch on every core oversubscribe the CPU and make the
+        # benchmark stage measure contention: give each worker its share of the cores.
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(pytestconfig.workerinput.get("workercount", 1))))
     home = os.environ.get("QEFF_HOME")
     root = Path(home).expanduser() / "pytest" / worker if home else tmp_path_factory.getbasetemp() / "qeff_models" / worker
     return Pipeline(

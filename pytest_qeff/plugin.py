@@ -63,7 +63,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.stash[options.SETTINGS].active and any(collect.item_meta(i) for i in items):
+    if not config.stash[options.SETTINGS].active and any(collect.is_suite_test(i) for i in items):
         raise pytest.UsageError("the qeff conformance suite needs cards: add --qeff-model NAME (or all) or --qeff-changed-since REF")
     collect.mark_items(items)
 
