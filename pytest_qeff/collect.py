@@ -5,8 +5,8 @@ runs once per backend, ``qeff_backend``. Tests run stage by stage (every transfo
 export, ...); the worker's :class:`~pytest_qeff.stages.Pipeline` keeps what earlier stages built. Ids read ``llama-2-7b-chat-bs1-pl32-cl128`` (``…-ort``).
 
 Markers set here: ``qeff`` on every stage test, ``qeff_<stage>``, ``qeff_<backend>``, and
-``xdist_group(<card>)`` so that ``--dist loadgroup`` keeps a card on one worker, where its exported
-and compiled artifacts are reused. A card's known failure becomes ``xfail(strict=True)``.
+``xdist_group(<card>)`` (the documented grouping; :mod:`pytest_qeff.distribute` does the actual
+scheduling by card, so a card's artifacts are built once, on one worker). A card's known failure becomes ``xfail(strict=True)``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ delegates to the module that owns the work.
     options   --qeff-* and --device-group → Settings (config.stash)
     cards     model cards: schema, loading, selection
     collect   card × case → parametrized stage tests, markers, xfail for known failures
+    distribute  pytest-xdist: schedule each card's stages on one worker
     stages    the stage tests' bodies (suite/test_conformance.py calls them)
     results   records from every worker → results.json (controller only)
     publish   results.json, the HTML report (report/), baselines, the terminal table
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_qeff import collect, fixtures, options, publish, results
+from pytest_qeff import collect, distribute, fixtures, options, publish, results
 
 __all__: list[str] = []
 
@@ -31,15 +32,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if not settings.active:
         return
     collect.route_args(config)
-    if config.getoption("dist", "no") == "load" and not _chose_dist(config):
-        config.option.dist = "loadgroup"  # keep each card's stages (and artifacts) on one worker
     if not options.is_worker(config):  # the controller merges; workers only send reports
         collector = config.stash[publish.COLLECTOR] = results.Collector()
         config.pluginmanager.register(collector, "qeff-results")
 
 
-def _chose_dist(config: pytest.Config) -> bool:
-    return any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in config.invocation_params.args)
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    settings = config.stash.get(options.SETTINGS, None)
+    if settings is None or not settings.active or config.getoption("dist") not in distribute.DIST_MODES:
+        return None
+    return distribute.make_scheduler(config, log, [c.id for c in settings.cards])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
