@@ -66,8 +66,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.stash[options.SETTINGS].active and any(collect.is_suite_test(i) for i in items):
+    settings = config.stash[options.SETTINGS]
+    if not settings.active and any(collect.is_suite_test(i) for i in items):
         raise pytest.UsageError("the qeff conformance suite needs cards: add --qeff-model NAME (or all) or --qeff-changed-since REF")
+    if not settings.cards:  # --qeff-changed-since selected nothing: no "[NOTSET]" placeholders
+        dropped = [i for i in items if collect.is_suite_test(i)]
+        if dropped:
+            items[:] = [i for i in items if not collect.is_suite_test(i)]
+            config.hook.pytest_deselected(items=dropped)
     collect.mark_items(items)
 
 
