@@ -17,7 +17,7 @@ __all__ = ["DeviceGroup", "parse_group", "parse_groups", "worker_group", "check_
 
 DeviceGroup = tuple[int, ...]
 
-_GROUP = re.compile(r"^\[?\s*(\d+(?:\s*,\s*\d+)*)\s*,?\s*\]?$")
+_GROUP = re.compile(r"^\[?\s*(\d+(?:\s*,\s*\d+)*)\s*\]?$")
 
 
 def parse_group(text: str) -> DeviceGroup:
