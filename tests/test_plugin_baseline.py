@@ -39,7 +39,7 @@ def test_regression_fails_readably_and_update_rewrites_the_baseline(pytester: py
     out = " ".join(slow.stdout.str().split())
     assert "decode tokens/s regressed:" in out and "now vs 1000000000.0 tok/s in the baseline" in out
     assert f"{path} [tiny/bs1-pl32-cl128]" in out
-    assert "the card allows -70%" in out
+    assert "the card allows -80%" in out
     assert f"update the baseline: pytest --qeff-model {CARD} --qeff-tier tiny --qeff-backend ort -m qeff_benchmark " \
            f"--qeff-baseline {baselines} --qeff-update-baseline" in out
     assert "time to first token regressed:" in out
@@ -53,7 +53,7 @@ def test_regression_fails_readably_and_update_rewrites_the_baseline(pytester: py
     assert data["schema"] == "qeff-baseline/1" and data["environment"]["cores"]
     assert 1 < entry["decode_tok_s"] < 1e6 and entry["repeats"] == 5 and entry["threads"] == 1
 
-    # Against its own numbers the same machine passes (the tiny tier allows a 70 % slowdown).
+    # Against its own numbers the same machine passes (the tiny tier allows an 80 % slowdown).
     again = bench(pytester, baselines)
     again.assert_outcomes(passed=1)
     again.stdout.fnmatch_lines([f"{CARD}*1/1*[+-]*%"])

@@ -51,7 +51,7 @@ def sample_results() -> dict:
             backend="ort", message="row 0 diverges at step 2"),
         rec("benchmark", "passed", {**base, "figures": {"decode_tok_s": 900.0, "total_tok_s": 850.0, "ttft_s": 0.002},
                                      "runs": [], "generation_len": 64, "repeats": 5, "threads": 1, "update_baseline": False,
-                                     "baseline": {"file": "/b/ort/good-card.json", "key": "tiny/bs1-pl32-cl128", "found": True, "allowed": -0.7,
+                                     "baseline": {"file": "/b/ort/good-card.json", "key": "tiny/bs1-pl32-cl128", "found": True, "allowed": -0.8,
                                                   "command": "pytest --qeff-update-baseline", "regressions": [],
                                                   "baseline": {"decode_tok_s": 1000.0, "total_tok_s": 900.0, "ttft_s": 0.0025},
                                                   "changes": {"decode_tok_s": -0.1, "total_tok_s": -0.056, "ttft_s": 0.25}}}, backend="ort"),
@@ -122,7 +122,7 @@ def test_card_page_shows_stages_against_tolerances_token_diff_and_chart(report: 
     cells = [a["class"] for t, a in dom.tags if t == "td" and a.get("class") in ("same", "diff", "after")]
     assert cells.count("diff") == 3 and "first difference at step 2" in text  # step number, HF and ort rows
     assert [t for t, _ in dom.tags].count("rect") == 6  # three figures, now and baseline
-    assert "decode tokens/s 900 tok/s -10% vs baseline (allowed -70%)" in text
+    assert "decode tokens/s 900 tok/s -10% vs baseline (allowed -80%)" in text
     assert "qaic: Cloud AI 100 SDK not found" in text and "waiting for <the> SDK" in text
     assert "abc123def456" in text  # environment: the commit
 
