@@ -75,7 +75,8 @@ def add_options(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--qeff-update-baseline", action="store_true", default=False,
-        help="write this run's benchmark medians into the baseline files instead of comparing. Default: off.",
+        help="write this run's benchmark medians (decode and total tokens/s, seconds to first token) into the "
+        "baseline files instead of comparing with them. Default: off.",
     )
     group.addoption(
         "--qeff-cards-dir", metavar="DIR", default=None,

@@ -167,6 +167,20 @@ def test_a_run_writes_results_report_and_terminal_table(pytester: pytest.Pyteste
     assert (pytester.path / "out" / "cards" / "llama-3-8b.html").is_file()
 
 
+def test_full_tier_without_the_weights_skips_with_a_reason(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # An empty cache, whatever this machine holds (read when the stage asks, in this process).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(pytester.mkdir("empty-hub-cache")))
+    result = qeff(pytester, "--qeff-model", "llama-3-8b", "--qeff-tier", "full", "--qeff-backend", "ort", "-rs")
+    result.assert_outcomes(skipped=5)
+    result.stdout.fnmatch_lines([
+        "SKIPPED [[]5[]] *llama-3-8b: the full tier needs the real weights of meta-llama/Meta-Llama-3-8B (revision main), "
+        "which are not in the Hugging Face cache (*empty-hub-cache); fetch them with `hf download meta-llama/Meta-Llama-3-8B --revision main` "
+        "(tests never download), or run the tiny tier",
+    ])
+
+
 def test_sdk_on_path_without_a_qaic_backend_says_so(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = pytester.mkdir("bin")
     fake = bin_dir / "qaic-exec"
