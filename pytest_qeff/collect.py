@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
-from pytest_qeff.options import worker_id
+from pytest_qeff.options import Settings, worker_id
 
-__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "route_args"]
+__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
@@ -82,6 +82,18 @@ def item_meta(item: pytest.Item) -> dict | None:
         "backend": params.get("qeff_backend"),
         "worker": worker_id(item.config),
     }
+
+
+def prepare_items(config: pytest.Config, items: list[pytest.Item], settings: Settings) -> None:
+    """Refuse the suite without cards, drop its empty placeholders, mark the rest."""
+    if not settings.active and any(is_suite_test(i) for i in items):
+        raise pytest.UsageError("the qeff conformance suite needs cards: add --qeff-model NAME (or all) or --qeff-changed-since REF")
+    if not settings.cards:  # --qeff-changed-since selected nothing: no "[NOTSET]" placeholders
+        dropped = [i for i in items if is_suite_test(i)]
+        if dropped:
+            items[:] = [i for i in items if not is_suite_test(i)]
+            config.hook.pytest_deselected(items=dropped)
+    mark_items(items)
 
 
 def mark_items(items: Sequence[pytest.Item]) -> None:

@@ -66,15 +66,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    settings = config.stash[options.SETTINGS]
-    if not settings.active and any(collect.is_suite_test(i) for i in items):
-        raise pytest.UsageError("the qeff conformance suite needs cards: add --qeff-model NAME (or all) or --qeff-changed-since REF")
-    if not settings.cards:  # --qeff-changed-since selected nothing: no "[NOTSET]" placeholders
-        dropped = [i for i in items if collect.is_suite_test(i)]
-        if dropped:
-            items[:] = [i for i in items if not collect.is_suite_test(i)]
-            config.hook.pytest_deselected(items=dropped)
-    collect.mark_items(items)
+    collect.prepare_items(config, items, config.stash[options.SETTINGS])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
