@@ -219,7 +219,7 @@ class Benchmark(_Strict):
 
     generation_len: Positive = 64
     warmup: Annotated[int, Field(ge=0)] = 1
-    repeats: Positive = 5  # the median of these runs is compared
+    repeats: Positive = 11  # the median of these runs is compared (sub-ms TTFTs need many: one scheduler tick is 4 ms)
     threads: Positive | None = 1  # ORT intra-op threads; None = every physical core
     max_regression: TierFractions = TierFractions()
 
