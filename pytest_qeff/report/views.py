@@ -264,7 +264,7 @@ def _chart(data: dict) -> Chart | None:
             bars.append(Bar(y, max(1, round(full * value / scale)), f"{label} ({who})", shown, cls))
             y += 22
         y += 10
-    return Chart(width=640, height=y, label_x=170, bars=bars, title="benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)")
+    return Chart(width=700, height=y, label_x=230, bars=bars, title="benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)")
 
 
 def _stage(rec: dict) -> StageView:
