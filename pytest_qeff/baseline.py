@@ -1,0 +1,123 @@
+"""Benchmark baselines: ``<dir>/<backend>/<card>.json``, committed under ``reports/published/``.
+
+A file holds one entry per tier and case (``"tiny/bs1-pl32-cl128"``) with the median figures of
+the run that recorded it. The benchmark stage compares its own medians with the entry and fails
+when the card's ``max_regression`` is exceeded; ``--qeff-update-baseline`` rewrites the entries
+instead (the controller does it once, at the end of the session, from the merged records).
+
+"Change" is always a change in *speed*: +10 % is faster. Throughputs compare as
+``now / baseline - 1``; time to first token as ``baseline / now - 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["SCHEMA", "METRICS", "path_for", "entry_key", "read", "check", "update", "update_command"]
+
+SCHEMA = "qeff-baseline/1"
+
+#: metric → (label, unit, higher is better)
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "decode_tok_s": ("decode tokens/s", "tok/s", True),
+    "total_tok_s": ("total tokens/s", "tok/s", True),
+    "ttft_s": ("time to first token", "s", False),
+}
+
+
+def path_for(directory: Path, backend: str, card_id: str) -> Path:
+    return Path(directory) / backend / f"{card_id}.json"
+
+
+def entry_key(tier: str, case_id: str) -> str:
+    return f"{tier}/{case_id}"
+
+
+def read(path: Path) -> dict | None:
+    """The baseline file's content, None if there is none; ValueError if it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"baseline {path} is not valid JSON ({exc}); fix it or rewrite it with --qeff-update-baseline") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("cases"), dict):
+        raise ValueError(f"baseline {path} is not a {SCHEMA} file; rewrite it with --qeff-update-baseline")
+    return data
+
+
+def update_command(card_id: str, tier: str, backend: str, directory: Path, default_dir: Path) -> str:
+    args = ["pytest", "--qeff-model", card_id, "--qeff-tier", tier, "--qeff-backend", backend, "-m", "qeff_benchmark"]
+    if Path(directory).resolve() != Path(default_dir).resolve():
+        args += ["--qeff-baseline", str(directory)]
+    return shlex.join(args + ["--qeff-update-baseline"])
+
+
+def _change(metric: str, now: float, base: float) -> float:
+    higher_better = METRICS[metric][2]
+    if now <= 0 or base <= 0:
+        return float("nan")
+    return now / base - 1 if higher_better else base / now - 1
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value * 1000:.3g} ms" if unit == "s" else f"{value:.1f} {unit}"
+
+
+def check(
+    path: Path, key: str, figures: dict[str, float], max_regression: float, command: str
+) -> dict:
+    """Compare ``figures`` with the entry ``key`` of the baseline file ``path``.
+
+    Returns a builtin-typed record: the baseline's figures, one change per metric and the
+    regression messages (empty when within ``max_regression``)."""
+    data = read(path)
+    entry = (data or {}).get("cases", {}).get(key)
+    out: dict = {"file": str(path), "key": key, "found": entry is not None, "allowed": -max_regression,
+                 "command": command, "changes": {}, "regressions": []}
+    if entry is None:
+        out["note"] = f"no baseline for {key} in {path}; record one with: {command}"
+        return out
+    out["baseline"] = {m: entry[m] for m in METRICS if m in entry}
+    for metric, (label, unit, _) in METRICS.items():
+        if metric not in entry or metric not in figures:
+            continue
+        change = _change(metric, figures[metric], entry[metric])
+        out["changes"][metric] = change
+        if not change >= -max_regression:  # NaN counts as a regression
+            out["regressions"].append(
+                f"{label} regressed: {_fmt(figures[metric], unit)} now vs {_fmt(entry[metric], unit)} in the baseline "
+                f"{path} [{key}] ({change:+.0%} speed; the card allows -{max_regression:.0%}). If this slowdown is "
+                f"expected, update the baseline: {command}"
+            )
+    return out
+
+
+def update(directory: Path, records: Iterable[dict], environment: dict) -> list[Path]:
+    """Write the benchmark figures of ``records`` into their baseline files; return the files."""
+    by_file: dict[Path, dict[str, dict]] = {}
+    for rec in records:
+        data = rec.get("data") or {}
+        if rec.get("stage") != "benchmark" or "figures" not in data:
+            continue
+        path = path_for(directory, rec["backend"], rec["card"])
+        entry = {**data["figures"], **{k: data[k] for k in ("generation_len", "repeats", "threads", "batch_size", "prompt_len", "ctx_len") if k in data}}
+        by_file.setdefault(path, {})[entry_key(rec["tier"], rec["case"])] = entry
+    written = []
+    for path, entries in sorted(by_file.items()):
+        try:
+            data = read(path) or {}
+        except ValueError:
+            data = {}
+        cases = {**data.get("cases", {}), **entries}
+        card, backend = path.stem, path.parent.name
+        content = {"schema": SCHEMA, "card": card, "backend": backend, "environment": environment, "cases": cases}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written

@@ -1,0 +1,439 @@
+"""Model cards: one TOML file per model, validated, selected by name or glob.
+
+A card is data, not code: ``load_cards(dir)`` reads every ``*.toml`` in ``dir`` into a
+:class:`Card` (pydantic, unknown keys are errors) and ``select(cards, patterns)`` turns the
+``--qeff-model`` values into a sorted list. Every mistake — bad TOML, a wrong type, an unknown key,
+an unknown model name — is a :class:`pytest.UsageError` naming the file and the field path, never a
+traceback. ``docs/plugin.md`` documents every key; ``model_cards/llama-2-7b-chat.toml`` is the
+annotated example.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "STAGES",
+    "TIERS",
+    "BACKENDS",
+    "ArchConfig",
+    "Benchmark",
+    "Card",
+    "Case",
+    "CompileDefaults",
+    "KnownFailure",
+    "Prompts",
+    "TinyOverrides",
+    "Tolerances",
+    "Weights",
+    "default_cards_dir",
+    "load_card",
+    "load_cards",
+    "select",
+]
+
+#: Stages in pipeline order; ``compile``, ``generation`` and ``benchmark`` run once per backend.
+STAGES = ("transform", "export", "compile", "generation", "benchmark")
+TIERS = ("tiny", "full")
+BACKENDS = ("ort", "qaic")
+
+Stage = Literal["transform", "export", "compile", "generation", "benchmark"]
+Tier = Literal["tiny", "full"]
+Backend = Literal["ort", "qaic"]
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Weights(_Strict):
+    """Where the real weights come from (the ``full`` tier)."""
+
+    source: Literal["hub", "local", "gguf"]
+    repo: str = Field(min_length=1)  # Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf
+    revision: str = "main"  # branch, tag or commit of ``repo``
+    path: str | None = None  # source = "local": a directory holding config.json
+    package: str | None = None  # source = "gguf": the installed distribution shipping the file
+    file: str | None = None  # source = "gguf": glob of the .gguf file inside that package
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> Weights:
+        if self.source == "local" and not self.path:
+            raise ValueError('source = "local" needs path = "<directory holding config.json>"')
+        if self.source == "gguf" and not (self.package and self.file):
+            raise ValueError('source = "gguf" needs package = "<distribution>" and file = "<glob of the .gguf>"')
+        return self
+
+
+ConfigValue = int | float | str | bool | list[int] | None
+
+
+class ArchConfig(_Strict):
+    """The real model's architecture, in Hugging Face config names. ``extra`` holds keys that only
+    some architectures have; everything here is passed to ``AutoConfig.for_model``."""
+
+    num_hidden_layers: Positive
+    hidden_size: Positive
+    intermediate_size: Positive
+    num_attention_heads: Positive
+    num_key_value_heads: Positive
+    vocab_size: Positive
+    max_position_embeddings: Positive
+    head_dim: Positive | None = None  # default hidden_size / num_attention_heads
+    rope_theta: PositiveFloat = 10000.0
+    rms_norm_eps: PositiveFloat = 1e-6
+    sliding_window: Positive | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict[str, ConfigValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ArchConfig:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}), or set head_dim"
+            )
+        return self
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def hf_config(self) -> dict[str, Any]:
+        """The keyword arguments for ``AutoConfig.for_model`` / ``qeff.from_config``."""
+        values = self.model_dump(exclude={"extra"}, exclude_none=True)
+        return {**values, **self.extra}
+
+
+class TinyOverrides(_Strict):
+    """The reduced ``tiny`` tier: keys of :class:`ArchConfig` that replace the real ones."""
+
+    num_hidden_layers: Positive | None = None
+    hidden_size: Positive | None = None
+    intermediate_size: Positive | None = None
+    num_attention_heads: Positive | None = None
+    num_key_value_heads: Positive | None = None
+    vocab_size: Positive | None = None
+    max_position_embeddings: Positive | None = None
+    head_dim: Positive | None = None
+    rope_theta: PositiveFloat | None = None
+    rms_norm_eps: PositiveFloat | None = None
+    sliding_window: Positive | None = None
+    tie_word_embeddings: bool | None = None
+    seed: int = 0  # torch seed of the random weights (and of the random prompts)
+    extra: dict[str, ConfigValue] = Field(default_factory=dict)
+
+
+class CompileDefaults(_Strict):
+    """Compile options; the first three are also the default case. The others are Cloud AI 100
+    options (``qaic-exec``), recorded for the ``ort`` backend."""
+
+    batch_size: Positive = 1
+    prompt_len: Positive = 32
+    ctx_len: Positive = 128
+    num_cores: Positive = 16
+    mxfp6: bool = True  # weights in MX FP6
+    mxint8: bool = False  # KV cache in MX INT8
+    mos: Positive = 1  # maximum output splits
+    aic_enable_depth_first: bool = True
+
+
+class Case(_Strict):
+    """One compiled shape: a card's tests run once per case."""
+
+    batch_size: Positive
+    prompt_len: Positive
+    ctx_len: Positive
+
+    @property
+    def id(self) -> str:
+        return f"bs{self.batch_size}-pl{self.prompt_len}-cl{self.ctx_len}"
+
+    @model_validator(mode="after")
+    def _fits(self) -> Case:
+        if self.prompt_len > self.ctx_len:
+            raise ValueError(f"prompt_len ({self.prompt_len}) must not exceed ctx_len ({self.ctx_len})")
+        return self
+
+
+class Tolerances(_Strict):
+    """Bounds of :class:`qeff.Tolerances` for one tier."""
+
+    logits_mse: PositiveFloat
+    logits_max_abs: PositiveFloat
+    cache_mse: PositiveFloat
+    cache_max_abs: PositiveFloat
+    ambiguity_margin: PositiveFloat = 1e-3
+
+
+#: fp32 random tiny models: measured max-abs ~3e-7 and MSE ~1e-15 (HF vs PyTorch vs ORT).
+TINY_TOLERANCES = Tolerances(logits_mse=1e-12, logits_max_abs=1e-5, cache_mse=1e-12, cache_max_abs=1e-5)
+#: Real weights: qeff's library defaults.
+FULL_TOLERANCES = Tolerances(logits_mse=1e-8, logits_max_abs=1e-3, cache_mse=1e-9, cache_max_abs=1e-3)
+
+
+class TierTolerances(_Strict):
+    tiny: Tolerances = TINY_TOLERANCES
+    full: Tolerances = FULL_TOLERANCES
+
+
+class Prompts(_Strict):
+    """``text`` is tokenized in the full tier; the tiny tier has no tokenizer and uses seeded
+    random token ids of ``tiny_lengths`` (one length per batch row, cycled)."""
+
+    text: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    tiny_lengths: list[Positive] = Field(default_factory=lambda: [24], min_length=1)
+    generation_len: Positive = 16  # greedy tokens compared per row
+
+
+class TierFractions(_Strict):
+    tiny: Fraction = 0.8  # random tiny models on shared CI cores: only gross (5x) slowdowns
+    full: Fraction = 0.25
+
+
+class Benchmark(_Strict):
+    """How the benchmark stage measures, and how much slower than the baseline it may be.
+
+    ``max_regression`` is the fraction of speed that may be lost against the baseline: 0.25 lets
+    tokens/s drop to 75 % and time to first token grow to 1/0.75 of the baseline's."""
+
+    generation_len: Positive = 64
+    warmup: Annotated[int, Field(ge=0)] = 1
+    repeats: Positive = 11  # the median of these runs is compared (sub-ms TTFTs need many: one scheduler tick is 4 ms)
+    threads: Positive | None = 1  # ORT intra-op threads; None = every physical core
+    max_regression: TierFractions = TierFractions()
+
+
+class KnownFailure(_Strict):
+    """A stage that is known to fail: it becomes ``xfail(strict=True)`` with ``reason``, so it
+    fails the run the day it starts passing. Unset filters match everything."""
+
+    stage: Stage
+    reason: str = Field(min_length=1)
+    tier: Tier | None = None
+    case: str | None = None  # a case id, e.g. "bs1-pl32-cl128"
+    backend: Backend | None = None
+
+    def matches(self, stage: str, tier: str, case: str, backend: str | None) -> bool:
+        return (
+            self.stage == stage
+            and self.tier in (None, tier)
+            and self.case in (None, case)
+            and (self.backend is None or backend is None or self.backend == backend)
+        )
+
+
+class Card(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    name: str = Field(min_length=1)
+    architecture: str = Field(min_length=1)  # the Hugging Face model_type, e.g. "llama"
+    description: str = ""
+    weights: Weights
+    config: ArchConfig
+    tiny: TinyOverrides
+    compile: CompileDefaults = CompileDefaults()
+    cases: list[Case] = Field(default_factory=list)  # empty: one case from [compile]
+    tolerances: TierTolerances = TierTolerances()
+    prompts: Prompts
+    benchmark: Benchmark = Benchmark()
+    known_failures: list[KnownFailure] = Field(default_factory=list)
+
+    @property
+    def all_cases(self) -> list[Case]:
+        if self.cases:
+            return list(self.cases)
+        c = self.compile
+        return [Case(batch_size=c.batch_size, prompt_len=c.prompt_len, ctx_len=c.ctx_len)]
+
+    def tiny_config(self) -> ArchConfig:
+        """The real config with the ``[tiny]`` overrides applied (validated by :func:`_check_tiny`)."""
+        overrides = self.tiny.model_dump(exclude={"seed", "extra"}, exclude_none=True)
+        merged = {**self.config.model_dump(), **overrides}
+        merged["extra"] = {**self.config.extra, **self.tiny.extra}
+        # Random weights have no tokenizer: the real special-token ids may not even fit the tiny vocab.
+        merged["bos_token_id"] = merged["eos_token_id"] = None
+        return ArchConfig.model_validate(merged)
+
+    def arch_config(self, tier: str) -> ArchConfig:
+        return self.tiny_config() if tier == "tiny" else self.config
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Card:
+        try:
+            tiny = self.tiny_config()
+        except ValidationError as exc:
+            raise ValueError("tiny: the overrides give an invalid config: " + _first_message(exc)) from None
+        if tiny.gqa_ratio != self.config.gqa_ratio:
+            raise ValueError(
+                f"tiny: num_attention_heads / num_key_value_heads is {tiny.num_attention_heads}/"
+                f"{tiny.num_key_value_heads} but the real model's is {self.config.num_attention_heads}/"
+                f"{self.config.num_key_value_heads}; keep the ratio ({self.config.gqa_ratio}) so the tiny "
+                f"tier exercises the same grouped-query attention"
+            )
+        ids = [c.id for c in self.all_cases]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"cases: duplicate case {sorted(i for i in ids if ids.count(i) > 1)[0]}")
+        for case in self.all_cases:
+            need = max(self.prompts.tiny_lengths) + self.prompts.generation_len
+            if need > case.ctx_len:
+                raise ValueError(
+                    f"prompts: a {max(self.prompts.tiny_lengths)}-token tiny prompt plus generation_len="
+                    f"{self.prompts.generation_len} needs ctx_len >= {need}, but case {case.id} has {case.ctx_len}"
+                )
+        for i, kf in enumerate(self.known_failures):
+            if kf.case is not None and kf.case not in ids:
+                raise ValueError(f"known_failures[{i}].case: {kf.case!r} is not a case of this card ({', '.join(ids)})")
+        return self
+
+    def known_failure(self, stage: str, tier: str, case: str, backend: str | None) -> KnownFailure | None:
+        return next((kf for kf in self.known_failures if kf.matches(stage, tier, case, backend)), None)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def default_cards_dir() -> Path:
+    """The cards shipped with the plugin: ``pytest_qeff/model_cards`` in the wheel (in a checkout
+    that path is a link to the top-level ``model_cards/``)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "model_cards", here.parent / "model_cards"):
+        if candidate.is_dir():
+            return candidate
+    return here / "model_cards"
+
+
+def _first_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{_loc(err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The pydantic model class found at ``loc`` (the parent of an unknown key), if any."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = _unwrap(current.model_fields[part].annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside ``X | None``, ``list[X]``, ``Annotated[X, ...]``."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        if typing.get_origin(arg) in (list, typing.Union, types.UnionType, Annotated):
+            found = _unwrap(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = list(err["loc"])
+    where = _loc(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(Card, loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}: unknown key{hint}; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("value_error", "assertion_error") and not loc:
+        return msg
+    return f"{where}: {msg}"
+
+
+def load_card(path: Path) -> Card:
+    """One card; a :class:`pytest.UsageError` naming the file and every bad field otherwise."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise pytest.UsageError(f"model card {path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise pytest.UsageError(f"model card {path}: cannot be read: {exc.strerror}") from None
+    try:
+        card = Card.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise pytest.UsageError(f"model card {path}: {problems}") from None
+    if card.id != path.stem:
+        raise pytest.UsageError(f"model card {path}: id: {card.id!r} must equal the file name {path.stem!r}")
+    return card
+
+
+def load_cards(directory: str | Path) -> dict[str, Card]:
+    """Every ``*.toml`` card of ``directory``, by id, sorted. All bad cards are reported at once."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise pytest.UsageError(f"--qeff-cards-dir {directory}: no such directory")
+    cards: dict[str, Card] = {}
+    problems: list[str] = []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            card = load_card(path)
+        except pytest.UsageError as exc:
+            problems.append(str(exc))
+            continue
+        cards[card.id] = card
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
+    if not cards:
+        raise pytest.UsageError(f"--qeff-cards-dir {directory}: holds no *.toml model cards")
+    return cards
+
+
+def select(cards: dict[str, Card], patterns: Iterable[str]) -> list[Card]:
+    """The cards named by ``patterns`` (ids, globs like ``llama-2-*``, or ``all``), sorted by id.
+    Commas separate several names in one value."""
+    wanted: set[str] = set()
+    for raw in patterns:
+        for pattern in filter(None, (p.strip() for p in raw.split(","))):
+            if pattern == "all":
+                wanted |= set(cards)
+                continue
+            found = {cid for cid in cards if fnmatch.fnmatchcase(cid, pattern)}
+            if not found:
+                raise pytest.UsageError(_unknown(pattern, cards))
+            wanted |= found
+    return [cards[cid] for cid in sorted(wanted)]
+
+
+def _unknown(pattern: str, cards: dict[str, Card]) -> str:
+    stem = pattern.replace("*", "").replace("?", "").lower()
+    # Ids that extend what was typed come first ("llama-2-7b" → "llama-2-7b-chat"), then similar ones.
+    close = [cid for cid in cards if stem and stem in cid]
+    close += [cid for cid in difflib.get_close_matches(stem, list(cards), n=3, cutoff=0.5) if cid not in close]
+    hint = f"closest: {', '.join(close[:3])}" if close else f"known: {', '.join(cards)}"
+    return f"--qeff-model {pattern}: no model card matches; {hint} (or 'all')"

@@ -1,0 +1,121 @@
+"""Card × case → parametrized stage tests: ids, markers, xdist groups, known failures.
+
+Every stage test of the suite takes ``qeff_case`` (one :class:`Target` per card case) and, when it
+runs once per backend, ``qeff_backend``. Tests run stage by stage (every transform, then every
+export, ...); the worker's :class:`~pytest_qeff.stages.Pipeline` keeps what earlier stages built. Ids read ``llama-2-7b-chat-bs1-pl32-cl128`` (``…-ort``).
+
+Markers set here: ``qeff`` on every stage test, ``qeff_<stage>``, ``qeff_<backend>``, and
+``xdist_group(<card>)`` (the documented grouping; :mod:`pytest_qeff.distribute` does the actual
+scheduling by card, so a card's artifacts are built once, on one worker). A card's known failure becomes ``xfail(strict=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
+from pytest_qeff.options import Settings, worker_id
+
+__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args"]
+
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
+
+MARKERS = {
+    "qeff": "a qeff conformance test generated from a model card",
+    "qeff_stage(name)": "which pipeline stage a suite test checks (transform, export, compile, generation, benchmark)",
+    **{f"qeff_{s}": f"the {s} stage of the qeff conformance suite" for s in STAGES},
+    **{f"qeff_{b}": f"a qeff stage that runs on the {b} backend" for b in BACKENDS},
+    "xdist_group(name)": "pytest-xdist --dist loadgroup: tests of one group run on one worker",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One case of one card in one tier: the value of the ``qeff_case`` parameter."""
+
+    card: Card
+    case: Case
+    tier: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.card.id}-{self.case.id}"
+
+
+def register_markers(config: pytest.Config) -> None:
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def targets(cards: Sequence[Card], tier: str) -> list[Target]:
+    return [Target(card, case, tier) for card in cards for case in card.all_cases]
+
+
+def parametrize(metafunc: pytest.Metafunc, cards: Sequence[Card], tier: str, backends: Sequence[str]) -> None:
+    if "qeff_case" in metafunc.fixturenames:
+        found = targets(cards, tier)
+        metafunc.parametrize("qeff_case", found, ids=[t.id for t in found])
+    if "qeff_backend" in metafunc.fixturenames:
+        metafunc.parametrize("qeff_backend", list(backends))
+
+
+def is_suite_test(item: pytest.Item) -> bool:
+    return "qeff_case" in getattr(item, "fixturenames", ())
+
+
+def item_meta(item: pytest.Item) -> dict | None:
+    """Who a suite test is (builtin types only, so it travels with xdist reports)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    target = params.get("qeff_case")
+    marker = item.get_closest_marker("qeff_stage")
+    if not isinstance(target, Target) or marker is None:
+        return None
+    return {
+        "card": target.card.id,
+        "case": target.case.id,
+        "tier": target.tier,
+        "stage": marker.args[0],
+        "backend": params.get("qeff_backend"),
+        "worker": worker_id(item.config),
+    }
+
+
+def prepare_items(config: pytest.Config, items: list[pytest.Item], settings: Settings) -> None:
+    """Refuse the suite without cards, drop its empty placeholders, mark the rest."""
+    if not settings.active and any(is_suite_test(i) for i in items):
+        raise pytest.UsageError("the qeff conformance suite needs cards: add --qeff-model NAME (or all) or --qeff-changed-since REF")
+    if not settings.cards:  # --qeff-changed-since selected nothing: no "[NOTSET]" placeholders
+        dropped = [i for i in items if is_suite_test(i)]
+        if dropped:
+            items[:] = [i for i in items if not is_suite_test(i)]
+            config.hook.pytest_deselected(items=dropped)
+    mark_items(items)
+
+
+def mark_items(items: Sequence[pytest.Item]) -> None:
+    for item in items:
+        meta = item_meta(item)
+        if meta is None:
+            continue
+        target: Target = item.callspec.params["qeff_case"]
+        item.add_marker(pytest.mark.qeff)
+        item.add_marker(getattr(pytest.mark, f"qeff_{meta['stage']}"))
+        if meta["backend"]:
+            item.add_marker(getattr(pytest.mark, f"qeff_{meta['backend']}"))
+        item.add_marker(pytest.mark.xdist_group(target.card.id))
+        known = target.card.known_failure(meta["stage"], meta["tier"], meta["case"], meta["backend"])
+        if known is not None:
+            item.add_marker(pytest.mark.xfail(reason=known.reason, strict=True))
+        item.user_properties.append(("qeff_test", meta))
+
+
+def route_args(config: pytest.Config) -> None:
+    """``pytest --qeff-model X`` with no paths runs the suite, from any directory: the suite
+    replaces the default paths (``testpaths`` or the current directory). Explicit paths are kept:
+    add ``--pyargs pytest_qeff.suite`` to run the suite beside them."""
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args = [str(SUITE_DIR)]

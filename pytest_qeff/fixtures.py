@@ -1,0 +1,54 @@
+"""Fixtures of the conformance suite (registered by the plugin, usable by any test)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pytest_qeff import devices
+from pytest_qeff.options import SETTINGS, Settings, is_worker, worker_id
+from pytest_qeff.stages import Pipeline
+
+__all__ = ["qeff_settings", "qeff_pipeline", "qeff_record"]
+
+
+@pytest.fixture(scope="session")
+def qeff_settings(pytestconfig: pytest.Config) -> Settings:
+    return pytestconfig.stash[SETTINGS]
+
+
+@pytest.fixture(scope="session")
+def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """This worker's models and artifacts. Artifacts go to ``$QEFF_HOME/pytest/<worker>`` when
+    QEFF_HOME is set (kept between runs, reused while manifests match), else to the session's
+    temporary directory; either way each xdist worker has its own directory."""
+    worker = worker_id(pytestconfig)
+    if is_worker(pytestconfig):
+        # N workers each running torch on every core oversubscribe the CPU and make the
+        # benchmark stage measure contention: give each worker its share of the cores.
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(pytestconfig.workerinput.get("workercount", 1))))
+    home = os.environ.get("QEFF_HOME")
+    root = Path(home).expanduser() / "pytest" / worker if home else tmp_path_factory.getbasetemp() / "qeff_models" / worker
+    return Pipeline(
+        root=root,
+        tier=qeff_settings.tier,
+        device_group=devices.worker_group(qeff_settings.device_groups, worker),
+        baseline_dir=qeff_settings.baseline_dir,
+        default_baseline_dir=qeff_settings.default_baseline_dir,
+        update_baseline=qeff_settings.update_baseline,
+    )
+
+
+@pytest.fixture
+def qeff_record(request: pytest.FixtureRequest) -> Callable[[dict], None]:
+    """Attach a stage's numbers (builtin types) to the test's report, for results.json."""
+
+    def record(data: dict) -> None:
+        request.node.user_properties.append(("qeff", data))
+
+    return record

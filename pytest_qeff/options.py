@@ -1,0 +1,151 @@
+"""The plugin's command-line options, and :class:`Settings`: what they mean for this run.
+
+``resolve(config)`` checks every option once, at configure time, on the controller and on each
+xdist worker alike (so they agree on what is collected); a bad value is a ``pytest.UsageError``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pytest_qeff import cards as cards_mod
+from pytest_qeff import changed, devices
+from pytest_qeff.cards import Card
+
+__all__ = ["Settings", "SETTINGS", "add_options", "resolve", "worker_id", "is_worker"]
+
+BACKEND_CHOICES = ("auto", "ort", "qaic")
+
+
+@dataclass(frozen=True)
+class Settings:
+    active: bool  # the suite was asked for (--qeff-model or --qeff-changed-since)
+    cards: list[Card]  # selected, sorted by id
+    all_cards: dict[str, Card]
+    cards_dir: Path
+    tier: str
+    backend: str  # the option's value
+    backends: tuple[str, ...]  # the backends stage tests run on
+    device_groups: list[devices.DeviceGroup]
+    report_dir: Path
+    baseline_dir: Path
+    default_baseline_dir: Path
+    update_baseline: bool
+    changed: changed.Selection | None = None
+    patterns: list[str] = field(default_factory=list)
+
+
+SETTINGS = pytest.StashKey[Settings]()
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qeff", "qeff conformance suite (model cards become tests, benchmarks and reports)")
+    group.addoption(
+        "--qeff-model", action="append", default=[], metavar="NAME",
+        help="model card to test: an id (llama-2-7b-chat), a glob (llama-2-*) or 'all'; repeatable, commas "
+        "allowed. Without it (or --qeff-changed-since) the suite is off. Default: none.",
+    )
+    group.addoption(
+        "--device-group", "--device_group", action="append", default=[], metavar="IDS", dest="qeff_device_groups",
+        help="accelerator device ids used together, e.g. 0,1 or [0,1] (one two-device group); repeat for several "
+        "groups, one per pytest-xdist worker (-n N). Only the qaic backend uses devices. Default: 0.",
+    )
+    group.addoption(
+        "--qeff-backend", choices=BACKEND_CHOICES, default="auto",
+        help="backend of the compile, generation and benchmark stages: ort (ONNX Runtime, CPU), qaic (Cloud AI "
+        "100; skipped with the reason where its SDK is missing) or auto (both). Default: auto.",
+    )
+    group.addoption(
+        "--qeff-tier", choices=cards_mod.TIERS, default="tiny",
+        help="tiny: each card's reduced config with seeded random weights (seconds per card); full: the real "
+        "weights, skipped with a reason where they are not on this machine. Default: tiny.",
+    )
+    group.addoption(
+        "--qeff-report", metavar="DIR", default="qeff_report",
+        help="directory for results.json and the HTML report (index.html). Default: ./qeff_report.",
+    )
+    group.addoption(
+        "--qeff-baseline", metavar="DIR", default=None,
+        help="benchmark baselines, one <backend>/<card>.json per card; each card's [benchmark] max_regression "
+        "(a fraction of tokens/s) is the allowed slowdown. Default: reports/published under the rootdir.",
+    )
+    group.addoption(
+        "--qeff-update-baseline", action="store_true", default=False,
+        help="write this run's benchmark medians (decode and total tokens/s, seconds to first token) into the "
+        "baseline files instead of comparing with them. Default: off.",
+    )
+    group.addoption(
+        "--qeff-cards-dir", metavar="DIR", default=None,
+        help="directory of *.toml model cards. Default: the cards shipped with pytest_qeff (model_cards/).",
+    )
+    group.addoption(
+        "--qeff-changed-since", metavar="REF", default=None,
+        help="select the cards that the changes since git REF affect (card files, architecture files and what "
+        "they import; shared code selects all); combined with --qeff-model, the intersection. Default: off.",
+    )
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def worker_id(config: pytest.Config) -> str:
+    return config.workerinput["workerid"] if is_worker(config) else "main"
+
+
+def _workers(config: pytest.Config) -> int:
+    if is_worker(config):
+        return int(config.workerinput.get("workercount", 1))
+    if (config.getoption("dist", "no") or "no") == "no":
+        return 0
+    return int(config.getoption("numprocesses", 0) or 0)
+
+
+def _path(config: pytest.Config, value: str) -> Path:
+    return (config.invocation_params.dir / os.path.expanduser(value)).resolve()
+
+
+def resolve(config: pytest.Config) -> Settings:
+    opt = config.getoption
+    patterns: list[str] = opt("qeff_model")
+    since: str | None = opt("qeff_changed_since")
+    groups = devices.parse_groups(opt("qeff_device_groups"))
+    active = bool(patterns or since)
+    cards_dir = _path(config, opt("qeff_cards_dir")) if opt("qeff_cards_dir") else cards_mod.default_cards_dir()
+    all_cards: dict[str, Card] = cards_mod.load_cards(cards_dir) if active else {}
+    selected = cards_mod.select(all_cards, patterns) if patterns else list(all_cards.values())
+    selection = None
+    if since:
+        repo = changed.git_root(config.rootpath)
+        try:
+            rel_cards = cards_dir.resolve().relative_to(repo.resolve()).as_posix()
+        except ValueError:
+            rel_cards = str(cards_dir)
+        selection = changed.select_changed(
+            changed.changed_files(repo, since), all_cards, rel_cards, changed.module_graph(repo), since
+        )
+        selected = [c for c in selected if c.id in selection.cards]
+    if active:
+        devices.check_workers(groups, _workers(config))
+    backend = opt("qeff_backend")
+    default_baseline = (config.rootpath / "reports" / "published").resolve()
+    return Settings(
+        active=active,
+        cards=selected,
+        all_cards=all_cards,
+        cards_dir=cards_dir,
+        tier=opt("qeff_tier"),
+        backend=backend,
+        backends=("ort", "qaic") if backend == "auto" else (backend,),
+        device_groups=groups,
+        report_dir=_path(config, opt("qeff_report")),
+        baseline_dir=_path(config, opt("qeff_baseline")) if opt("qeff_baseline") else default_baseline,
+        default_baseline_dir=default_baseline,
+        update_baseline=opt("qeff_update_baseline"),
+        changed=selection,
+        patterns=patterns,
+    )

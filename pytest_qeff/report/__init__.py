@@ -1,0 +1,55 @@
+"""The HTML report: a view of one ``results.json``, rendered with Jinja2 into a folder.
+
+    DIR/index.html          one row per card
+    DIR/cards/<id>.html     the card's settings, every stage against its tolerances, token diffs,
+                            benchmark figures with an SVG chart against the baseline, environment
+    DIR/style.css
+
+No JavaScript; every string is escaped (autoescape is on for every template, whatever its name).
+Re-render any results file with ``python -m pytest_qeff.report render RESULTS --out DIR``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pytest_qeff.report.views import card_view, index_view
+
+__all__ = ["render", "templates_dir"]
+
+
+def templates_dir() -> Path:
+    """``pytest_qeff/templates`` in the wheel (a link to the top-level ``templates/`` in a checkout)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "index.html.j2").is_file():
+            return candidate
+    raise FileNotFoundError(f"the report templates are missing (looked in {here / 'templates'}); reinstall qeff")
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=True,  # not select_autoescape: our templates end in .j2
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(results: dict, out_dir: str | Path) -> Path:
+    """Write the report of ``results`` into ``out_dir``; return the path of ``index.html``."""
+    out = Path(out_dir)
+    (out / "cards").mkdir(parents=True, exist_ok=True)
+    env = _environment()
+    index = index_view(results)
+    (out / "index.html").write_text(env.get_template("index.html.j2").render(view=index, root=""), encoding="utf-8")
+    page = env.get_template("card.html.j2")
+    for row in index.rows:
+        view = card_view(results, row.id)
+        (out / "cards" / f"{row.id}.html").write_text(page.render(view=view, root="../"), encoding="utf-8")
+    shutil.copyfile(templates_dir() / "style.css", out / "style.css")
+    return out / "index.html"

@@ -1,0 +1,353 @@
+"""View-models of the HTML report: every string and number a template shows is made here, from
+``results.json`` alone; the templates only place them (and Jinja2 escapes them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_qeff.baseline import METRICS
+from pytest_qeff.summary import CardRow, card_rows
+
+__all__ = ["IndexView", "CardView", "index_view", "card_view", "fmt"]
+
+_STATUS = {"passed": "pass", "failed": "fail", "error": "fail", "xpassed": "fail", "skipped": "skip", "xfailed": "xfail"}
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    """Numbers for people: 3 significant digits, '-' for nothing."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if value and abs(value) < 1e-2:
+            text = f"{value:.3g}"
+        elif abs(value) >= 1000:
+            text = f"{value:,.0f}"
+        else:
+            text = f"{value:.4g}"
+        return f"{text} {unit}".strip()
+    if isinstance(value, list):
+        return ", ".join(fmt(v) for v in value)
+    return f"{value} {unit}".strip()
+
+
+@dataclass
+class Pair:
+    label: str
+    value: str
+
+
+@dataclass
+class Metric:
+    label: str
+    value: str
+    bound: str  # the tolerance or the allowed change, '' when none
+    ok: bool | None  # None: informational
+
+
+@dataclass
+class TokenCell:
+    step: int
+    reference: str
+    generated: str
+    cls: str  # same | diff | ambiguous | after
+
+
+@dataclass
+class TokenDiff:
+    row: int
+    prompt: str
+    summary: str
+    cells: list[TokenCell]
+    reference_text: str | None
+    generated_text: str | None
+
+
+@dataclass
+class Bar:
+    y: int
+    width: int
+    label: str
+    value: str
+    cls: str
+
+
+@dataclass
+class Chart:
+    width: int
+    height: int
+    label_x: int
+    bars: list[Bar]
+    title: str
+
+
+@dataclass
+class StageView:
+    name: str
+    backend: str
+    title: str
+    outcome: str
+    status: str
+    duration: str
+    message: str
+    nodeid: str
+    metrics: list[Metric] = field(default_factory=list)
+    facts: list[Pair] = field(default_factory=list)
+    mismatches: list[Pair] = field(default_factory=list)
+    diffs: list[TokenDiff] = field(default_factory=list)
+    chart: Chart | None = None
+
+
+@dataclass
+class CaseView:
+    id: str
+    title: str
+    prompts: list[Pair]
+    stages: list[StageView]
+
+
+@dataclass
+class CardView:
+    id: str
+    name: str
+    description: str
+    status: str
+    row: CardRow
+    settings: list[tuple[str, list[Pair]]]
+    known_failures: list[Pair]
+    cases: list[CaseView]
+    environment: list[Pair]
+    run: list[Pair]
+
+
+@dataclass
+class IndexRow:
+    id: str
+    name: str
+    href: str
+    status: str
+    stages: str
+    mse: str
+    tokens: str
+    speed: str
+    vs_baseline: str
+
+
+@dataclass
+class IndexView:
+    title: str
+    created: str
+    rows: list[IndexRow]
+    totals: list[Pair]
+    environment: list[Pair]
+    run: list[Pair]
+
+
+def _environment(results: dict) -> list[Pair]:
+    env = results.get("environment", {})
+    pairs = [Pair(k.replace("_", " "), fmt(env.get(k))) for k in ("machine", "platform", "processor", "cores", "physical_cores", "python")]
+    commit = env.get("commit")
+    pairs.append(Pair("commit", (commit[:12] + (" (uncommitted changes)" if env.get("dirty") else "")) if commit else "-"))
+    pairs += [Pair(name, version) for name, version in sorted(env.get("versions", {}).items())]
+    return pairs
+
+
+def _run(results: dict) -> list[Pair]:
+    run = results.get("run", {})
+    groups = " ".join(",".join(map(str, g)) for g in run.get("device_groups", []))
+    return [
+        Pair("tier", fmt(run.get("tier"))),
+        Pair("backends", fmt(run.get("backends"))),
+        Pair("device groups", groups or "-"),
+        Pair("models", fmt(run.get("models")) if run.get("models") else "-"),
+        Pair("changed since", fmt(run.get("changed_since"))),
+        Pair("workers", fmt(run.get("workers"))),
+        Pair("command", "pytest " + " ".join(run.get("args", []))),
+    ]
+
+
+def _status(rows_ok: bool, counts: dict[str, int]) -> str:
+    if not rows_ok:
+        return "fail"
+    return "pass" if counts.get("passed") else "skip"
+
+
+def index_view(results: dict) -> IndexView:
+    rows = card_rows(results)
+    totals: dict[str, int] = {}
+    for rec in results.get("records", []):
+        totals[rec["outcome"]] = totals.get(rec["outcome"], 0) + 1
+    return IndexView(
+        title="qeff conformance report",
+        created=results.get("created", ""),
+        rows=[
+            IndexRow(r.card, r.name, f"cards/{r.card}.html", _status(r.ok, r.counts), r.stages, r.mse, r.tokens, r.speed, r.vs_baseline)
+            for r in rows
+        ],
+        totals=[Pair(k, str(v)) for k, v in sorted(totals.items())],
+        environment=_environment(results),
+        run=_run(results),
+    )
+
+
+def _settings(card: dict, tier: str) -> list[tuple[str, list[Pair]]]:
+    def pairs(d: dict) -> list[Pair]:
+        return [Pair(k, fmt(v) if not isinstance(v, dict) else ", ".join(f"{a}={fmt(b)}" for a, b in v.items()) or "-") for k, v in d.items()]
+
+    weights = card.get("weights", {})
+    sections = [
+        ("weights", pairs({k: v for k, v in weights.items() if v is not None})),
+        ("architecture (real)", pairs({k: v for k, v in card.get("config", {}).items() if v not in (None, {})})),
+        ("tiny overrides", pairs({k: v for k, v in card.get("tiny", {}).items() if v not in (None, {})})),
+        ("compile", pairs(card.get("compile", {}))),
+        (f"tolerances ({tier})", pairs(card.get("tolerances", {}).get(tier, {}))),
+        ("prompts", pairs(card.get("prompts", {}))),
+        ("benchmark", pairs(card.get("benchmark", {}))),
+    ]
+    return [(title, items) for title, items in sections if items]
+
+
+def _comparison_metrics(comp: dict) -> list[Metric]:
+    tol = comp.get("tolerances", {})
+    out = []
+    for key, label in (("logits_mse", "logits MSE"), ("logits_max_abs", "logits max-abs"), ("cache_mse", "cache MSE"), ("cache_max_abs", "cache max-abs")):
+        value, bound = comp.get(key), tol.get(key)
+        out.append(Metric(label, fmt(value), f"≤ {fmt(bound)}", value is not None and bound is not None and value <= bound))
+    ambiguous = f" ({comp.get('ambiguous')} ambiguous)" if comp.get("ambiguous") else ""
+    matched, total = comp.get("tokens_matched", 0), comp.get("tokens_total", 0)
+    out.append(Metric("greedy tokens (teacher-forced)", f"{matched}/{total}{ambiguous}", "", matched == total or not [m for m in comp.get("mismatches", []) if not m.get("ambiguous")]))
+    return out
+
+
+def _token_diffs(data: dict) -> list[TokenDiff]:
+    diffs = []
+    for i, row in enumerate(data.get("rows", [])):
+        ref, got, at = row.get("reference", []), row.get("generated", []), row.get("first_divergence")
+        if at is None:
+            continue
+        cells = []
+        for step in range(max(len(ref), len(got))):
+            a = str(ref[step]) if step < len(ref) else ""
+            b = str(got[step]) if step < len(got) else ""
+            cls = "same" if step < at else ("ambiguous" if row.get("ambiguous") else "diff") if step == at else "after"
+            cells.append(TokenCell(step, a, b, cls))
+        why = "within the ambiguity margin" if row.get("ambiguous") else "a real divergence"
+        prompts, texts = data.get("prompts", []), data.get("prompt_texts", [])
+        prompt = texts[i] if i < len(texts) and texts[i] else fmt(prompts[i] if i < len(prompts) else [])
+        diffs.append(TokenDiff(
+            row.get("row", i), prompt,
+            f"first difference at step {at}; HF's top-2 margin there {fmt(row.get('margin'))}: {why}",
+            cells, row.get("reference_text"), row.get("generated_text"),
+        ))
+    return diffs
+
+
+def _chart(data: dict) -> Chart | None:
+    figures = data.get("figures")
+    if not figures:
+        return None
+    base = (data.get("baseline") or {}).get("baseline") or {}
+    bars: list[Bar] = []
+    y, full = 0, 260
+    for metric, (label, unit, _) in METRICS.items():
+        now, then = figures.get(metric), base.get(metric)
+        scale = max(v for v in (now, then) if v is not None) or 1.0
+        for who, value, cls in (("now", now, "now"), ("baseline", then, "baseline")):
+            if value is None:
+                continue
+            shown = fmt(value * 1000, "ms") if unit == "s" else fmt(value, unit)
+            bars.append(Bar(y, max(1, round(full * value / scale)), f"{label} ({who})", shown, cls))
+            y += 22
+        y += 10
+    return Chart(width=700, height=y, label_x=230, bars=bars, title="benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)")
+
+
+def _stage(rec: dict) -> StageView:
+    data = rec.get("data") or {}
+    titles = {
+        "transform": "HF eager vs transformed PyTorch",
+        "export": "transformed PyTorch vs ONNX Runtime",
+        "compile": "compile",
+        "generation": "greedy generation vs HF",
+        "benchmark": "benchmark",
+    }
+    view = StageView(
+        name=rec["stage"], backend=rec.get("backend") or "", title=titles.get(rec["stage"], rec["stage"]),
+        outcome=rec["outcome"], status=_STATUS.get(rec["outcome"], "skip"), duration=fmt(rec.get("duration_s"), "s"),
+        message=rec.get("message", ""), nodeid=rec["nodeid"],
+    )
+    comp = data.get("comparison")
+    if comp:
+        view.metrics = _comparison_metrics(comp)
+        view.mismatches = [
+            Pair(f"row {m['row']} step {m['step']}", f"reference {m['reference']} vs {m['candidate']}, margin {fmt(m['margin'])}"
+                 + (" (ambiguous)" if m.get("ambiguous") else ""))
+            for m in comp.get("mismatches", [])
+        ]
+    if "config_mismatches" in data and data["config_mismatches"]:
+        view.metrics.append(Metric("config equals the card", "; ".join(data["config_mismatches"]), "", False))
+    if "onnx" in data:
+        o = data["onnx"]
+        view.facts = [Pair("graph", o.get("path", "")), Pair("size", fmt(o.get("bytes"), "bytes")), Pair("reused", fmt(o.get("reused"))),
+                      Pair("build", fmt(o.get("build_s"), "s")), Pair("fp16-clipped values", fmt(o.get("fp16_clipped_values")))]
+    if "artifact" in data:
+        a = data["artifact"]
+        view.facts = [Pair("artifact", a.get("name", "")), Pair("path", a.get("path", "")), Pair("size", fmt(a.get("bytes"), "bytes")),
+                      Pair("reused", fmt(a.get("reused"))), Pair("build", fmt(a.get("build_s"), "s")),
+                      Pair("device group", fmt(data.get("device_group")))]
+    if "tokens_total" in data:
+        view.metrics.append(Metric("greedy tokens matched", f"{data['tokens_matched']}/{data['tokens_total']}", "", data["tokens_matched"] == data["tokens_total"] or None))
+        view.diffs = _token_diffs(data)
+    if "figures" in data:
+        against = data.get("baseline") or {}
+        changes = against.get("changes", {})
+        allowed = against.get("allowed")
+        for metric, (label, unit, _) in METRICS.items():
+            value = data["figures"].get(metric)
+            shown = fmt(value * 1000, "ms") if unit == "s" and value is not None else fmt(value, unit)
+            change = changes.get(metric)
+            bound = f"{change:+.0%} vs baseline (allowed {allowed:+.0%})" if change is not None and allowed is not None else ""
+            view.metrics.append(Metric(label, shown, bound, None if change is None else change >= allowed))
+        view.facts = [Pair("runs (median shown)", fmt(data.get("repeats"))), Pair("tokens per run per row", fmt(data.get("generation_len"))),
+                      Pair("threads", fmt(data.get("threads"))), Pair("baseline", against.get("file", "-") + (f" [{against.get('key')}]" if against.get("key") else "")),
+                      Pair("update command", against.get("command", "-"))]
+        if against.get("note"):
+            view.facts.append(Pair("note", against["note"]))
+        if data.get("update_baseline"):
+            view.facts.append(Pair("baseline", "updated from this run"))
+        view.chart = _chart(data)
+    return view
+
+
+def _prompts(data: dict) -> list[Pair]:
+    texts, ids = data.get("prompt_texts", []), data.get("prompts", [])
+    out = []
+    for i, p in enumerate(ids):
+        text = texts[i] if i < len(texts) and texts[i] else None
+        out.append(Pair(f"row {i}", (f"{text}  " if text else "") + f"[{len(p)} tokens: {fmt(p)}]"))
+    return out
+
+
+def card_view(results: dict, card_id: str) -> CardView:
+    card = results.get("cards", {}).get(card_id, {"id": card_id, "name": card_id})
+    tier = results.get("run", {}).get("tier", "tiny")
+    records = [r for r in results.get("records", []) if r["card"] == card_id]
+    row = next((r for r in card_rows(results) if r.card == card_id), CardRow(card_id, card.get("name", card_id)))
+    cases: dict[str, CaseView] = {}
+    for rec in records:
+        case = cases.setdefault(rec["case"], CaseView(rec["case"], f"{card_id}-{rec['case']}", [], []))
+        if not case.prompts:  # a skipped stage carries no data; the next one may
+            case.prompts = _prompts(rec.get("data") or {})
+        case.stages.append(_stage(rec))
+    known = [Pair(" / ".join(x for x in (kf.get("stage"), kf.get("tier"), kf.get("case"), kf.get("backend")) if x), kf.get("reason", ""))
+             for kf in card.get("known_failures", [])]
+    return CardView(
+        id=card_id, name=card.get("name", card_id), description=card.get("description", ""),
+        status=_status(row.ok, row.counts), row=row, settings=_settings(card, tier), known_failures=known,
+        cases=list(cases.values()), environment=_environment(results), run=_run(results),
+    )

@@ -1,0 +1,122 @@
+"""One row per card, computed from ``results.json``: the terminal table and the report's index.
+
+    card              stages        worst MSE / tol      tokens   decode tok/s   vs baseline
+    llama-2-7b-chat   10/10         3.1e-15 / 1e-12      32/32    1450.2         +2%
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["CardRow", "card_rows", "format_table", "worst_comparison"]
+
+
+@dataclass
+class CardRow:
+    card: str
+    name: str
+    passed: int = 0
+    total: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    worst_mse: float | None = None
+    worst_tol: float | None = None
+    worst_what: str = ""
+    tokens_matched: int = 0
+    tokens_total: int = 0
+    decode_tok_s: float | None = None
+    change: float | None = None  # worst speed change against the baseline (-0.1 = 10 % slower)
+    baseline_note: str = ""  # "no baseline" / "updated"
+
+    @property
+    def ok(self) -> bool:
+        return not (self.counts.get("failed") or self.counts.get("error") or self.counts.get("xpassed"))
+
+    @property
+    def stages(self) -> str:
+        extra = [f"{n} {o}" for o, n in sorted(self.counts.items()) if o != "passed" and n]
+        return f"{self.passed}/{self.total}" + (f" ({', '.join(extra)})" if extra else "")
+
+    @property
+    def mse(self) -> str:
+        if self.worst_mse is None:
+            return "-"
+        return f"{self.worst_mse:.2g} / {self.worst_tol:.0e}"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.tokens_matched}/{self.tokens_total}" if self.tokens_total else "-"
+
+    @property
+    def speed(self) -> str:
+        return f"{self.decode_tok_s:.1f}" if self.decode_tok_s is not None else "-"
+
+    @property
+    def vs_baseline(self) -> str:
+        if self.change is not None and self.change == self.change:
+            text = f"{self.change:+.0%}"
+            return f"{text} ({self.baseline_note})" if self.baseline_note else text
+        return self.baseline_note or "-"
+
+
+def worst_comparison(records: list[dict]) -> tuple[float, float, str] | None:
+    """(MSE, its tolerance, what) of the comparison closest to its MSE tolerance."""
+    worst = None
+    for rec in records:
+        comp = rec.get("data", {}).get("comparison")
+        if not comp:
+            continue
+        for kind in ("logits", "cache"):
+            value, tol = comp.get(f"{kind}_mse"), comp.get("tolerances", {}).get(f"{kind}_mse")
+            if value is None or not tol:
+                continue
+            ratio = value / tol if value == value else float("inf")
+            if worst is None or ratio > worst[0]:
+                worst = (ratio, value, tol, f"{comp['reference']} vs {comp['candidate']} {kind} MSE ({rec['case']})")
+    return None if worst is None else worst[1:]
+
+
+def card_rows(results: dict) -> list[CardRow]:
+    by_card: dict[str, list[dict]] = {}
+    for rec in results.get("records", []):
+        by_card.setdefault(rec["card"], []).append(rec)
+    rows = []
+    for card_id in sorted(by_card):
+        recs = by_card[card_id]
+        card = results.get("cards", {}).get(card_id, {})
+        counts = Counter(r["outcome"] for r in recs)
+        row = CardRow(card=card_id, name=card.get("name", card_id), passed=counts["passed"], total=len(recs), counts=dict(counts))
+        worst = worst_comparison(recs)
+        if worst:
+            row.worst_mse, row.worst_tol, row.worst_what = worst
+        for rec in recs:
+            data = rec.get("data", {})
+            if rec["stage"] == "generation" and "tokens_total" in data:
+                row.tokens_matched += data["tokens_matched"]
+                row.tokens_total += data["tokens_total"]
+            if rec["stage"] == "benchmark" and "figures" in data:
+                if row.decode_tok_s is None:
+                    row.decode_tok_s = data["figures"].get("decode_tok_s")
+                changes = [c for c in data.get("baseline", {}).get("changes", {}).values() if c == c]
+                if changes:
+                    worst_change = min(changes)
+                    row.change = worst_change if row.change is None else min(row.change, worst_change)
+                if data.get("update_baseline"):
+                    row.baseline_note = "updated"
+                elif not data.get("baseline", {}).get("found") and not row.baseline_note:
+                    row.baseline_note = "no baseline"
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[CardRow]) -> list[str]:
+    header = ("card", "stages passed", "worst MSE / tol", "tokens", "decode tok/s", "vs baseline")
+    cells = [header] + [(r.card, r.stages, r.mse, r.tokens, r.speed, r.vs_baseline) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    right = {3, 4}
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines

@@ -1,0 +1,77 @@
+"""The benchmark stage against a committed baseline, and --qeff-update-baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import onnxruntime  # noqa: F401  isort: skip  (see test_plugin.py: imported before inner runs)
+import qeff  # noqa: F401  isort: skip
+import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
+
+pytest_plugins = ("pytester",)
+
+CARD = "llama-3-8b"
+
+
+def bench(pytester: pytest.Pytester, baselines: Path, *args: str) -> pytest.RunResult:
+    return pytester.runpytest(
+        "-p", "pytest_qeff.plugin", "-p", "no:cacheprovider", "--qeff-model", CARD, "--qeff-backend", "ort",
+        "-m", "qeff_benchmark", "--qeff-baseline", str(baselines), *args,
+    )
+
+
+def write_baseline(path: Path, **figures: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema": "qeff-baseline/1", "card": CARD, "backend": "ort", "environment": {},
+                                "cases": {"tiny/bs1-pl32-cl128": figures}}))
+
+
+def test_regression_fails_readably_and_update_rewrites_the_baseline(pytester: pytest.Pytester) -> None:
+    baselines = pytester.mkdir("published")
+    path = baselines / "ort" / f"{CARD}.json"
+    write_baseline(path, decode_tok_s=1e9, total_tok_s=1e9, ttft_s=1e-9)  # a machine no one has
+
+    slow = bench(pytester, baselines)
+    slow.assert_outcomes(failed=1)
+    out = " ".join(slow.stdout.str().split())
+    assert "decode tokens/s regressed:" in out and "now vs 1000000000.0 tok/s in the baseline" in out
+    assert f"{path} [tiny/bs1-pl32-cl128]" in out
+    assert "the card allows -80%" in out
+    assert f"update the baseline: pytest --qeff-model {CARD} --qeff-tier tiny --qeff-backend ort -m qeff_benchmark " \
+           f"--qeff-baseline {baselines} --qeff-update-baseline" in out
+    assert "time to first token regressed:" in out
+    assert "Traceback" not in out
+
+    updated = bench(pytester, baselines, "--qeff-update-baseline")
+    updated.assert_outcomes(passed=1)
+    updated.stdout.fnmatch_lines([f"baseline updated: {path}"])
+    data = json.loads(path.read_text())
+    entry = data["cases"]["tiny/bs1-pl32-cl128"]
+    assert data["schema"] == "qeff-baseline/1" and data["environment"]["cores"]
+    assert 1 < entry["decode_tok_s"] < 1e6 and entry["repeats"] == 11 and entry["threads"] == 1
+
+    # Against its own numbers the same machine passes (the tiny tier allows an 80 % slowdown).
+    again = bench(pytester, baselines)
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines([f"{CARD}*1/1*[+-]*%"])
+
+
+def test_missing_baseline_passes_and_says_how_to_record_one(pytester: pytest.Pytester) -> None:
+    baselines = pytester.mkdir("empty")
+    result = bench(pytester, baselines)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"{CARD}*1/1*no baseline"])
+    record = json.loads((pytester.path / "qeff_report" / "results.json").read_text())["records"][0]
+    assert record["data"]["baseline"]["note"].startswith(f"no baseline for tiny/bs1-pl32-cl128 in {baselines}/ort/{CARD}.json")
+
+
+def test_corrupt_baseline_fails_the_benchmark_with_its_path(pytester: pytest.Pytester) -> None:
+    baselines = pytester.mkdir("published")
+    (baselines / "ort").mkdir()
+    (baselines / "ort" / f"{CARD}.json").write_text("{not json")
+    result = bench(pytester, baselines)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*baseline {baselines}/ort/{CARD}.json is not valid JSON*"])
