@@ -24,8 +24,11 @@ demo: $(STAMP)
 	$(BIN)/qeff infer --model_name smollm2-135m --prompt "The capital of France is|Write a haiku about the sea." \
 		--batch_size 2 --prompt_len 32 --ctx_len 256 --generation_len 64
 
+# The project's own tests, then the conformance suite: every model card's tiny tier through the
+# pytest_qeff plugin (report in qeff_report/).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q --qeff-model all --qeff-report qeff_report
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py

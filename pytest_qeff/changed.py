@@ -150,7 +150,7 @@ def module_graph(repo: Path, package: str = "qeff") -> ModuleGraph:
                     base = ".".join(anchor + ([base] if base else []))
                 names = [base] + [f"{base}.{a.name}" for a in node.names]
             for name in names:
-                # `import qeff.transform.cache` also runs qeff and qeff.transform: depend on each prefix
+                # `import qeff.transforms.cache` also runs qeff and qeff.transforms: depend on each prefix
                 parts = name.split(".")
                 deps |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & known
         deps.discard(module)

@@ -55,6 +55,6 @@ def find_sdk(exec_dir: Path = SDK_EXEC_DIR) -> Sdk:
             break
     spec = importlib.util.find_spec("qaicrt")
     runtime = (spec.origin or "qaicrt") if spec is not None else None
-    from qeff.compile import BACKENDS
+    from qeff.compilers import BACKENDS
 
     return Sdk(compiler=compiler, runtime=runtime, backend="qaic" in BACKENDS, exec_dir=exec_dir)

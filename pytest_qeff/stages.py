@@ -15,7 +15,6 @@ card's stages share its model, exported graph and compiled artifacts.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import statistics
@@ -135,7 +134,7 @@ class Pipeline:
         key = f"{card.id}/{case.id}"
         if key not in self._references:
             import numpy as np
-            from qeff.verify import hf_trace
+            from qeff.verification import hf_trace
 
             trace, tokens = hf_trace(self.load(card).model, self.prompts(card, case), card.prompts.generation_len)
             margins = [[float(np.diff(np.sort(step)[-2:])[0]) for step in row] for row in trace.logits]
@@ -147,10 +146,10 @@ class Pipeline:
     def export(self, card: Card):
         """The exported graph (``Built``; ``.path / "model.onnx"``), reused while its manifest matches."""
         from qeff.artifacts import build_artifact
-        from qeff.export import library_versions
+        from qeff.exporter import library_versions
 
         loaded = self.load(card)
-        manifest = {"model": loaded.identity, "qeff_source": _qeff_source_digest(), "versions": library_versions()}
+        manifest = {"model": loaded.identity, "versions": library_versions()}
 
         def build(tmp: Path) -> dict:
             import qeff
@@ -167,9 +166,9 @@ class Pipeline:
         shape = {"batch_size": case.batch_size, "prompt_len": case.prompt_len, "ctx_len": case.ctx_len}
         if backend == "ort":
             return qeff.compile(onnx, backend="ort", **shape)
-        # The Cloud AI issue's backend takes the card's compile options and the worker's devices.
+        # Cloud AI: the card's compile options, tensor-sliced over the worker's device group.
         options = card.compile.model_dump(exclude={"batch_size", "prompt_len", "ctx_len"})
-        return qeff.compile(onnx, backend=backend, **shape, **options, device_group=list(self.device_group))
+        return qeff.compile(onnx, backend=backend, **shape, **options, num_devices=len(self.device_group))
 
     def session(self, card: Card, case: Case, backend: str, threads: int | None = None):
         """A fresh session (empty cache) on the case's compiled artifact."""
@@ -178,29 +177,11 @@ class Pipeline:
         built = self.compiled(card, case, backend)
         if backend == "ort":
             return qeff.open_session(built.path, threads=threads)
-        return qeff.open_session(built.path, device_group=list(self.device_group))
+        return qeff.open_session(built.path, device_ids=list(self.device_group))
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-_SOURCE_DIGEST: str | None = None
-
-
-def _qeff_source_digest() -> str:
-    """A digest of qeff's own source: an exported graph built by other transform code is stale
-    even when the version number did not change (matters with a persistent QEFF_HOME)."""
-    global _SOURCE_DIGEST
-    if _SOURCE_DIGEST is None:
-        import qeff
-
-        root = Path(qeff.__file__).parent
-        h = hashlib.blake2b(digest_size=12)
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-        _SOURCE_DIGEST = h.hexdigest()
-    return _SOURCE_DIGEST
 
 
 def _require(backend: str) -> None:

@@ -7,7 +7,23 @@ import resource
 import sys
 from pathlib import Path
 
-__all__ = ["physical_cores", "peak_rss_mb"]
+__all__ = ["physical_cores", "peak_rss_mb", "source_digest"]
+
+_SOURCE_DIGEST: str | None = None
+
+
+def source_digest() -> str:
+    """A digest of qeff's own ``*.py`` files (computed once per process)."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        import hashlib
+
+        root = Path(__file__).parent
+        h = hashlib.blake2b(digest_size=12)
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+        _SOURCE_DIGEST = h.hexdigest()
+    return _SOURCE_DIGEST
 
 
 def physical_cores() -> int:

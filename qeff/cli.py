@@ -72,6 +72,9 @@ def _run_args(p):
     _flag(p, "--prompts_txt_file_path", default=None, help="file with one prompt per line")
     _flag(p, "--generation_len", type=int, default=None, help="max new tokens per prompt (default: until EOS or the cache is full)")
     _flag(p, "--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
+    p.add_argument("--specialize-decode", "--specialize_decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="ONNX Runtime: a second session pinned to decode shapes, ~12%% faster decode for a second copy of "
+                        "the weights in memory (default: on when the weights are under 2 GiB)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the first prompt's tokens as they come (default on)")
     p.add_argument("--json", action="store_true", help="print one JSON line of results on stdout; human output goes to stderr")
 
@@ -260,13 +263,15 @@ def _open(artifact: Path, args, rebuild=None):
     import qeff
 
     try:
-        return qeff.open_session(artifact, threads=getattr(args, "threads", None), device_ids=_device_group(args)), False
+        return qeff.open_session(artifact, threads=getattr(args, "threads", None), device_ids=_device_group(args),
+                                 specialize_decode=getattr(args, "specialize_decode", None)), False
     except ArtifactError:
         if rebuild is None:
             raise
         shutil.rmtree(artifact, ignore_errors=True)
         built = rebuild()
-        return qeff.open_session(built.path, threads=getattr(args, "threads", None), device_ids=_device_group(args)), True
+        return qeff.open_session(built.path, threads=getattr(args, "threads", None), device_ids=_device_group(args),
+                                 specialize_decode=getattr(args, "specialize_decode", None)), True
 
 
 # -- commands -------------------------------------------------------------------------------

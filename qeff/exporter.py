@@ -45,13 +45,17 @@ class ExportResult:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of everything that shapes an artifact, qeff's own source digest included: code
+    changed under the same version number must not reuse an artifact the old code built."""
     import onnxruntime
     import transformers
 
     import qeff
+    from qeff._system import source_digest
 
     return {
         "qeff": qeff.__version__,
+        "qeff_source": source_digest(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "onnx": onnx.__version__,

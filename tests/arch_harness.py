@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from arch_configs import VOCAB, TinyArch
+from tests.arch_configs import VOCAB, TinyArch
 from qeff.loading import from_config
 from qeff.runtime.base import Session
 from qeff.transforms import QEffCausalLM, transform

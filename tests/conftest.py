@@ -11,6 +11,12 @@ import pytest  # noqa: E402
 
 import qeff  # noqa: E402
 
+# Import every architecture module (and the transformers modeling code it subclasses) now, in the
+# outer process. pytester's in-process runs snapshot sys.modules and drop what an inner run
+# imported first; a transformers modeling module imported twice gives two `MptAttention` classes,
+# and qeff's drop-in subclass of the stale one is then refused ("does not subclass it").
+qeff.supported_model_types()
+
 from tests.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
 
 

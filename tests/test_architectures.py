@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import qeff.transforms.model as model_module
-from arch_configs import TINY
-from arch_harness import (
+from tests.arch_configs import TINY
+from tests.arch_harness import (
     CTX_LEN, GEN_LEN, PROMPT_LEN, PROMPTS, Built, build, compare, hf_greedy, teacher_forced_logits,
 )
 from qeff.errors import UnsupportedModelError

@@ -23,7 +23,7 @@ def test_every_required_card_is_shipped_and_valid(cards) -> None:
 
 
 def test_architectures_are_supported_by_the_transform(cards) -> None:
-    from qeff.transform import supported_model_types
+    from qeff.transforms import supported_model_types
 
     assert {c.architecture for c in cards.values()} <= set(supported_model_types())
 

@@ -181,14 +181,18 @@ def test_full_tier_without_the_weights_skips_with_a_reason(pytester: pytest.Pyte
     ])
 
 
-def test_sdk_on_path_without_a_qaic_backend_says_so(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_an_sdk_the_qaic_compile_stage_runs_the_compiler(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a compiler on PATH (here a fake that fails like a real one), the qaic compile stage
+    really runs it with the card's options, and its failure is readable."""
     bin_dir = pytester.mkdir("bin")
     fake = bin_dir / "qaic-exec"
-    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args.txt\"\necho 'error: unsupported op Foo' >&2\nexit 3\n")
     fake.chmod(0o755)
     (bin_dir / "qaicrt.py").write_text("")  # the fake boundary: a runtime module that imports
     monkeypatch.setenv("PATH", f"{bin_dir}:{shutil.os.environ['PATH']}")
     monkeypatch.syspath_prepend(str(bin_dir))
-    result = qeff(pytester, "--qeff-model", "llama-3-8b", "--qeff-backend", "qaic", "-m", "qeff_compile", "-rs")
-    result.assert_outcomes(skipped=1, deselected=4)
-    result.stdout.fnmatch_lines([f"SKIPPED*qaic: Cloud AI 100 SDK found ({fake}), but this qeff has no 'qaic' backend yet*"])
+    result = qeff(pytester, "--qeff-model", "llama-3-8b", "--qeff-backend", "qaic", "-m", "qeff_compile")
+    result.assert_outcomes(failed=1, deselected=4)
+    result.stdout.fnmatch_lines(["*CompileError*qaic-exec failed with exit code 3*unsupported op Foo*"])
+    args = (bin_dir / "args.txt").read_text()
+    assert "-retained-state" in args and "-aic-num-cores=" in args and "-convert-to-fp16" in args

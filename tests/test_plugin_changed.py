@@ -13,18 +13,18 @@ CARDS = Path(__file__).resolve().parent.parent / "model_cards"
 
 # A qeff-shaped package: shared code, two architecture files, and a helper only Llama imports.
 SOURCES = {
-    "qeff/__init__.py": "from qeff.verify import verify\n",
-    "qeff/verify.py": "from qeff.transform import transform\n",
-    "qeff/transform/__init__.py": "from qeff.transform.model import transform\n",
-    "qeff/transform/model.py": "from qeff.transform.registry import get_spec\n\ndef transform(m):\n    return get_spec(m)\n",
-    "qeff/transform/registry.py": "def register(spec):\n    return spec\n\ndef get_spec(m):\n    return m\n",
-    "qeff/transform/llama.py": (
-        "from qeff.transform.registry import ArchSpec, register\nfrom . import _rope\n\n"
+    "qeff/__init__.py": "from qeff.verification import verify\n",
+    "qeff/verification.py": "from qeff.transforms import transform\n",
+    "qeff/transforms/__init__.py": "from qeff.transforms.model import transform\n",
+    "qeff/transforms/model.py": "from qeff.transforms.registry import get_spec\n\ndef transform(m):\n    return get_spec(m)\n",
+    "qeff/transforms/registry.py": "def register(spec):\n    return spec\n\ndef get_spec(m):\n    return m\n",
+    "qeff/transforms/llama.py": (
+        "from qeff.transforms.registry import ArchSpec, register\nfrom . import _rope\n\n"
         'LLAMA = register(ArchSpec(name="llama", model_types=("llama",)))\n'
     ),
-    "qeff/transform/_rope.py": "def rotate(x):\n    return x\n",
-    "qeff/transform/mistral.py": (
-        "from qeff.transform.registry import ArchSpec, register\n\n"
+    "qeff/transforms/_rope.py": "def rotate(x):\n    return x\n",
+    "qeff/transforms/mistral.py": (
+        "from qeff.transforms.registry import ArchSpec, register\n\n"
         'MISTRAL = register(ArchSpec(name="mistral", model_types=("mistral",)))\n'
     ),
     "README.md": "# fake\n",
@@ -63,11 +63,11 @@ def selected(pytester: pytest.Pytester, *extra: str) -> tuple[set[str], pytest.R
     ("change", "cards"),
     [
         ("model_cards/llama-3-8b.toml", {"llama-3-8b"}),  # a card file → that card
-        ("qeff/transform/mistral.py", {"mistral-7b-instruct-v0.1"}),  # an architecture file → its cards
-        ("qeff/transform/_rope.py", {"llama-2-7b-chat", "llama-3-8b"}),  # imported only by llama.py
-        ("qeff/verify.py", set(CARD_IDS)),  # shared code → every card
-        ("qeff/transform/registry.py", set(CARD_IDS)),  # imported by the shared model.py too
-        ("qeff/transform/gpt2.py", set(CARD_IDS)),  # a new file nothing imports (yet): assume shared
+        ("qeff/transforms/mistral.py", {"mistral-7b-instruct-v0.1"}),  # an architecture file → its cards
+        ("qeff/transforms/_rope.py", {"llama-2-7b-chat", "llama-3-8b"}),  # imported only by llama.py
+        ("qeff/verification.py", set(CARD_IDS)),  # shared code → every card
+        ("qeff/transforms/registry.py", set(CARD_IDS)),  # imported by the shared model.py too
+        ("qeff/transforms/gpt2.py", set(CARD_IDS)),  # a new file nothing imports (yet): assume shared
     ],
 )
 def test_changes_select_cards(pytester: pytest.Pytester, repo: Path, change: str, cards: set[str]) -> None:
@@ -80,14 +80,14 @@ def test_changes_select_cards(pytester: pytest.Pytester, repo: Path, change: str
 
 def test_committed_changes_count_and_intersect_with_qeff_model(pytester: pytest.Pytester, repo: Path) -> None:
     git(repo, "checkout", "-q", "-b", "feature")
-    (repo / "qeff/transform/_rope.py").write_text("def rotate(x):\n    return -x\n")
+    (repo / "qeff/transforms/_rope.py").write_text("def rotate(x):\n    return -x\n")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "rope")
     found, _ = selected(pytester, "--qeff-model", "llama-3-*")
     assert found == {"llama-3-8b"}
     result = pytester.runpytest("-p", "pytest_qeff.plugin", "--qeff-cards-dir", "model_cards", "--qeff-changed-since", "main", "--collect-only")
     result.stdout.fnmatch_lines([
         "--qeff-changed-since main: 1 changed file(s) select 2 card(s)",
-        "  llama-2-7b-chat: qeff/transform/_rope.py changed (llama architecture)",
+        "  llama-2-7b-chat: qeff/transforms/_rope.py changed (llama architecture)",
     ])
 
 

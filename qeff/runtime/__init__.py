@@ -7,16 +7,24 @@ from qeff.runtime.base import Session
 __all__ = ["Session"]
 
 
+#: Below this many bytes of weights, an ORT artifact opens with a pinned decode session by default.
+SPECIALIZE_DECODE_MAX_BYTES = 2 * 2**30
+
+
 def open_session(
     artifact_dir,
     *,
     threads: int | None = None,
     binding: str = "inplace",
     device_ids: list[int] | None = None,
-    specialize_decode: bool = False,
+    specialize_decode: bool | None = None,
 ) -> Session:
     """Open a compiled artifact directory; dimensions come from its manifest (ORT) or the QPC
-    itself (Cloud AI). ``device_ids`` is the Cloud AI device group; ``threads``/``binding`` are ORT's."""
+    itself (Cloud AI). ``device_ids`` is the Cloud AI device group; ``threads``/``binding`` are ORT's.
+
+    ``specialize_decode`` (ORT): a second session with every dim pinned for decode steps, ~12%
+    more decode tokens/s for a second copy of the weights in memory. None (default) turns it on
+    when the weights are under ``SPECIALIZE_DECODE_MAX_BYTES``."""
     from pathlib import Path
 
     from qeff.artifacts import read_manifest
@@ -33,6 +41,10 @@ def open_session(
     if backend == "ort":
         from qeff.compilers.ort import OPTIMIZED
         from qeff.runtime.ort import OrtSession
+
+        if specialize_decode is None:
+            weights = sum(p.stat().st_size for p in artifact_dir.glob(OPTIMIZED + "*"))
+            specialize_decode = weights < SPECIALIZE_DECODE_MAX_BYTES
 
         session = OrtSession(
             artifact_dir / OPTIMIZED,

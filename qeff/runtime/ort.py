@@ -100,10 +100,10 @@ class OrtSession:
         self.prompt_len = prompt_len  # ORT takes any seq_len; set when opened from an artifact
         shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, 1, self.vocab_size), np.float32, "cpu")
+        self.decode_session = self.session
         if binding == "numpy":
             self._np_cache = [np.zeros(shape, np.float32) for _ in self.past_names]
             return
-        self.decode_session = self.session
         if specialize_decode:
             opts = session_options(self.threads)
             for dim, value in (("batch_size", batch_size), ("seq_len", 1), ("ctx_len", ctx_len)):

@@ -35,7 +35,8 @@ def scatter_slots(position_ids: torch.Tensor, ctx_len: int) -> torch.Tensor:
     seq_len = position_ids.shape[1]
     start = position_ids[:, :1].clamp(min=0)  # (B, 1)
     columns = torch.arange(seq_len, dtype=position_ids.dtype, device=position_ids.device)[None, :]
-    pad_slots = torch.remainder(start + columns, ctx_len)  # (B, S)
+    raw = start + columns
+    pad_slots = raw - (raw >= ctx_len).to(raw.dtype) * ctx_len  # (B, S); start + j < 2 * ctx_len
     return torch.where(position_ids >= 0, position_ids, pad_slots)
 
 
