@@ -122,6 +122,21 @@ def stamp_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
             model.metadata_props.add(key=key, value=value)
 
 
+#: Tracer warnings from checks that compare against a weight's fixed size: they cannot freeze a
+#: value that varies with the inputs. (file suffix, the source line's text)
+_BENIGN_TRACE_CHECKS = (
+    ("torch/nn/functional.py", "if padding_idx >= weight.size(0):"),  # F.embedding's bounds check
+    ("torch/nn/functional.py", "if padding_idx < -weight.size(0):"),
+)
+
+
+def _benign(filename: str, lineno: int) -> bool:
+    import linecache
+
+    line = linecache.getline(filename, lineno).strip()
+    return any(filename.endswith(suffix) and line == text for suffix, text in _BENIGN_TRACE_CHECKS)
+
+
 def _fix_logits_shape(model: onnx.ModelProto) -> None:
     # TorchScript cannot prove the gathered row dim is 1; say so in the graph's signature.
     for out in model.graph.output:
@@ -179,7 +194,13 @@ def export(
                 do_constant_folding=True,
             )
     trace_warnings = tuple(
-        sorted({f"{w.filename}:{w.lineno}: {w.message}" for w in caught if w.category.__name__ == "TracerWarning"})
+        sorted(
+            {
+                f"{w.filename}:{w.lineno}: {w.message}"
+                for w in caught
+                if w.category.__name__ == "TracerWarning" and not _benign(w.filename, w.lineno)
+            }
+        )
     )
     for message in trace_warnings:
         log.warning("export: tracer warning (a value may be frozen into the graph): %s", message)

@@ -108,3 +108,24 @@ def test_check_portable_rejects_contrib_ops():
     )
     with pytest.raises(QEffError, match="com.microsoft::FusedMatMul"):
         check_portable(helper.make_model(graph))
+
+
+def test_tracer_warnings_are_recorded_not_dropped(tmp_path):
+    """A data-dependent Python branch gets frozen by the trace: the export must say so."""
+    import dataclasses
+
+    from tests.tiny import TINY_CONFIGS
+
+    model_type, config = TINY_CONFIGS["llama"]
+    q = qeff.transform(qeff.from_config(model_type, dict(config, pad_token_id=2)))  # embedding bounds check: benign
+    assert qeff.export(q, tmp_path / "clean").trace_warnings == ()
+
+    def branchy_head(model, hidden):
+        logits = model.get_output_embeddings()(hidden)
+        return logits * 2 if hidden.sum() > 0 else logits  # frozen at trace time
+
+    q.spec = dataclasses.replace(q.spec, head=branchy_head)
+    result = qeff.export(q, tmp_path / "branchy")
+    assert len(result.trace_warnings) == 1 and "test_export.py" in result.trace_warnings[0]
+    meta = {p.key: p.value for p in onnx.load(str(result.path), load_external_data=False).metadata_props}
+    assert meta["qeff.trace_warnings"] == "1"
