@@ -60,21 +60,31 @@ class _Strict(BaseModel):
 
 
 class Weights(_Strict):
-    """Where the real weights come from (the ``full`` tier)."""
+    """Where the real weights come from (the ``full`` tier).
 
-    source: Literal["hub", "local", "gguf"]
-    repo: str = Field(min_length=1)  # Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf
+    ``source = "none"``: a tiny-tier-only card (one per architecture the transform supports that
+    no named card covers); its ``[config]`` is a representative published config, kept for scale,
+    and its full tier skips. ``trust_remote_code``: the model's modeling code lives in its hub
+    repository, not in transformers; the plugin runs it only under ``--qeff-trust-remote-code``."""
+
+    source: Literal["hub", "local", "gguf", "none"]
+    repo: str | None = Field(default=None, min_length=1)  # Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf
     revision: str = "main"  # branch, tag or commit of ``repo``
     path: str | None = None  # source = "local": a directory holding config.json
     package: str | None = None  # source = "gguf": the installed distribution shipping the file
     file: str | None = None  # source = "gguf": glob of the .gguf file inside that package
+    trust_remote_code: bool = False  # source = "hub": the modeling code ships in the repository
 
     @model_validator(mode="after")
     def _source_fields(self) -> Weights:
+        if self.source in ("hub", "gguf") and not self.repo:
+            raise ValueError(f'source = "{self.source}" needs repo = "<org/name>"')
         if self.source == "local" and not self.path:
             raise ValueError('source = "local" needs path = "<directory holding config.json>"')
         if self.source == "gguf" and not (self.package and self.file):
             raise ValueError('source = "gguf" needs package = "<distribution>" and file = "<glob of the .gguf>"')
+        if self.trust_remote_code and self.source != "hub":
+            raise ValueError('trust_remote_code = true needs source = "hub" (the code ships in the hub repository)')
         return self
 
 

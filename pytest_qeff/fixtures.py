@@ -41,6 +41,7 @@ def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path
         baseline_dir=qeff_settings.baseline_dir,
         default_baseline_dir=qeff_settings.default_baseline_dir,
         update_baseline=qeff_settings.update_baseline,
+        trust_remote_code=qeff_settings.trust_remote_code,
     )
 
 

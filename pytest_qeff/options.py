@@ -37,6 +37,7 @@ class Settings:
     update_baseline: bool
     changed: changed.Selection | None = None
     patterns: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -77,6 +78,12 @@ def add_options(parser: pytest.Parser) -> None:
         "--qeff-update-baseline", action="store_true", default=False,
         help="write this run's benchmark medians (decode and total tokens/s, seconds to first token) into the "
         "baseline files instead of comparing with them. Default: off.",
+    )
+    group.addoption(
+        "--qeff-trust-remote-code", action="store_true", default=False,
+        help="run the cards marked [weights] trust_remote_code (Jais, ChatGLM2, Baichuan2): this executes Python "
+        "code from the model's hub repository, read from the local Hugging Face cache (never downloaded). "
+        "Without it their stages skip. Default: off.",
     )
     group.addoption(
         "--qeff-cards-dir", metavar="DIR", default=None,
@@ -148,4 +155,5 @@ def resolve(config: pytest.Config) -> Settings:
         update_baseline=opt("qeff_update_baseline"),
         changed=selection,
         patterns=patterns,
+        trust_remote_code=opt("qeff_trust_remote_code"),
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from pytest_qeff import baseline, weights
+from pytest_qeff import baseline, remote, weights
 from pytest_qeff.cards import Card, Case
 from pytest_qeff.collect import Target
 from pytest_qeff.sdk import find_sdk
@@ -62,6 +62,7 @@ class Pipeline:
     baseline_dir: Path
     default_baseline_dir: Path
     update_baseline: bool = False
+    trust_remote_code: bool = False  # --qeff-trust-remote-code
     _loaded: dict[str, Loaded | BaseException] = field(default_factory=dict)
     _references: dict[str, Reference] = field(default_factory=dict)
 
@@ -94,15 +95,23 @@ class Pipeline:
         import qeff
         from qeff.loading import load_source
 
+        reason = remote.skip_reason(card, self.trust_remote_code)
+        if reason:
+            pytest.skip(reason)
+        trusted = card.weights.trust_remote_code  # only here when --qeff-trust-remote-code is given
         if self.tier == "tiny":
             config = card.tiny_config().hf_config()
-            model, tokenizer = qeff.from_config(card.architecture, config, seed=card.tiny.seed), None
+            if trusted:
+                model = remote.tiny_model(card, config, card.tiny.seed, self.trust_remote_code)
+            else:
+                model = qeff.from_config(card.architecture, config, seed=card.tiny.seed)
+            tokenizer = None
             identity = {"card": card.id, "tier": "tiny", "architecture": card.architecture, "config": config, "seed": card.tiny.seed}
         else:
             source, reason = weights.locate(card)
             if source is None:
                 pytest.skip(reason)
-            model, tokenizer = load_source(source)
+            model, tokenizer = remote.full_model(card, self.trust_remote_code) if trusted else load_source(source)
             identity = {"card": card.id, "tier": "full", "source": source.identity()}
         return Loaded(model, tokenizer, qeff.transform(model), identity)
 

@@ -20,6 +20,11 @@ def locate(card: Card):
     from qeff.loading import ModelSource
 
     w = card.weights
+    if w.source == "none":
+        return None, (
+            f"{card.id}: a tiny-tier-only card ([weights] source = \"none\"): it names no real weights to run the "
+            f"full tier with; the named cards of its architecture do"
+        )
     if w.source == "gguf":
         try:
             dist = importlib.metadata.distribution(w.package)

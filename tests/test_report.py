@@ -58,7 +58,7 @@ def sample_results() -> dict:
         rec("compile", "skipped", {}, backend="qaic", message="qaic: Cloud AI 100 SDK not found"),
         rec("transform", "passed", {**base, "comparison": _comparison("hf", "pytorch", 5e-16)}, card_id="other-card"),
     ]
-    other = {**card, "id": "other-card", "name": "Other", "known_failures": []}
+    other = {**card, "id": "other-card", "name": "Other", "architecture": "mistral", "known_failures": []}
     return {"schema": results.SCHEMA, "version": results.VERSION, "created": "2030-01-01T00:00:00+00:00",
             "environment": {"machine": "box", "cores": 2, "versions": {"qeff": "0.1.0"}, "commit": "abc123def4567890", "dirty": False},
             "run": {"tier": "tiny", "backends": ["ort", "qaic"], "device_groups": [[0]], "models": ["all"], "args": ["--qeff-model", "all"]},
@@ -97,8 +97,25 @@ def test_index_has_one_row_per_card(report: Path) -> None:
     assert ("a", {"href": "cards/good-card.html"}) in dom.tags
     assert (report / "style.css").is_file() and (report / "cards" / "other-card.html").is_file()
     cells = [" ".join(c.split()) for c in dom.text if c.strip()]
-    good = cells[cells.index("good-card"):cells.index("other-card")]
+    good = cells[cells.index("good-card"):cells.index("mistral (1 card)")]  # up to the next architecture's heading
     assert good == ["good-card", "Good <b>Card</b>", "3/5 (1 failed, 1 skipped)", "1e-15 / 1e-12", "2/4", "900.0", "-10%"]
+
+
+def test_index_groups_cards_by_architecture(report: Path) -> None:
+    from pytest_qeff.report.views import index_view
+
+    results = sample_results()
+    results["cards"]["third-card"] = {**results["cards"]["good-card"], "id": "third-card", "name": "Third"}
+    results["records"].append({**results["records"][-1], "card": "third-card"})
+    view = index_view(results)
+    assert [(g.architecture, g.title, [r.id for r in g.rows]) for g in view.groups] == [
+        ("llama", "llama (2 cards, 1 failing)", ["good-card", "third-card"]),
+        ("mistral", "mistral (1 card)", ["other-card"]),
+    ]
+    dom = parse((report / "index.html").read_text())  # the sample: one llama card, one mistral card
+    order = [a.get("data-architecture") or a["data-card"] for t, a in dom.tags if "data-architecture" in a or "data-card" in a]
+    assert order == ["llama", "good-card", "mistral", "other-card"]
+    assert "mistral (1 card)" in [c.strip() for c in dom.text]
 
 
 def test_every_prompt_and_output_is_escaped_and_there_is_no_javascript(report: Path) -> None:

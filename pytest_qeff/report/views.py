@@ -10,7 +10,7 @@ from typing import Any
 from pytest_qeff.baseline import METRICS
 from pytest_qeff.summary import CardRow, card_rows
 
-__all__ = ["IndexView", "CardView", "index_view", "card_view", "fmt"]
+__all__ = ["IndexView", "IndexGroup", "CardView", "index_view", "card_view", "fmt"]
 
 _STATUS = {"passed": "pass", "failed": "fail", "error": "fail", "xpassed": "fail", "skipped": "skip", "xfailed": "xfail"}
 
@@ -139,10 +139,20 @@ class IndexRow:
 
 
 @dataclass
+class IndexGroup:
+    """The cards of one architecture (the HF ``model_type``), a heading and its rows on the index."""
+
+    architecture: str
+    title: str  # "llama (5 cards, 1 failing)"
+    rows: list[IndexRow]
+
+
+@dataclass
 class IndexView:
     title: str
     created: str
     rows: list[IndexRow]
+    groups: list[IndexGroup]  # the same rows, by architecture, architectures sorted
     totals: list[Pair]
     environment: list[Pair]
     run: list[Pair]
@@ -177,18 +187,32 @@ def _status(rows_ok: bool, counts: dict[str, int]) -> str:
     return "pass" if counts.get("passed") else "skip"
 
 
+def _groups(rows: list[IndexRow], cards: dict) -> list[IndexGroup]:
+    by_arch: dict[str, list[IndexRow]] = {}
+    for row in rows:
+        by_arch.setdefault(cards.get(row.id, {}).get("architecture") or "unknown", []).append(row)
+    groups = []
+    for arch in sorted(by_arch):
+        members = by_arch[arch]
+        failing = sum(r.status == "fail" for r in members)
+        title = f"{arch} ({len(members)} card{'s' if len(members) != 1 else ''}" + (f", {failing} failing)" if failing else ")")
+        groups.append(IndexGroup(arch, title, members))
+    return groups
+
+
 def index_view(results: dict) -> IndexView:
-    rows = card_rows(results)
+    rows = [
+        IndexRow(r.card, r.name, f"cards/{r.card}.html", _status(r.ok, r.counts), r.stages, r.mse, r.tokens, r.speed, r.vs_baseline)
+        for r in card_rows(results)
+    ]
     totals: dict[str, int] = {}
     for rec in results.get("records", []):
         totals[rec["outcome"]] = totals.get(rec["outcome"], 0) + 1
     return IndexView(
         title="qeff conformance report",
         created=results.get("created", ""),
-        rows=[
-            IndexRow(r.card, r.name, f"cards/{r.card}.html", _status(r.ok, r.counts), r.stages, r.mse, r.tokens, r.speed, r.vs_baseline)
-            for r in rows
-        ],
+        rows=rows,
+        groups=_groups(rows, results.get("cards", {})),
         totals=[Pair(k, str(v)) for k, v in sorted(totals.items())],
         environment=_environment(results),
         run=_run(results),
