@@ -103,8 +103,9 @@ class ArchConfig(_Strict):
     vocab_size: Positive
     max_position_embeddings: Positive
     head_dim: Positive | None = None  # default hidden_size / num_attention_heads
-    rope_theta: PositiveFloat = 10000.0
-    rms_norm_eps: PositiveFloat = 1e-6
+    # None = the architecture's own default (GPT-2, MPT, Falcon … have neither key).
+    rope_theta: PositiveFloat | None = None
+    rms_norm_eps: PositiveFloat | None = None
     sliding_window: Positive | None = None
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None

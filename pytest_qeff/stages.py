@@ -221,13 +221,20 @@ def _base(pipe: Pipeline, target: Target) -> dict:
     }
 
 
+_MISSING = object()
+
+
 def _config_mismatches(card: Card, loaded_config: Any) -> list[str]:
-    """Keys where the real model's loaded config differs from the card's ``[config]``."""
+    """Keys where the real model's loaded config differs from the card's ``[config]``. Keys the
+    loaded architecture does not define (GPT-2 has no ``num_key_value_heads``; the card records
+    the equivalent for its own schema) are not compared."""
     problems = []
     for key, expected in card.config.hf_config().items():
-        actual = getattr(loaded_config, key, None)
-        if key == "rope_theta" and actual is None:  # transformers 5 keeps it in rope_parameters
-            actual = (getattr(loaded_config, "rope_parameters", None) or {}).get("rope_theta")
+        actual = getattr(loaded_config, key, _MISSING)
+        if key == "rope_theta" and actual in (None, _MISSING):  # transformers 5 keeps it in rope_parameters
+            actual = (getattr(loaded_config, "rope_parameters", None) or {}).get("rope_theta", _MISSING)
+        if actual is _MISSING:
+            continue
         same = (
             math.isclose(float(actual), float(expected), rel_tol=1e-6)
             if isinstance(expected, float) and isinstance(actual, (int, float))

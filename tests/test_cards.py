@@ -117,3 +117,22 @@ def test_selection_by_glob_all_and_commas(cards) -> None:
     assert len(select(cards, ["all"])) == len(cards)
     with pytest.raises(pytest.UsageError, match=r"--qeff-model codellama: no model card matches; closest: codellama-13b"):
         select(cards, ["codellama"])
+
+
+def test_full_tier_config_check_compares_only_keys_the_architecture_has(cards):
+    """GPT-2's config has no num_key_value_heads / intermediate_size / rms_norm_eps: the card's
+    schema records equivalents, which must not read as mismatches; a real difference must."""
+    from transformers import GPT2Config
+
+    from pytest_qeff.stages import _config_mismatches
+
+    card = cards["gpt2"]
+    real = GPT2Config(n_embd=card.config.hidden_size, n_layer=card.config.num_hidden_layers, n_head=card.config.num_attention_heads,
+                      n_positions=card.config.max_position_embeddings, vocab_size=card.config.vocab_size,
+                      bos_token_id=card.config.bos_token_id, eos_token_id=card.config.eos_token_id,
+                      tie_word_embeddings=card.config.tie_word_embeddings)
+    assert _config_mismatches(card, real) == []
+    real.n_layer += 1
+    assert _config_mismatches(card, real) == [
+        f"config.num_hidden_layers is {card.config.num_hidden_layers} in the card but {card.config.num_hidden_layers + 1} in the loaded model"
+    ]
