@@ -13,7 +13,6 @@ soft-cap or scale, a stale slot) moves logits by 1e-3 or more.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch

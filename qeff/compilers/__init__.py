@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qeff.artifacts import Built, build_artifact, read_manifest
+from qeff.artifacts import build_artifact, read_manifest
 from qeff.errors import UsageError
 
 __all__ = ["compile", "BACKENDS", "onnx_identity"]
