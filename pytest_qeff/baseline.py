@@ -6,7 +6,10 @@ when the card's ``max_regression`` is exceeded; ``--qeff-update-baseline`` rewri
 instead (the controller does it once, at the end of the session, from the merged records).
 
 "Change" is always a change in *speed*: +10 % is faster. Throughputs compare as
-``now / baseline - 1``; time to first token as ``baseline / now - 1``.
+``now / baseline - 1``; time to first token as ``baseline / now - 1``. When both the entry and the
+run carry a machine-speed ``probe`` (runs/s of :mod:`pytest_qeff.probe`, measured side by side),
+the baseline's figures are first scaled by ``probe_now / probe_baseline``: a machine running at
+half speed expects half the tokens/s, so load on a shared machine is not read as a regression.
 """
 
 from __future__ import annotations
@@ -68,9 +71,10 @@ def _fmt(value: float, unit: str) -> str:
 
 
 def check(
-    path: Path, key: str, figures: dict[str, float], max_regression: float, command: str
+    path: Path, key: str, figures: dict[str, float], max_regression: float, command: str, probe: float | None = None
 ) -> dict:
-    """Compare ``figures`` with the entry ``key`` of the baseline file ``path``.
+    """Compare ``figures`` with the entry ``key`` of the baseline file ``path``, normalised by the
+    machine-speed ``probe`` when both sides have one.
 
     Returns a builtin-typed record: the baseline's figures, one change per metric and the
     regression messages (empty when within ``max_regression``)."""
@@ -82,16 +86,22 @@ def check(
         out["note"] = f"no baseline for {key} in {path}; record one with: {command}"
         return out
     out["baseline"] = {m: entry[m] for m in METRICS if m in entry}
-    for metric, (label, unit, _) in METRICS.items():
+    speed = 1.0
+    if probe and entry.get("probe") and probe == probe and entry["probe"] > 0:
+        speed = probe / entry["probe"]
+        out["machine_speed"] = speed  # this run's machine speed relative to the baseline's
+    note = f" after scaling the baseline by this machine's speed ({speed:.0%} of the baseline run's)" if speed != 1.0 else ""
+    for metric, (label, unit, higher_better) in METRICS.items():
         if metric not in entry or metric not in figures:
             continue
-        change = _change(metric, figures[metric], entry[metric])
+        expected = entry[metric] * speed if higher_better else entry[metric] / speed
+        change = _change(metric, figures[metric], expected)
         out["changes"][metric] = change
         if not change >= -max_regression:  # NaN counts as a regression
             out["regressions"].append(
                 f"{label} regressed: {_fmt(figures[metric], unit)} now vs {_fmt(entry[metric], unit)} in the baseline "
-                f"{path} [{key}] ({change:+.0%} speed; the card allows -{max_regression:.0%}). If this slowdown is "
-                f"expected, update the baseline: {command}"
+                f"{path} [{key}] ({change:+.0%} speed{note}; the card allows -{max_regression:.0%}). If this slowdown "
+                f"is expected, update the baseline: {command}"
             )
     return out
 
@@ -104,7 +114,7 @@ def update(directory: Path, records: Iterable[dict], environment: dict) -> list[
         if rec.get("stage") != "benchmark" or "figures" not in data:
             continue
         path = path_for(directory, rec["backend"], rec["card"])
-        entry = {**data["figures"], **{k: data[k] for k in ("generation_len", "repeats", "threads", "batch_size", "prompt_len", "ctx_len") if k in data}}
+        entry = {**data["figures"], **{k: data[k] for k in ("generation_len", "repeats", "threads", "batch_size", "prompt_len", "ctx_len", "probe") if k in data}}
         by_file.setdefault(path, {})[entry_key(rec["tier"], rec["case"])] = entry
     written = []
     for path, entries in sorted(by_file.items()):

@@ -27,6 +27,7 @@ import pytest
 
 from pytest_qeff import baseline, remote, weights
 from pytest_qeff.cards import Card, Case
+from pytest_qeff.probe import Probe
 from pytest_qeff.collect import Target
 from pytest_qeff.sdk import find_sdk
 
@@ -373,23 +374,26 @@ def benchmark(pipe: Pipeline, target: Target, backend: str, record: Record) -> N
     prompts = pipe.prompts(card, case)
     gen_len = min(bench.generation_len, case.ctx_len - max(len(p) for p in prompts))
     session = pipe.session(card, case, backend, threads=bench.threads)
+    machine = Probe(threads=bench.threads)  # the machine's speed, measured between the repeats
     runs = []
     for i in range(bench.warmup + bench.repeats):
         result = qeff.generate(session, prompt_token_ids=prompts, generation_len=gen_len, eos_token_id=[])
         if i >= bench.warmup:
             runs.append({m: getattr(result, m) for m in ("decode_tok_s", "total_tok_s", "ttft_s", "e2e_s")})
+            machine.rate()
     figures = {m: statistics.median(run[m] for run in runs) for m in baseline.METRICS}
+    probe = machine.median()
     path = baseline.path_for(pipe.baseline_dir, backend, card.id)
     command = baseline.update_command(card.id, target.tier, backend, pipe.baseline_dir, pipe.default_baseline_dir)
     allowed = getattr(bench.max_regression, target.tier)
     try:
-        against = baseline.check(path, baseline.entry_key(target.tier, case.id), figures, allowed, command)
+        against = baseline.check(path, baseline.entry_key(target.tier, case.id), figures, allowed, command, probe=probe)
     except ValueError as exc:
         against = {"file": str(path), "found": False, "changes": {}, "regressions": [str(exc)], "command": command}
     record({
         **_base(pipe, target),
         "figures": figures, "runs": runs, "generation_len": gen_len, "repeats": bench.repeats,
-        "threads": bench.threads, "baseline": against, "update_baseline": pipe.update_baseline,
+        "threads": bench.threads, "probe": probe, "baseline": against, "update_baseline": pipe.update_baseline,
     })
     if against["regressions"] and not pipe.update_baseline:
         pytest.fail(f"{target.id} on {backend}: " + "\n".join(against["regressions"]), pytrace=False)

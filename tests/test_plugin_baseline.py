@@ -75,3 +75,25 @@ def test_corrupt_baseline_fails_the_benchmark_with_its_path(pytester: pytest.Pyt
     result = bench(pytester, baselines)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([f"*baseline {baselines}/ort/{CARD}.json is not valid JSON*"])
+
+
+def test_check_scales_the_baseline_by_the_machine_speed_probe(tmp_path: Path) -> None:
+    """Half the probe speed expects half the tokens/s (and twice the TTFT): not a regression;
+    half the tokens/s at the baseline's machine speed is one, and the message says how it scaled."""
+    from pytest_qeff import baseline
+
+    path = tmp_path / "ort" / "card.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"schema": baseline.SCHEMA, "cases": {"tiny/c": {
+        "decode_tok_s": 100.0, "total_tok_s": 90.0, "ttft_s": 0.010, "probe": 1000.0}}}))
+    loaded = {"decode_tok_s": 50.0, "total_tok_s": 45.0, "ttft_s": 0.020}
+    out = baseline.check(path, "tiny/c", loaded, 0.25, "CMD", probe=500.0)
+    assert out["regressions"] == [] and out["machine_speed"] == 0.5
+    assert all(abs(c) < 1e-9 for c in out["changes"].values())
+    slow = baseline.check(path, "tiny/c", loaded, 0.25, "CMD", probe=1000.0)
+    assert len(slow["regressions"]) == 3 and "-50% speed" in slow["regressions"][0]
+    halved = baseline.check(path, "tiny/c", {"decode_tok_s": 30.0, "total_tok_s": 45.0, "ttft_s": 0.020}, 0.25, "CMD", probe=500.0)
+    assert len(halved["regressions"]) == 1
+    assert "after scaling the baseline by this machine's speed (50% of the baseline run's)" in halved["regressions"][0]
+    unscaled = baseline.check(path, "tiny/c", loaded, 0.25, "CMD")  # no probe this run: plain comparison
+    assert "machine_speed" not in unscaled and len(unscaled["regressions"]) == 3
