@@ -193,6 +193,16 @@ def _prompts(args) -> list[str]:
     return prompts or [DEFAULT_PROMPT]
 
 
+def _check_prompt_lengths(tokenizer, prompts: list[str], ctx_len: int) -> None:
+    for p in prompts:
+        n = len(tokenizer(p)["input_ids"])
+        if n >= ctx_len:
+            raise UsageError(
+                f"prompt {p[:40]!r}{'…' if len(p) > 40 else ''} has {n} tokens, more than ctx_len={ctx_len} "
+                f"can hold with room to generate; use a larger --ctx_len or a shorter prompt"
+            )
+
+
 def _run(session, tokenizer, prompts: list[str], args, out: _Out) -> dict:
     """Generate for every prompt (in batches of the session's batch size) and print the figures."""
     import qeff
@@ -200,13 +210,7 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out) -> dict:
     from qeff.inputs import batches
 
     plan = batches(prompts, session.batch_size)
-    ids_rows = [tokenizer(p)["input_ids"] for p in prompts]
-    for p, ids in zip(prompts, ids_rows):
-        if len(ids) >= session.ctx_len:
-            raise UsageError(
-                f"prompt {p[:40]!r}{'…' if len(p) > 40 else ''} has {len(ids)} tokens, more than ctx_len={session.ctx_len} "
-                f"can hold with room to generate; use a larger --ctx_len or a shorter prompt"
-            )
+    _check_prompt_lengths(tokenizer, prompts, session.ctx_len)
     results, texts, token_ids = [], [], []
     for index, (rows, real) in enumerate(plan):
         streamer = TextStreamer(tokenizer, out=out.human) if args.stream and index == 0 else None
@@ -291,7 +295,8 @@ def cmd_infer(args) -> int:
 
         find_compiler()
         load_sdk()
-    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir, force=args.force)
+    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir, force=args.force,
+                       validate=lambda tok: _check_prompt_lengths(tok, prompts, args.ctx_len))
     _reuse_note(out, "export", prepared.export)
     tokenizer = prepared.tokenizer
     load_s = prepared.load_s

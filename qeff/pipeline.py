@@ -97,12 +97,14 @@ class Prepared:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if (self.export_dir / "tokenizer_config.json").is_file():
+            if self.export is not None and (self.export_dir / "tokenizer_config.json").is_file():
                 from transformers import AutoTokenizer
 
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
             elif self.source is not None:
-                self._load()
+                from qeff.loading import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.source)  # seconds, not the model's load
         return self._tokenizer
 
     @property
@@ -146,8 +148,12 @@ def prepare(
     cache_dir: str | None = None,
     progress: bool = True,
     force: bool = False,
+    validate=None,
 ) -> Prepared:
-    """Export ``name`` (or a given ``model`` with its ``identity``), reusing a matching export."""
+    """Export ``name`` (or a given ``model`` with its ``identity``), reusing a matching export.
+
+    ``validate(tokenizer)`` runs before any slow work (it may raise, e.g. for a prompt that cannot
+    fit): before loading the model when the export must be built, right after a reuse otherwise."""
     home = Path(home) if home else qeff_home()
     source = None
     if model is None:
@@ -167,6 +173,8 @@ def prepare(
     def build(tmp: Path) -> dict:
         from qeff.exporter import export
 
+        if validate is not None and prepared.tokenizer is not None:
+            validate(prepared.tokenizer)
         loaded_model = prepared.model  # loads when not given
         with stage(f"Transforming and exporting {display} to ONNX", enabled=progress):
             qmodel = prepared.qmodel
@@ -185,6 +193,8 @@ def prepare(
         }
 
     prepared.export = build_artifact(target, manifest, build, required=("model.onnx",), force=force)
+    if prepared.export.reused and validate is not None and prepared.tokenizer is not None:
+        validate(prepared.tokenizer)
     return prepared
 
 

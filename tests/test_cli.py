@@ -178,3 +178,15 @@ def test_prompt_batching_rule():
     assert read_prompts("a|b|c", None) == ["a", "b", "c"]
     assert batches(["a"], 3) == [(["a", "a", "a"], 1)]
     assert batches(["a", "b", "c"], 2) == [(["a", "b"], 2), (["c", "c"], 1)]
+
+
+def test_a_prompt_too_long_fails_before_the_model_is_exported(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export started before the prompt was checked")
+
+    monkeypatch.setattr("qeff.exporter.export", no_export)
+    code = main(["infer", "--model_name", str(tiny_model_dir), "--prompt", "x " * 200, "--ctx_len", "64", "--no-verify"])
+    assert code == 2 and "tokens, more than ctx_len=64" in capsys.readouterr().err
+    assert not list((tmp_path / "home").rglob("model.onnx"))
