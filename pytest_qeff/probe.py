@@ -20,7 +20,6 @@ _WIDTH, _LAYERS = 64, 8
 
 def _graph() -> bytes:
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

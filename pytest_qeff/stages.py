@@ -50,6 +50,7 @@ class Reference:
 
     tokens: list[list[int]]
     margins: list[list[float]]
+    trace: Any = None  # the qeff.verification.Trace the tokens came from, reused by both comparisons
 
 
 @dataclass
@@ -148,7 +149,7 @@ class Pipeline:
 
             trace, tokens = hf_trace(self.load(card).model, self.prompts(card, case), card.prompts.generation_len)
             margins = [[float(np.diff(np.sort(step)[-2:])[0]) for step in row] for row in trace.logits]
-            self._references[key] = Reference(tokens, margins)
+            self._references[key] = Reference(tokens, margins, trace)
         return self._references[key]
 
     # --- artifacts -------------------------------------------------------------------------------
@@ -254,6 +255,7 @@ def transform(pipe: Pipeline, target: Target, record: Record) -> None:
 
     card, case = target.card, target.case
     loaded = pipe.load(card)
+    ref = pipe.reference(card, case)
     report = qeff.verify(
         loaded.model,
         qmodel=loaded.qmodel,
@@ -262,6 +264,7 @@ def transform(pipe: Pipeline, target: Target, record: Record) -> None:
         ctx_len=case.ctx_len,
         steps=card.prompts.generation_len,
         tolerances=_tolerances(target),
+        reference=(ref.trace, ref.tokens),
     )
     comparison = report["hf_vs_pytorch"]
     mismatches = _config_mismatches(card, loaded.model.config) if target.tier == "full" else []
@@ -284,6 +287,7 @@ def export(pipe: Pipeline, target: Target, record: Record) -> None:
 
     card, case = target.card, target.case
     loaded = pipe.load(card)
+    ref = pipe.reference(card, case)
     exported = pipe.export(card)
     session = pipe.session(card, case, "ort")
     report = qeff.verify(
@@ -295,6 +299,7 @@ def export(pipe: Pipeline, target: Target, record: Record) -> None:
         ctx_len=case.ctx_len,
         steps=card.prompts.generation_len,
         tolerances=_tolerances(target),
+        reference=(ref.trace, ref.tokens),
     )
     comparison = report["pytorch_vs_ort"]
     outputs = exported.manifest.get("outputs", {})

@@ -172,7 +172,6 @@ def session_trace(
     steps = len(fed_tokens[0])
     batch = session.batch_size
     lengths = np.array([len(p) for p in prompt_token_ids])
-    logits = np.zeros((n_rows, steps, 0), dtype=np.float32)
     rows: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
     for ids, pos, ends in prefill_chunks(prompt_token_ids, batch, session.prompt_len or prompt_len):
         out = session.run(ids, pos)
@@ -277,12 +276,14 @@ def verify(
     ctx_len: int = 128,
     steps: int = 32,
     tolerances: Tolerances | None = None,
+    reference: tuple[Trace, list[list[int]]] | None = None,
 ) -> VerifyReport:
     """HF eager vs transformed PyTorch, and (given a backend ``session``) transformed PyTorch vs
     that backend. ``steps`` counts generated tokens per row (the prefill's first one included).
 
     The backend session must have ``batch_size >= len(prompt_token_ids)`` and ``ctx_len`` as
     given; a fresh session is best (stale slots are masked, but a fresh one is simplest to reason about).
+    ``reference`` reuses a :func:`hf_trace` of these prompts and steps (HF eager is the slow part).
     """
     prompts = [list(map(int, p)) for p in prompt_token_ids]
     if not prompts or any(not p for p in prompts):
@@ -300,7 +301,9 @@ def verify(
     if session is not None and session.ctx_len != ctx_len:
         raise UsageError(f"the session's ctx_len={session.ctx_len} differs from ctx_len={ctx_len}")
 
-    ref, tokens = hf_trace(hf_model, prompts, steps)
+    ref, tokens = reference if reference is not None else hf_trace(hf_model, prompts, steps)
+    if len(tokens) != len(prompts) or any(len(t) != steps for t in tokens):
+        raise UsageError("the given reference was traced for other prompts or another number of steps")
     torch_session = TorchSession(qmodel, batch_size=batch, ctx_len=ctx_len)
     pt = session_trace(torch_session, "pytorch", prompts, tokens, prompt_len)
     comparisons = [compare(ref, pt, tol)]

@@ -91,3 +91,16 @@ def test_mismatch_is_reported_not_hidden(exported):
     assert any("logits max-abs" in f for f in comparison.failures)
     with pytest.raises(qeff.errors.VerificationError, match="logits max-abs"):
         report.raise_for_failure()
+
+
+def test_a_reused_reference_gives_the_same_report(exported):
+    from qeff.verification import hf_trace
+
+    name, model, qmodel, _ = exported
+    prompts = random_prompts((7, 3))
+    fresh = qeff.verify(model, qmodel=qmodel, prompt_token_ids=prompts, prompt_len=4, ctx_len=32, steps=8, tolerances=TIGHT)
+    reference = hf_trace(model, prompts, 8)
+    reused = qeff.verify(model, qmodel=qmodel, prompt_token_ids=prompts, prompt_len=4, ctx_len=32, steps=8, tolerances=TIGHT, reference=reference)
+    assert reused.to_dict() == fresh.to_dict()
+    with pytest.raises(qeff.UsageError, match="other prompts or another number of steps"):
+        qeff.verify(model, qmodel=qmodel, prompt_token_ids=prompts, prompt_len=4, ctx_len=32, steps=9, reference=reference)

@@ -114,12 +114,13 @@ class OrtSession:
         new = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu")  # noqa: E731
         self._cache = [new() for _ in self.past_names]
         self._cache_out = self._cache if binding == "inplace" else [new() for _ in self.past_names]
-        for io in {id(self._io): self._io, id(self._decode_io): self._decode_io}.values():
+        self._ios = [self._io] if self._decode_io is self._io else [self._io, self._decode_io]
+        for io in self._ios:
             io.bind_ortvalue_output("logits", self._logits)
         self._bind_cache()
 
     def _bind_cache(self) -> None:
-        for io in {id(self._io): self._io, id(self._decode_io): self._decode_io}.values():
+        for io in self._ios:
             for name, src, dst in zip(self.past_names, self._cache, self._cache_out):
                 io.bind_ortvalue_input(name, src)
                 io.bind_ortvalue_output(name + "_RetainedState", dst)
