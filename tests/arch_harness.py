@@ -80,12 +80,12 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> Greedy:
 
 
 def build(case: TinyArch) -> Built:
-    """Two instances of the same seeded model: HF's reference and the one the transform wraps
-    (the transform changes its model in place: eval, eager attention, replaced modules)."""
+    """HF's reference and its transformed wrapper (which runs a weight-sharing copy: the
+    reference keeps HF's own classes and config)."""
     hf = from_config(case.model_type, case.config, seed=SEED)
     if experts_modules(hf):  # the literal reference: HF's own per-expert loop
         hf.set_experts_implementation("eager")
-    qmodel = transform(from_config(case.model_type, case.config, seed=SEED))
+    qmodel = transform(hf)
     return Built(case, hf, qmodel, [hf_greedy(hf, p, GEN_LEN) for p in PROMPTS])
 
 

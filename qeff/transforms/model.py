@@ -5,17 +5,23 @@
       → logits (B, 1, vocab) for the last valid position of each row,
         past_key.0_RetainedState, past_value.0_RetainedState, …  (the whole updated cache)
 
-The HF module's parameters are never touched; the wrapper hands it a
-:class:`~qeff.transforms.cache.RetainedStateCache` and a mask built from ``position_ids``. The
-transform does change the model in place where the graph needs it: eval mode, eager attention,
-dense mixture-of-experts (:mod:`qeff.transforms.experts`), and the module replacements its
-architecture declares (``ArchSpec.replace``).
+``transform(model)`` never changes the model it is given: the verdicts of this project compare
+qeff against HF eager *on that model*, so a transform that swapped its attention class or its
+experts implementation would make "HF vs transformed PyTorch" compare qeff with itself (issue 9).
+The wrapper holds a structural copy instead: new module objects, a new config, the *same*
+parameter and buffer tensors (one copy of the weights in memory). Everything the graph needs is
+done to that copy: eval mode, eager attention, dense mixture-of-experts
+(:mod:`qeff.transforms.experts`) and the module replacements its architecture declares
+(``ArchSpec.replace``). The HF modules' parameters are never touched; the wrapper hands the copy
+a :class:`~qeff.transforms.cache.RetainedStateCache` and a mask built from ``position_ids``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +33,15 @@ from qeff.transforms.experts import use_dense_experts
 from qeff.transforms.mask import additive_mask
 from qeff.transforms.registry import ArchSpec, get_spec, supported_model_types
 
-__all__ = ["QEffCausalLM", "CacheShape", "transform", "parameter_fingerprint", "fingerprint_digest", "check_parameters_unchanged"]
+__all__ = [
+    "QEffCausalLM",
+    "CacheShape",
+    "transform",
+    "shared_copy",
+    "parameter_fingerprint",
+    "fingerprint_digest",
+    "check_parameters_unchanged",
+]
 
 #: Names of the transforms applied, stamped into exported graphs' metadata.
 TRANSFORMS = ("RetainedStateCache", "PositionIdsMask", "LastTokenLogits", "EagerAttention")
@@ -173,11 +187,21 @@ def _replace_modules(model: nn.Module, spec: ArchSpec) -> list[str]:
     return sorted(applied)
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree, config and generation config whose parameters and buffers
+    are the original tensors (shared, not copied): changing the copy's classes, modes or config
+    leaves ``model`` as it was, at no cost in weight memory."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
     """Wrap an HF causal LM into the retained-state contract, verifying nothing else changed.
 
-    Raises :class:`UnsupportedModelError` naming the architecture or module type it cannot handle,
-    and :class:`WeightsChangedError` if any parameter's name, shape or value changed.
+    ``model`` itself is left untouched (its classes, config, mode and outputs): the wrapper runs a
+    :func:`shared_copy` of it. Raises :class:`UnsupportedModelError` naming the architecture or
+    module type it cannot handle, and :class:`WeightsChangedError` if any parameter's name, shape
+    or value changed.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -192,12 +216,16 @@ def transform(model: nn.Module, *, check_weights: bool = True) -> QEffCausalLM:
         raise UnsupportedModelError(f"qeff cannot transform this {spec.name!r} model: {reason}")
     _check_modules(model, spec)
     before = parameter_fingerprint(model) if check_weights else None
+    model = shared_copy(model)
+    config = model.config
     model.eval()
     # Eager attention: plain MatMul/Softmax in the graph (portable to every compiler), and the
-    # same arithmetic as the HF eager reference we verify against.
-    if hasattr(model, "set_attn_implementation"):
+    # same arithmetic as the HF eager reference we verify against. Models whose attention reads
+    # the config at run time but refuse a dynamic switch (Falcon) get it set on the copy's config.
+    can_switch = getattr(model, "_can_set_attn_implementation", lambda: False)
+    if config._attn_implementation != "eager" and can_switch():
         model.set_attn_implementation("eager")
-    else:
+    if config._attn_implementation != "eager":
         config._attn_implementation = "eager"
     extra = tuple(_replace_modules(model, spec))
     if use_dense_experts(model):
