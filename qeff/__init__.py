@@ -12,16 +12,41 @@ the same thing.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-from qeff.compilers import compile
+from qeff._version import __version__
 from qeff.errors import QEffError, UsageError
-from qeff.exporter import export
-from qeff.generation import GenerationResult, generate
-from qeff.loading import from_config, load
-from qeff.runtime import open_session
-from qeff.transforms import supported_model_types, transform
-from qeff.verification import Tolerances, VerifyReport, verify
+
+# The public names, imported on first use: `import qeff` (and with it `qeff --help`, the pytest
+# plugin's start-up, reading a report) does not pay for torch, transformers and onnx.
+_LAZY = {
+    "GenerationResult": "qeff.generation",
+    "generate": "qeff.generation",
+    "compile": "qeff.compilers",
+    "export": "qeff.exporter",
+    "from_config": "qeff.loading",
+    "load": "qeff.loading",
+    "open_session": "qeff.runtime",
+    "supported_model_types": "qeff.transforms",
+    "transform": "qeff.transforms",
+    "Tolerances": "qeff.verification",
+    "VerifyReport": "qeff.verification",
+    "verify": "qeff.verification",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qeff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "GenerationResult",

@@ -26,15 +26,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from qeff.errors import ArtifactError
+from qeff.layout import MANIFEST, qeff_home
 
 __all__ = ["qeff_home", "manifest_hash", "read_manifest", "Built", "build_artifact", "MANIFEST"]
-
-MANIFEST = "manifest.json"
-
-
-def qeff_home() -> Path:
-    return Path(os.environ.get("QEFF_HOME") or "qeff_models").expanduser()
-
 
 def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -21,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from qeff.errors import QEffError
+from qeff.layout import ONNX_DATA, ONNX_FILE
 from qeff.transforms import QEffCausalLM
 
 __all__ = ["export", "fp16_clip", "stamp_metadata", "check_portable", "ExportResult", "FP16_MAX", "library_versions"]
@@ -31,7 +32,7 @@ FP16_MAX = 65504.0
 OPSET = 17
 #: Tensors at least this large go to the external data file.
 EXTERNAL_THRESHOLD = 1024
-DATA_FILE = "model.onnx.data"
+DATA_FILE = ONNX_DATA
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,11 @@ def library_versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    import qeff
     from qeff._system import source_digest
+    from qeff._version import __version__
 
     return {
-        "qeff": qeff.__version__,
+        "qeff": __version__,
         "qeff_source": source_digest(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -174,7 +175,7 @@ def export(
     position_ids = torch.arange(seq, dtype=torch.int64)[None].repeat(batch, 1)
     past = qmodel.empty_cache(batch, ctx)
     raw = out_dir / "raw.onnx"
-    for stale in (out_dir / "model.onnx", out_dir / DATA_FILE):
+    for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
         stale.unlink(missing_ok=True)  # onnx appends to an existing external data file
     with warnings.catch_warnings(record=True) as caught:
         # The TorchScript exporter is deprecated in favour of dynamo; it is the one that exports
@@ -209,7 +210,7 @@ def export(
         leftover.unlink()
     for leftover in out_dir.iterdir():
         # The TorchScript exporter may spill large weights next to the raw file; they are now loaded.
-        if leftover.is_file() and leftover.name not in ("model.onnx", DATA_FILE):
+        if leftover.is_file() and leftover.name not in (ONNX_FILE, DATA_FILE):
             leftover.unlink()
     _fix_logits_shape(model)
     check_portable(model)
@@ -228,7 +229,7 @@ def export(
         **(extra_metadata or {}),
     }
     stamp_metadata(model, metadata)
-    path = out_dir / "model.onnx"
+    path = out_dir / ONNX_FILE
     onnx.save_model(
         model,
         str(path),

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from qeff.compilers import qaic
-from qeff.compilers.qaic import QaicCompileOptions, compile, find_compiler, qpc_dir_name
+from qeff import sdk
+from qeff.compilers.qaic import QaicCompileOptions, compile, qpc_dir_name
+from qeff.sdk import require_compiler as find_compiler
 from qeff.errors import ArtifactError, BackendUnavailableError, CompileError, UsageError
 
 GOLDEN = Path(__file__).parent / "golden" / "qaic"
@@ -77,7 +79,7 @@ def fake_path(tmp_path, monkeypatch) -> Path:
     bin_dir = tmp_path / "bin"
     H.install_fake_compiler(bin_dir, "qaic-exec")
     monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.setattr(qaic, "SDK_EXEC_DIR", tmp_path / "no-sdk")
+    monkeypatch.setattr(sdk, "EXEC_DIR", tmp_path / "no-sdk")
     return bin_dir
 
 
@@ -220,7 +222,7 @@ def test_no_compiler_names_where_it_looked(tmp_path):
 
 def test_compile_without_sdk_raises_but_dry_run_works(onnx_path, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(qaic, "SDK_EXEC_DIR", tmp_path / "no-sdk")
+    monkeypatch.setattr(sdk, "EXEC_DIR", tmp_path / "no-sdk")
     with pytest.raises(BackendUnavailableError, match="no-sdk"):
         compile(onnx_path, tmp_path / "real", QaicCompileOptions())
     result = compile(onnx_path, tmp_path / "dry", QaicCompileOptions(), dry_run=True)

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qeff.compilers.qaic import QaicCompileOptions, compile, find_compiler
+from qeff import sdk
+from qeff.compilers.qaic import QaicCompileOptions, compile
+from qeff.sdk import require_compiler as find_compiler
 from qeff.errors import BackendUnavailableError
-from qeff.runtime import qaic as qaic_runtime
 
 TINY_LLAMA = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -35,9 +36,9 @@ def sdk_compiler() -> Path:
 @pytest.fixture(scope="module")
 def sdk_runtime() -> None:
     try:
-        qaic_runtime.load_sdk()
+        sdk.import_runtime()
     except BackendUnavailableError as exc:
-        pytest.skip(f"Cloud AI SDK runtime not installed (expected qaicrt in {qaic_runtime.SDK_LIB_DIR}/): {exc}")
+        pytest.skip(f"Cloud AI SDK runtime not installed (expected qaicrt in {sdk.LIB_DIR}/): {exc}")
 
 
 @pytest.fixture(scope="module")

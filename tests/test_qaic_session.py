@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qeff import sdk as qeff_sdk
 from qeff.compilers import qaic as qaic_compile
 from qeff.compilers.qaic import QaicCompileOptions
 from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
 from qeff.generation import generate
-from qeff.runtime import qaic as qaic_runtime
 from qeff.runtime.base import Session
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.qaic import QaicSession
@@ -191,5 +191,5 @@ def test_without_the_sdk_the_error_names_the_install_location(onnx_path, sdk, tm
     monkeypatch.setitem(sys.modules, "qaicrt", None)  # import qaicrt fails, even from the SDK dir
     with pytest.raises(BackendUnavailableError) as err:
         QaicSession(compile_dir)
-    assert "qaicrt" in str(err.value) and str(qaic_runtime.SDK_LIB_DIR) in str(err.value)
-    assert str(qaic_runtime.SDK_LIB_DIR).startswith("/opt/qti-aic/dev/lib/")
+    assert "qaicrt" in str(err.value) and str(qeff_sdk.LIB_DIR) in str(err.value)
+    assert str(qeff_sdk.LIB_DIR).startswith("/opt/qti-aic/dev/lib/")

@@ -23,7 +23,7 @@ def onnx_identity(onnx_path: Path) -> dict:
 
 
 def _with_progress(builder, description: str, enabled: bool):
-    from qeff.pipeline import stage
+    from qeff.progress import stage
 
     def run(tmp: Path):
         with stage(description, enabled=enabled):
@@ -77,6 +77,7 @@ def compile(
         return build_artifact(target, manifest, _with_progress(lambda tmp: build_ort(onnx_path, tmp, threads=threads), "Compiling for ONNX Runtime", progress),
             required=(OPTIMIZED,), force=force)
     if backend == "qaic":
+        from qeff import sdk
         from qeff.compilers import qaic
 
         qopts = qaic.QaicCompileOptions(
@@ -87,13 +88,13 @@ def compile(
         if dry_run:
             # Not a cache entry: no manifest.json, so nothing will ever reuse it as a QPC.
             return qaic.compile(onnx_path, target, qopts, dry_run=True)
-        compiler = qaic.find_compiler()  # fail before touching the cache when there is no SDK
+        compiler = sdk.require_compiler()  # fail before touching the cache when there is no SDK
         manifest = {"backend": "qaic", "options": qopts.to_dict(), "onnx": onnx_identity(onnx_path),
                     "compiler": str(compiler), "versions": library_versions()}
         return build_artifact(
             target, manifest,
             _with_progress(lambda tmp: qaic.compile(onnx_path, tmp, qopts, compiler=compiler).manifest, "Compiling for Cloud AI 100", progress),
-            required=(f"{qaic.QPC_SUBDIR}/programqpc.bin",), force=force,
+            required=(f"{qaic.QPC_SUBDIR}/{qaic.QPC_FILE}",), force=force,
         )
     raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 

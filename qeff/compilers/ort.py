@@ -11,20 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qeff.runtime.ort import _ort, session_options
+from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
+from qeff.layout import ort_dir_name
+from qeff.runtime.ort import onnxruntime_module, session_options
 
 __all__ = ["ort_dir_name", "build_ort", "OPTIMIZED"]
-
-OPTIMIZED = "model.opt.onnx"
-
-
-def ort_dir_name(*, batch_size: int, prompt_len: int, ctx_len: int) -> str:
-    return f"ort_{batch_size}BS_{prompt_len}PL_{ctx_len}CL"
 
 
 def build_ort(onnx_path: str | os.PathLike, out_dir: Path, *, threads: int | None = None) -> dict:
     """Optimize ``onnx_path`` into ``out_dir``; return facts for the manifest."""
-    ort = _ort()
+    ort = onnxruntime_module()
     target = out_dir / OPTIMIZED
     opts = session_options(threads, optimized_path=str(target))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

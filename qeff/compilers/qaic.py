@@ -50,15 +50,18 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import qeff
+from qeff import layout, sdk
+from qeff._version import __version__
 from qeff.errors import ArtifactError, BackendUnavailableError, CompileError, UsageError
+# File names of the compile directory: one definition, in the layout module.
+from qeff.layout import CUSTOM_IO_FILE, LOG_FILE, QPC_FILE, QPC_SUBDIR, SCRIPT_FILE, SPECIALIZATIONS_FILE
+from qeff.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
 
 __all__ = [
     "QaicCompileOptions",
     "QaicCompileResult",
     "compile",
     "qpc_dir_name",
-    "find_compiler",
     "default_hw_version",
     "specializations",
     "retained_state_names",
@@ -66,25 +69,11 @@ __all__ = [
     "custom_io_yaml",
     "mdp_ts_config",
     "build_command",
-    "SDK_EXEC_DIR",
-    "COMPILERS",
     "QPC_SUBDIR",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Where the Apps SDK installs its compilers.
-SDK_EXEC_DIR = Path("/opt/qti-aic/exec")
-#: Compiler executables, preferred first: ``qaic-compile`` (newer SDKs), ``qaic-exec`` (older).
-COMPILERS = ("qaic-compile", "qaic-exec")
-#: The QPC goes here inside the compile directory (QEfficient's ``…/qpcs``, which users pass to execute).
-QPC_SUBDIR = "qpcs"
-QPC_FILE = "programqpc.bin"
-SPECIALIZATIONS_FILE = "specializations.json"
-CUSTOM_IO_FILE = "custom_io.yaml"
-SCRIPT_FILE = "compile.sh"
-MANIFEST_FILE = "compile.json"
-LOG_FILE = "compile.log"
 #: The symbolic dims the specializations bind; the export names them so.
 SYMBOLS = ("batch_size", "seq_len", "ctx_len")
 
@@ -180,48 +169,10 @@ class QaicCompileResult:
 
 
 def qpc_dir_name(options: QaicCompileOptions) -> str:
-    """The compile directory's name, as QEfficient users know it.
-
-    ``qpc_{cores}cores_{bs}BS_{pl}PL_{cl}CL_{n}devices`` + ``_mxfp6`` / ``_mxfp6_mxint8`` /
-    ``_fp16_mxint8`` / ``_fp16``, e.g. ``qpc_16cores_1BS_32PL_128CL_2devices_mxfp6`` (QEfficient's
-    README and ``cloud/infer.py``). QEfficient later put ``{mos}MOS_`` before the device count;
-    here it appears only when ``mos`` is set, so the default name stays the familiar one. Depth-first,
-    the hardware version and extra flags are not in the name (nor were they in QEfficient's): the
-    manifest tells such directories apart.
-    """
+    """The compile directory's name users know (see :func:`qeff.layout.qpc_dir_name`)."""
     o = options
-    mos = f"{o.mos}MOS_" if o.mos is not None else ""
-    if o.mxfp6 and o.mxint8:
-        precision = "_mxfp6_mxint8"
-    elif o.mxfp6:
-        precision = "_mxfp6"
-    elif o.mxint8:
-        precision = "_fp16_mxint8"
-    else:
-        precision = "_fp16"
-    return f"qpc_{o.num_cores}cores_{o.batch_size}BS_{o.prompt_len}PL_{o.ctx_len}CL_{mos}{o.num_devices}devices{precision}"
-
-
-def find_compiler(*, search_path: str | None = None, exec_dir: str | os.PathLike | None = None) -> Path:
-    """The Cloud AI compiler: ``qaic-compile`` or ``qaic-exec`` on ``PATH``, else in ``exec_dir``
-    (default :data:`SDK_EXEC_DIR`). A compiler the user put on ``PATH`` wins over the SDK's.
-
-    Raises :class:`BackendUnavailableError` naming every place it looked.
-    """
-    search_path = os.environ.get("PATH", "") if search_path is None else search_path
-    exec_dir = SDK_EXEC_DIR if exec_dir is None else exec_dir
-    for name in COMPILERS:
-        found = shutil.which(name, path=search_path)
-        if found:
-            return Path(found)
-    for name in COMPILERS:
-        candidate = Path(exec_dir) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    raise BackendUnavailableError(
-        f"no Cloud AI 100 compiler found: looked for {' and '.join(COMPILERS)} on PATH and in {exec_dir}; "
-        f"install the Cloud AI Apps SDK, or pass the compiler's path"
-    )
+    return layout.qpc_dir_name(num_cores=o.num_cores, batch_size=o.batch_size, prompt_len=o.prompt_len, ctx_len=o.ctx_len,
+                               num_devices=o.num_devices, mxfp6=o.mxfp6, mxint8=o.mxint8, mos=o.mos)
 
 
 def default_hw_version(compiler: str | os.PathLike) -> str:
@@ -361,7 +312,7 @@ def compile(
 ) -> QaicCompileResult:
     """Write the compile directory ``out_dir`` for ``onnx_path`` and, unless ``dry_run``, run the compiler.
 
-    ``compiler`` defaults to :func:`find_compiler`; a dry run without an SDK names
+    ``compiler`` defaults to :func:`qeff.sdk.require_compiler`; a dry run without an SDK names
     ``/opt/qti-aic/exec/qaic-exec``. Raises :class:`CompileError` (with the command, exit code and
     stderr) when the compiler fails or writes no QPC, :class:`BackendUnavailableError` when no
     compiler is found, :class:`ArtifactError` when the ONNX file is missing or not retained-state.
@@ -375,11 +326,11 @@ def compile(
             raise BackendUnavailableError(f"Cloud AI compiler {compiler} does not exist or is not executable")
     else:
         try:
-            compiler = find_compiler()
+            compiler = sdk.require_compiler()
         except BackendUnavailableError:
             if not dry_run:
                 raise
-            compiler = Path(SDK_EXEC_DIR) / "qaic-exec"
+            compiler = Path(sdk.EXEC_DIR) / "qaic-exec"
     options = replace(options, aic_hw_version=options.aic_hw_version or default_hw_version(compiler))
     names = retained_state_names(onnx_path)
 
@@ -400,7 +351,7 @@ def compile(
     script.chmod(0o755)
     manifest = {
         "backend": "qaic",
-        "qeff_version": qeff.__version__,
+        "qeff_version": __version__,
         "dir_name": dir_name,
         "options": options.to_dict(),
         "compiler": {"name": compiler.name, "path": str(compiler)},

@@ -39,7 +39,7 @@ def open_session(
     inputs = manifest.get("inputs", {})
     backend, options = inputs.get("backend"), inputs.get("options", {})
     if backend == "ort":
-        from qeff.compilers.ort import OPTIMIZED
+        from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
         from qeff.runtime.ort import OrtSession
 
         if specialize_decode is None:

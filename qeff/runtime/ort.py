@@ -28,12 +28,12 @@ import numpy as np
 from qeff._system import physical_cores
 from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
 
-__all__ = ["OrtSession", "session_options", "BINDINGS"]
+__all__ = ["OrtSession", "session_options", "onnxruntime_module", "BINDINGS"]
 
 BINDINGS = ("inplace", "swap", "numpy")
 
 
-def _ort():
+def onnxruntime_module():
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -42,7 +42,7 @@ def _ort():
 
 
 def session_options(threads: int | None = None, *, optimized_path: str | None = None):
-    ort = _ort()
+    ort = onnxruntime_module()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
@@ -76,7 +76,7 @@ class OrtSession:
             raise UsageError(f"unknown ORT binding {binding!r}; choose one of {', '.join(BINDINGS)}")
         if batch_size < 1 or ctx_len < 1:
             raise UsageError(f"batch_size and ctx_len must be positive (got {batch_size}, {ctx_len})")
-        ort = _ort()
+        ort = onnxruntime_module()
         self.model_path = Path(model_path)
         self.threads = threads or physical_cores()
         try:

@@ -20,25 +20,19 @@ The qaicrt calls follow QEfficient's ``QAICInferenceSession``
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from qeff.compilers.qaic import MANIFEST_FILE, QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
-from qeff.errors import ArtifactError, BackendUnavailableError, QEffError, UsageError
+from qeff import sdk
+from qeff.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
+from qeff.layout import QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
+from qeff.errors import ArtifactError, QEffError, UsageError
 
-__all__ = ["QaicSession", "load_sdk", "SDK_LIB_DIR", "SDK_PYTHON_DIR"]
-
-#: Where the Platform SDK installs the ``qaicrt`` extension module.
-SDK_LIB_DIR = Path("/opt/qti-aic/dev/lib") / (platform.machine() or "x86_64")
-#: Where the SDK installs ``QAicApi_pb2`` (the IO descriptor's protobuf classes).
-SDK_PYTHON_DIR = Path("/opt/qti-aic/dev/python")
+__all__ = ["QaicSession"]
 
 # aicapi buffer types → numpy; looked up by name because SDK versions differ in what they define.
 _AIC_TYPES = {
@@ -52,32 +46,6 @@ _AIC_TYPES = {
     "INT64_I_TYPE": np.int64,
     "INT8_TYPE": np.int8,
 }
-
-
-def _import(name: str, sdk_dir: Path):
-    try:
-        return importlib.import_module(name)
-    except ImportError as first:
-        error: ImportError = first
-    if sdk_dir.is_dir() and str(sdk_dir) not in sys.path:
-        sys.path.append(str(sdk_dir))
-        try:
-            return importlib.import_module(name)
-        except ImportError as exc:
-            sys.path.remove(str(sdk_dir))
-            error = exc
-    raise BackendUnavailableError(
-        f"the Cloud AI 100 runtime is not installed here: Python module {name} was not found on sys.path "
-        f"nor in {sdk_dir}/ ({error}); install the Cloud AI Platform and Apps SDKs to run QPCs"
-    ) from error
-
-
-def load_sdk():
-    """``(qaicrt, aicapi)``: the runtime module and the IO descriptor's protobuf module.
-
-    Raises :class:`BackendUnavailableError` naming where they were expected.
-    """
-    return _import("qaicrt", SDK_LIB_DIR), _import("QAicApi_pb2", SDK_PYTHON_DIR)
 
 
 def _locate(qpc_path: str | os.PathLike) -> Path:
@@ -133,7 +101,7 @@ class QaicSession:
                 f"the QPC at {self.qpc_dir} was compiled for {compiled_devices} device(s) but the device group "
                 f"{self.device_ids} has {len(self.device_ids)}; pass {compiled_devices} device ids"
             )
-        self._rt, self._api = load_sdk()
+        self._rt, self._api = sdk.import_runtime()
         rt = self._rt
         self._ok = rt.QStatus.QS_SUCCESS
         self._dtypes = {getattr(self._api, n): np.dtype(t) for n, t in _AIC_TYPES.items() if hasattr(self._api, n)}

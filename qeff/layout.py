@@ -1,0 +1,111 @@
+"""Where every artifact lives: the one module that names directories and files of the cache.
+
+    $QEFF_HOME (default ./qeff_models)/
+      <model slug>/
+        export-<hash>/                       model.onnx, model.onnx.data, tokenizer files, manifest.json
+          verify-<hash>/                     manifest.json holding the verification report
+          ort_1BS_32PL_128CL/                model.opt.onnx (+ .data), manifest.json
+          qpc_16cores_1BS_32PL_128CL_1devices_mxfp6/
+                                             specializations.json, custom_io.yaml, compile.sh,
+                                             compile.json, compile.log, qpcs/programqpc.bin, manifest.json
+
+Every stage directory holds ``manifest.json`` (see :mod:`qeff.artifacts`). The compile directory
+names are the ones users of the seed product know (``qpc_16cores_1BS_32PL_128CL_1devices_mxfp6``).
+Nothing here touches the disk except :func:`qeff_home` reading the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = [
+    "MANIFEST",
+    "ONNX_FILE",
+    "ONNX_DATA",
+    "ORT_OPTIMIZED",
+    "QPC_SUBDIR",
+    "QPC_FILE",
+    "SPECIALIZATIONS_FILE",
+    "CUSTOM_IO_FILE",
+    "SCRIPT_FILE",
+    "QAIC_MANIFEST_FILE",
+    "LOG_FILE",
+    "qeff_home",
+    "slug",
+    "export_dir_name",
+    "verify_dir_name",
+    "ort_dir_name",
+    "qpc_dir_name",
+]
+
+#: Every stage directory's record of what produced it.
+MANIFEST = "manifest.json"
+#: The exported retained-state graph and its external weights.
+ONNX_FILE = "model.onnx"
+ONNX_DATA = "model.onnx.data"
+#: The ONNX Runtime artifact: the graph after ORT's offline optimizer.
+ORT_OPTIMIZED = "model.opt.onnx"
+#: Cloud AI 100 compile directory: the QPC goes to ``qpcs/`` (what users pass to execute).
+QPC_SUBDIR = "qpcs"
+QPC_FILE = "programqpc.bin"
+SPECIALIZATIONS_FILE = "specializations.json"
+CUSTOM_IO_FILE = "custom_io.yaml"
+SCRIPT_FILE = "compile.sh"
+QAIC_MANIFEST_FILE = "compile.json"
+LOG_FILE = "compile.log"
+
+
+def qeff_home() -> Path:
+    """The cache root: ``$QEFF_HOME``, default ``./qeff_models``."""
+    return Path(os.environ.get("QEFF_HOME") or "qeff_models").expanduser()
+
+
+def slug(name: str) -> str:
+    """A directory name for a model name, repo id or path."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip().strip("/")).strip("-") or "model"
+
+
+def export_dir_name(digest: str) -> str:
+    return f"export-{digest}"
+
+
+def verify_dir_name(digest: str) -> str:
+    return f"verify-{digest}"
+
+
+def ort_dir_name(*, batch_size: int, prompt_len: int, ctx_len: int) -> str:
+    return f"ort_{batch_size}BS_{prompt_len}PL_{ctx_len}CL"
+
+
+def qpc_dir_name(
+    *,
+    num_cores: int,
+    batch_size: int,
+    prompt_len: int,
+    ctx_len: int,
+    num_devices: int,
+    mxfp6: bool,
+    mxint8: bool,
+    mos: int | None = None,
+) -> str:
+    """The Cloud AI compile directory's name, as QEfficient users know it.
+
+    ``qpc_{cores}cores_{bs}BS_{pl}PL_{cl}CL_{n}devices`` + ``_mxfp6`` / ``_mxfp6_mxint8`` /
+    ``_fp16_mxint8`` / ``_fp16``, e.g. ``qpc_16cores_1BS_32PL_128CL_2devices_mxfp6`` (QEfficient's
+    README and ``cloud/infer.py``). QEfficient later put ``{mos}MOS_`` before the device count;
+    here it appears only when ``mos`` is set, so the default name stays the familiar one.
+    Depth-first, the hardware version and extra flags are not in the name (nor were they in
+    QEfficient's): the manifest tells such directories apart.
+    """
+    mos_part = f"{mos}MOS_" if mos is not None else ""
+    if mxfp6 and mxint8:
+        precision = "_mxfp6_mxint8"
+    elif mxfp6:
+        precision = "_mxfp6"
+    elif mxint8:
+        precision = "_fp16_mxint8"
+    else:
+        precision = "_fp16"
+    return f"qpc_{num_cores}cores_{batch_size}BS_{prompt_len}PL_{ctx_len}CL_{mos_part}{num_devices}devices{precision}"
