@@ -108,13 +108,15 @@ def check(
 
 def update(directory: Path, records: Iterable[dict], environment: dict) -> list[Path]:
     """Write the benchmark figures of ``records`` into their baseline files; return the files."""
+    from pytest_qeff.records import BenchmarkRecord, record_of
+
     by_file: dict[Path, dict[str, dict]] = {}
     for rec in records:
-        data = rec.get("data") or {}
-        if rec.get("stage") != "benchmark" or "figures" not in data:
+        stage = record_of(rec)
+        if not isinstance(stage, BenchmarkRecord):
             continue
         path = path_for(directory, rec["backend"], rec["card"])
-        entry = {**data["figures"], **{k: data[k] for k in ("generation_len", "repeats", "threads", "batch_size", "prompt_len", "ctx_len", "probe") if k in data}}
+        entry = {**stage.figures, **{k: getattr(stage, k) for k in ("generation_len", "repeats", "threads", "batch_size", "prompt_len", "ctx_len", "probe")}}
         by_file.setdefault(path, {})[entry_key(rec["tier"], rec["case"])] = entry
     written = []
     for path, entries in sorted(by_file.items()):

@@ -11,6 +11,7 @@ annotated example.
 from __future__ import annotations
 
 import difflib
+from dataclasses import asdict
 import fnmatch
 import tomllib
 import types
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pytest
+import qeff.verification as _library
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
@@ -197,10 +199,10 @@ class Tolerances(_Strict):
     ambiguity_margin: PositiveFloat = 1e-3
 
 
-#: fp32 random tiny models: measured max-abs ~3e-7 and MSE ~1e-15 (HF vs PyTorch vs ORT).
-TINY_TOLERANCES = Tolerances(logits_mse=1e-12, logits_max_abs=1e-5, cache_mse=1e-12, cache_max_abs=1e-5)
-#: Real weights: qeff's library defaults.
-FULL_TOLERANCES = Tolerances(logits_mse=1e-8, logits_max_abs=1e-3, cache_mse=1e-9, cache_max_abs=1e-3)
+#: The library's bounds, one source: seeded tiny models (qeff.verification.TINY_TOLERANCES) and
+#: real weights (qeff.Tolerances' defaults).
+TINY_TOLERANCES = Tolerances(**asdict(_library.TINY_TOLERANCES))
+FULL_TOLERANCES = Tolerances(**asdict(_library.Tolerances()))
 
 
 class TierTolerances(_Strict):

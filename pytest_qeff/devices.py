@@ -8,7 +8,6 @@ two workers never drive the same device. The ``ort`` backend ignores the devices
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import pytest
@@ -17,20 +16,18 @@ __all__ = ["DeviceGroup", "parse_group", "parse_groups", "worker_group", "check_
 
 DeviceGroup = tuple[int, ...]
 
-_GROUP = re.compile(r"^\[?\s*(\d+(?:\s*,\s*\d+)*)\s*\]?$")
-
-
 def parse_group(text: str) -> DeviceGroup:
-    """``"0,1"`` or ``"[0,1]"`` → ``(0, 1)``."""
-    match = _GROUP.match(text.strip())
-    if not match or text.strip().count("[") != text.strip().count("]"):
-        raise pytest.UsageError(
-            f"--device-group {text!r}: expected device ids separated by commas, like 0 or 0,1 or [0,1]"
-        )
-    ids = tuple(int(part) for part in match.group(1).split(","))
-    if len(set(ids)) != len(ids):
-        raise pytest.UsageError(f"--device-group {text!r}: a device appears twice in one group")
-    return ids
+    """``"0,1"`` or ``"[0,1]"`` → ``(0, 1)``, by qeff's one device-group parser."""
+    from qeff.errors import UsageError
+    from qeff.inputs import parse_device_group
+
+    try:
+        ids = parse_device_group(text)
+    except UsageError as exc:
+        raise pytest.UsageError(f"--device-group: {exc}") from None
+    if not ids:
+        raise pytest.UsageError(f"--device-group {text!r}: expected device ids separated by commas, like 0 or 0,1 or [0,1]")
+    return tuple(ids)
 
 
 def parse_groups(values: Sequence[str] | None) -> list[DeviceGroup]:

@@ -10,7 +10,8 @@ import pytest
 
 from pytest_qeff import devices
 from pytest_qeff.options import SETTINGS, Settings, is_worker, worker_id
-from pytest_qeff.stages import Pipeline
+from pytest_qeff.records import StageRecord
+from pytest_qeff.stages import Workspace
 
 __all__ = ["qeff_settings", "qeff_pipeline", "qeff_record"]
 
@@ -21,7 +22,7 @@ def qeff_settings(pytestconfig: pytest.Config) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """This worker's models and artifacts. Artifacts go to ``$QEFF_HOME/pytest/<worker>`` when
     QEFF_HOME is set (kept between runs, reused while manifests match), else to the session's
     temporary directory; either way each xdist worker has its own directory."""
@@ -34,7 +35,7 @@ def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(pytestconfig.workerinput.get("workercount", 1))))
     home = os.environ.get("QEFF_HOME")
     root = Path(home).expanduser() / "pytest" / worker if home else tmp_path_factory.getbasetemp() / "qeff_models" / worker
-    return Pipeline(
+    return Workspace(
         root=root,
         tier=qeff_settings.tier,
         device_group=devices.worker_group(qeff_settings.device_groups, worker),
@@ -46,10 +47,11 @@ def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path
 
 
 @pytest.fixture
-def qeff_record(request: pytest.FixtureRequest) -> Callable[[dict], None]:
-    """Attach a stage's numbers (builtin types) to the test's report, for results.json."""
+def qeff_record(request: pytest.FixtureRequest) -> Callable[[StageRecord], None]:
+    """Attach a stage's record to the test's report (as builtin types, so it travels with
+    pytest-xdist's reports), for results.json."""
 
-    def record(data: dict) -> None:
-        request.node.user_properties.append(("qeff", data))
+    def record(data: StageRecord) -> None:
+        request.node.user_properties.append(("qeff", data.to_dict()))
 
     return record

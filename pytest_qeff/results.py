@@ -5,7 +5,7 @@ and :func:`pytest_qeff.collect.mark_items` adds ``("qeff_test", meta)``; pytest-
 both to the controller inside each test report. Only the controller (or a run without xdist) owns
 a :class:`Collector`: it merges reports into records and writes the file. Workers never write.
 
-Schema (``"schema": "qeff-results", "version": 1``)::
+Schema (``"schema": "qeff-results", "version": 2``)::
 
     {
       "schema": "qeff-results", "version": 1, "created": "<UTC ISO time>",
@@ -13,7 +13,8 @@ Schema (``"schema": "qeff-results", "version": 1``)::
       "run": {tier, backends, device_groups, models, changed_since, baseline_dir, update_baseline, exit_status},
       "cards": {"<id>": <the card, as validated>},
       "records": [   # one per stage test, sorted by card, case, stage, backend
-        {"nodeid", "card", "case", "tier", "stage", "backend", "outcome", "duration_s", "message", "data": {...}}
+        {"nodeid", "card", "case", "tier", "stage", "backend", "outcome", "duration_s", "message",
+         "data": {"kind": "<stage>", ...}}   # a pytest_qeff.records.StageRecord, {} when none was made
       ]
     }
 
@@ -40,7 +41,7 @@ from pytest_qeff.cards import STAGES, Card
 __all__ = ["SCHEMA", "VERSION", "Collector", "build", "environment", "write", "load", "OUTCOMES"]
 
 SCHEMA = "qeff-results"
-VERSION = 1
+VERSION = 2  # 2: every record's "data" is a typed stage record with its "kind" (pytest_qeff.records)
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 

@@ -1,4 +1,4 @@
-"""The bodies of the stage tests, on qeff's public API.
+"""The bodies of the stage tests, on the library's one orchestrator (:class:`qeff.pipeline.Pipeline`).
 
     transform   HF eager vs transformed PyTorch (logits, cache, greedy tokens); full tier: the
                 loaded config equals the card's
@@ -8,9 +8,10 @@
     benchmark   decode tokens/s, total tokens/s, time to first token (median of the card's
                 repeats, timed by qeff.generate) against the committed baseline
 
-Each stage hands a builtin-typed record to ``record`` before it judges, so a failing stage still
-brings its numbers to the report. What stages build is kept in a :class:`Pipeline` per worker: one
-card's stages share its model, exported graph and compiled artifacts.
+Each stage hands a typed record (:mod:`pytest_qeff.records`) to ``record`` before it judges, so a
+failing stage still brings its numbers to the report. What stages build is kept in a
+:class:`Workspace` per worker: one card's stages share its pipeline (model, reference, exported
+graph and compiled artifacts).
 """
 
 from __future__ import annotations
@@ -27,36 +28,31 @@ import pytest
 
 from pytest_qeff import baseline, remote, weights
 from pytest_qeff.cards import Card, Case
-from pytest_qeff.probe import Probe
 from pytest_qeff.collect import Target
-from pytest_qeff.sdk import find_sdk
+from pytest_qeff.probe import Probe
+from pytest_qeff.records import (
+    ArtifactFacts,
+    BenchmarkRecord,
+    CompileRecord,
+    ExportRecord,
+    GenerationRecord,
+    GenerationRow,
+    ModelFacts,
+    OnnxFacts,
+    StageRecord,
+    TransformRecord,
+)
 
-__all__ = ["Pipeline", "Record", "transform", "export", "compile", "generation", "benchmark"]
+__all__ = ["Workspace", "Record", "transform", "export", "compile", "generation", "benchmark"]
 
-Record = Callable[[dict], None]
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-    qmodel: Any
-    identity: dict
-
-
-@dataclass
-class Reference:
-    """HF eager's own greedy continuation of each prompt, and the top-2 logit margin of each step."""
-
-    tokens: list[list[int]]
-    margins: list[list[float]]
-    trace: Any = None  # the qeff.verification.Trace the tokens came from, reused by both comparisons
+Record = Callable[[StageRecord], None]
 
 
 @dataclass
-class Pipeline:
-    """What one worker has built, keyed by card (and case, backend). Artifacts live under
-    ``root`` (one directory per worker, so workers never collide)."""
+class Workspace:
+    """What one worker has built: one :class:`qeff.pipeline.Pipeline` per card (the library's
+    orchestrator: one export cache, one manifest schema, one reference traced from the untouched
+    model). Artifacts live under ``root`` (one directory per worker, so workers never collide)."""
 
     root: Path
     tier: str
@@ -65,26 +61,24 @@ class Pipeline:
     default_baseline_dir: Path
     update_baseline: bool = False
     trust_remote_code: bool = False  # --qeff-trust-remote-code
-    _loaded: dict[str, Loaded | BaseException] = field(default_factory=dict)
-    _references: dict[str, Reference] = field(default_factory=dict)
+    _pipelines: dict[str, Any] = field(default_factory=dict)  # card id -> Pipeline | the exception loading raised
 
     # --- models ----------------------------------------------------------------------------------
 
-    def load(self, card: Card) -> Loaded:
-        """The card's model (seeded random in the tiny tier, real weights in the full tier) and its
-        transformed twin; the full tier skips when the weights are not on this machine."""
-        found = self._loaded.get(card.id)
+    def pipeline(self, card: Card):
+        """The card's pipeline (seeded random model in the tiny tier, real weights in the full
+        tier); the full tier skips when the weights are not on this machine."""
+        found = self._pipelines.get(card.id)
         if found is None:
             if self.tier == "full":  # real models are big: keep one at a time
-                self._loaded.clear()
-                self._references.clear()
+                self._pipelines.clear()
             try:
-                found = self._load(card)
+                found = self._open(card)
             except pytest.skip.Exception:
                 raise
             except Exception as exc:  # remembered: every stage of the card reports it, none retries
                 found = exc
-            self._loaded[card.id] = found
+            self._pipelines[card.id] = found
         if isinstance(found, BaseException):
             from qeff.errors import QEffError
 
@@ -93,9 +87,10 @@ class Pipeline:
             raise found
         return found
 
-    def _load(self, card: Card) -> Loaded:
+    def _open(self, card: Card):
         import qeff
         from qeff.loading import load_source
+        from qeff.pipeline import Pipeline
 
         reason = remote.skip_reason(card, self.trust_remote_code)
         if reason:
@@ -115,7 +110,9 @@ class Pipeline:
                 pytest.skip(reason)
             model, tokenizer = remote.full_model(card, self.trust_remote_code) if trusted else load_source(source)
             identity = {"card": card.id, "tier": "full", "source": source.identity()}
-        return Loaded(model, tokenizer, qeff.transform(model), identity)
+        pipe = Pipeline(card.id, model=model, tokenizer=tokenizer, identity=identity, home=self.root / self.tier, progress=False)
+        _ = pipe.qmodel  # an architecture the transform refuses fails every stage the same way
+        return pipe
 
     def prompts(self, card: Card, case: Case) -> list[list[int]]:
         """One prompt per batch row: seeded random ids (tiny) or the card's texts, tokenized (full)."""
@@ -128,7 +125,7 @@ class Pipeline:
                 rng = random.Random(f"{card.id}/{card.tiny.seed}/{r}")  # str seeds are stable across runs
                 out.append([rng.randrange(vocab) for _ in range(lengths[r % len(lengths)])])
             return out
-        tokenizer = self.load(card).tokenizer
+        tokenizer = self.pipeline(card).tokenizer
         return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in self.prompt_texts(card, case)]
 
     def prompt_texts(self, card: Card, case: Case) -> list[str | None]:
@@ -138,57 +135,33 @@ class Pipeline:
         return [texts[r % len(texts)] for r in range(case.batch_size)]
 
     def decode(self, card: Card, ids: list[int]) -> str | None:
-        tokenizer = self.load(card).tokenizer
+        tokenizer = self.pipeline(card).tokenizer
         return tokenizer.decode(ids, skip_special_tokens=False) if tokenizer is not None else None
 
-    def reference(self, card: Card, case: Case) -> Reference:
-        key = f"{card.id}/{case.id}"
-        if key not in self._references:
-            import numpy as np
-            from qeff.verification import hf_trace
-
-            trace, tokens = hf_trace(self.load(card).model, self.prompts(card, case), card.prompts.generation_len)
-            margins = [[float(np.diff(np.sort(step)[-2:])[0]) for step in row] for row in trace.logits]
-            self._references[key] = Reference(tokens, margins, trace)
-        return self._references[key]
+    def reference(self, card: Card, case: Case):
+        """HF eager's greedy continuation of the case's prompts (the pipeline memoizes it)."""
+        return self.pipeline(card).reference(self.prompts(card, case), card.prompts.generation_len)
 
     # --- artifacts -------------------------------------------------------------------------------
 
-    def export(self, card: Card):
-        """The exported graph (``Built``; ``.path / "model.onnx"``), reused while its manifest matches."""
-        from qeff.artifacts import build_artifact
-        from qeff.exporter import library_versions
-
-        loaded = self.load(card)
-        manifest = {"model": loaded.identity, "versions": library_versions()}
-
-        def build(tmp: Path) -> dict:
-            import qeff
-
-            result = qeff.export(loaded.qmodel, tmp, model_id=card.id)
-            return {"clipped_values": result.clipped_values, "bytes": _dir_bytes(tmp)}
-
-        return build_artifact(self.root / card.id / self.tier / "export", manifest, build, required=("model.onnx",))
-
     def compiled(self, card: Card, case: Case, backend: str):
-        import qeff
-
-        onnx = self.export(card).path / "model.onnx"
+        pipe = self.pipeline(card)
         shape = {"batch_size": case.batch_size, "prompt_len": case.prompt_len, "ctx_len": case.ctx_len}
         if backend == "ort":
-            return qeff.compile(onnx, backend="ort", **shape)
+            return pipe.compile("ort", **shape)
         # Cloud AI: the card's compile options, tensor-sliced over the worker's device group.
         options = card.compile.model_dump(exclude={"batch_size", "prompt_len", "ctx_len"})
-        return qeff.compile(onnx, backend=backend, **shape, **options, num_devices=len(self.device_group))
+        return pipe.compile(backend, **shape, **options, num_devices=len(self.device_group))
 
     def session(self, card: Card, case: Case, backend: str, threads: int | None = None):
         """A fresh session (empty cache) on the case's compiled artifact."""
-        import qeff
-
         built = self.compiled(card, case, backend)
+        pipe = self.pipeline(card)
         if backend == "ort":
-            return qeff.open_session(built.path, threads=threads)
-        return qeff.open_session(built.path, device_ids=list(self.device_group))
+            session, _ = pipe.open_session(built, threads=threads)
+        else:
+            session, _ = pipe.open_session(built, device_ids=list(self.device_group))
+        return session
 
 
 def _dir_bytes(path: Path) -> int:
@@ -199,9 +172,11 @@ def _require(backend: str) -> None:
     """Skip a stage whose backend cannot run on this machine."""
     if backend == "ort":
         return
-    sdk = find_sdk()
-    if not sdk.available:
-        pytest.skip(f"{backend}: {sdk.reason}")
+    from qeff import sdk
+
+    status = sdk.status()
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
 
 
 def _tolerances(target: Target):
@@ -211,15 +186,15 @@ def _tolerances(target: Target):
     return qeff.Tolerances(**tol.model_dump())
 
 
-def _base(pipe: Pipeline, target: Target) -> dict:
+def _base(ws: Workspace, target: Target) -> dict:
     card, case = target.card, target.case
     return {
-        "prompts": pipe.prompts(card, case),
-        "prompt_texts": pipe.prompt_texts(card, case),
+        "prompts": ws.prompts(card, case),
+        "prompt_texts": ws.prompt_texts(card, case),
         "batch_size": case.batch_size,
         "prompt_len": case.prompt_len,
         "ctx_len": case.ctx_len,
-        "device_group": list(pipe.device_group),
+        "device_group": list(ws.device_group),
     }
 
 
@@ -250,155 +225,127 @@ def _config_mismatches(card: Card, loaded_config: Any) -> list[str]:
 # --- the stages ----------------------------------------------------------------------------------
 
 
-def transform(pipe: Pipeline, target: Target, record: Record) -> None:
-    import qeff
-
+def _verify(ws: Workspace, target: Target, session=None):
     card, case = target.card, target.case
-    loaded = pipe.load(card)
-    ref = pipe.reference(card, case)
-    report = qeff.verify(
-        loaded.model,
-        qmodel=loaded.qmodel,
-        prompt_token_ids=pipe.prompts(card, case),
-        prompt_len=case.prompt_len,
-        ctx_len=case.ctx_len,
-        steps=card.prompts.generation_len,
-        tolerances=_tolerances(target),
-        reference=(ref.trace, ref.tokens),
+    return ws.pipeline(card).verify(
+        ws.prompts(card, case), prompt_len=case.prompt_len, ctx_len=case.ctx_len,
+        steps=card.prompts.generation_len, tolerances=_tolerances(target), session=session,
     )
+
+
+def transform(ws: Workspace, target: Target, record: Record) -> None:
+    card = target.card
+    pipe = ws.pipeline(card)
+    report = _verify(ws, target)
     comparison = report["hf_vs_pytorch"]
-    mismatches = _config_mismatches(card, loaded.model.config) if target.tier == "full" else []
-    shape = loaded.qmodel.shape
-    record({
-        **_base(pipe, target),
-        "comparison": comparison.to_dict(),
-        "reference_tokens": report.reference_tokens,
-        "model": {"num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
-                  "vocab_size": shape.vocab_size, "parameters": sum(p.numel() for p in loaded.model.parameters())},
-        "config_mismatches": mismatches,
-    })
+    mismatches = _config_mismatches(card, pipe.model.config) if target.tier == "full" else []
+    shape = pipe.qmodel.shape
+    record(TransformRecord(
+        **_base(ws, target), comparison=comparison, reference_tokens=report.reference_tokens,
+        model=ModelFacts(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
+                         sum(p.numel() for p in pipe.model.parameters())),
+        config_mismatches=mismatches,
+    ))
     problems = comparison.failures + mismatches
     if problems:
         pytest.fail(f"{target.id}: HF vs transformed PyTorch: " + "; ".join(problems), pytrace=False)
 
 
-def export(pipe: Pipeline, target: Target, record: Record) -> None:
-    import qeff
-
+def export(ws: Workspace, target: Target, record: Record) -> None:
     card, case = target.card, target.case
-    loaded = pipe.load(card)
-    ref = pipe.reference(card, case)
-    exported = pipe.export(card)
-    session = pipe.session(card, case, "ort")
-    report = qeff.verify(
-        loaded.model,
-        qmodel=loaded.qmodel,
-        session=session,
-        prompt_token_ids=pipe.prompts(card, case),
-        prompt_len=case.prompt_len,
-        ctx_len=case.ctx_len,
-        steps=card.prompts.generation_len,
-        tolerances=_tolerances(target),
-        reference=(ref.trace, ref.tokens),
-    )
+    exported = ws.pipeline(card).export()
+    report = _verify(ws, target, session=ws.session(card, case, "ort"))
     comparison = report["pytorch_vs_ort"]
     outputs = exported.manifest.get("outputs", {})
-    record({
-        **_base(pipe, target),
-        "comparison": comparison.to_dict(),
-        "onnx": {"path": str(exported.path / "model.onnx"), "bytes": outputs.get("bytes"), "reused": exported.reused,
-                 "build_s": exported.build_seconds, "fp16_clipped_values": outputs.get("clipped_values")},
-    })
+    record(ExportRecord(
+        **_base(ws, target), comparison=comparison,
+        onnx=OnnxFacts(path=str(ws.pipeline(card).onnx_path), bytes=outputs.get("onnx_bytes"), reused=exported.reused,
+                       build_s=exported.build_seconds, fp16_clipped_values=outputs.get("fp16_clipped_values")),
+    ))
     if comparison.failures:
         pytest.fail(f"{target.id}: transformed PyTorch vs ONNX Runtime: " + "; ".join(comparison.failures), pytrace=False)
 
 
-def compile(pipe: Pipeline, target: Target, backend: str, record: Record) -> None:
+def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None:
     _require(backend)
     card, case = target.card, target.case
-    built = pipe.compiled(card, case, backend)
-    session = pipe.session(card, case, backend)
-    want = {"batch_size": case.batch_size, "ctx_len": case.ctx_len, "num_layers": pipe.load(card).qmodel.shape.num_layers}
+    built = ws.compiled(card, case, backend)
+    session = ws.session(card, case, backend)
+    want = {"batch_size": case.batch_size, "ctx_len": case.ctx_len, "num_layers": ws.pipeline(card).qmodel.shape.num_layers}
     got = {k: getattr(session, k, None) for k in want}
-    record({
-        **_base(pipe, target),
-        "artifact": {"path": str(built.path), "name": built.path.name, "reused": built.reused, "build_s": built.build_seconds,
-                     "bytes": _dir_bytes(built.path)},
-        "compile_options": card.compile.model_dump(),
-        "session": got,
-    })
+    record(CompileRecord(
+        **_base(ws, target),
+        artifact=ArtifactFacts(path=str(built.path), name=built.path.name, reused=built.reused, build_s=built.build_seconds,
+                               bytes=_dir_bytes(built.path)),
+        compile_options=card.compile.model_dump(), session=got,
+    ))
     wrong = [f"{k} is {got[k]} (expected {v})" for k, v in want.items() if got[k] != v]
     if wrong:
         pytest.fail(f"{target.id}: the {backend} artifact {built.path} opens with " + ", ".join(wrong), pytrace=False)
 
 
-def generation(pipe: Pipeline, target: Target, backend: str, record: Record) -> None:
+def generation(ws: Workspace, target: Target, backend: str, record: Record) -> None:
     """Free-running greedy generation on the backend against HF's greedy tokens. The first
     divergence of a row ends its comparison (what follows is another continuation); it fails
     unless HF's own top-2 logits there are closer than the ambiguity margin."""
     import qeff
+    from qeff.verification import greedy_divergence
 
     _require(backend)
     card, case = target.card, target.case
-    ref = pipe.reference(card, case)
-    session = pipe.session(card, case, backend)
-    result = qeff.generate(session, prompt_token_ids=pipe.prompts(card, case), generation_len=card.prompts.generation_len, eos_token_id=[])
+    ref = ws.reference(card, case)
+    session = ws.session(card, case, backend)
+    result = qeff.generate(session, prompt_token_ids=ws.prompts(card, case), generation_len=card.prompts.generation_len, eos_token_id=[])
     margin = getattr(card.tolerances, target.tier).ambiguity_margin
     rows, problems, matched, total = [], [], 0, 0
     for r, (want, got) in enumerate(zip(ref.tokens, result.token_ids)):
-        diverged = next((t for t, (a, b) in enumerate(zip(want, got)) if a != b), None)
-        if diverged is None and len(got) != len(want):
-            diverged = min(len(got), len(want))
-        step_margin = ref.margins[r][diverged] if diverged is not None and diverged < len(ref.margins[r]) else None
-        ambiguous = step_margin is not None and step_margin < margin
-        matched += len(want) if diverged is None else diverged
+        d = greedy_divergence(want, got, ref.margins[r], margin)
+        matched += d.matched
         total += len(want)
-        rows.append({
-            "row": r, "reference": want, "generated": got, "first_divergence": diverged,
-            "margin": step_margin, "ambiguous": ambiguous,
-            "reference_text": pipe.decode(card, want), "generated_text": pipe.decode(card, got),
-        })
-        if diverged is not None and not ambiguous:
+        rows.append(GenerationRow(
+            row=r, reference=want, generated=got, first_divergence=d.first, margin=d.margin, ambiguous=d.ambiguous,
+            reference_text=ws.decode(card, want), generated_text=ws.decode(card, got),
+        ))
+        if d.first is not None and not d.ambiguous:
             problems.append(
-                f"row {r} diverges at step {diverged}: HF chose {want[diverged] if diverged < len(want) else 'nothing'}, "
-                f"{backend} chose {got[diverged] if diverged < len(got) else 'nothing'} (HF's top-2 margin "
-                f"{step_margin if step_margin is not None else float('nan'):.3g} >= {margin:.3g})"
+                f"row {r} diverges at step {d.first}: HF chose {want[d.first] if d.first < len(want) else 'nothing'}, "
+                f"{backend} chose {got[d.first] if d.first < len(got) else 'nothing'} (HF's top-2 margin "
+                f"{d.margin if d.margin is not None else float('nan'):.3g} >= {margin:.3g})"
             )
-    stats = {k: getattr(result, k) for k in ("ttft_s", "decode_tok_s", "total_tok_s", "e2e_s", "new_tokens")}
-    record({**_base(pipe, target), "rows": rows, "tokens_matched": matched, "tokens_total": total, "stats": stats})
+    stats = {k: float(getattr(result, k)) for k in ("ttft_s", "decode_tok_s", "total_tok_s", "e2e_s", "new_tokens")}
+    record(GenerationRecord(**_base(ws, target), rows=rows, tokens_matched=matched, tokens_total=total, stats=stats))
     if problems:
         pytest.fail(f"{target.id}: greedy tokens on {backend} differ from HF's: " + "; ".join(problems), pytrace=False)
 
 
-def benchmark(pipe: Pipeline, target: Target, backend: str, record: Record) -> None:
+def benchmark(ws: Workspace, target: Target, backend: str, record: Record) -> None:
     """Median decode tokens/s, total tokens/s and time to first token over the card's repeats."""
     import qeff
 
     _require(backend)
     card, case, bench = target.card, target.case, target.card.benchmark
-    prompts = pipe.prompts(card, case)
+    prompts = ws.prompts(card, case)
     gen_len = min(bench.generation_len, case.ctx_len - max(len(p) for p in prompts))
-    session = pipe.session(card, case, backend, threads=bench.threads)
+    session = ws.session(card, case, backend, threads=bench.threads)
     machine = Probe(threads=bench.threads)  # the machine's speed, measured between the repeats
     runs = []
     for i in range(bench.warmup + bench.repeats):
         result = qeff.generate(session, prompt_token_ids=prompts, generation_len=gen_len, eos_token_id=[])
         if i >= bench.warmup:
-            runs.append({m: getattr(result, m) for m in ("decode_tok_s", "total_tok_s", "ttft_s", "e2e_s")})
+            runs.append({m: float(getattr(result, m)) for m in ("decode_tok_s", "total_tok_s", "ttft_s", "e2e_s")})
             machine.rate()
     figures = {m: statistics.median(run[m] for run in runs) for m in baseline.METRICS}
     probe = machine.median()
-    path = baseline.path_for(pipe.baseline_dir, backend, card.id)
-    command = baseline.update_command(card.id, target.tier, backend, pipe.baseline_dir, pipe.default_baseline_dir)
+    path = baseline.path_for(ws.baseline_dir, backend, card.id)
+    command = baseline.update_command(card.id, target.tier, backend, ws.baseline_dir, ws.default_baseline_dir)
     allowed = getattr(bench.max_regression, target.tier)
     try:
         against = baseline.check(path, baseline.entry_key(target.tier, case.id), figures, allowed, command, probe=probe)
     except ValueError as exc:
         against = {"file": str(path), "found": False, "changes": {}, "regressions": [str(exc)], "command": command}
-    record({
-        **_base(pipe, target),
-        "figures": figures, "runs": runs, "generation_len": gen_len, "repeats": bench.repeats,
-        "threads": bench.threads, "probe": probe, "baseline": against, "update_baseline": pipe.update_baseline,
-    })
-    if against["regressions"] and not pipe.update_baseline:
+    record(BenchmarkRecord(
+        **_base(ws, target), figures=figures, runs=runs, generation_len=gen_len, repeats=bench.repeats,
+        threads=bench.threads, probe=probe, baseline=against, update_baseline=ws.update_baseline,
+    ))
+    if against["regressions"] and not ws.update_baseline:
         pytest.fail(f"{target.id} on {backend}: " + "\n".join(against["regressions"]), pytrace=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pytest_qeff.records import BenchmarkRecord, ExportRecord, GenerationRecord, TransformRecord, record_of
+
 __all__ = ["CardRow", "card_rows", "format_table", "worst_comparison"]
 
 
@@ -63,16 +65,17 @@ def worst_comparison(records: list[dict]) -> tuple[float, float, str] | None:
     """(MSE, its tolerance, what) of the comparison closest to its MSE tolerance."""
     worst = None
     for rec in records:
-        comp = rec.get("data", {}).get("comparison")
-        if not comp:
+        stage = record_of(rec)
+        if not isinstance(stage, (TransformRecord, ExportRecord)):
             continue
+        comp = stage.comparison
         for kind in ("logits", "cache"):
-            value, tol = comp.get(f"{kind}_mse"), comp.get("tolerances", {}).get(f"{kind}_mse")
-            if value is None or not tol:
+            value, tol = getattr(comp, f"{kind}_mse"), comp.tolerances.get(f"{kind}_mse")
+            if not tol:
                 continue
             ratio = value / tol if value == value else float("inf")
             if worst is None or ratio > worst[0]:
-                worst = (ratio, value, tol, f"{comp['reference']} vs {comp['candidate']} {kind} MSE ({rec['case']})")
+                worst = (ratio, value, tol, f"{comp.reference} vs {comp.candidate} {kind} MSE ({rec['case']})")
     return None if worst is None else worst[1:]
 
 
@@ -90,20 +93,20 @@ def card_rows(results: dict) -> list[CardRow]:
         if worst:
             row.worst_mse, row.worst_tol, row.worst_what = worst
         for rec in recs:
-            data = rec.get("data", {})
-            if rec["stage"] == "generation" and "tokens_total" in data:
-                row.tokens_matched += data["tokens_matched"]
-                row.tokens_total += data["tokens_total"]
-            if rec["stage"] == "benchmark" and "figures" in data:
+            stage = record_of(rec)
+            if isinstance(stage, GenerationRecord):
+                row.tokens_matched += stage.tokens_matched
+                row.tokens_total += stage.tokens_total
+            if isinstance(stage, BenchmarkRecord):
                 if row.decode_tok_s is None:
-                    row.decode_tok_s = data["figures"].get("decode_tok_s")
-                changes = [c for c in data.get("baseline", {}).get("changes", {}).values() if c == c]
+                    row.decode_tok_s = stage.figures.get("decode_tok_s")
+                changes = [c for c in stage.baseline.get("changes", {}).values() if c == c]
                 if changes:
                     worst_change = min(changes)
                     row.change = worst_change if row.change is None else min(row.change, worst_change)
-                if data.get("update_baseline"):
+                if stage.update_baseline:
                     row.baseline_note = "updated"
-                elif not data.get("baseline", {}).get("found") and not row.baseline_note:
+                elif not stage.baseline.get("found") and not row.baseline_note:
                     row.baseline_note = "no baseline"
         rows.append(row)
     return rows

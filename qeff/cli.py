@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from qeff._version import __version__
 from qeff.errors import ArtifactError, QEffError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -81,7 +81,7 @@ def _run_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qeff", description="Run and verify HF causal LMs on static-shape accelerators (ONNX Runtime, Cloud AI 100).")
-    parser.add_argument("--version", action="version", version=f"qeff {__import__('qeff').__version__}")
+    parser.add_argument("--version", action="version", version=f"qeff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("infer", help="load → transform → export → verify → compile → execute (stages cached)")
@@ -145,17 +145,12 @@ def _home(args) -> Path | None:
 
 
 def _resolve_backend(name: str) -> str:
+    """``auto`` is qaic when the Cloud AI SDK is installed (compiler and runtime), else ort."""
     if name != "auto":
         return name
-    from qeff.compilers.qaic import find_compiler
+    from qeff import sdk
 
-    try:
-        find_compiler()
-        import importlib.util
-
-        return "qaic" if importlib.util.find_spec("qaicrt") is not None else "ort"
-    except QEffError:
-        return "ort"
+    return "qaic" if sdk.status().available else "ort"
 
 
 def _reuse_note(out: _Out, what: str, built) -> None:
@@ -165,25 +160,29 @@ def _reuse_note(out: _Out, what: str, built) -> None:
         out.say(f"[qeff] built {what} {built.path} in {built.seconds:.1f} s")
 
 
-def _compile(args, onnx_path: Path, backend: str, out: _Out):
-    import qeff
-
-    group = _device_group(args)
-    kwargs = dict(batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len)
-    if backend == "qaic":
-        kwargs.update(num_cores=args.num_cores, num_devices=len(group or [0]), mxfp6=args.mxfp6, mxint8=args.mxint8,
-                      mos=args.mos if args.mos > 0 else None, aic_enable_depth_first=args.aic_enable_depth_first,
-                      aic_hw_version=args.aic_hw_version, extra_options=tuple(args.compiler_option))
-    elif args.mxfp6 or args.mxint8 or args.mos > 0 or args.aic_enable_depth_first or args.compiler_option:
-        out.say("[qeff] note: --mxfp6/--mxint8/--mos/--aic_enable_depth_first/--compiler_option apply to Cloud AI only; the ort backend runs fp32")
-    return qeff.compile(onnx_path, backend, threads=getattr(args, "threads", None), progress=True,
-                        dry_run=getattr(args, "dry_run", False), force=getattr(args, "force", False), **kwargs)
-
-
 def _device_group(args) -> list[int] | None:
     from qeff.inputs import parse_device_group
 
     return parse_device_group(getattr(args, "device_group", None))
+
+
+def _compile_options(args, backend: str, out: _Out) -> dict:
+    """``qeff.compile``'s options from the command line (Cloud AI's only for the qaic backend)."""
+    options = dict(batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
+                   threads=getattr(args, "threads", None), dry_run=getattr(args, "dry_run", False))
+    if backend == "qaic":
+        options.update(num_cores=args.num_cores, num_devices=len(_device_group(args) or [0]), mxfp6=args.mxfp6,
+                       mxint8=args.mxint8, mos=args.mos if args.mos > 0 else None,
+                       aic_enable_depth_first=args.aic_enable_depth_first, aic_hw_version=args.aic_hw_version,
+                       extra_options=tuple(args.compiler_option))
+    elif args.mxfp6 or args.mxint8 or args.mos > 0 or args.aic_enable_depth_first or args.compiler_option:
+        out.say("[qeff] note: --mxfp6/--mxint8/--mos/--aic_enable_depth_first/--compiler_option apply to Cloud AI only; the ort backend runs fp32")
+    return options
+
+
+def _session_options(args) -> dict:
+    return dict(threads=getattr(args, "threads", None), device_ids=_device_group(args),
+                specialize_decode=getattr(args, "specialize_decode", None))
 
 
 def _prompts(args) -> list[str]:
@@ -193,96 +192,59 @@ def _prompts(args) -> list[str]:
     return prompts or [DEFAULT_PROMPT]
 
 
-def _check_prompt_lengths(tokenizer, prompts: list[str], ctx_len: int) -> None:
-    for p in prompts:
-        n = len(tokenizer(p)["input_ids"])
-        if n >= ctx_len:
-            raise UsageError(
-                f"prompt {p[:40]!r}{'…' if len(p) > 40 else ''} has {n} tokens, more than ctx_len={ctx_len} "
-                f"can hold with room to generate; use a larger --ctx_len or a shorter prompt"
-            )
+def _pipeline(args):
+    from qeff.pipeline import Pipeline
+
+    return Pipeline.open(args.model_name, revision=args.revision, cache_dir=args.cache_dir, home=_home(args))
 
 
-def _run(session, tokenizer, prompts: list[str], args, out: _Out) -> dict:
-    """Generate for every prompt (in batches of the session's batch size) and print the figures."""
-    import qeff
-    from qeff.generation import TextStreamer
-    from qeff.inputs import batches
+def _run(session, tokenizer, prompts: list[str], args, out: _Out):
+    """Generate for every prompt and report what the loop said (rows stopped by a full cache)."""
+    from qeff.generation import run_prompts
+    from qeff.inputs import check_prompt_lengths
 
-    plan = batches(prompts, session.batch_size)
-    _check_prompt_lengths(tokenizer, prompts, session.ctx_len)
-    results, texts, token_ids = [], [], []
-    for index, (rows, real) in enumerate(plan):
-        streamer = TextStreamer(tokenizer, out=out.human) if args.stream and index == 0 else None
-        if streamer:
-            out.human.write(f"\n{rows[0]}")
-        r = qeff.generate(session, rows, tokenizer=tokenizer, generation_len=args.generation_len, on_token=streamer)
-        if streamer:
-            streamer.end()
-        results.append(r)
-        texts += r.texts[:real]
-        token_ids += r.token_ids[:real]
-        for message in r.messages[:real]:
-            out.say(f"[qeff] {message}")
-    decode_s = sum(r.decode_s for r in results)
-    e2e = sum(r.e2e_s for r in results)
-    new_tokens = sum(r.new_tokens for r in results)
-    decode_tokens = sum(r.decode_tokens for r in results)
-    return {
-        "ttft_s": results[0].ttft_s,
-        "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
-        "total_tok_s": new_tokens / e2e if e2e > 0 else 0.0,
-        "e2e_s": e2e,
-        "new_tokens": new_tokens,
-        "batches": len(results),
-        "batch_size": session.batch_size,
-        "token_ids": token_ids,
-        "text": texts,
-        "prompts": prompts,
-    }
+    check_prompt_lengths(tokenizer, prompts, session.ctx_len)
+    summary = run_prompts(session, prompts, tokenizer=tokenizer, generation_len=args.generation_len,
+                          stream=out.human if args.stream else None)
+    for message in summary.messages:
+        out.say(f"[qeff] {message}")
+    return summary
 
 
-def _print_figures(out: _Out, figures: dict, *, show_texts: bool) -> None:
+def _print_figures(out: _Out, summary, *, show_texts: bool) -> None:
     if show_texts:
-        for prompt, text in zip(figures["prompts"], figures["text"]):
+        for prompt, text in zip(summary.prompts, summary.text):
             out.say(f"\n=== {prompt!r}\n{text}")
     out.say(
-        f"\n[qeff] batch size {figures['batch_size']} × {figures['batches']} batch(es), {figures['new_tokens']} new tokens\n"
-        f"  time to first token : {figures['ttft_s'] * 1000:9.1f} ms\n"
-        f"  decode              : {figures['decode_tok_s']:9.2f} tokens/s\n"
-        f"  total               : {figures['total_tok_s']:9.2f} tokens/s\n"
-        f"  end to end          : {figures['e2e_s']:9.3f} s"
+        f"\n[qeff] batch size {summary.batch_size} × {summary.batches} batch(es), {summary.new_tokens} new tokens\n"
+        f"  time to first token : {summary.ttft_s * 1000:9.1f} ms\n"
+        f"  decode              : {summary.decode_tok_s:9.2f} tokens/s\n"
+        f"  total               : {summary.total_tok_s:9.2f} tokens/s\n"
+        f"  end to end          : {summary.e2e_s:9.3f} s"
     )
 
 
-def _emit_json(figures: dict, **extra) -> None:
+def _emit_json(summary, **extra) -> None:
     from qeff._system import peak_rss_mb
 
-    record = {**figures, **extra, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    record = {**summary.to_dict(), **extra, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    record.pop("messages", None)
     print(json.dumps(record, default=str), flush=True)
 
 
-def _open(artifact: Path, args, rebuild=None):
-    """Open a compiled artifact; a corrupt one is rebuilt once when ``rebuild`` can."""
-    import qeff
-
-    try:
-        return qeff.open_session(artifact, threads=getattr(args, "threads", None), device_ids=_device_group(args),
-                                 specialize_decode=getattr(args, "specialize_decode", None)), False
-    except ArtifactError:
-        if rebuild is None:
-            raise
-        shutil.rmtree(artifact, ignore_errors=True)
-        built = rebuild()
-        return qeff.open_session(built.path, threads=getattr(args, "threads", None), device_ids=_device_group(args),
-                                 specialize_decode=getattr(args, "specialize_decode", None)), True
+def _say_comparisons(out: _Out, report, *, cached: bool) -> None:
+    for c in report.comparisons:
+        out.say(f"[qeff] verify {c.reference} vs {c.candidate}: {'ok' if c.passed else 'FAILED'} — logits MSE "
+                f"{c.logits_mse:.2e}, max-abs {c.logits_max_abs:.2e}, tokens {c.tokens_matched}/{c.tokens_total}"
+                + (" (cached)" if cached else ""))
 
 
 # -- commands -------------------------------------------------------------------------------
 
 
 def cmd_infer(args) -> int:
-    from qeff.pipeline import SMALL_MODEL_PARAMS, prepare, verify_cached
+    from qeff.inputs import check_prompt_lengths
+    from qeff.pipeline import SMALL_MODEL_PARAMS
 
     out = _Out(args.json)
     start = time.perf_counter()
@@ -290,72 +252,65 @@ def cmd_infer(args) -> int:
     group = _device_group(args)
     backend = _resolve_backend(args.backend)
     if backend == "qaic":
-        from qeff.compilers.qaic import find_compiler
-        from qeff.runtime.qaic import load_sdk
+        from qeff import sdk
 
-        find_compiler()
-        load_sdk()
-    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir, force=args.force,
-                       validate=lambda tok: _check_prompt_lengths(tok, prompts, args.ctx_len))
-    _reuse_note(out, "export", prepared.export)
-    tokenizer = prepared.tokenizer
-    load_s = prepared.load_s
-    want_verify = args.verify if args.verify is not None else prepared.num_parameters <= SMALL_MODEL_PARAMS
+        sdk.require_compiler()
+        sdk.import_runtime()
+    pipe = _pipeline(args)
+    exported = pipe.export(force=args.force, validate=lambda tok: check_prompt_lengths(tok, prompts, args.ctx_len))
+    _reuse_note(out, "export", exported)
+    tokenizer = pipe.tokenizer
+    want_verify = args.verify if args.verify is not None else pipe.num_parameters <= SMALL_MODEL_PARAMS
     verify_summary = None
     if want_verify:
         ids = [tokenizer(p)["input_ids"] for p in prompts[: args.batch_size]]
         longest = max(len(i) for i in ids)
         steps = max(1, min(16, args.ctx_len - longest))
         if longest < args.ctx_len:
-            built, report = verify_cached(prepared, prompt_token_ids=ids, prompt_len=args.prompt_len, ctx_len=args.ctx_len, steps=steps, force=args.force)
-            load_s = prepared.load_s
-            verify_summary = {c["name"]: {k: c[k] for k in ("logits_mse", "logits_max_abs", "tokens_matched", "tokens_total", "passed")}
-                              for c in report["comparisons"]}
-            for c in report["comparisons"]:
-                out.say(f"[qeff] verify {c['reference']} vs {c['candidate']}: {'ok' if c['passed'] else 'FAILED'} — logits MSE "
-                        f"{c['logits_mse']:.2e}, max-abs {c['logits_max_abs']:.2e}, tokens {c['tokens_matched']}/{c['tokens_total']}"
-                        + (" (cached)" if built.reused else ""))
-            if not report["passed"]:
-                failures = "; ".join(f for c in report["comparisons"] for f in c["failures"])
+            built, report = pipe.verify_cached(ids, prompt_len=args.prompt_len, ctx_len=args.ctx_len, steps=steps, force=args.force)
+            verify_summary = {c.name: {"logits_mse": c.logits_mse, "logits_max_abs": c.logits_max_abs, "tokens_matched": c.tokens_matched,
+                                       "tokens_total": c.tokens_total, "passed": c.passed} for c in report.comparisons}
+            _say_comparisons(out, report, cached=built.reused)
+            if not report.passed:
+                failures = "; ".join(f for c in report.comparisons for f in c.failures)
                 raise QEffError(f"verification failed: {failures}; run `qeff verify` for the full report, or --no-verify to skip")
-    built = _compile(args, prepared.onnx_path, backend, out)
+    options = _compile_options(args, backend, out)
+    built = pipe.compile(backend, force=args.force, **options)
     _reuse_note(out, f"{backend} artifact", built)
-    session, rebuilt = _open(built.path, args, rebuild=lambda: _compile(args, prepared.onnx_path, backend, out))
+    session, rebuilt = pipe.open_session(built, rebuild=lambda: pipe.compile(backend, **options), **_session_options(args))
     if rebuilt:
         out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
-    figures = _run(session, tokenizer, prompts, args, out)
-    _print_figures(out, figures, show_texts=not args.stream or len(prompts) > 1)
+    summary = _run(session, tokenizer, prompts, args, out)
+    _print_figures(out, summary, show_texts=not args.stream or len(prompts) > 1)
     if args.json:
-        _emit_json(figures, backend=backend, model=args.model_name, load_s=round(load_s, 3), device_group=group,
-                   artifact=str(built.path), reused={"export": prepared.export.reused, "compile": built.reused},
+        _emit_json(summary, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
+                   artifact=str(built.path), reused={"export": exported.reused, "compile": built.reused and not rebuilt},
                    verify=verify_summary, wall_s=round(time.perf_counter() - start, 3))
     return 0
 
 
 def cmd_export(args) -> int:
-    from qeff.pipeline import prepare
-
     out = _Out(False)
-    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir, force=args.force)
-    _reuse_note(out, "export", prepared.export)
-    out.say(str(prepared.onnx_path))
+    pipe = _pipeline(args)
+    _reuse_note(out, "export", pipe.export(force=args.force))
+    out.say(str(pipe.onnx_path))
     return 0
 
 
 def cmd_compile(args) -> int:
+    import qeff
+
     out = _Out(False)
     backend = _resolve_backend(args.backend)
     if args.dry_run and backend != "qaic":
         raise UsageError("--dry_run applies to --backend qaic (the ort backend needs no external compiler)")
+    options = _compile_options(args, backend, out)
     if args.onnx_path:
-        onnx_path = Path(args.onnx_path)
+        result = qeff.compile(Path(args.onnx_path), backend, progress=True, **options)
     else:
-        from qeff.pipeline import prepare
-
-        prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir)
-        _reuse_note(out, "export", prepared.export)
-        onnx_path = prepared.onnx_path
-    result = _compile(args, onnx_path, backend, out)
+        pipe = _pipeline(args)
+        _reuse_note(out, "export", pipe.export())
+        result = pipe.compile(backend, **options)
     if args.dry_run:
         out.say(f"[qeff] wrote the compiler's files to {result.out_dir}; run the compile by hand with:\n{result.shell_command()}")
         return 0
@@ -365,6 +320,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_execute(args) -> int:
+    import qeff
+
     out = _Out(args.json)
     artifact = Path(args.qpc_path)
     if not artifact.exists():
@@ -383,34 +340,32 @@ def cmd_execute(args) -> int:
                 break
     if tokenizer is None:
         raise UsageError(f"no tokenizer found beside {artifact}; pass --model_name to say where it comes from")
-    session, _ = _open(artifact, args)
-    figures = _run(session, tokenizer, _prompts(args), args, out)
-    _print_figures(out, figures, show_texts=not args.stream or len(figures["prompts"]) > 1)
+    session = qeff.open_session(artifact, **_session_options(args))
+    summary = _run(session, tokenizer, _prompts(args), args, out)
+    _print_figures(out, summary, show_texts=not args.stream or len(summary.prompts) > 1)
     if args.json:
-        _emit_json(figures, backend=session.backend, artifact=str(artifact), load_s=0.0)
+        _emit_json(summary, backend=session.backend, artifact=str(artifact), load_s=0.0)
     return 0
 
 
 def cmd_verify(args) -> int:
-    from qeff.pipeline import prepare, verify_cached
-
     out = _Out(args.json)
-    prepared = prepare(args.model_name, home=_home(args), revision=args.revision, cache_dir=args.cache_dir)
-    ids = [prepared.tokenizer(p)["input_ids"] for p in _prompts(args)]
-    built, report = verify_cached(prepared, prompt_token_ids=ids, prompt_len=args.prompt_len, ctx_len=args.ctx_len, steps=args.steps)
-    for c in report["comparisons"]:
-        out.say(f"{c['reference']} vs {c['candidate']}: {'ok' if c['passed'] else 'FAILED'}; logits MSE {c['logits_mse']:.3g} "
-                f"max-abs {c['logits_max_abs']:.3g} (tol {c['tolerances']['logits_max_abs']:.3g}); cache MSE {c['cache_mse']:.3g} "
-                f"max-abs {c['cache_max_abs']:.3g}; tokens {c['tokens_matched']}/{c['tokens_total']} ({c['ambiguous']} ambiguous)")
-        for failure in c["failures"]:
+    pipe = _pipeline(args)
+    pipe.export()
+    ids = [pipe.tokenizer(p)["input_ids"] for p in _prompts(args)]
+    _, report = pipe.verify_cached(ids, prompt_len=args.prompt_len, ctx_len=args.ctx_len, steps=args.steps)
+    for c in report.comparisons:
+        out.say(c.describe() + f"; cache MSE {c.cache_mse:.3g} max-abs {c.cache_max_abs:.3g}")
+        for failure in c.failures:
             out.say(f"  - {failure}")
     if args.json:
-        print(json.dumps(report), flush=True)
-    return 0 if report["passed"] else 1
+        print(json.dumps(report.to_dict()), flush=True)
+    return 0 if report.passed else 1
 
 
 def cmd_list(args) -> int:
-    from qeff.artifacts import qeff_home, read_manifest
+    from qeff.artifacts import read_manifest
+    from qeff.layout import qeff_home
 
     home = _home(args) or qeff_home()
     if not home.is_dir():

@@ -26,7 +26,7 @@ import numpy as np
 from qeff.errors import UsageError
 from qeff.runtime.base import Session
 
-__all__ = ["GenerationResult", "generate", "prefill_chunks", "TextStreamer", "eos_ids"]
+__all__ = ["GenerationResult", "RunSummary", "generate", "run_prompts", "prefill_chunks", "TextStreamer", "eos_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +250,62 @@ def _check_inputs(prompt_token_ids: list[list[int]], batch: int, prompt_len: int
                 f"prompt {i} has {len(ids)} tokens but ctx_len={ctx_len} leaves no room to generate; "
                 f"use a larger ctx_len or a shorter prompt"
             )
+
+
+@dataclass
+class RunSummary:
+    """Every prompt generated, in batches of the session's batch size (see :mod:`qeff.inputs` for
+    the prompts/batch rule), and the figures over all batches."""
+
+    prompts: list[str]
+    text: list[str]  # one per prompt, in input order
+    token_ids: list[list[int]]
+    messages: list[str]
+    ttft_s: float  # the first batch's
+    decode_tok_s: float
+    total_tok_s: float
+    e2e_s: float
+    new_tokens: int  # every computed row, filler rows included
+    batches: int
+    batch_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_prompts(
+    session: Session,
+    prompts: Sequence[str],
+    *,
+    tokenizer,
+    generation_len: int | None = None,
+    stream: TextIO | None = None,
+) -> RunSummary:
+    """Generate for every prompt, in batches of ``session.batch_size``; ``stream`` (a text file)
+    receives the first prompt's tokens as they come."""
+    from qeff.inputs import batches
+
+    plan = batches(list(prompts), session.batch_size)
+    results, texts, token_ids, messages = [], [], [], []
+    for index, (rows, real) in enumerate(plan):
+        streamer = TextStreamer(tokenizer, out=stream) if stream is not None and index == 0 else None
+        if streamer:
+            stream.write(f"\n{rows[0]}")
+        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer)
+        if streamer:
+            streamer.end()
+        results.append(r)
+        texts += r.texts[:real]
+        token_ids += r.token_ids[:real]
+        messages += r.messages[:real]
+    decode_s = sum(r.decode_s for r in results)
+    e2e = sum(r.e2e_s for r in results)
+    new_tokens = sum(r.new_tokens for r in results)
+    decode_tokens = sum(r.decode_tokens for r in results)
+    return RunSummary(
+        prompts=list(prompts), text=texts, token_ids=token_ids, messages=messages,
+        ttft_s=results[0].ttft_s,
+        decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+        total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
+        e2e_s=e2e, new_tokens=new_tokens, batches=len(results), batch_size=session.batch_size,
+    )

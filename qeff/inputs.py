@@ -21,11 +21,17 @@ from pathlib import Path
 
 from qeff.errors import UsageError
 
-__all__ = ["parse_device_group", "read_prompts", "batches"]
+__all__ = ["parse_device_group", "read_prompts", "batches", "check_prompt_lengths"]
+
+
+_DEVICE_GROUP = re.compile(r"^\d+(?:\s*,\s*\d+|\s+\d+)*$")
 
 
 def parse_device_group(text: str | None) -> list[int] | None:
-    """``"[0,1]"``, ``"0,1"``, ``"0 1"`` or ``"3"`` → ``[0, 1]`` / ``[3]``; None/empty → None."""
+    """``"[0,1]"``, ``"0,1"``, ``"0 1"`` or ``"3"`` → ``[0, 1]`` / ``[3]``; None/empty → None.
+
+    The one parser of device groups: the CLI's ``--device_group`` and the plugin's
+    ``--device-group`` both use it."""
     if text is None:
         return None
     body = text.strip()
@@ -34,12 +40,14 @@ def parse_device_group(text: str | None) -> list[int] | None:
     if body.startswith("[") != body.endswith("]"):
         raise UsageError(f"malformed device group {text!r}: unbalanced brackets; write it like [0,1] or 0,1")
     body = body.strip("[]").strip()
-    parts = [p for p in re.split(r"[,\s]+", body) if p]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise UsageError(f"malformed device group {text!r}: expected device ids (non-negative integers) like [0,1] or 0,1")
-    ids = [int(p) for p in parts]
+    if not _DEVICE_GROUP.match(body):
+        raise UsageError(
+            f"malformed device group {text!r}: expected device ids (non-negative integers) separated by commas, "
+            f"like 0 or 0,1 or [0,1]"
+        )
+    ids = [int(p) for p in re.split(r"[,\s]+", body)]
     if len(set(ids)) != len(ids):
-        raise UsageError(f"malformed device group {text!r}: device {sorted({i for i in ids if ids.count(i) > 1})[0]} is listed twice")
+        raise UsageError(f"malformed device group {text!r}: device {sorted({i for i in ids if ids.count(i) > 1})[0]} appears twice in one group")
     return ids
 
 
@@ -73,3 +81,15 @@ def batches(prompts: list[str], batch_size: int) -> list[tuple[list[str], int]]:
         rows = [real[i % len(real)] for i in range(batch_size)]
         out.append((rows, len(real)))
     return out
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], ctx_len: int) -> None:
+    """Every prompt must leave room in the cache to generate (checked with the tokenizer alone,
+    before any model is loaded or exported)."""
+    for p in prompts:
+        n = len(tokenizer(p)["input_ids"])
+        if n >= ctx_len:
+            raise UsageError(
+                f"prompt {p[:40]!r}{'…' if len(p) > 40 else ''} has {n} tokens, more than ctx_len={ctx_len} "
+                f"can hold with room to generate; use a larger --ctx_len or a shorter prompt"
+            )

@@ -1,140 +1,317 @@
-"""The cached chain behind ``qeff infer``: resolve → (load → transform → export) → verify → compile.
+"""The one orchestrator: load → reference (untouched HF) → transform → export → verify → compile → session.
 
-Each stage is an artifact directory under ``$QEFF_HOME`` (see :mod:`qeff.artifacts`)::
+``qeff infer/export/compile/verify``, the Python API and the pytest plugin all drive a
+:class:`Pipeline`, so they share one export cache, one manifest schema and one reference::
 
-    <home>/<model slug>/export-<hash>/        model.onnx, model.onnx.data, tokenizer files, manifest.json
-        verify-<hash>/                        manifest.json holding the verification report
-        ort_1BS_32PL_128CL/                   model.opt.onnx, manifest.json
-        qpc_16cores_1BS_32PL_128CL_1devices/  (Cloud AI 100)
+    pipe = Pipeline.open("smollm2-135m")                 # or Pipeline(name, model=..., identity=...)
+    pipe.export()                                        # cached: <home>/<slug>/export-<hash>/
+    ref = pipe.reference(prompt_ids, steps=16)           # HF eager on the model as loaded
+    report = pipe.verify(prompt_ids, prompt_len=32, ctx_len=128, steps=16, session=...)
+    built = pipe.compile("ort", batch_size=1, prompt_len=32, ctx_len=128)
+    session = pipe.open_session(built)
 
-The export hash covers what determines the graph: the model's identity (a digest of its weight
-files, or the config + seed of a random model), the transforms, the exporter and library versions.
-When an export is reused the model itself is not even loaded (its tokenizer is saved beside the
-graph); it is loaded only if a stage that needs it (verification) has no matching artifact.
+Each stage is an artifact directory (:mod:`qeff.layout` names them, :mod:`qeff.artifacts` builds
+and reuses them). The export hash covers what determines the graph: the model's identity (a digest
+of its weight files, or the config + seed of a random model), the transforms, the exporter and
+library versions. When an export is reused the model itself is not even loaded (its tokenizer is
+saved beside the graph); it is loaded only if a stage that needs it has no matching artifact.
+
+The reference is always traced from the model as loaded: :func:`qeff.transforms.transform` works
+on a weight-sharing copy and never changes the model it is given (issue 9).
 """
 
 from __future__ import annotations
 
-import re
-import sys
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from qeff.artifacts import Built, build_artifact, manifest_hash, qeff_home
-from qeff.errors import UsageError
+from qeff.artifacts import Built, build_artifact, manifest_hash
+from qeff.errors import ArtifactError, UsageError
+from qeff.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
 from qeff.loading import ModelSource, load_source, resolve
+from qeff.progress import stage
 
-__all__ = ["Prepared", "prepare", "stage", "verify_cached", "SMALL_MODEL_PARAMS"]
+__all__ = [
+    "Pipeline",
+    "Reference",
+    "Prepared",
+    "prepare",
+    "verify_cached",
+    "export_manifest",
+    "SMALL_MODEL_PARAMS",
+]
 
 #: Verification runs by default for models up to this many parameters (it runs HF on the CPU).
 SMALL_MODEL_PARAMS = 2_000_000_000
 
 
-@contextmanager
-def stage(description: str, *, enabled: bool = True):
-    """Progress for work with no finer-grained progress: a running clock on a terminal; in logs
-    (stderr not a TTY) one line when it starts and one when it ends."""
-    if not enabled:
-        yield
-        return
-    start = time.perf_counter()
-    if not sys.stderr.isatty():
-        print(f"{description} …", file=sys.stderr, flush=True)
-        yield
-        print(f"{description}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=True)
-    done = threading.Event()
-
-    def tick():
-        while not done.wait(0.5):
-            bar.refresh()
-
-    thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        bar.close()
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip().strip("/")).strip("-") or "model"
-
-
 @dataclass
-class Prepared:
-    """An exported model: where its graph is, and (loaded lazily) the model and tokenizer."""
+class Reference:
+    """HF eager's own greedy continuation of each prompt (each alone, batch 1), the logits it chose
+    from (``trace``) and the top-2 logit margin of every step (for the ambiguity rule)."""
 
-    name: str
-    export: Built
-    source: ModelSource | None = None
-    _model: object = None
-    _qmodel: object = None
-    _tokenizer: object = None
-    load_s: float = 0.0
-    timings: dict = field(default_factory=dict)
+    tokens: list[list[int]]
+    margins: list[list[float]]
+    trace: Any  # qeff.verification.Trace
 
-    @property
-    def export_dir(self) -> Path:
-        return self.export.path
 
-    @property
-    def onnx_path(self) -> Path:
-        return self.export.path / "model.onnx"
+def export_manifest(identity: dict) -> dict:
+    """The inputs of an export artifact: everything that determines the graph. One schema for
+    every caller (CLI, API, plugin)."""
+    from qeff.exporter import OPSET, library_versions
+    from qeff.transforms.model import TRANSFORMS
 
-    @property
-    def num_parameters(self) -> int:
-        return int(self.export.manifest.get("outputs", {}).get("num_parameters", 0))
+    return {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            if self.export is not None and (self.export_dir / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
-            elif self.source is not None:
-                from qeff.loading import load_tokenizer
+class Pipeline:
+    """One model's chain of stages. The model, tokenizer and transformed model load lazily, when
+    a stage that needs them has no cached artifact.
 
-                self._tokenizer = load_tokenizer(self.source)  # seconds, not the model's load
-        return self._tokenizer
+    ``model`` + ``identity`` (what identifies these weights, e.g. a card's config and seed) run a
+    model object; :meth:`open` resolves a name, path or hub id instead.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        source: ModelSource | None = None,
+        model=None,
+        tokenizer=None,
+        identity: dict | None = None,
+        home: str | Path | None = None,
+        progress: bool = True,
+    ):
+        if source is None and model is None:
+            raise UsageError("a Pipeline needs a model source or a model object")
+        if identity is None:
+            if source is None:
+                raise UsageError("Pipeline(model=...) needs identity=: what identifies these weights (e.g. config + seed)")
+            identity = source.identity()
+        self.name = name
+        self.source = source
+        self.identity = identity
+        self.home = Path(home) if home else qeff_home()
+        self.progress = progress
+        self._model = model
+        self._tokenizer = tokenizer
+        self._qmodel = None
+        self._export: Built | None = None
+        self._references: dict[str, Reference] = {}
+        self.load_s = 0.0
+
+    @classmethod
+    def open(cls, name: str, *, revision: str | None = None, cache_dir: str | None = None, **kwargs) -> Pipeline:
+        """A pipeline for a model name, path, ``.gguf`` file or hub repo id (nothing is loaded yet)."""
+        if not name or not name.strip():
+            raise UsageError("no model name given")
+        return cls(name, source=resolve(name, revision=revision, cache_dir=cache_dir), **kwargs)
+
+    # --- the model ---------------------------------------------------------------------------
 
     @property
     def model(self):
+        """The model as loaded: the untouched reference of every comparison."""
         if self._model is None:
-            self._load()
+            if self.source is None:
+                raise UsageError(f"{self.name}: the model object was not kept and has no source to reload it from")
+            start = time.perf_counter()
+            self._model, tokenizer = load_source(self.source)
+            self._tokenizer = self._tokenizer or tokenizer
+            self.load_s += time.perf_counter() - start
         return self._model
 
     @property
     def qmodel(self):
+        """The retained-state wrapper (a weight-sharing copy; :attr:`model` is left as it was)."""
         if self._qmodel is None:
             from qeff.transforms import transform
 
             self._qmodel = transform(self.model)
         return self._qmodel
 
-    def _load(self) -> None:
-        if self.source is None:
-            raise UsageError(f"{self.name}: the model object was not kept and has no source to reload it from")
-        start = time.perf_counter()
-        self._model, tokenizer = load_source(self.source)
-        self._tokenizer = self._tokenizer or tokenizer
-        self.load_s += time.perf_counter() - start
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self._export is not None and (self._export.path / "tokenizer_config.json").is_file():
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self._export.path))
+            elif self.source is not None:
+                from qeff.loading import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.source)  # seconds, not the model's load
+        return self._tokenizer
+
+    # --- export ------------------------------------------------------------------------------
+
+    @property
+    def export_built(self) -> Built:
+        if self._export is None:
+            self.export()
+        assert self._export is not None
+        return self._export
+
+    @property
+    def export_dir(self) -> Path:
+        return self.export_built.path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.export_dir / ONNX_FILE
+
+    @property
+    def num_parameters(self) -> int:
+        return int(self.export_built.manifest.get("outputs", {}).get("num_parameters", 0))
+
+    def export(self, *, force: bool = False, validate: Callable[[Any], None] | None = None) -> Built:
+        """The exported graph, reused while its manifest matches.
+
+        ``validate(tokenizer)`` runs before any slow work (it may raise, e.g. for a prompt that
+        cannot fit): before loading the model when the export must be built, right after a reuse
+        otherwise."""
+        if self._export is not None and not force:
+            if validate is not None and self.tokenizer is not None:
+                validate(self.tokenizer)
+            return self._export
+        manifest = export_manifest(self.identity)
+        target = self.home / slug(self.name) / export_dir_name(manifest_hash(manifest))
+
+        def build(tmp: Path) -> dict:
+            from qeff.exporter import export
+
+            if validate is not None and self.tokenizer is not None:
+                validate(self.tokenizer)
+            model = self.model  # loads when not given
+            with stage(f"Transforming and exporting {self.name} to ONNX", enabled=self.progress):
+                qmodel = self.qmodel
+                result = export(qmodel, tmp, model_id=self.name)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
+            config = model.config
+            return {
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "model_type": config.model_type,
+                "config": config.to_dict(),
+                "weights_digest": qmodel.weights_digest,
+                "fp16_clipped_values": result.clipped_values,
+                "trace_warnings": list(result.trace_warnings),
+                "onnx_bytes": sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*")),
+            }
+
+        self._export = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force)
+        if self._export.reused and validate is not None and self.tokenizer is not None:
+            validate(self.tokenizer)
+        return self._export
+
+    # --- reference and verification ----------------------------------------------------------
+
+    def reference(self, prompt_token_ids: Sequence[Sequence[int]], steps: int) -> Reference:
+        """HF eager's trace of these prompts (memoized: HF eager is the slow part of verification)."""
+        from qeff.verification import hf_trace, top2_margin
+
+        key = repr(([list(map(int, p)) for p in prompt_token_ids], steps))
+        if key not in self._references:
+            trace, tokens = hf_trace(self.model, prompt_token_ids, steps)
+            margins = [[top2_margin(step) for step in row] for row in trace.logits]
+            self._references[key] = Reference(tokens, margins, trace)
+        return self._references[key]
+
+    def verify(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        *,
+        prompt_len: int,
+        ctx_len: int,
+        steps: int,
+        tolerances=None,
+        session=None,
+    ):
+        """HF eager (this pipeline's untouched model) vs the transformed model, and vs ``session``
+        when given: a :class:`qeff.verification.VerifyReport`."""
+        from qeff.verification import verify
+
+        ref = self.reference(prompt_token_ids, steps)
+        return verify(
+            self.model, qmodel=self.qmodel, session=session, prompt_token_ids=prompt_token_ids, prompt_len=prompt_len,
+            ctx_len=ctx_len, steps=steps, tolerances=tolerances, reference=(ref.trace, ref.tokens),
+        )
+
+    def verify_cached(
+        self,
+        prompt_token_ids: list[list[int]],
+        *,
+        prompt_len: int,
+        ctx_len: int,
+        steps: int,
+        tolerances=None,
+        force: bool = False,
+    ):
+        """HF vs transformed PyTorch vs ONNX Runtime on these prompts, cached beside the export:
+        ``(Built, VerifyReport)``."""
+        from qeff.runtime.ort import OrtSession
+        from qeff.verification import Tolerances, VerifyReport
+
+        tol = tolerances or Tolerances()
+        manifest = {
+            "stage": "verify",
+            "export": self.export_built.manifest.get("inputs"),
+            "prompt_token_ids": prompt_token_ids,
+            "prompt_len": prompt_len,
+            "ctx_len": ctx_len,
+            "steps": steps,
+            "tolerances": asdict(tol),
+        }
+
+        def build(tmp: Path) -> dict:
+            _ = self.model  # loading has its own progress bars
+            with stage("Verifying HF vs PyTorch vs ONNX Runtime", enabled=self.progress):
+                session = OrtSession(self.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
+                report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
+                                     tolerances=tol, session=session)
+            return {"report": report.to_dict()}
+
+        built = build_artifact(self.export_dir / verify_dir_name(manifest_hash(manifest)), manifest, build, force=force)
+        return built, VerifyReport.from_dict(built.manifest["outputs"]["report"])
+
+    # --- compile and run ---------------------------------------------------------------------
+
+    def compile(self, backend: str, *, force: bool = False, progress: bool | None = None, **options) -> Built:
+        """The exported graph compiled for ``backend`` (``qeff.compile``'s options), reused while
+        its manifest matches."""
+        from qeff.compilers import compile
+
+        return compile(self.onnx_path, backend, force=force, progress=self.progress if progress is None else progress, **options)
+
+    def open_session(
+        self,
+        built: Built,
+        *,
+        rebuild: Callable[[], Built] | None = None,
+        **options,
+    ):
+        """A fresh session on a compiled artifact. A cached artifact that cannot be opened is
+        deleted and rebuilt once with ``rebuild`` (when given); returns ``(session, rebuilt)``."""
+        import shutil
+
+        from qeff.runtime import open_session
+
+        try:
+            return open_session(built.path, **options), False
+        except ArtifactError:
+            if rebuild is None:
+                raise
+            shutil.rmtree(built.path, ignore_errors=True)
+            return open_session(rebuild().path, **options), True
 
 
-def _export_manifest(identity: dict) -> dict:
-    from qeff.exporter import OPSET, library_versions
-    from qeff.transforms.model import TRANSFORMS
+# --- compatibility: the function forms used before the Pipeline class -------------------------
 
-    return {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
+Prepared = Pipeline
 
 
 def prepare(
@@ -149,91 +326,20 @@ def prepare(
     progress: bool = True,
     force: bool = False,
     validate=None,
-) -> Prepared:
-    """Export ``name`` (or a given ``model`` with its ``identity``), reusing a matching export.
-
-    ``validate(tokenizer)`` runs before any slow work (it may raise, e.g. for a prompt that cannot
-    fit): before loading the model when the export must be built, right after a reuse otherwise."""
-    home = Path(home) if home else qeff_home()
-    source = None
+) -> Pipeline:
+    """A :class:`Pipeline` whose export is done (``.export_built``), for a name or a model object."""
     if model is None:
         if name is None:
             raise UsageError("prepare() needs a model name or a model object")
-        source = resolve(name, revision=revision, cache_dir=cache_dir)
-        identity = source.identity()
-        display = name
+        pipe = Pipeline.open(name, revision=revision, cache_dir=cache_dir, home=home, progress=progress)
     else:
-        if identity is None:
-            raise UsageError("prepare(model=...) needs identity=: what identifies these weights (e.g. config + seed)")
-        display = name or identity.get("name", "model")
-    manifest = _export_manifest(identity)
-    target = home / slug(display) / f"export-{manifest_hash(manifest)}"
-    prepared = Prepared(name=display, export=None, source=source, _model=model, _tokenizer=tokenizer)  # type: ignore[arg-type]
-
-    def build(tmp: Path) -> dict:
-        from qeff.exporter import export
-
-        if validate is not None and prepared.tokenizer is not None:
-            validate(prepared.tokenizer)
-        loaded_model = prepared.model  # loads when not given
-        with stage(f"Transforming and exporting {display} to ONNX", enabled=progress):
-            qmodel = prepared.qmodel
-            result = export(qmodel, tmp, model_id=display)
-        if prepared.tokenizer is not None:
-            prepared.tokenizer.save_pretrained(str(tmp))
-        config = loaded_model.config
-        return {
-            "num_parameters": sum(p.numel() for p in loaded_model.parameters()),
-            "model_type": config.model_type,
-            "config": config.to_dict(),
-            "weights_digest": qmodel.weights_digest,
-            "fp16_clipped_values": result.clipped_values,
-            "trace_warnings": list(result.trace_warnings),
-            "onnx_bytes": sum(p.stat().st_size for p in tmp.glob("model.onnx*")),
-        }
-
-    prepared.export = build_artifact(target, manifest, build, required=("model.onnx",), force=force)
-    if prepared.export.reused and validate is not None and prepared.tokenizer is not None:
-        validate(prepared.tokenizer)
-    return prepared
+        display = name or (identity or {}).get("name", "model")
+        pipe = Pipeline(display, model=model, tokenizer=tokenizer, identity=identity, home=home, progress=progress)
+    pipe.export(force=force, validate=validate)
+    return pipe
 
 
-def verify_cached(
-    prepared: Prepared,
-    *,
-    prompt_token_ids: list[list[int]],
-    prompt_len: int,
-    ctx_len: int,
-    steps: int,
-    tolerances=None,
-    progress: bool = True,
-    force: bool = False,
-) -> tuple[Built, dict]:
-    """HF vs transformed PyTorch vs ONNX Runtime on these prompts, cached beside the export.
-    Returns the artifact and the report as a dict (``passed``, ``comparisons``, …)."""
-    from dataclasses import asdict
-
-    from qeff.runtime.ort import OrtSession
-    from qeff.verification import Tolerances, verify
-
-    tol = tolerances or Tolerances()
-    manifest = {
-        "stage": "verify",
-        "export": prepared.export.manifest.get("inputs"),
-        "prompt_token_ids": prompt_token_ids,
-        "prompt_len": prompt_len,
-        "ctx_len": ctx_len,
-        "steps": steps,
-        "tolerances": asdict(tol),
-    }
-
-    def build(tmp: Path) -> dict:
-        model, qmodel = prepared.model, prepared.qmodel
-        with stage("Verifying HF vs PyTorch vs ONNX Runtime", enabled=progress):
-            session = OrtSession(prepared.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
-            report = verify(model, qmodel=qmodel, session=session, prompt_token_ids=prompt_token_ids,
-                            prompt_len=prompt_len, ctx_len=ctx_len, steps=steps, tolerances=tol)
-        return {"report": report.to_dict()}
-
-    built = build_artifact(prepared.export_dir / f"verify-{manifest_hash(manifest)}", manifest, build, force=force)
-    return built, built.manifest["outputs"]["report"]
+def verify_cached(pipe: Pipeline, **kwargs) -> tuple[Built, dict]:
+    """:meth:`Pipeline.verify_cached` with the report as a dict."""
+    built, report = pipe.verify_cached(**kwargs)
+    return built, report.to_dict()

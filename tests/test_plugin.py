@@ -104,8 +104,8 @@ def test_bad_toml_is_a_usage_error(pytester: pytest.Pytester) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--device-group", "0,x"], "*--device-group '0,x': expected device ids separated by commas, like 0 or 0,1 or [[]0,1]*"),
-        (["--device-group", "0,0"], "*a device appears twice in one group*"),
+        (["--device-group", "0,x"], "*--device-group: malformed device group '0,x': expected device ids (non-negative integers) separated by commas, like 0 or 0,1 or [[]0,1]*"),
+        (["--device-group", "0,0"], "*device 0 appears twice in one group*"),
         (["--device-group", "0,1", "--device-group", "[1,2]"], "*device 1 is in two groups (0,1 and 1,2)*"),
         (["--device-group", "0", "--device-group", "1"], "*2 device groups given but the tests run in one process: add -n 2*"),
     ],
@@ -155,11 +155,11 @@ def test_a_run_writes_results_report_and_terminal_table(pytester: pytest.Pyteste
         "card*stages passed*worst MSE / tol*tokens*decode tok/s*vs baseline",
         "llama-3-8b*5/8 (3 skipped)*e-1* / 1e-12*16/16*no baseline",
         f"report: {pytester.path / 'out' / 'index.html'}*",
-        "SKIPPED*qaic: Cloud AI 100 SDK not found: no qaic-exec or qaic-compile on PATH or in /opt/qti-aic/exec/; "
+        "SKIPPED*qaic: Cloud AI 100 SDK not found: no qaic-compile or qaic-exec on PATH or in /opt/qti-aic/exec/; "
         "the qaicrt Python module is not importable*",
     ])
     data = json.loads((pytester.path / "out" / "results.json").read_text())
-    assert data["schema"] == "qeff-results" and data["version"] == 1
+    assert data["schema"] == "qeff-results" and data["version"] == 2
     assert set(data["environment"]) >= {"machine", "cores", "versions", "backends", "commit"}
     assert [r["stage"] for r in data["records"] if r["backend"] != "qaic"] == ["transform", "export", "compile", "generation", "benchmark"]
     export = next(r for r in data["records"] if r["stage"] == "export")

@@ -12,19 +12,29 @@ from pathlib import Path
 import pytest
 
 from pytest_qeff import results
+from pytest_qeff.records import (
+    BenchmarkRecord,
+    ExportRecord,
+    GenerationRecord,
+    GenerationRow,
+    ModelFacts,
+    OnnxFacts,
+    StageRecord,
+    TransformRecord,
+)
 from pytest_qeff.report import render
+from qeff.verification import Comparison
 
 EVIL = "<script>alert('x')</script> & \"quotes\""
 
 
-def _comparison(reference: str, candidate: str, mse: float) -> dict:
-    return {
-        "reference": reference, "candidate": candidate, "steps": 4, "logits_mse": mse, "logits_max_abs": 2e-7,
-        "prefill_logits_max_abs": 2e-7, "decode_logits_max_abs": 1e-7, "cache_mse": 1e-16, "cache_max_abs": 1e-7,
-        "tokens_matched": 4, "tokens_total": 4, "ambiguous": 0, "mismatches": [], "failures": [], "passed": True,
-        "name": f"{reference}_vs_{candidate}",
-        "tolerances": {"logits_mse": 1e-12, "logits_max_abs": 1e-5, "cache_mse": 1e-12, "cache_max_abs": 1e-5, "ambiguity_margin": 1e-3},
-    }
+def _comparison(reference: str, candidate: str, mse: float) -> Comparison:
+    return Comparison(
+        reference=reference, candidate=candidate, steps=4, logits_mse=mse, logits_max_abs=2e-7,
+        prefill_logits_max_abs=2e-7, decode_logits_max_abs=1e-7, cache_mse=1e-16, cache_max_abs=1e-7,
+        tokens_matched=4, tokens_total=4, ambiguous=0, mismatches=[], failures=[],
+        tolerances={"logits_mse": 1e-12, "logits_max_abs": 1e-5, "cache_mse": 1e-12, "cache_max_abs": 1e-5, "ambiguity_margin": 1e-3},
+    )
 
 
 def sample_results() -> dict:
@@ -34,29 +44,33 @@ def sample_results() -> dict:
             "tiny": {"num_hidden_layers": 2}, "compile": {"batch_size": 1}, "tolerances": {"tiny": {"logits_mse": 1e-12}},
             "prompts": {"text": [EVIL]}, "benchmark": {"repeats": 5},
             "known_failures": [{"stage": "compile", "backend": "qaic", "reason": "waiting for <the> SDK"}]}
+    model = ModelFacts(num_layers=2, num_kv_heads=2, head_dim=16, vocab_size=256, parameters=1000)
 
-    def rec(stage: str, outcome: str, data: dict, backend: str | None = None, card_id: str = "good-card", message: str = "") -> dict:
+    def rec(stage: str, outcome: str, data: StageRecord | None, backend: str | None = None, card_id: str = "good-card",
+            message: str = "") -> dict:
         bk = f"-{backend}" if backend else ""
         return {"nodeid": f"test_conformance.py::test_{stage}[{card_id}-bs1-pl32-cl128{bk}]", "card": card_id,
                 "case": "bs1-pl32-cl128", "tier": "tiny", "stage": stage, "backend": backend, "worker": "gw0",
-                "outcome": outcome, "duration_s": 0.5, "message": message, "data": data}
+                "outcome": outcome, "duration_s": 0.5, "message": message, "data": data.to_dict() if data else {}}
 
     records = [
-        rec("transform", "passed", {**base, "comparison": _comparison("hf", "pytorch", 3e-16), "config_mismatches": []}),
-        rec("export", "passed", {**base, "comparison": _comparison("pytorch", "ort", 1e-15),
-                                  "onnx": {"path": "/x/model.onnx", "bytes": 1000, "reused": False, "build_s": 0.3, "fp16_clipped_values": 1}}),
-        rec("generation", "failed", {**base, "tokens_matched": 2, "tokens_total": 4, "stats": {},
-                                      "rows": [{"row": 0, "reference": [5, 6, 7, 8], "generated": [5, 6, 9, 9], "first_divergence": 2,
-                                                "margin": 0.5, "ambiguous": False, "reference_text": EVIL, "generated_text": "<i>out</i>"}]},
+        rec("transform", "passed", TransformRecord(**base, comparison=_comparison("hf", "pytorch", 3e-16), reference_tokens=[[5, 6, 7, 8]], model=model)),
+        rec("export", "passed", ExportRecord(**base, comparison=_comparison("pytorch", "ort", 1e-15),
+                                             onnx=OnnxFacts(path="/x/model.onnx", bytes=1000, reused=False, build_s=0.3, fp16_clipped_values=1))),
+        rec("generation", "failed", GenerationRecord(**base, tokens_matched=2, tokens_total=4, stats={}, rows=[
+            GenerationRow(row=0, reference=[5, 6, 7, 8], generated=[5, 6, 9, 9], first_divergence=2, margin=0.5, ambiguous=False,
+                          reference_text=EVIL, generated_text="<i>out</i>")]),
             backend="ort", message="row 0 diverges at step 2"),
-        rec("benchmark", "passed", {**base, "figures": {"decode_tok_s": 900.0, "total_tok_s": 850.0, "ttft_s": 0.002},
-                                     "runs": [], "generation_len": 64, "repeats": 5, "threads": 1, "update_baseline": False,
-                                     "baseline": {"file": "/b/ort/good-card.json", "key": "tiny/bs1-pl32-cl128", "found": True, "allowed": -0.8,
-                                                  "command": "pytest --qeff-update-baseline", "regressions": [],
-                                                  "baseline": {"decode_tok_s": 1000.0, "total_tok_s": 900.0, "ttft_s": 0.0025},
-                                                  "changes": {"decode_tok_s": -0.1, "total_tok_s": -0.056, "ttft_s": 0.25}}}, backend="ort"),
-        rec("compile", "skipped", {}, backend="qaic", message="qaic: Cloud AI 100 SDK not found"),
-        rec("transform", "passed", {**base, "comparison": _comparison("hf", "pytorch", 5e-16)}, card_id="other-card"),
+        rec("benchmark", "passed", BenchmarkRecord(
+            **base, figures={"decode_tok_s": 900.0, "total_tok_s": 850.0, "ttft_s": 0.002}, runs=[], generation_len=64, repeats=5,
+            threads=1, probe=None, update_baseline=False,
+            baseline={"file": "/b/ort/good-card.json", "key": "tiny/bs1-pl32-cl128", "found": True, "allowed": -0.8,
+                      "command": "pytest --qeff-update-baseline", "regressions": [],
+                      "baseline": {"decode_tok_s": 1000.0, "total_tok_s": 900.0, "ttft_s": 0.0025},
+                      "changes": {"decode_tok_s": -0.1, "total_tok_s": -0.056, "ttft_s": 0.25}}), backend="ort"),
+        rec("compile", "skipped", None, backend="qaic", message="qaic: Cloud AI 100 SDK not found"),
+        rec("transform", "passed", TransformRecord(**base, comparison=_comparison("hf", "pytorch", 5e-16), reference_tokens=[[1]], model=model),
+            card_id="other-card"),
     ]
     other = {**card, "id": "other-card", "name": "Other", "architecture": "mistral", "known_failures": []}
     return {"schema": results.SCHEMA, "version": results.VERSION, "created": "2030-01-01T00:00:00+00:00",
@@ -152,7 +166,7 @@ def test_render_cli_rerenders_any_results_file(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out / "index.html")
-    assert (out / "cards" / "good-card.html").is_file() and json.loads((out / "results.json").read_text())["version"] == 1
+    assert (out / "cards" / "good-card.html").is_file() and json.loads((out / "results.json").read_text())["version"] == results.VERSION
 
 
 def test_render_cli_refuses_what_it_cannot_read(tmp_path: Path) -> None:
@@ -161,7 +175,7 @@ def test_render_cli_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pytest_qeff.report", "render", str(bad), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {bad}: results version 99; this pytest_qeff reads version 1"
+    assert done.stderr.strip() == f"error: {bad}: results version 99; this pytest_qeff reads version {results.VERSION}"
 
 
 def _chromium() -> str | None:

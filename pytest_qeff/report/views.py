@@ -8,6 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_qeff.baseline import METRICS
+from pytest_qeff.records import (
+    BenchmarkRecord,
+    CompileRecord,
+    ExportRecord,
+    GenerationRecord,
+    StageRecord,
+    TransformRecord,
+    record_of,
+)
 from pytest_qeff.summary import CardRow, card_rows
 
 __all__ = ["IndexView", "IndexGroup", "CardView", "index_view", "card_view", "fmt"]
@@ -236,46 +245,46 @@ def _settings(card: dict, tier: str) -> list[tuple[str, list[Pair]]]:
     return [(title, items) for title, items in sections if items]
 
 
-def _comparison_metrics(comp: dict) -> list[Metric]:
-    tol = comp.get("tolerances", {})
+def _comparison_metrics(comp) -> list[Metric]:
+    tol = comp.tolerances
     out = []
     for key, label in (("logits_mse", "logits MSE"), ("logits_max_abs", "logits max-abs"), ("cache_mse", "cache MSE"), ("cache_max_abs", "cache max-abs")):
-        value, bound = comp.get(key), tol.get(key)
-        out.append(Metric(label, fmt(value), f"≤ {fmt(bound)}", value is not None and bound is not None and value <= bound))
-    ambiguous = f" ({comp.get('ambiguous')} ambiguous)" if comp.get("ambiguous") else ""
-    matched, total = comp.get("tokens_matched", 0), comp.get("tokens_total", 0)
-    out.append(Metric("greedy tokens (teacher-forced)", f"{matched}/{total}{ambiguous}", "", matched == total or not [m for m in comp.get("mismatches", []) if not m.get("ambiguous")]))
+        value, bound = getattr(comp, key), tol.get(key)
+        out.append(Metric(label, fmt(value), f"≤ {fmt(bound)}", bound is not None and value <= bound))
+    ambiguous = f" ({comp.ambiguous} ambiguous)" if comp.ambiguous else ""
+    hard = [m for m in comp.mismatches if not m.get("ambiguous")]
+    out.append(Metric("greedy tokens (teacher-forced)", f"{comp.tokens_matched}/{comp.tokens_total}{ambiguous}", "",
+                      comp.tokens_matched == comp.tokens_total or not hard))
     return out
 
 
-def _token_diffs(data: dict) -> list[TokenDiff]:
+def _token_diffs(stage: GenerationRecord) -> list[TokenDiff]:
     diffs = []
-    for i, row in enumerate(data.get("rows", [])):
-        ref, got, at = row.get("reference", []), row.get("generated", []), row.get("first_divergence")
+    for i, row in enumerate(stage.rows):
+        ref, got, at = row.reference, row.generated, row.first_divergence
         if at is None:
             continue
         cells = []
         for step in range(max(len(ref), len(got))):
             a = str(ref[step]) if step < len(ref) else ""
             b = str(got[step]) if step < len(got) else ""
-            cls = "same" if step < at else ("ambiguous" if row.get("ambiguous") else "diff") if step == at else "after"
+            cls = "same" if step < at else ("ambiguous" if row.ambiguous else "diff") if step == at else "after"
             cells.append(TokenCell(step, a, b, cls))
-        why = "within the ambiguity margin" if row.get("ambiguous") else "a real divergence"
-        prompts, texts = data.get("prompts", []), data.get("prompt_texts", [])
+        why = "within the ambiguity margin" if row.ambiguous else "a real divergence"
+        prompts, texts = stage.prompts, stage.prompt_texts
         prompt = texts[i] if i < len(texts) and texts[i] else fmt(prompts[i] if i < len(prompts) else [])
         diffs.append(TokenDiff(
-            row.get("row", i), prompt,
-            f"first difference at step {at}; HF's top-2 margin there {fmt(row.get('margin'))}: {why}",
-            cells, row.get("reference_text"), row.get("generated_text"),
+            row.row, prompt, f"first difference at step {at}; HF's top-2 margin there {fmt(row.margin)}: {why}",
+            cells, row.reference_text, row.generated_text,
         ))
     return diffs
 
 
-def _chart(data: dict) -> Chart | None:
-    figures = data.get("figures")
+def _chart(stage: BenchmarkRecord) -> Chart | None:
+    figures = stage.figures
     if not figures:
         return None
-    base = (data.get("baseline") or {}).get("baseline") or {}
+    base = stage.baseline.get("baseline") or {}
     bars: list[Bar] = []
     y, full = 0, 260
     for metric, (label, unit, _) in METRICS.items():
@@ -291,65 +300,70 @@ def _chart(data: dict) -> Chart | None:
     return Chart(width=700, height=y, label_x=230, bars=bars, title="benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)")
 
 
+_TITLES = {
+    "transform": "HF eager vs transformed PyTorch",
+    "export": "transformed PyTorch vs ONNX Runtime",
+    "compile": "compile",
+    "generation": "greedy generation vs HF",
+    "benchmark": "benchmark",
+}
+
+
 def _stage(rec: dict) -> StageView:
-    data = rec.get("data") or {}
-    titles = {
-        "transform": "HF eager vs transformed PyTorch",
-        "export": "transformed PyTorch vs ONNX Runtime",
-        "compile": "compile",
-        "generation": "greedy generation vs HF",
-        "benchmark": "benchmark",
-    }
     view = StageView(
-        name=rec["stage"], backend=rec.get("backend") or "", title=titles.get(rec["stage"], rec["stage"]),
+        name=rec["stage"], backend=rec.get("backend") or "", title=_TITLES.get(rec["stage"], rec["stage"]),
         outcome=rec["outcome"], status=_STATUS.get(rec["outcome"], "skip"), duration=fmt(rec.get("duration_s"), "s"),
         message=rec.get("message", ""), nodeid=rec["nodeid"],
     )
-    comp = data.get("comparison")
-    if comp:
+    stage = record_of(rec)
+    if isinstance(stage, (TransformRecord, ExportRecord)):
+        comp = stage.comparison
         view.metrics = _comparison_metrics(comp)
         view.mismatches = [
             Pair(f"row {m['row']} step {m['step']}", f"reference {m['reference']} vs {m['candidate']}, margin {fmt(m['margin'])}"
                  + (" (ambiguous)" if m.get("ambiguous") else ""))
-            for m in comp.get("mismatches", [])
+            for m in comp.mismatches
         ]
-    if "config_mismatches" in data and data["config_mismatches"]:
-        view.metrics.append(Metric("config equals the card", "; ".join(data["config_mismatches"]), "", False))
-    if "onnx" in data:
-        o = data["onnx"]
-        view.facts = [Pair("graph", o.get("path", "")), Pair("size", fmt(o.get("bytes"), "bytes")), Pair("reused", fmt(o.get("reused"))),
-                      Pair("build", fmt(o.get("build_s"), "s")), Pair("fp16-clipped values", fmt(o.get("fp16_clipped_values")))]
-    if "artifact" in data:
-        a = data["artifact"]
-        view.facts = [Pair("artifact", a.get("name", "")), Pair("path", a.get("path", "")), Pair("size", fmt(a.get("bytes"), "bytes")),
-                      Pair("reused", fmt(a.get("reused"))), Pair("build", fmt(a.get("build_s"), "s")),
-                      Pair("device group", fmt(data.get("device_group")))]
-    if "tokens_total" in data:
-        view.metrics.append(Metric("greedy tokens matched", f"{data['tokens_matched']}/{data['tokens_total']}", "", data["tokens_matched"] == data["tokens_total"] or None))
-        view.diffs = _token_diffs(data)
-    if "figures" in data:
-        against = data.get("baseline") or {}
+    if isinstance(stage, TransformRecord) and stage.config_mismatches:
+        view.metrics.append(Metric("config equals the card", "; ".join(stage.config_mismatches), "", False))
+    if isinstance(stage, ExportRecord):
+        o = stage.onnx
+        view.facts = [Pair("graph", o.path), Pair("size", fmt(o.bytes, "bytes")), Pair("reused", fmt(o.reused)),
+                      Pair("build", fmt(o.build_s, "s")), Pair("fp16-clipped values", fmt(o.fp16_clipped_values))]
+    if isinstance(stage, CompileRecord):
+        a = stage.artifact
+        view.facts = [Pair("artifact", a.name), Pair("path", a.path), Pair("size", fmt(a.bytes, "bytes")),
+                      Pair("reused", fmt(a.reused)), Pair("build", fmt(a.build_s, "s")),
+                      Pair("device group", fmt(stage.device_group))]
+    if isinstance(stage, GenerationRecord):
+        view.metrics.append(Metric("greedy tokens matched", f"{stage.tokens_matched}/{stage.tokens_total}", "",
+                                   stage.tokens_matched == stage.tokens_total or None))
+        view.diffs = _token_diffs(stage)
+    if isinstance(stage, BenchmarkRecord):
+        against = stage.baseline
         changes = against.get("changes", {})
         allowed = against.get("allowed")
         for metric, (label, unit, _) in METRICS.items():
-            value = data["figures"].get(metric)
+            value = stage.figures.get(metric)
             shown = fmt(value * 1000, "ms") if unit == "s" and value is not None else fmt(value, unit)
             change = changes.get(metric)
             bound = f"{change:+.0%} vs baseline (allowed {allowed:+.0%})" if change is not None and allowed is not None else ""
             view.metrics.append(Metric(label, shown, bound, None if change is None else change >= allowed))
-        view.facts = [Pair("runs (median shown)", fmt(data.get("repeats"))), Pair("tokens per run per row", fmt(data.get("generation_len"))),
-                      Pair("threads", fmt(data.get("threads"))), Pair("baseline", against.get("file", "-") + (f" [{against.get('key')}]" if against.get("key") else "")),
+        view.facts = [Pair("runs (median shown)", fmt(stage.repeats)), Pair("tokens per run per row", fmt(stage.generation_len)),
+                      Pair("threads", fmt(stage.threads)), Pair("baseline", against.get("file", "-") + (f" [{against.get('key')}]" if against.get("key") else "")),
                       Pair("update command", against.get("command", "-"))]
         if against.get("note"):
             view.facts.append(Pair("note", against["note"]))
-        if data.get("update_baseline"):
+        if stage.update_baseline:
             view.facts.append(Pair("baseline", "updated from this run"))
-        view.chart = _chart(data)
+        view.chart = _chart(stage)
     return view
 
 
-def _prompts(data: dict) -> list[Pair]:
-    texts, ids = data.get("prompt_texts", []), data.get("prompts", [])
+def _prompts(stage: StageRecord | None) -> list[Pair]:
+    if stage is None:
+        return []
+    texts, ids = stage.prompt_texts, stage.prompts
     out = []
     for i, p in enumerate(ids):
         text = texts[i] if i < len(texts) and texts[i] else None
@@ -366,7 +380,7 @@ def card_view(results: dict, card_id: str) -> CardView:
     for rec in records:
         case = cases.setdefault(rec["case"], CaseView(rec["case"], f"{card_id}-{rec['case']}", [], []))
         if not case.prompts:  # a skipped stage carries no data; the next one may
-            case.prompts = _prompts(rec.get("data") or {})
+            case.prompts = _prompts(record_of(rec))
         case.stages.append(_stage(rec))
     known = [Pair(" / ".join(x for x in (kf.get("stage"), kf.get("tier"), kf.get("case"), kf.get("backend")) if x), kf.get("reason", ""))
              for kf in card.get("known_failures", [])]

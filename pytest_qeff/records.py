@@ -1,0 +1,166 @@
+"""Stage records: what each stage test measured, typed, and serialized with its kind.
+
+A stage builds one record and hands it to ``qeff_record`` before it judges, so a failing stage
+still brings its numbers to the report. The record travels from an xdist worker to the controller
+as ``record.to_dict()`` (builtin types, with ``"kind"``), lands in ``results.json`` as a record's
+``data``, and every reader (report views, the terminal table, baselines) rebuilds it with
+:meth:`StageRecord.from_dict` — no reader guesses a stage's kind from which keys a dict has.
+
+    StageRecord                     prompts, prompt texts, the case's shape, the device group
+    ├── TransformRecord  transform  HF eager vs transformed PyTorch (a qeff Comparison), model facts
+    ├── ExportRecord     export     transformed PyTorch vs ONNX Runtime, the graph's facts
+    ├── CompileRecord    compile    the artifact, the compile options, what the session opened with
+    ├── GenerationRecord generation free-running greedy tokens vs HF's, per row
+    └── BenchmarkRecord  benchmark  median figures, every run, the baseline comparison
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from qeff.serialization import from_dict, to_dict
+from qeff.verification import Comparison
+
+__all__ = [
+    "StageRecord",
+    "TransformRecord",
+    "ExportRecord",
+    "CompileRecord",
+    "GenerationRecord",
+    "GenerationRow",
+    "BenchmarkRecord",
+    "ModelFacts",
+    "OnnxFacts",
+    "ArtifactFacts",
+    "KINDS",
+    "record_of",
+]
+
+
+@dataclass
+class StageRecord:
+    KIND: ClassVar[str] = ""
+
+    prompts: list[list[int]]  # token ids per batch row
+    prompt_texts: list[str | None]  # the texts they came from (None in the tiny tier)
+    batch_size: int
+    prompt_len: int
+    ctx_len: int
+    device_group: list[int]
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, **to_dict(self)}
+
+    @staticmethod
+    def from_dict(data: dict) -> StageRecord:
+        kind = data.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"not a qeff stage record (kind {kind!r}; known: {', '.join(sorted(KINDS))})")
+        return from_dict(KINDS[kind], data)
+
+
+@dataclass
+class ModelFacts:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    parameters: int
+
+
+@dataclass
+class TransformRecord(StageRecord):
+    KIND: ClassVar[str] = "transform"
+
+    comparison: Comparison
+    reference_tokens: list[list[int]]
+    model: ModelFacts
+    config_mismatches: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OnnxFacts:
+    path: str
+    bytes: int | None
+    reused: bool
+    build_s: float
+    fp16_clipped_values: int | None
+
+
+@dataclass
+class ExportRecord(StageRecord):
+    KIND: ClassVar[str] = "export"
+
+    comparison: Comparison
+    onnx: OnnxFacts
+
+
+@dataclass
+class ArtifactFacts:
+    path: str
+    name: str
+    reused: bool
+    build_s: float
+    bytes: int
+
+
+@dataclass
+class CompileRecord(StageRecord):
+    KIND: ClassVar[str] = "compile"
+
+    artifact: ArtifactFacts
+    compile_options: dict[str, Any]
+    session: dict[str, Any]  # what the session opened with: batch_size, ctx_len, num_layers
+
+
+@dataclass
+class GenerationRow:
+    row: int
+    reference: list[int]  # HF's greedy tokens
+    generated: list[int]  # the backend's
+    first_divergence: int | None
+    margin: float | None  # HF's top-2 logit margin at the divergence
+    ambiguous: bool
+    reference_text: str | None
+    generated_text: str | None
+
+
+@dataclass
+class GenerationRecord(StageRecord):
+    KIND: ClassVar[str] = "generation"
+
+    rows: list[GenerationRow]
+    tokens_matched: int
+    tokens_total: int
+    stats: dict[str, float]  # ttft_s, decode_tok_s, total_tok_s, e2e_s, new_tokens
+
+
+@dataclass
+class BenchmarkRecord(StageRecord):
+    KIND: ClassVar[str] = "benchmark"
+
+    figures: dict[str, float]  # medians: decode_tok_s, total_tok_s, ttft_s
+    runs: list[dict[str, float]]
+    generation_len: int
+    repeats: int
+    threads: int | None
+    probe: float | None  # machine-speed probe, runs/s
+    baseline: dict[str, Any]  # pytest_qeff.baseline.check's comparison
+    update_baseline: bool
+
+
+KINDS: dict[str, type[StageRecord]] = {
+    cls.KIND: cls for cls in (TransformRecord, ExportRecord, CompileRecord, GenerationRecord, BenchmarkRecord)
+}
+
+
+def record_of(result: dict) -> StageRecord | None:
+    """The typed record of one ``results.json`` record (None for a stage that recorded nothing,
+    e.g. one skipped before it measured)."""
+    data = result.get("data")
+    return StageRecord.from_dict(data) if data else None

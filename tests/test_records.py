@@ -1,0 +1,102 @@
+"""Stage records and verification reports are typed and round-trip through JSON (issue 9).
+
+What crosses a process or file boundary — a stage record from an xdist worker into results.json, a
+verification report in a cache manifest — is rebuilt by ``from_dict`` into the same object, and
+readers dispatch on the record's type, never on which keys a dict happens to have.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pytest_qeff.records import (
+    KINDS,
+    ArtifactFacts,
+    BenchmarkRecord,
+    CompileRecord,
+    ExportRecord,
+    GenerationRecord,
+    GenerationRow,
+    ModelFacts,
+    OnnxFacts,
+    StageRecord,
+    TransformRecord,
+)
+from qeff.verification import Comparison, Tolerances, Trace, VerifyReport, compare
+
+pytest_plugins = ("pytester",)
+
+BASE = dict(prompts=[[5, 6, 7], [8]], prompt_texts=["a", None], batch_size=2, prompt_len=4, ctx_len=32, device_group=[0, 1])
+
+
+def _comparison() -> Comparison:
+    rng = np.random.default_rng(0)
+    ref = Trace("hf", [rng.normal(size=(3, 11)).astype(np.float32)], [[rng.normal(size=(2, 4, 8)).astype(np.float32)]])
+    cand = Trace("pytorch", [ref.logits[0] + 1e-3], [[ref.cache[0][0] * 1.001]])
+    return compare(ref, cand, Tolerances(logits_max_abs=1e-4))  # fails: it carries failures and mismatches
+
+
+def _one_of_each() -> list[StageRecord]:
+    comp = _comparison()
+    return [
+        TransformRecord(**BASE, comparison=comp, reference_tokens=[[1, 2], [3, 4]], model=ModelFacts(2, 2, 16, 256, 12345),
+                        config_mismatches=["config.x is 1 in the card but 2 in the loaded model"]),
+        ExportRecord(**BASE, comparison=comp, onnx=OnnxFacts("/x/model.onnx", 1024, True, 0.25, None)),
+        CompileRecord(**BASE, artifact=ArtifactFacts("/x/ort_1BS", "ort_1BS", False, 1.5, 99), compile_options={"mxfp6": True, "mos": 1},
+                      session={"batch_size": 2, "ctx_len": 32, "num_layers": 2}),
+        GenerationRecord(**BASE, rows=[GenerationRow(0, [1, 2, 3], [1, 2, 4], 2, 0.5, False, "ab", None)], tokens_matched=2,
+                         tokens_total=3, stats={"ttft_s": 0.01, "decode_tok_s": 100.0}),
+        BenchmarkRecord(**BASE, figures={"decode_tok_s": 1000.5, "total_tok_s": 900.0, "ttft_s": 0.002}, runs=[{"ttft_s": 0.002}],
+                        generation_len=64, repeats=11, threads=None, probe=123.4,
+                        baseline={"found": False, "changes": {}, "regressions": [], "note": "no baseline"}, update_baseline=True),
+    ]
+
+
+def test_every_kind_is_covered():
+    assert {type(r) for r in _one_of_each()} == set(KINDS.values())
+
+
+@pytest.mark.parametrize("record", _one_of_each(), ids=lambda r: r.KIND)
+def test_stage_records_round_trip_through_json(record: StageRecord):
+    data = json.loads(json.dumps(record.to_dict()))
+    assert data["kind"] == record.KIND
+    again = StageRecord.from_dict(data)
+    assert type(again) is type(record) and again == record
+    assert json.loads(json.dumps(again.to_dict())) == data
+
+
+def test_verify_report_round_trips():
+    comp = _comparison()
+    report = VerifyReport([comp], [[5, 6, 7]], [[1, 2, 3]], prompt_len=4, ctx_len=32, steps=3)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] is False and data["comparisons"][0]["name"] == "hf_vs_pytorch"
+    again = VerifyReport.from_dict(data)
+    assert again == report and not again.passed and again["hf_vs_pytorch"].failures == comp.failures
+
+
+def test_a_broken_record_is_refused_not_guessed():
+    """Seeded faults: an unknown kind, a missing field, a wrongly typed value."""
+    data = _one_of_each()[0].to_dict()
+    with pytest.raises(ValueError, match="kind 'transfrom'"):
+        StageRecord.from_dict({**data, "kind": "transfrom"})
+    with pytest.raises(ValueError, match="required field 'comparison' is missing"):
+        StageRecord.from_dict({k: v for k, v in data.items() if k != "comparison"})
+    with pytest.raises(TypeError, match="expected an integer"):
+        StageRecord.from_dict({**data, "batch_size": "2"})
+
+
+def test_records_of_a_real_run_round_trip(pytester: pytest.Pytester):
+    """Every record a plugin run writes into results.json reads back as its typed record."""
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    result = pytester.runpytest_inprocess("--qeff-model", "tiny-qwen2", "--qeff-backend", "ort", "--qeff-report", "out", "-q")
+    result.assert_outcomes(passed=5)
+    data = json.loads((pytester.path / "out" / "results.json").read_text())
+    kinds = []
+    for rec in data["records"]:
+        typed = StageRecord.from_dict(rec["data"])
+        assert typed.to_dict() == rec["data"]
+        kinds.append(typed.KIND)
+    assert sorted(kinds) == sorted(KINDS)
