@@ -68,7 +68,7 @@ def test_tiny_only_cards_name_no_weights(cards) -> None:
     tiny_only = {c.id for c in cards.values() if c.weights.source == "none"}
     assert tiny_only == {c for c in cards if c.startswith("tiny-")}
     assert {cards[c].architecture for c in tiny_only} == {
-        "codegen", "gemma", "gemma2", "gpt_bigcode", "granite", "olmo2", "phi", "qwen2",
+        "codegen", "falcon", "gemma", "gemma2", "gpt_bigcode", "granite", "olmo2", "phi", "qwen2",
     }
 
 

@@ -72,12 +72,12 @@ def test_training_mode_is_left_alone():
 
 def test_replacements_live_only_in_the_wrapper():
     """What the transform replaces (MPT's attention, Mixtral's experts) is in the wrapper's copy only."""
-    mpt = _fresh(TINY["mpt-alibi"]).eval()
+    mpt = _fresh(TINY["mpt-7b"]).eval()
     q = transform(mpt)
     assert type(mpt.transformer.blocks[0].attn).__name__ == "MptAttention"
     assert type(q.model.transformer.blocks[0].attn).__name__ == "QEffMptAttention"
 
-    mixtral = _fresh(TINY["mixtral-moe"]).eval()
+    mixtral = _fresh(TINY["mixtral-8x7b"]).eval()
     q = transform(mixtral)
     assert mixtral.config._experts_implementation != "qeff_dense"
     assert q.model.config._experts_implementation == "qeff_dense"
