@@ -8,7 +8,11 @@ meaningless comparison of everything after it. At every step we compare
 - greedy tokens: the candidate's argmax against the reference's. A mismatch where the reference's
   top-2 logits are closer than ``ambiguity_margin`` is *ambiguous* (either token is a correct
   greedy choice within float noise), not a failure;
-- at the end, every cache slot written so far: MSE and max-abs.
+- at the end, every cache slot written so far: MSE and max-abs, and the cache's layout (heads and
+  head size per layer, as the graph contract fixes them).
+
+A comparison that fails also says where the two traces first part (:mod:`qeff.divergence`): the
+first step, row and decoder layer. That search replays both sides and runs only on failure.
 
 The HF reference runs each prompt alone at batch 1 with its own dynamic cache; the transformed
 model and the backend run all prompts together as one right-padded batch, chunked by
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qeff.divergence import FirstDivergence, HfLayers, ReplayLayers, TorchStepper, locate, session_stepper
 from qeff.errors import UsageError, VerificationError
 from qeff.generation import prefill_chunks
 from qeff.runtime.base import Session
@@ -126,6 +131,8 @@ class Comparison:
     mismatches: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     tolerances: dict = field(default_factory=dict)
+    #: Set only when the comparison failed: where the traces first part (step, row, layer).
+    first_divergence: FirstDivergence | None = None
 
     @property
     def name(self) -> str:
@@ -151,6 +158,7 @@ class Comparison:
             f"(tol {self.tolerances.get('logits_max_abs', float('nan')):.3g}); cache MSE {self.cache_mse:.3g}, "
             f"max-abs {self.cache_max_abs:.3g}; tokens {self.tokens_matched}/{self.tokens_total}"
             + (f" ({self.ambiguous} ambiguous)" if self.ambiguous else "")
+            + (f"; {self.first_divergence.describe()}" if self.first_divergence else "")
         )
 
 
@@ -187,7 +195,11 @@ class VerifyReport:
     def raise_for_failure(self) -> None:
         failed = [c for c in self.comparisons if not c.passed]
         if failed:
-            lines = [f"{c.reference} vs {c.candidate}: " + "; ".join(c.failures) for c in failed]
+            lines = [
+                f"{c.reference} vs {c.candidate}: " + "; ".join(c.failures)
+                + (f"; {c.first_divergence.describe()}" if c.first_divergence else "")
+                for c in failed
+            ]
             raise VerificationError("verification failed: " + " | ".join(lines), report=self)
 
 
@@ -274,9 +286,15 @@ def compare(ref: Trace, cand: Trace, tol: Tolerances) -> Comparison:
     mse, max_abs = _stats(pairs)
     _, prefill_max = _stats([(a[:1], b[:1]) for a, b in pairs])
     _, decode_max = _stats([(a[1:], b[1:]) for a, b in pairs])
-    cache_pairs = []
+    cache_pairs, layout = [], []
     for ref_layers, cand_layers in zip(ref.cache, cand.cache):
-        for a, b in zip(ref_layers, cand_layers):
+        for i, (a, b) in enumerate(zip(ref_layers, cand_layers)):
+            if (a.shape[0], a.shape[2]) != (b.shape[0], b.shape[2]):
+                # (heads, head_dim) differ: numpy would broadcast a 1-head cache against a 4-head one
+                # and call them equal; a layout outside the graph contract is a failure of its own.
+                layout.append(f"{'past_key' if i % 2 == 0 else 'past_value'}.{i // 2} holds (heads, head_dim) "
+                              f"{(b.shape[0], b.shape[2])}, the reference {(a.shape[0], a.shape[2])}")
+                continue
             # A sliding-window reference cache keeps only its last slots: compare those.
             cache_pairs.append((a, b[:, b.shape[1] - a.shape[1] :, :]))
     cache_mse, cache_max = _stats(cache_pairs)
@@ -294,6 +312,8 @@ def compare(ref: Trace, cand: Trace, tol: Tolerances) -> Comparison:
             ambiguous += is_ambiguous
             mismatches.append({"row": r, "step": t, "reference": ref_tok, "candidate": cand_tok, "margin": margin, "ambiguous": bool(is_ambiguous)})
     failures = []
+    if layout:
+        failures.append(f"cache shape: {len(set(layout))} cache tensor(s) differ in layout (first: {layout[0]})")
     for label, value, bound in (
         ("logits MSE", mse, tol.logits_mse),
         ("logits max-abs", max_abs, tol.logits_max_abs),
@@ -372,7 +392,25 @@ def verify(
     torch_session = TorchSession(qmodel, batch_size=batch, ctx_len=ctx_len)
     pt = session_trace(torch_session, "pytorch", prompts, tokens, prompt_len)
     comparisons = [compare(ref, pt, tol)]
+    lengths = [len(p) for p in prompts]
+
+    def replay(stepper, chunk: int):
+        return ReplayLayers(stepper, prompts, tokens, batch_size=batch, prompt_len=chunk, ctx_len=ctx_len)
+
+    if not comparisons[0].passed:  # where HF and the transformed model part; nothing runs on success
+        comparisons[0].first_divergence = locate(
+            ref, pt, tol, prompt_lengths=lengths,
+            ref_layers=lambda: HfLayers(hf_model, prompts, tokens),
+            cand_layers=lambda: replay(TorchStepper(qmodel), prompt_len),
+        )
     if session is not None:
         backend = session_trace(session, session.backend, prompts, tokens, prompt_len)
         comparisons.append(compare(pt, backend, tol))
+        if not comparisons[-1].passed:
+            stepper = session_stepper(session)
+            comparisons[-1].first_divergence = locate(
+                pt, backend, tol, prompt_lengths=lengths,
+                ref_layers=lambda: replay(TorchStepper(qmodel), prompt_len),
+                cand_layers=None if stepper is None else lambda: replay(stepper(), session.prompt_len or prompt_len),
+            )
     return VerifyReport(comparisons, prompts, tokens, prompt_len, ctx_len, steps)
