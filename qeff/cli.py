@@ -272,7 +272,10 @@ def cmd_infer(args) -> int:
                                        "tokens_total": c.tokens_total, "passed": c.passed} for c in report.comparisons}
             _say_comparisons(out, report, cached=built.reused)
             if not report.passed:
-                failures = "; ".join(f for c in report.comparisons for f in c.failures)
+                failures = " | ".join(
+                    f"{c.reference} vs {c.candidate}: " + "; ".join([*c.failures, *([c.first_divergence.describe()] if c.first_divergence else [])])
+                    for c in report.comparisons if not c.passed
+                )
                 raise QEffError(f"verification failed: {failures}; run `qeff verify` for the full report, or --no-verify to skip")
     options = _compile_options(args, backend, out)
     built = pipe.compile(backend, force=args.force, **options)
@@ -358,6 +361,8 @@ def cmd_verify(args) -> int:
         out.say(c.describe() + f"; cache MSE {c.cache_mse:.3g} max-abs {c.cache_max_abs:.3g}")
         for failure in c.failures:
             out.say(f"  - {failure}")
+        if c.first_divergence:
+            out.say(f"  {c.first_divergence.describe()}")
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)
     return 0 if report.passed else 1

@@ -158,7 +158,6 @@ class Comparison:
             f"(tol {self.tolerances.get('logits_max_abs', float('nan')):.3g}); cache MSE {self.cache_mse:.3g}, "
             f"max-abs {self.cache_max_abs:.3g}; tokens {self.tokens_matched}/{self.tokens_total}"
             + (f" ({self.ambiguous} ambiguous)" if self.ambiguous else "")
-            + (f"; {self.first_divergence.describe()}" if self.first_divergence else "")
         )
 
 

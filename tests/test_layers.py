@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qeff.runtime",),
     ("qeff.compilers",),
     ("qeff.generation",),
-    ("qeff.verification",),
+    ("qeff.divergence", "qeff.verification"),
     ("qeff.pipeline",),
     ("qeff.cli", "qeff.cloud", "qeff.__main__", "qeff"),
 ]
