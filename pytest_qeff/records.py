@@ -8,7 +8,7 @@ as ``record.to_dict()`` (builtin types, with ``"kind"``), lands in ``results.jso
 
     StageRecord                     prompts, prompt texts, the case's shape, the device group
     ├── TransformRecord  transform  HF eager vs transformed PyTorch (a qeff Comparison), model facts
-    ├── ExportRecord     export     transformed PyTorch vs ONNX Runtime, the graph's facts
+    ├── ExportRecord     export     transformed PyTorch vs ONNX Runtime (and HF vs it, if that failed), the graph's facts
     ├── CompileRecord    compile    the artifact, the compile options, what the session opened with
     ├── GenerationRecord generation free-running greedy tokens vs HF's, per row
     └── BenchmarkRecord  benchmark  median figures, every run, the baseline comparison
@@ -98,6 +98,8 @@ class ExportRecord(StageRecord):
 
     comparison: Comparison
     onnx: OnnxFacts
+    #: HF vs the transformed PyTorch, kept when it failed: ORT is judged against HF through it.
+    hf_vs_pytorch: Comparison | None = None
 
 
 @dataclass

@@ -164,6 +164,12 @@ class Workspace:
         return session
 
 
+def _failure(what: str, comparison, extra: list[str] = ()) -> str:
+    """``what: failure; failure; first divergence at …`` — the measures, then where the traces part."""
+    where = [comparison.first_divergence.describe()] if comparison.first_divergence else []
+    return f"{what}: " + "; ".join([*comparison.failures, *extra, *where])
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -246,9 +252,8 @@ def transform(ws: Workspace, target: Target, record: Record) -> None:
                          sum(p.numel() for p in pipe.model.parameters())),
         config_mismatches=mismatches,
     ))
-    problems = comparison.failures + mismatches
-    if problems:
-        pytest.fail(f"{target.id}: HF vs transformed PyTorch: " + "; ".join(problems), pytrace=False)
+    if comparison.failures or mismatches:
+        pytest.fail(f"{target.id}: " + _failure("HF vs transformed PyTorch", comparison, mismatches), pytrace=False)
 
 
 def export(ws: Workspace, target: Target, record: Record) -> None:
@@ -256,14 +261,19 @@ def export(ws: Workspace, target: Target, record: Record) -> None:
     exported = ws.pipeline(card).export()
     report = _verify(ws, target, session=ws.session(card, case, "ort"))
     comparison = report["pytorch_vs_ort"]
+    # ORT is judged against the untouched HF model through the chain: a fault in the transform is
+    # traced into the graph too, so ORT agreeing with the transformed PyTorch alone proves nothing.
+    upstream = report["hf_vs_pytorch"]
     outputs = exported.manifest.get("outputs", {})
     record(ExportRecord(
-        **_base(ws, target), comparison=comparison,
+        **_base(ws, target), comparison=comparison, hf_vs_pytorch=upstream if upstream.failures else None,
         onnx=OnnxFacts(path=str(ws.pipeline(card).onnx_path), bytes=outputs.get("onnx_bytes"), reused=exported.reused,
                        build_s=exported.build_seconds, fp16_clipped_values=outputs.get("fp16_clipped_values")),
     ))
-    if comparison.failures:
-        pytest.fail(f"{target.id}: transformed PyTorch vs ONNX Runtime: " + "; ".join(comparison.failures), pytrace=False)
+    problems = [_failure("transformed PyTorch vs ONNX Runtime", c) for c in (comparison,) if c.failures]
+    problems += [_failure("HF vs the transformed PyTorch that ONNX Runtime matches", c) for c in (upstream,) if c.failures]
+    if problems:
+        pytest.fail(f"{target.id}: " + " | ".join(problems), pytrace=False)
 
 
 def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None:
