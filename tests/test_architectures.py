@@ -13,6 +13,7 @@ soft-cap or scale, a stale slot) moves logits by 1e-3 or more.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -165,3 +166,28 @@ def test_mpt_alibi_stays_exact_at_long_context():
     got = teacher_forced_logits(TorchSession(qmodel, batch_size=1, ctx_len=4096), PROMPTS[0], ref.tokens)
     diff = compare(ref.logits, got)
     assert diff.within(REL_MAX_ABS, REL_MSE), f"MPT at ctx_len=4096: {diff}"
+
+
+def test_every_layer_output_is_seen_alike_by_hf_pytorch_and_ort(built: Built, onnx_path):
+    """What the first divergence compares (qeff/divergence.py): HF's and the wrapper's decoder
+    layers, hooked, and the tensors the exported graph's layer scopes (``layers.N``, ``h.N``,
+    ``blocks.N``) hand to the next layer. For every architecture they must be the same hidden
+    states: a prefill of 3 chunks in the padded batch, and a decode step."""
+    from qeff.divergence import LAYER_RTOL, HfLayers, OrtStepper, ReplayLayers, TorchStepper
+
+    tokens = [ref.tokens for ref in built.reference]
+    shape = dict(batch_size=len(PROMPTS), prompt_len=PROMPT_LEN, ctx_len=CTX_LEN)
+    probes = {
+        "hf": HfLayers(built.hf, PROMPTS, tokens),
+        "pytorch": ReplayLayers(TorchStepper(built.qmodel), PROMPTS, tokens, **shape),
+        "ort": ReplayLayers(OrtStepper(onnx_path, threads=1), PROMPTS, tokens, **shape),
+    }
+    num_layers = built.hf.config.num_hidden_layers
+    for row, step in ((2, 0), (1, 3)):
+        seen = {name: probe.hidden(row, step) for name, probe in probes.items()}
+        for name in ("pytorch", "ort"):
+            assert len(seen[name]) == num_layers
+            for layer, (a, b) in enumerate(zip(seen["hf"], seen[name])):
+                assert a.shape == b.shape == ((len(PROMPTS[row]) if step == 0 else 1), built.hf.config.hidden_size)
+                relative = float((np.abs(a - b).max(axis=-1) / np.abs(a).max(axis=-1)).max())
+                assert relative <= LAYER_RTOL / 10, f"{name} layer {layer} at row {row} step {step}: {relative:.2e}"
