@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-__all__ = ["Fault", "FAULTS", "NON_FAULT", "corrupt_layer_weight", "FAULT_GEOMETRY"]
+__all__ = ["Fault", "FAULTS", "NON_FAULT", "corrupt_layer_weight", "FAULT_GEOMETRY", "tiny_arch"]
 
 
 @dataclass(frozen=True)
 class Fault:
     id: str
-    arch: str  # tests/arch_configs.TINY case the API and CLI tests build
-    card: str  # model card (copied and adjusted by tests/test_faults_plugin.py) the plugin runs
+    card: str  # the model card whose tiny tier every path runs (API, CLI checkpoint, plugin)
     bug: str  # the bug, as a reviewer would describe it
     inject: Callable[[pytest.MonkeyPatch], None]
     measures: tuple[str, ...]  # failure labels that must catch it
@@ -37,18 +36,37 @@ class Fault:
     comparison: str = "hf_vs_pytorch"
     absent: tuple[str, ...] = ()  # measures that cannot see it (shown, so the table is honest)
     geometry: str = "default"  # key of FAULT_GEOMETRY: prompts and shapes that expose it
-    at: tuple[int, int] = (0, 0)  # (step, row) the first divergence must name
+    at: tuple[int, int] = (0, 0)  # (step, row) the first divergence must name (API geometry)
     card_edits: dict = field(default_factory=dict)  # text replacements in the card for the plugin run
 
 
-#: Prompt lengths (API tests), prompt_len, ctx_len, steps. "wrap" makes the second prefill chunk's
-#: pad slots wrap around ctx_len onto the row's own valid slots (40 tokens, chunks of 32, 48 slots).
+#: Prompt lengths (API), the same shapes in words (CLI; the word tokenizer gives one token per
+#: word, punctuation included), prompt_len, ctx_len and steps.
+#: - default: 11 (or 13) and 5 tokens in chunks of 8: padding inside a chunk, and a row with no
+#:   token in the second chunk;
+#: - window: both rows outrun a 16-slot sliding window;
+#: - wrap: 40 tokens in chunks of 32 and 48 slots: the second chunk's pad slots wrap around
+#:   ctx_len onto the row's own valid slots;
+#: - future: both rows have tokens in every chunk and nothing wraps: every pad slot is a future
+#:   position of its row.
 FAULT_GEOMETRY = {
-    "default": {"lengths": (11, 5), "prompt_len": 8, "ctx_len": 32, "steps": 4},
-    "wrap": {"lengths": (40,), "prompt_len": 32, "ctx_len": 48, "steps": 4},
-    # Both rows have valid tokens in every chunk and nothing wraps: every pad slot is a future position.
-    "future": {"lengths": (11, 10), "prompt_len": 8, "ctx_len": 32, "steps": 4},
+    "default": {"lengths": (11, 5), "prompt_len": 8, "ctx_len": 32, "steps": 4,
+                "text": "Once upon a time, in a land far away, there lived|The capital of France is"},
+    "window": {"lengths": (21, 9), "prompt_len": 8, "ctx_len": 32, "steps": 4,
+               "text": "Once upon a time, in a land far away, there lived a king and a queen with one child ."
+                       "|The capital of France is the city of Paris"},
+    "wrap": {"lengths": (40,), "prompt_len": 32, "ctx_len": 48, "steps": 4,
+             "text": " ".join(["one two three four five six seven eight nine ten"] * 4)},
+    "future": {"lengths": (11, 10), "prompt_len": 8, "ctx_len": 32, "steps": 4, "text": None},
 }
+
+
+def tiny_arch(card_id: str):
+    """The card's tiny tier as the architecture tests build it (``tests/arch_configs.py``)."""
+    from pytest_qeff.cards import default_cards_dir, load_cards
+    from tests.arch_configs import card_tiny
+
+    return card_tiny(load_cards(default_cards_dir())[card_id])
 
 
 # --- injections ----------------------------------------------------------------------------------
@@ -91,7 +109,7 @@ def _falcon_cache_per_query_head(monkeypatch: pytest.MonkeyPatch) -> None:
     def faulty(config):
         kv, head_dim = _kv_shape(config)
         # Multi-query Falcon given one cache row per *query* head: the same logits, a cache (and a
-        # graph contract) num_attention_heads times too big — 71x on Falcon-7B.
+        # graph contract) num_attention_heads times too big: 71x on Falcon-7B.
         return (config.num_attention_heads if config.multi_query else kv), head_dim
 
     _replace_spec(monkeypatch, "falcon", kv_shape=faulty)
@@ -202,14 +220,17 @@ def _exported_weight_layer1(monkeypatch: pytest.MonkeyPatch) -> None:
     import qeff.exporter
 
     export = qeff.exporter.export
+    assert qeff.export is export
 
     def faulty(qmodel, out_dir, *args, **kwargs):  # the exported graph's layer 1 drifts from PyTorch
         result = export(qmodel, out_dir, *args, **kwargs)
         corrupt_layer_weight(Path(result.path), layer=1)
         return result
 
-    monkeypatch.setattr(qeff.exporter, "export", faulty)
+    # qeff.export first: reading it may resolve the lazy attribute from qeff.exporter, which must
+    # still hold the real function then (or undoing would "restore" the fault).
     monkeypatch.setattr(qeff, "export", faulty)
+    monkeypatch.setattr(qeff.exporter, "export", faulty)
 
 
 _LOGITS = ("logits MSE", "logits max-abs")
@@ -217,45 +238,44 @@ _LOGITS = ("logits MSE", "logits max-abs")
 FAULTS: dict[str, Fault] = {
     f.id: f
     for f in (
-        Fault("experts-off-by-one-expert", "mixtral-moe", "mixtral-8x7b",
+        Fault("experts-off-by-one-expert", "mixtral-8x7b",
               "dense experts route each token's top-k weights to the next expert", _experts_wrong_expert,
               (*_LOGITS, "cache MSE"), 0),
-        Fault("mpt-alibi-slope-of-previous-head", "mpt-alibi", "mpt-7b",
+        Fault("mpt-alibi-slope-of-previous-head", "mpt-7b",
               "MPT attention of layer 1 adds each head the ALiBi slope of the previous head", _mpt_wrong_head_slope,
               _LOGITS, 1, absent=("cache MSE", "cache max-abs")),
-        Fault("falcon-mqa-cache-per-query-head", "falcon-mqa", "falcon-40b",
-              "multi-query Falcon's cache gets one row per query head (same logits, a 4x cache here, 71x on Falcon-7B)",
-              _falcon_cache_per_query_head, ("cache shape",), 0, absent=(*_LOGITS, "greedy token"),
-              card_edits={"[tiny.extra]\n": "[tiny.extra]\nnew_decoder_architecture = false\nmulti_query = true\n"}),
-        Fault("gemma2-attention-cap-on-logits", "gemma2-softcap-window4", "tiny-gemma2",
+        Fault("falcon-mqa-cache-per-query-head", "falcon-7b",
+              "multi-query Falcon's cache gets one row per query head (same logits, a 71x cache)",
+              _falcon_cache_per_query_head, ("cache shape",), 0, absent=(*_LOGITS, "greedy token")),
+        Fault("gemma2-attention-cap-on-logits", "tiny-gemma2",
               "Gemma 2's head soft-caps the logits with attn_logit_softcapping instead of final_logit_softcapping",
               _gemma2_attention_cap_on_logits, _LOGITS, None, absent=("cache MSE", "cache max-abs")),
-        Fault("granite-logits-scaling-multiplied", "granite", "tiny-granite",
+        Fault("granite-logits-scaling-multiplied", "tiny-granite",
               "Granite's head multiplies the logits by logits_scaling instead of dividing",
               _granite_scaling_multiplied, _LOGITS, None, absent=("greedy token", "cache MSE", "cache max-abs")),
-        Fault("scatter-next-slot-layer1", "llama", "llama-3-8b",
+        Fault("scatter-next-slot-layer1", "llama-3-8b",
               "layer 1's cache scatter writes each token one slot after its position", _scatter_next_slot_layer1,
               (*_LOGITS, "cache MSE"), 1),
-        Fault("mask-hides-own-slot", "llama", "llama-3-8b",
+        Fault("mask-hides-own-slot", "llama-3-8b",
               "the causal mask is built from position - 1: a query no longer sees its own slot", _mask_hides_own_slot,
-              (*_LOGITS,), 0),
-        Fault("mask-window-one-wider", "mistral-window4", "mistral-7b-instruct-v0.1",
-              "the sliding-window mask keeps window + 1 slots", _mask_window_one_wider, _LOGITS, 0),
-        Fault("pads-to-slot-zero", "llama", "llama-3-8b",
+              _LOGITS, 0),
+        Fault("mask-window-one-wider", "mistral-7b-instruct-v0.1",
+              "the sliding-window mask keeps window + 1 slots", _mask_window_one_wider, _LOGITS, 0, geometry="window"),
+        Fault("pads-to-slot-zero", "llama-3-8b",
               "pads scatter to slot 0 (position -1 clamped), colliding with the row's first token",
               _pads_to_slot_zero, (*_LOGITS, "cache MSE"), 0, at=(0, 1)),
-        Fault("pads-write-their-values-empty-chunk", "llama", "llama-3-8b",
+        Fault("pads-write-their-values-empty-chunk", "llama-3-8b",
               "pads write their own keys and values: a row with no token in the second chunk pads from slot 0, "
               "over its own prompt (seen from its first decode step)",
               _pads_write_their_values, (*_LOGITS, "cache MSE"), 0, at=(1, 1),
               card_edits={"tiny_lengths = [24]": "tiny_lengths = [24, 8]",
                           "[prompts]": "[[cases]]\nbatch_size = 2\nprompt_len = 16\nctx_len = 64\n\n[prompts]"}),
-        Fault("pads-write-their-values-wrap", "llama", "llama-3-8b",
+        Fault("pads-write-their-values-wrap", "llama-3-8b",
               "pads write their own keys and values; where the pad slots wrap around ctx_len they hit valid slots",
               _pads_write_their_values, (*_LOGITS, "cache MSE"), 0, geometry="wrap",
               card_edits={"tiny_lengths = [24]": "tiny_lengths = [40]", "generation_len = 16": "generation_len = 4",
                           "[prompts]": "[[cases]]\nbatch_size = 1\nprompt_len = 32\nctx_len = 48\n\n[prompts]"}),
-        Fault("exported-weight-layer1", "llama", "llama-3-8b",
+        Fault("exported-weight-layer1", "llama-3-8b",
               "the exported graph's first matrix of layer 1 is scaled by 1.05 (PyTorch is right, ONNX is not)",
               _exported_weight_layer1, _LOGITS, 1, comparison="pytorch_vs_ort"),
     )
@@ -265,6 +285,6 @@ FAULTS: dict[str, Fault] = {
 #: in every chunk and nothing wraps, every pad slot is a future position of its row, overwritten by
 #: that position's token before any query can see it. Verification must pass: the checks flag what
 #: the model computes, not any change to the code.
-NON_FAULT = Fault("pads-write-future-slots", "llama", "llama-3-8b",
+NON_FAULT = Fault("pads-write-future-slots", "llama-3-8b",
                   "pads write their own values into slots only later positions use", _pads_write_their_values, (), None,
                   geometry="future")

@@ -13,6 +13,7 @@ import qeff.verification as verification
 from qeff.divergence import FirstDivergence, OrtStepper, ReplayLayers, TorchStepper, describe, first_parting, locate
 from qeff.verification import Tolerances, Trace
 from tests.arch_configs import TINY
+from tests.faults import tiny_arch
 
 torch.set_num_threads(1)
 
@@ -148,14 +149,14 @@ def test_a_passing_verification_never_looks_for_a_divergence(monkeypatch):
         raise AssertionError("locate ran on a passing comparison")
 
     monkeypatch.setattr(verification, "locate", boom)
-    arch = TINY["llama"]
+    arch = tiny_arch("llama-3-8b")
     model = qeff.from_config(arch.model_type, arch.config, seed=0)
     report = qeff.verify(model, prompt_token_ids=[[5, 6, 7, 8, 9, 10], [11, 12]], prompt_len=4, ctx_len=16, steps=3)
     assert report.passed and report.comparisons[0].first_divergence is None
     assert report.comparisons[0].to_dict()["first_divergence"] is None
 
 
-@pytest.mark.parametrize("arch_id", ["gpt2", "codegen", "falcon-sequential-mha", "mpt-alibi"])
+@pytest.mark.parametrize("arch_id", ["gpt2", "tiny-codegen", "tiny-falcon-sequential", "mpt-7b"])
 def test_layers_of_an_ort_optimized_graph(arch_id, tmp_path):
     """The compiled ``ort`` artifact (what the plugin's sessions run) is fused: some nodes lose
     their scope, and a layer's MatMul output then also leaves its scope. The layer outputs found

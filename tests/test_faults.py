@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import qeff
-from tests.arch_configs import TINY
-from tests.faults import FAULT_GEOMETRY, FAULTS, NON_FAULT, Fault
+from tests.faults import FAULT_GEOMETRY, FAULTS, NON_FAULT, Fault, tiny_arch
 
 torch.set_num_threads(1)
 
@@ -24,7 +23,7 @@ def _prompts(lengths, vocab: int) -> list[list[int]]:
 
 
 def _verify(fault: Fault, monkeypatch: pytest.MonkeyPatch, tmp_path) -> qeff.VerifyReport:
-    arch = TINY[fault.arch]
+    arch = tiny_arch(fault.card)
     model = qeff.from_config(arch.model_type, arch.config, seed=0)
     g = FAULT_GEOMETRY[fault.geometry]
     prompts = _prompts(g["lengths"], model.config.vocab_size)

@@ -3,9 +3,9 @@
 the traces part.
 
 ``qeff.cli.main`` runs in this process so the monkeypatch applies; each run gets a fresh
-``--home``, so no artifact built by the good code is reused. The models are the tiny seeded
-architectures saved as local checkpoints with a 128-word tokenizer (``tests/word_tokenizer.py``;
-SmolLM2's 49,152-token one made each run ~5 s slower), one per architecture for the session.
+``--home``, so no artifact built by the good code is reused. The models are the cards' tiny tiers
+saved as local checkpoints with a word tokenizer (``tests/word_tokenizer.py``; SmolLM2's
+49,152-token one made each run ~5 s slower), one per card for the session.
 """
 
 from __future__ import annotations
@@ -15,15 +15,8 @@ import torch
 
 import qeff
 from qeff.cli import main
-from tests.arch_configs import TINY
-from tests.faults import FAULTS, Fault
+from tests.faults import FAULT_GEOMETRY, FAULTS, Fault, tiny_arch
 from tests.word_tokenizer import word_tokenizer
-
-#: Two prompts of 5 and 13 tokens, chunked by 8: padding inside a chunk, a row with no token in the
-#: second chunk, and a window of 4 run past.
-PROMPTS = "The capital of France is|Once upon a time, in a land far away, there lived"
-#: 40 tokens: with chunks of 32 and 48 slots, the second chunk's pad slots wrap onto valid ones.
-LONG_PROMPT = " ".join(["one two three four five six seven eight nine ten"] * 4)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,27 +29,25 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """arch id -> a local HF checkpoint: tiny random weights and a tokenizer of the same vocabulary."""
+    """card id -> a local HF checkpoint: the card's tiny tier (random weights) and a word tokenizer
+    of the same vocabulary size."""
     made: dict = {}
-    tokenizer = word_tokenizer()
 
-    def make(arch_id: str):
-        if arch_id not in made:
-            arch = TINY[arch_id]
-            assert arch.config["vocab_size"] == len(tokenizer)
-            path = tmp_path_factory.mktemp(f"ckpt-{arch_id}")
+    def make(card_id: str):
+        if card_id not in made:
+            arch = tiny_arch(card_id)
+            path = tmp_path_factory.mktemp(f"ckpt-{card_id}")
             qeff.from_config(arch.model_type, arch.config, seed=3).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            made[arch_id] = path
-        return made[arch_id]
+            word_tokenizer(arch.config["vocab_size"]).save_pretrained(path)
+            made[card_id] = path
+        return made[card_id]
 
     return make
 
 
 def _shape(fault: Fault) -> list[str]:
-    if fault.geometry == "wrap":
-        return ["--prompt", LONG_PROMPT, "--prompt_len", "32", "--ctx_len", "48"]
-    return ["--prompt", PROMPTS, "--prompt_len", "8", "--ctx_len", "32"]
+    g = FAULT_GEOMETRY[fault.geometry]
+    return ["--prompt", g["text"], "--prompt_len", str(g["prompt_len"]), "--ctx_len", str(g["ctx_len"])]
 
 
 def _expected_lines(fault: Fault) -> list[str]:
@@ -66,7 +57,7 @@ def _expected_lines(fault: Fault) -> list[str]:
 
 @pytest.mark.parametrize("fault", list(FAULTS.values()), ids=list(FAULTS))
 def test_qeff_verify_exits_1_naming_measure_and_layer(fault: Fault, checkpoint, tmp_path, capsys, monkeypatch):
-    model_dir = checkpoint(fault.arch)
+    model_dir = checkpoint(fault.card)
     fault.inject(monkeypatch)
     code = main(["verify", "--model_name", str(model_dir), "--home", str(tmp_path / "home"), *_shape(fault), "--steps", "4"])
     out = capsys.readouterr().out
@@ -81,9 +72,9 @@ def test_qeff_verify_exits_1_naming_measure_and_layer(fault: Fault, checkpoint, 
 
 @pytest.mark.parametrize("fault", list(FAULTS.values()), ids=list(FAULTS))
 def test_qeff_infer_verify_stops_before_compiling(fault: Fault, checkpoint, tmp_path, capsys, monkeypatch):
-    model_dir = checkpoint(fault.arch)
+    model_dir = checkpoint(fault.card)
     fault.inject(monkeypatch)
-    batch = "1" if fault.geometry == "wrap" else "2"
+    batch = str(len(FAULT_GEOMETRY[fault.geometry]["lengths"]))
     code = main(["infer", "--model_name", str(model_dir), "--home", str(tmp_path / "home"), "--backend", "ort", "--verify",
                  "--no-stream", "--batch_size", batch, "--generation_len", "4", *_shape(fault)])
     captured = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""A 128-word tokenizer for tiny local checkpoints: the CLI needs a tokenizer beside the weights,
+"""A word tokenizer for tiny local checkpoints: the CLI needs a tokenizer beside the weights,
 and SmolLM2's 49,152-token vocabulary made every tiny export and tokenizer load seconds slower."""
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ WORDS = (
 ).split()
 
 
-def word_tokenizer():
-    """A fast HF tokenizer: lower case, whitespace/punctuation split, one id per known word, ``<unk>`` otherwise
-    (ids 0-3 are ``<pad> <s> </s> <unk>``), 128 ids in all, like the tiny configs' vocabulary."""
+def word_tokenizer(vocab_size: int = 128):
+    """A fast HF tokenizer: lower case, whitespace/punctuation split, one id per known word,
+    ``<unk>`` otherwise (ids 0-3 are ``<pad> <s> </s> <unk>``), ``vocab_size`` ids in all (unused
+    ones fill up to the model's vocabulary)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
-    assert len(vocab) <= 128, len(vocab)
-    for filler in range(128 - len(vocab)):  # unused ids up to the model's vocabulary size
+    assert len(vocab) <= vocab_size, len(vocab)
+    for filler in range(vocab_size - len(vocab)):  # unused ids up to the model's vocabulary size
         vocab[f"<extra_{filler}>"] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
