@@ -16,9 +16,16 @@ import pytest
 import torch
 
 # Inner runs happen in this process, and pytester forgets the modules they import afterwards;
-# extension modules cannot be imported twice, so import them here first (as tests/test_plugin.py).
+# extension modules cannot be imported twice (the second import aborts the process), so import
+# here first everything a transform + export run loads: `import qeff` alone is lazy.
+import onnx  # noqa: F401  isort: skip
+import onnx.shape_inference  # noqa: F401  isort: skip
 import onnxruntime  # noqa: F401  isort: skip
-import qeff  # noqa: F401  isort: skip
+import qeff.divergence  # noqa: F401  isort: skip
+import qeff.exporter  # noqa: F401  isort: skip
+import qeff.pipeline  # noqa: F401  isort: skip
+import qeff.runtime.ort  # noqa: F401  isort: skip
+import qeff.verification  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 
 from tests.faults import FAULTS, Fault
@@ -87,3 +94,5 @@ def test_fault_fails_the_transform_and_export_stages(fault: Fault, pytester: pyt
         assert "transformed PyTorch vs ONNX Runtime: " in message
         assert export["data"]["comparison"]["first_divergence"]["layer"] == fault.layer
         assert export["data"].get("hf_vs_pytorch") is None
+    page = (pytester.path / "qeff_report" / "cards" / f"{fault.card}.html").read_text()
+    assert "First divergence · " in page and where in page  # the HTML card page says where it parts

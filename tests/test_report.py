@@ -203,3 +203,33 @@ def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     assert not [t for t, _ in dom.tags if t == "script"]  # the evil prompt stayed text
     assert EVIL in " ".join(dom.text)
     assert len([a for t, a in dom.tags if t == "article"]) == 5 and [t for t, _ in dom.tags].count("rect") == 6
+
+
+def test_a_failed_comparison_shows_where_it_parts(tmp_path: Path) -> None:
+    """The card page names the first step, row and layer of a failed comparison, with every
+    layer's difference (qeff.divergence); the export stage also shows a failed HF vs PyTorch."""
+    from qeff.divergence import FirstDivergence
+
+    data = sample_results()
+    export = next(r for r in data["records"] if r["stage"] == "export")
+    divergence = FirstDivergence(
+        step=0, row=1, measure="logits max-abs", value=0.3, bound=1e-5, num_layers=2, layer=1, where="layer 1 of 2 (layers.1)",
+        positions=[0, 1, 2], layers=[{"layer": 0, "max_abs": 1e-7, "scale": 4.0, "relative": 2e-8},
+                                     {"layer": 1, "max_abs": 0.25, "scale": 5.0, "relative": 0.05}],
+    )
+    failed = _comparison("hf", "pytorch", 1e-3)
+    failed.failures, failed.first_divergence = ["logits MSE 0.001 > tolerance 1e-12"], divergence
+    record = ExportRecord.from_dict(export["data"])
+    record.hf_vs_pytorch = failed
+    export["data"], export["outcome"] = record.to_dict(), "failed"
+    render(data, tmp_path / "report")
+    html = (tmp_path / "report" / "cards" / "good-card.html").read_text()
+    dom = parse(html)
+    text = " ".join(" ".join(dom.text).split())
+    assert "First divergence · hf vs pytorch" in text
+    assert ("first divergence at step 0 (prefill), row 1: logits max-abs 0.3 > 1e-05; layer 1 of 2 (layers.1), "
+            "its output differs by max-abs 0.25 (0.05 of its scale)") in text
+    block = html[html.index('<div class="divergence">') : html.index("</div>", html.index('<div class="divergence">'))]
+    rows = [a["class"] for t, a in parse(block).tags if t == "tr" and a.get("class")]
+    assert rows == ["ok", "bad"]  # layer 0 within tolerance, layer 1 where it parts
+    assert "First divergence · pytorch vs ort" not in text  # that comparison passed: nothing to locate

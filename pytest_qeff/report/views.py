@@ -96,6 +96,23 @@ class Chart:
 
 
 @dataclass
+class LayerRow:
+    layer: int
+    max_abs: str
+    relative: str
+    cls: str  # ok | bad (the first layer over tolerance and after)
+
+
+@dataclass
+class DivergenceView:
+    """Where a failed comparison's traces first part (:class:`qeff.divergence.FirstDivergence`)."""
+
+    comparison: str  # e.g. "hf vs pytorch"
+    summary: str
+    layers: list[LayerRow]
+
+
+@dataclass
 class StageView:
     name: str
     backend: str
@@ -109,6 +126,7 @@ class StageView:
     facts: list[Pair] = field(default_factory=list)
     mismatches: list[Pair] = field(default_factory=list)
     diffs: list[TokenDiff] = field(default_factory=list)
+    divergences: list[DivergenceView] = field(default_factory=list)
     chart: Chart | None = None
 
 
@@ -300,6 +318,15 @@ def _chart(stage: BenchmarkRecord) -> Chart | None:
     return Chart(width=700, height=y, label_x=230, bars=bars, title="benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)")
 
 
+def _divergence(comp) -> DivergenceView | None:
+    found = comp.first_divergence
+    if found is None:
+        return None
+    first = found.layer if found.layer is not None else len(found.layers)
+    rows = [LayerRow(e["layer"], fmt(e["max_abs"]), fmt(e["relative"]), "bad" if e["layer"] >= first else "ok") for e in found.layers]
+    return DivergenceView(f"{comp.reference} vs {comp.candidate}", found.describe(), rows)
+
+
 _TITLES = {
     "transform": "HF eager vs transformed PyTorch",
     "export": "transformed PyTorch vs ONNX Runtime",
@@ -324,6 +351,8 @@ def _stage(rec: dict) -> StageView:
                  + (" (ambiguous)" if m.get("ambiguous") else ""))
             for m in comp.mismatches
         ]
+        upstream = stage.hf_vs_pytorch if isinstance(stage, ExportRecord) else None
+        view.divergences = [d for d in (_divergence(comp), upstream and _divergence(upstream)) if d]
     if isinstance(stage, TransformRecord) and stage.config_mismatches:
         view.metrics.append(Metric("config equals the card", "; ".join(stage.config_mismatches), "", False))
     if isinstance(stage, ExportRecord):
