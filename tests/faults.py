@@ -37,6 +37,12 @@ class Fault:
     absent: tuple[str, ...] = ()  # measures that cannot see it (shown, so the table is honest)
     geometry: str = "default"  # key of FAULT_GEOMETRY: prompts and shapes that expose it
     at: tuple[int, int] = (0, 0)  # (step, row) the first divergence must name (API geometry)
+    #: PyTorch and ONNX Runtime part as well (in the plugin's export stage). The fault makes a valid
+    #: token depend on a fully masked attention row (a query that sees nothing; a pad's keys and
+    #: values written into a valid slot). Such a row is uniform in PyTorch, whose mask is float32's
+    #: min, but weighted by the scores in the exported graph, whose mask constant the fp16 pass
+    #: clips to -65504: harmless without the fault, where only pads' discarded rows are fully masked.
+    ort_parts_too: bool = False
     card_edits: dict = field(default_factory=dict)  # text replacements in the card for the plugin run
 
 
@@ -258,7 +264,7 @@ FAULTS: dict[str, Fault] = {
               (*_LOGITS, "cache MSE"), 1),
         Fault("mask-hides-own-slot", "llama-3-8b",
               "the causal mask is built from position - 1: a query no longer sees its own slot", _mask_hides_own_slot,
-              _LOGITS, 0),
+              _LOGITS, 0, ort_parts_too=True),
         Fault("mask-window-one-wider", "mistral-7b-instruct-v0.1",
               "the sliding-window mask keeps window + 1 slots", _mask_window_one_wider, _LOGITS, 0, geometry="window"),
         Fault("pads-to-slot-zero", "llama-3-8b",
@@ -267,12 +273,12 @@ FAULTS: dict[str, Fault] = {
         Fault("pads-write-their-values-empty-chunk", "llama-3-8b",
               "pads write their own keys and values: a row with no token in the second chunk pads from slot 0, "
               "over its own prompt (seen from its first decode step)",
-              _pads_write_their_values, (*_LOGITS, "cache MSE"), 0, at=(1, 1),
+              _pads_write_their_values, (*_LOGITS, "cache MSE"), 0, at=(1, 1), ort_parts_too=True,
               card_edits={"tiny_lengths = [24]": "tiny_lengths = [24, 8]",
                           "[prompts]": "[[cases]]\nbatch_size = 2\nprompt_len = 16\nctx_len = 64\n\n[prompts]"}),
         Fault("pads-write-their-values-wrap", "llama-3-8b",
               "pads write their own keys and values; where the pad slots wrap around ctx_len they hit valid slots",
-              _pads_write_their_values, (*_LOGITS, "cache MSE"), 0, geometry="wrap",
+              _pads_write_their_values, (*_LOGITS, "cache MSE"), 0, geometry="wrap", ort_parts_too=True,
               card_edits={"tiny_lengths = [24]": "tiny_lengths = [40]", "generation_len = 16": "generation_len = 4",
                           "[prompts]": "[[cases]]\nbatch_size = 1\nprompt_len = 32\nctx_len = 48\n\n[prompts]"}),
         Fault("exported-weight-layer1", "llama-3-8b",

@@ -85,9 +85,9 @@ def test_fault_fails_the_transform_and_export_stages(fault: Fault, pytester: pyt
         assert measure in message, message
     assert where in message, message
     if transform_fails:
-        # The graph carries the fault as traced: however close ORT is to the transformed PyTorch,
-        # that model is not HF's. (Where a fault makes valid tokens depend on fully masked rows, as
-        # mask-hides-own-slot does, ORT and PyTorch part too: ORT computes those rows differently.)
+        # The graph carries the fault as traced: ORT matches the transformed PyTorch (which alone
+        # passed this stage before it was judged against HF), and that model is not HF's.
+        assert export["data"]["comparison"]["passed"] is not fault.ort_parts_too, message
         assert "HF vs the transformed PyTorch that ONNX Runtime matches: " in message
         assert export["data"]["hf_vs_pytorch"]["first_divergence"]["layer"] == fault.layer
     else:
