@@ -11,12 +11,14 @@ into the slots named by ``position_ids`` and returns the *whole* updated cache a
 
 Padding (``position_id == -1``) must never corrupt a valid slot, and no index may be out of range
 (ONNX Runtime rejects out-of-range scatter indices; upstream designs write pads at INT32_MAX and
-rely on the device ignoring them). Here a padded token is sent to a slot that no valid token of the
-same step writes, and writes back the value that slot already holds, so the scatter is a no-op for
-it. With right padding inside a chunk and valid positions ``start, start+1, …`` the pad at column
-``j`` goes to ``(start + j) % ctx_len``: the ``seq_len <= ctx_len`` residues are distinct, so the
-pads collide neither with each other nor with the valid writes. All indices stay in
-``[0, ctx_len)``.
+rely on the device ignoring them). Here a padded token writes back the value its slot already
+holds (``where(valid, new, old)``), so the scatter is a no-op for it, and it is sent to a slot that
+no valid token of the same step writes, so no two writes of a step meet. With right padding inside
+a chunk and valid positions ``start, start+1, …`` the pad at column ``j`` goes to
+``(start + j) % ctx_len``: the ``seq_len <= ctx_len`` residues are distinct. A row with no token in
+a chunk (all pads; ``start`` clamps to 0) sends its pads to slots ``0 … seq_len-1``, over its own
+*earlier* valid slots: only the write-back keeps those intact (the mutation suite's "pads write
+their own values" fault shows it). All indices stay in ``[0, ctx_len)``.
 """
 
 from __future__ import annotations

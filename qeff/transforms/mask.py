@@ -3,7 +3,9 @@
 A query at position ``p`` sees cache slot ``k`` when ``k <= p`` (and, for a sliding-window layer
 of width ``w``, when ``k > p - w``). Padded queries (``p == -1``) see nothing; their outputs are
 discarded, and the mask uses a large finite negative value instead of ``-inf`` so that an
-all-masked row gives a uniform softmax rather than NaNs.
+all-masked row gives no NaNs: a uniform softmax in PyTorch. In the exported graph the fp16-clip
+pass (:func:`qeff.exporter.fp16_clip`) turns that value into -65504, so there an all-masked row is
+weighted by its scores instead; only padded queries have such rows, and their outputs are dropped.
 """
 
 from __future__ import annotations
