@@ -6,6 +6,7 @@
     qeff execute  run a compiled artifact (an ORT artifact or a Cloud AI QPC)
     qeff verify   HF vs transformed PyTorch vs ONNX Runtime on a model
     qeff list     the cached artifacts under $QEFF_HOME
+    qeff check    is a model supported? from its config and file headers, no weights loaded
 
 Flags keep the seed product's spellings (``--model_name``, ``--num_cores``, ``--device_group [0,1]``,
 …); each also has a dashed spelling. ``python -m qeff.cloud.infer`` and ``python -m qeff.cloud.execute``
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--ctx_len", type=int, default=128)
     _flag(p, "--steps", type=int, default=16, help="generated tokens compared per prompt (default 16)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", help="is a model supported? answered from its config and file headers, without loading weights")
+    _flag(p, "--model_name", "-m", required=True,
+          help="model card/alias, HF repo id, local HF directory or .gguf file")
+    _flag(p, "--cache_dir", default=None, help="Hugging Face cache directory (default: HF's own)")
+    _flag(p, "--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("list", help="list cached artifacts")
     _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
@@ -366,6 +375,12 @@ def cmd_verify(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)
     return 0 if report.passed else 1
+
+
+def cmd_check(args) -> int:
+    from qeff.support import run_check
+
+    return run_check(args.model_name, revision=args.revision, cache_dir=args.cache_dir, json_mode=args.json)
 
 
 def cmd_list(args) -> int:

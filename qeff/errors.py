@@ -3,7 +3,9 @@
     QEffError                       base; ``str(err)`` is one sentence a user can act on
     ├── UsageError                  bad input from the user (CLI exits with code 2, no traceback)
     │   ├── ModelNotFoundError      a model name/path that resolves to nothing
-    │   └── BackendUnavailableError a backend whose runtime/SDK is not installed here
+    │   ├── BackendUnavailableError a backend whose runtime/SDK is not installed here
+    │   ├── CorruptWeightsError     a weights file whose header is unreadable or promises more than the file holds
+    │   └── UnsupportedArchitectureError  refused from the config alone, before loading (also an UnsupportedModelError)
     ├── UnsupportedModelError       an architecture or module type the transform cannot handle
     ├── WeightsChangedError         a transform changed a parameter (name, shape or value)
     ├── ArtifactError               a cached artifact that is missing, corrupt or does not match
@@ -18,6 +20,8 @@ __all__ = [
     "UsageError",
     "ModelNotFoundError",
     "BackendUnavailableError",
+    "CorruptWeightsError",
+    "UnsupportedArchitectureError",
     "UnsupportedModelError",
     "WeightsChangedError",
     "ArtifactError",
@@ -44,6 +48,20 @@ class BackendUnavailableError(UsageError):
 
 class UnsupportedModelError(QEffError):
     pass
+
+
+class CorruptWeightsError(UsageError):
+    """A weights file whose header is unreadable, inconsistent, or places data past the file's end."""
+
+
+class UnsupportedArchitectureError(UsageError, UnsupportedModelError):
+    """A model refused from its config alone (:mod:`qeff.support`), before any weight is read: the
+    user asked for something qeff cannot run, so the command line treats it as a usage error."""
+
+    def __init__(self, message: str, *, model_type: str | None = None, nearest: str | None = None):
+        super().__init__(message)
+        self.model_type = model_type
+        self.nearest = nearest
 
 
 class WeightsChangedError(QEffError):

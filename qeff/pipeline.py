@@ -103,13 +103,16 @@ class Pipeline:
         self._export: Built | None = None
         self._references: dict[str, Reference] = {}
         self.load_s = 0.0
+        self.cache_dir: str | None = None  # the Hugging Face cache the source was resolved in
 
     @classmethod
     def open(cls, name: str, *, revision: str | None = None, cache_dir: str | None = None, **kwargs) -> Pipeline:
         """A pipeline for a model name, path, ``.gguf`` file or hub repo id (nothing is loaded yet)."""
         if not name or not name.strip():
             raise UsageError("no model name given")
-        return cls(name, source=resolve(name, revision=revision, cache_dir=cache_dir), **kwargs)
+        pipe = cls(name, source=resolve(name, revision=revision, cache_dir=cache_dir), **kwargs)
+        pipe.cache_dir = cache_dir
+        return pipe
 
     # --- the model ---------------------------------------------------------------------------
 
@@ -184,6 +187,13 @@ class Pipeline:
         def build(tmp: Path) -> dict:
             from qeff.exporter import export
 
+            if self.source is not None and self._model is None:
+                from qeff.support import require_supported
+
+                # Refuse an unsupported architecture or a corrupt weights file from the config and
+                # the file headers, before the tokenizer and long before the weights load (issue 11).
+                # A reused export needs no gate: the same qeff exported these same files before.
+                require_supported(self.source, cache_dir=self.cache_dir)
             if validate is not None and self.tokenizer is not None:
                 validate(self.tokenizer)
             model = self.model  # loads when not given
