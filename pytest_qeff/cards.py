@@ -16,7 +16,7 @@ import fnmatch
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +38,7 @@ __all__ = [
     "TinyOverrides",
     "Tolerances",
     "Weights",
+    "card_names",
     "default_cards_dir",
     "load_card",
     "load_cards",
@@ -256,9 +257,15 @@ class KnownFailure(_Strict):
         )
 
 
+Alias = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+
+
 class Card(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     name: str = Field(min_length=1)
+    # Other names --qeff-model finds this card by (case-insensitively), besides its id and its
+    # [weights] repo: the names users know it by, e.g. the seed product's "Llama-2-7b-chat-hf".
+    aliases: list[Alias] = Field(default_factory=list)
     architecture: str = Field(min_length=1)  # the Hugging Face model_type, e.g. "llama"
     description: str = ""
     weights: Weights
@@ -424,29 +431,68 @@ def load_cards(directory: str | Path) -> dict[str, Card]:
         raise pytest.UsageError("\n".join(problems))
     if not cards:
         raise pytest.UsageError(f"--qeff-cards-dir {directory}: holds no *.toml model cards")
-    return cards
+    _check_names(directory, cards)
+    return {cid: cards[cid] for cid in sorted(cards)}  # by id: "gpt2" before "gpt2-xl" (file names sort the other way)
 
 
-def select(cards: dict[str, Card], patterns: Iterable[str]) -> list[Card]:
-    """The cards named by ``patterns`` (ids, globs like ``llama-2-*``, or ``all``), sorted by id.
-    Commas separate several names in one value."""
-    wanted: set[str] = set()
+def card_names(card: Card) -> list[str]:
+    """Every name ``--qeff-model`` finds ``card`` by, lower-cased: its id, its HF repo id, its aliases."""
+    names = [card.id, *(a.lower() for a in card.aliases)]
+    if card.weights.repo:
+        names.append(card.weights.repo.lower())
+    return names
+
+
+def _check_names(directory: Path, cards: dict[str, Card]) -> None:
+    """An alias may not name another card (by its id or alias): a name must find one card. Repo ids
+    may repeat (two cards of one repository, e.g. two precisions, are both selected by it)."""
+    owner: dict[str, str] = {cid: cid for cid in cards}
+    for card in cards.values():
+        for alias in card.aliases:
+            key = alias.lower()
+            other = owner.setdefault(key, card.id)
+            if other != card.id:
+                raise pytest.UsageError(
+                    f"model card {directory / (card.id + '.toml')}: aliases: {alias!r} already names card {other!r}"
+                )
+
+
+def select(
+    cards: dict[str, Card], patterns: Iterable[str], fallback: Callable[[str], Card | None] | None = None
+) -> list[Card]:
+    """The cards named by ``patterns``, sorted by id. A pattern is ``all``, a card's id, HF repo id
+    or alias (case-insensitive: ``llama-2-7b``, ``meta-llama/Llama-2-7b-hf``, ``Llama-2-7b-hf``), or
+    a glob over those names (``llama-2-*``, ``meta-llama/*``). Commas separate several in one value.
+    A pattern no card matches goes to ``fallback`` (a card built on the fly for a model path or
+    hub id, :mod:`pytest_qeff.cardless`), which returns None when it is no model either."""
+    wanted: dict[str, Card] = {}
+    names = {cid: card_names(card) for cid, card in cards.items()}
     for raw in patterns:
         for pattern in filter(None, (p.strip() for p in raw.split(","))):
             if pattern == "all":
-                wanted |= set(cards)
+                wanted.update(cards)
                 continue
-            found = {cid for cid in cards if fnmatch.fnmatchcase(cid, pattern)}
-            if not found:
+            key = pattern.lower()
+            found = {cid for cid, ns in names.items() if key in ns}
+            if not found and any(c in pattern for c in "*?["):
+                found = {cid for cid, ns in names.items() if any(fnmatch.fnmatchcase(n, key) for n in ns)}
+            if found:
+                wanted.update((cid, cards[cid]) for cid in found)
+                continue
+            built = fallback(pattern) if fallback is not None and not any(c in pattern for c in "*?[") else None
+            if built is None:
                 raise pytest.UsageError(_unknown(pattern, cards))
-            wanted |= found
-    return [cards[cid] for cid in sorted(wanted)]
+            wanted[built.id] = built
+    return [wanted[cid] for cid in sorted(wanted)]
 
 
 def _unknown(pattern: str, cards: dict[str, Card]) -> str:
-    stem = pattern.replace("*", "").replace("?", "").lower()
+    stem = pattern.replace("*", "").replace("?", "").lower().rsplit("/", 1)[-1]
     # Ids that extend what was typed come first ("llama-2-7b" → "llama-2-7b-chat"), then similar ones.
     close = [cid for cid in cards if stem and stem in cid]
     close += [cid for cid in difflib.get_close_matches(stem, list(cards), n=3, cutoff=0.5) if cid not in close]
     hint = f"closest: {', '.join(close[:3])}" if close else f"known: {', '.join(cards)}"
-    return f"--qeff-model {pattern}: no model card matches; {hint} (or 'all')"
+    return (
+        f"--qeff-model {pattern}: no model card matches; {hint} (or 'all'; a card is found by its id, HF repo id "
+        f"or alias, and a model directory, .gguf file or cached hub repo id gets a card built from its config)"
+    )

@@ -11,9 +11,11 @@ REQUIRED = {
     "codellama-7b", "codellama-13b", "codellama-34b", "mistral-7b-instruct-v0.1", "codegen25-7b-mono", "xgen-7b-8k-base",
     "gpt2", "mpt-7b", "mixtral-8x7b", "falcon-40b", "starcoder2-15b", "phi-3-mini-128k-instruct", "gpt-j-6b",
     "jais-13b-chat", "chatglm2-6b", "baichuan2-7b-chat",
+    # issue 11: the seed's base models
+    "llama-2-7b", "jais-13b", "baichuan2-7b-base", "codegen-2b-mono", "gpt2-xl",
 }
 #: Cards whose modeling code is in their hub repository, not in transformers (issue 5).
-REMOTE_CODE = {"jais-13b-chat", "chatglm2-6b", "baichuan2-7b-chat"}
+REMOTE_CODE = {"jais-13b-chat", "chatglm2-6b", "baichuan2-7b-chat", "jais-13b", "baichuan2-7b-base"}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,8 @@ def test_every_card_architecture_is_supported_or_the_card_says_why(cards) -> Non
 def test_remote_code_cards_are_marked(cards) -> None:
     assert {c.id for c in cards.values() if c.weights.trust_remote_code} == REMOTE_CODE
     assert {c.weights.repo for c in cards.values() if c.id in REMOTE_CODE} == {
-        "core42/jais-13b-chat", "THUDM/chatglm2-6b", "baichuan-inc/Baichuan2-7B-Chat",
+        "core42/jais-13b-chat", "THUDM/chatglm2-6b", "baichuan-inc/Baichuan2-7B-Chat", "core42/jais-13b",
+        "baichuan-inc/Baichuan2-7B-Base",
     }
 
 
@@ -117,6 +120,67 @@ def test_selection_by_glob_all_and_commas(cards) -> None:
     assert len(select(cards, ["all"])) == len(cards)
     with pytest.raises(pytest.UsageError, match=r"--qeff-model codellama: no model card matches; closest: codellama-13b"):
         select(cards, ["codellama"])
+
+
+#: Every Hugging Face model the seed README (qefficient-readme-2024.md) names, by the repo it links
+#: to (Baichuan2-7B-Base is named without a link), and the names it calls them by.
+SEED_MODELS = {
+    "openai-community/gpt2": "GPT2", "meta-llama/Meta-Llama-3-8B": "Llama-3-8b",
+    "meta-llama/Meta-Llama-3-70B": "Llama-3-70b", "meta-llama/Llama-2-70b-chat-hf": "Llama-2-70b-chat-hf",
+    "meta-llama/Llama-2-7b-chat-hf": "Llama-2-7b-chat-hf", "meta-llama/Llama-2-13b-chat-hf": "Llama-2-13b-chat-hf",
+    "codellama/CodeLlama-7b-hf": "CodeLlama-7b-hf", "codellama/CodeLlama-13b-hf": "CodeLlama-13b-hf",
+    "codellama/CodeLlama-34b-hf": "CodeLlama-34b-hf", "Salesforce/codegen25-7b-mono_P": "codegen25-7b-mono_P",
+    "Salesforce/xgen-7b-8k-base": "xgen-7b-8k-base", "mosaicml/mpt-7b": "MPT-7b",
+    "mistralai/Mistral-7B-Instruct-v0.1": "Mistral-7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-v0.1": "Mixtral-8x7B-v0.1",
+    "tiiuae/falcon-40b": "Falcon-40b", "bigcode/starcoder2-15b": "Starcoder2-15b",
+    "microsoft/Phi-3-mini-128k-instruct": "Phi-3", "core42/jais-13b": "Jais-13b", "EleutherAI/gpt-j-6b": "GPT-J-6B",
+    "THUDM/chatglm2-6b": "Chatglm2-6b", "baichuan-inc/Baichuan2-7B-Base": "Baichuan2-7B-Base",
+    "Salesforce/codegen-2B-mono": "codegen-2B-mono", "openai-community/gpt2-xl": "gpt2-xl",
+    # the design's command: pytest --qeff-model llama-2-7b --device-group 0,1
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+}
+
+
+def test_every_seed_model_has_a_card_found_by_repo_and_by_its_seed_name(cards) -> None:
+    for repo, seed_name in SEED_MODELS.items():
+        by_repo = select(cards, [repo])
+        assert len(by_repo) == 1 and by_repo[0].weights.repo == repo, repo
+        assert select(cards, [seed_name]) == by_repo, seed_name
+        assert select(cards, [repo.upper()]) == by_repo  # case-insensitive
+    assert select(cards, ["llama-2-7b"])[0].weights.repo == "meta-llama/Llama-2-7b-hf"
+
+
+def test_base_cards_carry_their_published_configs(cards) -> None:
+    base, chat = cards["llama-2-7b"].config, cards["llama-2-7b-chat"].config
+    assert base == chat  # Llama 2 7B and its chat tune share one architecture
+    assert cards["jais-13b"].config == cards["jais-13b-chat"].config
+    assert cards["baichuan2-7b-base"].config == cards["baichuan2-7b-chat"].config
+    codegen = cards["codegen-2b-mono"].config
+    assert (codegen.num_hidden_layers, codegen.hidden_size, codegen.num_attention_heads, codegen.extra["rotary_dim"]) == (32, 2560, 32, 64)
+    xl = cards["gpt2-xl"].config
+    assert (xl.num_hidden_layers, xl.hidden_size, xl.num_attention_heads) == (48, 1600, 25)
+
+
+def test_lookup_by_alias_repo_and_glob_over_repos(cards) -> None:
+    assert [c.id for c in select(cards, ["LLAMA-2-7B-CHAT-HF"])] == ["llama-2-7b-chat"]
+    assert [c.id for c in select(cards, ["Llama-2-7B"])] == ["llama-2-7b"]
+    assert {c.id for c in select(cards, ["codellama/*"])} == {"codellama-7b", "codellama-13b", "codellama-34b"}
+    assert {c.id for c in select(cards, ["*/Llama-2-7b*"])} == {"llama-2-7b", "llama-2-7b-chat"}
+    with pytest.raises(pytest.UsageError, match=r"--qeff-model meta-llama/Llama-2-7b: no model card matches; closest: llama-2-7b"):
+        select(cards, ["meta-llama/Llama-2-7b"])
+
+
+def test_an_alias_may_name_only_one_card(tmp_path) -> None:
+    src = default_cards_dir()
+    for name in ("llama-2-7b", "llama-2-7b-chat"):
+        (tmp_path / f"{name}.toml").write_text((src / f"{name}.toml").read_text())
+    text = (tmp_path / "llama-2-7b.toml").read_text().replace('aliases = ["Llama-2-7b-hf"]', 'aliases = ["LLAMA-2-7B-CHAT"]')
+    (tmp_path / "llama-2-7b.toml").write_text(text)
+    with pytest.raises(pytest.UsageError, match=r"llama-2-7b.toml: aliases: 'LLAMA-2-7B-CHAT' already names card 'llama-2-7b-chat'"):
+        load_cards(tmp_path)
+    (tmp_path / "llama-2-7b.toml").write_text(text.replace('"LLAMA-2-7B-CHAT"', '"bad alias"'))
+    with pytest.raises(pytest.UsageError, match=r"aliases\[0\]: String should match pattern"):
+        load_cards(tmp_path)
 
 
 def test_full_tier_config_check_compares_only_keys_the_architecture_has(cards):

@@ -53,10 +53,27 @@ def test_markers_select_stages(pytester: pytest.Pytester) -> None:
 
 
 def test_unknown_model_is_a_usage_error_naming_the_closest_cards(pytester: pytest.Pytester) -> None:
-    result = qeff(pytester, "--qeff-model", "llama-2-7b", "--collect-only")
+    result = qeff(pytester, "--qeff-model", "llama-2-7b-chta", "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: --qeff-model llama-2-7b: no model card matches; closest: llama-2-7b-chat*"])
+    result.stderr.fnmatch_lines(["ERROR: --qeff-model llama-2-7b-chta: no model card matches; closest: llama-2-7b-chat*"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_the_design_command_works_literally(pytester: pytest.Pytester) -> None:
+    """DESIGN.md's command, as written: `pytest --qeff-model llama-2-7b --device-group 0,1` (issue 11)."""
+    result = qeff(pytester, "--qeff-model", "llama-2-7b", "--device-group", "0,1", "-q", "--qeff-report", "report")
+    assert result.ret == 0, result.stdout.str()
+    records = json.loads((pytester.path / "report" / "results.json").read_text())["records"]
+    assert {r["card"] for r in records} == {"llama-2-7b"} and len(records) == 16
+    outcomes = {(r["stage"], r["backend"], r["outcome"]) for r in records}
+    for stage in ("transform", "export"):
+        assert (stage, None, "passed") in outcomes
+    for stage in ("compile", "generation", "benchmark"):
+        assert (stage, "ort", "passed") in outcomes and (stage, "qaic", "skipped") in outcomes
+    # The same card by its HF repo id and its alias, in any case.
+    for name in ("meta-llama/Llama-2-7b-hf", "LLAMA-2-7B-HF"):
+        listed = qeff(pytester, "--qeff-model", name, "--collect-only", "-q")
+        assert {line.split("[")[1].rsplit("-bs", 1)[0] for line in listed.outlines if "::" in line} == {"llama-2-7b"}
 
 
 def test_suite_without_cards_is_a_usage_error(pytester: pytest.Pytester) -> None:
