@@ -73,19 +73,21 @@ class Weights(_Strict):
     source: Literal["hub", "local", "gguf", "none"]
     repo: str | None = Field(default=None, min_length=1)  # Hugging Face repo id, e.g. meta-llama/Llama-2-7b-chat-hf
     revision: str = "main"  # branch, tag or commit of ``repo``
-    path: str | None = None  # source = "local": a directory holding config.json
+    path: str | None = None  # "local": a directory holding config.json; "gguf": the .gguf file (or package + file)
     package: str | None = None  # source = "gguf": the installed distribution shipping the file
     file: str | None = None  # source = "gguf": glob of the .gguf file inside that package
     trust_remote_code: bool = False  # source = "hub": the modeling code ships in the repository
 
     @model_validator(mode="after")
     def _source_fields(self) -> Weights:
-        if self.source in ("hub", "gguf") and not self.repo:
+        if self.source == "hub" and not self.repo:
             raise ValueError(f'source = "{self.source}" needs repo = "<org/name>"')
         if self.source == "local" and not self.path:
             raise ValueError('source = "local" needs path = "<directory holding config.json>"')
-        if self.source == "gguf" and not (self.package and self.file):
-            raise ValueError('source = "gguf" needs package = "<distribution>" and file = "<glob of the .gguf>"')
+        if self.source == "gguf" and not (self.package and self.file) and not self.path:
+            raise ValueError(
+                'source = "gguf" needs package = "<distribution>" and file = "<glob of the .gguf>", or path = "<file.gguf>"'
+            )
         if self.trust_remote_code and self.source != "hub":
             raise ValueError('trust_remote_code = true needs source = "hub" (the code ships in the hub repository)')
         return self

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_qeff import cardless, changed, devices
 from pytest_qeff import cards as cards_mod
-from pytest_qeff import changed, devices
+from pytest_qeff import shard as shard_mod
 from pytest_qeff.cards import Card
 
 __all__ = ["Settings", "SETTINGS", "add_options", "resolve", "worker_id", "is_worker"]
@@ -38,6 +39,10 @@ class Settings:
     changed: changed.Selection | None = None
     patterns: list[str] = field(default_factory=list)
     trust_remote_code: bool = False
+    cardless: list[str] = field(default_factory=list)  # ids of the cards built from a model's config
+    written_cards: list[Path] = field(default_factory=list)  # --qeff-write-card
+    shard: shard_mod.Shard | None = None
+    unsharded: int = 0  # how many cards were selected before --qeff-shard took its part
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -47,8 +52,22 @@ def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("qeff", "qeff conformance suite (model cards become tests, benchmarks and reports)")
     group.addoption(
         "--qeff-model", action="append", default=[], metavar="NAME",
-        help="model card to test: an id (llama-2-7b-chat), a glob (llama-2-*) or 'all'; repeatable, commas "
-        "allowed. Without it (or --qeff-changed-since) the suite is off. Default: none.",
+        help="model card to test: an id (llama-2-7b-chat), HF repo id (meta-llama/Llama-2-7b-chat-hf) or alias, "
+        "any case; a glob (llama-2-*) or 'all'; or a model directory, .gguf file or cached hub repo id with no "
+        "card, for which a card is built from its config. Repeatable, commas allowed. Without it (or "
+        "--qeff-changed-since) the suite is off. Default: none.",
+    )
+    group.addoption(
+        "--qeff-write-card", nargs="?", const="", default=None, metavar="PATH",
+        help="save each card built from a model's config (see --qeff-model) as TOML, to commit: into PATH (a "
+        "directory, or a <id>.toml file), or without PATH into the cards directory (--qeff-cards-dir) when it "
+        "is inside the rootdir, else the current directory. Default: off.",
+    )
+    group.addoption(
+        "--qeff-shard", metavar="I/N", default=None, type=shard_mod.parse,
+        help="run only the I-th of N parts of the selected cards (1-based; cards dealt round-robin over their "
+        "sorted ids), one part per CI machine; join the parts' results with python -m pytest_qeff.report "
+        "merge. Default: all cards.",
     )
     group.addoption(
         "--device-group", "--device_group", action="append", default=[], metavar="IDS", dest="qeff_device_groups",
@@ -124,7 +143,13 @@ def resolve(config: pytest.Config) -> Settings:
     active = bool(patterns or since)
     cards_dir = _path(config, opt("qeff_cards_dir")) if opt("qeff_cards_dir") else cards_mod.default_cards_dir()
     all_cards: dict[str, Card] = cards_mod.load_cards(cards_dir) if active else {}
-    selected = cards_mod.select(all_cards, patterns) if patterns else list(all_cards.values())
+    known = frozenset(all_cards)
+    selected = (
+        cards_mod.select(all_cards, patterns, fallback=lambda p: cardless.card_for(p, known))
+        if patterns else list(all_cards.values())
+    )
+    built = [c for c in selected if c.id not in known]
+    all_cards = {**all_cards, **{c.id: c for c in built}}
     selection = None
     if since:
         repo = changed.git_root(config.rootpath)
@@ -135,7 +160,12 @@ def resolve(config: pytest.Config) -> Settings:
         selection = changed.select_changed(
             changed.changed_files(repo, since), all_cards, rel_cards, changed.module_graph(repo), since
         )
-        selected = [c for c in selected if c.id in selection.cards]
+        selected = [c for c in selected if c.id in selection.cards or c.id not in known]  # named models stay
+    unsharded = len(selected)
+    shard: shard_mod.Shard | None = opt("qeff_shard")
+    if shard is not None:
+        selected = shard.take(sorted(selected, key=lambda c: c.id))
+    written = _write_cards(config, built, cards_dir) if opt("qeff_write_card") is not None else []
     if active:
         devices.check_workers(groups, _workers(config))
     backend = opt("qeff_backend")
@@ -156,4 +186,27 @@ def resolve(config: pytest.Config) -> Settings:
         changed=selection,
         patterns=patterns,
         trust_remote_code=opt("qeff_trust_remote_code"),
+        cardless=[c.id for c in built],
+        written_cards=written,
+        shard=shard,
+        unsharded=unsharded,
     )
+
+
+def _write_cards(config: pytest.Config, built: list[Card], cards_dir: Path) -> list[Path]:
+    """``--qeff-write-card``: on the controller only (workers build the same cards)."""
+    value: str = config.getoption("qeff_write_card")
+    if not built:
+        raise pytest.UsageError(
+            "--qeff-write-card: no card was built from a model's config (every --qeff-model name matched a card)"
+        )
+    if is_worker(config):
+        return []
+    if value:
+        target = _path(config, value)
+        if target.suffix == ".toml" and len(built) > 1:
+            raise pytest.UsageError(f"--qeff-write-card {value}: {len(built)} cards were built; give a directory")
+    else:
+        inside = cards_dir.resolve().is_relative_to(config.rootpath.resolve())
+        target = cards_dir if inside else config.invocation_params.dir
+    return [cardless.write(card, target) for card in built]

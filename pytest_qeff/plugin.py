@@ -56,6 +56,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if settings.changed is not None:
         lines += settings.changed.describe()
+    if settings.shard is not None:
+        lines.append(f"qeff: shard {settings.shard} of the {settings.unsharded} selected card(s): "
+                     f"{', '.join(c.id for c in settings.cards) or 'none'}")
+    for cid in settings.cardless:
+        lines.append(f"qeff: card {cid} built from its model's config ({settings.all_cards[cid].weights.source})")
+    lines += [f"qeff: wrote card {p}" for p in settings.written_cards]
     return lines
 
 
@@ -78,8 +84,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     published = publish.publish(config, settings, collector, exitstatus)
     if published is not None:
         config.stash[publish.PUBLISHED] = published
-    if settings.changed is not None and not settings.cards and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
-        session.exitstatus = pytest.ExitCode.OK  # nothing affected is a pass for pull-request gating
+    nothing_to_do = settings.changed is not None or settings.shard is not None
+    if nothing_to_do and not settings.cards and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        # Nothing affected (pull-request gating), or an empty shard (more machines than cards): a pass.
+        session.exitstatus = pytest.ExitCode.OK
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

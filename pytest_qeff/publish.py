@@ -36,6 +36,8 @@ def publish(config: pytest.Config, settings: Settings, collector: results.Collec
         "device_groups": [list(g) for g in settings.device_groups],
         "models": settings.patterns,
         "changed_since": settings.changed.ref if settings.changed else None,
+        "shard": str(settings.shard) if settings.shard else None,
+        "cardless": list(settings.cardless),
         "baseline_dir": str(settings.baseline_dir),
         "update_baseline": settings.update_baseline,
         "workers": int(config.getoption("numprocesses", 0) or 0) if config.getoption("dist", "no") != "no" else 0,
@@ -56,8 +58,11 @@ def terminal_lines(settings: Settings, published: Published | None) -> list[str]
     if published is None:
         if settings.changed is not None and not settings.cards:
             return ["no model card is affected by the changes since " + settings.changed.ref]
+        if settings.shard is not None and not settings.cards:
+            return [f"shard {settings.shard} holds no card ({settings.unsharded} selected card(s) over {settings.shard.count} shards)"]
         return []
     lines = summary.format_table(published.rows)
     lines.append(f"report: {published.index}  (source: {published.results})")
     lines += [f"baseline updated: {p}" for p in published.baselines]
+    lines += [f"card written: {p} (built from its model's config; commit it to keep it)" for p in settings.written_cards]
     return lines

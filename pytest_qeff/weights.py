@@ -25,6 +25,11 @@ def locate(card: Card):
             f"{card.id}: a tiny-tier-only card ([weights] source = \"none\"): it names no real weights to run the "
             f"full tier with; the named cards of its architecture do"
         )
+    if w.source == "gguf" and w.path:  # a file named directly (cardless cards of a .gguf)
+        path = Path(w.path).expanduser()
+        if path.is_file():
+            return ModelSource(card.id, "gguf", path=path.resolve()), ""
+        return None, f"{card.id}: the full tier needs the GGUF file {path}, which does not exist"
     if w.source == "gguf":
         try:
             dist = importlib.metadata.distribution(w.package)
