@@ -179,3 +179,19 @@ def test_unsupported_or_broken_models_are_usage_errors(pytester, tmp_path):
     nothing = qeff_run(pytester, "--qeff-model", "llama-2-7b", "--qeff-write-card", "--collect-only")
     assert nothing.ret == pytest.ExitCode.USAGE_ERROR
     nothing.stderr.fnmatch_lines(["*--qeff-write-card: no card was built from a model's config*"])
+
+
+def test_rope_scaling_reaches_the_tiny_tier_when_cards_can_hold_tables(tmp_path):
+    """Llama 3 RoPE scaling is a table; the card schema holds tables once issue 11's item 2 lands
+    (the models branch). Until then the built card names it as a key it could not hold."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    config = dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072, rope_scaling=scaling)
+    built = cardless.build(str(write_config_dir(tmp_path / "llama31", config)))
+    if cardless._value_ok("rope_scaling", scaling):
+        assert built.tiny_config().hf_config()["rope_scaling"] == scaling
+        model = qeff.from_config("llama", built.tiny_config().hf_config())
+        assert model.config.rope_parameters["rope_type"] == "llama3"
+    else:
+        assert "left to the config class's defaults in the tiny tier: rope_scaling" in built.description
