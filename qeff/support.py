@@ -400,7 +400,7 @@ def covering_cards(source: ModelSource, model_type: str | None, cards_dir: Path 
             exact.append({"id": card_id, "covers": "this model"})
         elif model_type and data.get("architecture") == model_type:
             family.append({"id": card_id, "covers": "same architecture"})
-    return exact + family
+    return sorted(exact, key=lambda c: c["id"]) + sorted(family, key=lambda c: c["id"])
 
 
 # --- the report (qeff check) ---------------------------------------------------------------------
