@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 # Inner runs happen in this process (pytester): import the extension modules once, here.
+import onnx  # noqa: F401  isort: skip
 import onnxruntime  # noqa: F401  isort: skip
+import qeff.exporter  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 

@@ -18,10 +18,8 @@ ROOT = Path(qeff.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout"),
     ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers"),
-    ("qeff.loading",),
-    ("qeff.configs",),
-    ("qeff.transforms",),
-    ("qeff.support",),
+    ("qeff.loading", "qeff.configs"),
+    ("qeff.transforms", "qeff.support"),
     ("qeff.exporter",),
     ("qeff.runtime",),
     ("qeff.compilers",),

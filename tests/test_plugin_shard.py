@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import onnx  # noqa: F401  isort: skip
 import onnxruntime  # noqa: F401  isort: skip
+import qeff.exporter  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
 import transformers.models.gemma.modeling_gemma  # noqa: F401  isort: skip
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  isort: skip
