@@ -13,7 +13,9 @@ The card is built from the model's config alone (:mod:`qeff.configs`, no weight 
   FFN width kept in proportion (at most 4x the hidden size), a sliding window of
   16 tokens (the tiny prompts of 24 tokens plus 16 generated cross it), at most 4 experts and 2 per
   token, partial-rotary dims scaled with the head, per-layer lists cut to the tiny depth, a
-  256-token vocabulary (special token ids beyond it moved to 0), RoPE scaling kept as it is;
+  256-token vocabulary (special token ids beyond it moved to 0); scaled RoPE keeps its type, its
+  per-frequency factor lists (LongRoPE) resampled to the tiny rotary dimensions and the original
+  context it scales from shrunk to 16 tokens, so that the tiny prompts reach the scaled regime;
 - the full tier runs on the weights themselves (``[weights]`` names the directory, file or repo);
 - two cases: batch 1 (``bs1-pl32-cl128``) and a padded batch of 2 prefilled in 16-token chunks
   (``bs2-pl16-cl64``).
@@ -52,6 +54,7 @@ _TOPK_KEYS = frozenset({"num_experts_per_tok", "moe_top_k", "num_experts_per_tok
 _WIDTH_KEYS = frozenset({"n_inner", "ffn_hidden_size"})
 _TINY_VOCAB = 256
 _TINY_WINDOW = 16
+_TINY_ORIGINAL_CONTEXT = 16  # the context scaled RoPE scales from, in the tiny tier
 _MAX_TINY_LAYERS = 8
 
 
@@ -174,6 +177,7 @@ def _tiny(real: dict[str, Any], cfg: Any) -> dict[str, Any]:
             extra[key] = value[:layers_t]
         elif key == "first_k_dense_replace" and isinstance(value, int):
             extra[key] = min(value, layers_t - 1)
+    _tiny_rope(real, tiny, extra, head_dim_t)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the card clears bos/eos: the class default
         value = getattr(cfg, key, None)                              # returns, and may not fit the tiny vocab
         if isinstance(value, int) and value >= _TINY_VOCAB:
@@ -184,6 +188,46 @@ def _tiny(real: dict[str, Any], cfg: Any) -> dict[str, Any]:
     if extra:
         tiny["extra"] = extra
     return tiny
+
+
+def _resample(factors: list, n: int) -> list:
+    """``n`` entries spread evenly over a per-frequency factor list (first and last kept)."""
+    if n <= 1:
+        return factors[:1]
+    return [factors[round(i * (len(factors) - 1) / (n - 1))] for i in range(n)]
+
+
+def _shrink_rope_table(table: dict[str, Any], half: int) -> dict[str, Any]:
+    out = dict(table)
+    for key in ("short_factor", "long_factor"):
+        if isinstance(out.get(key), list) and out[key]:
+            out[key] = _resample(out[key], half)  # LongRoPE: one factor per rotary frequency
+    if isinstance(out.get("original_max_position_embeddings"), int):
+        out["original_max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT
+    return out
+
+
+def _tiny_rope(real: dict[str, Any], tiny: dict[str, Any], extra: dict[str, Any], head_dim_t: int) -> None:
+    """Scaled RoPE in the tiny tier: the same scaling type, its per-frequency factor lists resampled
+    to the tiny rotary dimensions, and the original context it scales from shrunk to 16 tokens, so
+    the tiny prompts (24 tokens) reach the scaled regime (LongRoPE switches factor sets there)."""
+    fraction = real["extra"].get("partial_rotary_factor", 1.0)
+    half = max(1, int(head_dim_t * (fraction if isinstance(fraction, (int, float)) else 1.0)) // 2)
+    original = real["extra"].get("original_max_position_embeddings")
+    for key in ("rope_scaling", "rope_parameters"):
+        table = real["extra"].get(key)
+        if not isinstance(table, dict) or not table:
+            continue
+        if all(isinstance(v, dict) for v in table.values()):  # one table per layer type
+            extra[key] = {kind: _shrink_rope_table(t, half) for kind, t in table.items()}
+        else:
+            extra[key] = _shrink_rope_table(table, half)
+        original = original or table.get("original_max_position_embeddings")
+    if isinstance(original, int) and original > 0:
+        if "original_max_position_embeddings" in real["extra"]:
+            extra["original_max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT
+        # Keep the ratio the scaling is computed from (LongRoPE's attention factor uses it).
+        tiny["max_position_embeddings"] = max(_TINY_ORIGINAL_CONTEXT * max(1, round(real["max_position_embeddings"] / original)), 256)
 
 
 def build(name: str, existing: set[str] | frozenset[str] = frozenset()) -> Card:

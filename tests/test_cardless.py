@@ -197,3 +197,29 @@ def test_rope_scaling_reaches_the_tiny_tier_when_cards_can_hold_tables(tmp_path)
         assert model.config.rope_parameters["rope_type"] == "llama3"
     else:
         assert "left to the config class's defaults in the tiny tier: rope_scaling" in built.description
+
+
+def test_scaled_rope_is_shrunk_to_reach_the_scaled_regime_in_the_tiny_tier():
+    """The shrink rule itself (independent of what the card schema holds): LongRoPE's per-frequency
+    lists resampled to the tiny rotary half-dimension, first and last factors kept; the original
+    context 16 tokens (the tiny prompts of 24 cross it); the context ratio kept."""
+    from transformers import CONFIG_MAPPING
+
+    long_factor = [1.0 + i for i in range(48)]
+    table = {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": long_factor}
+    values = dict(num_hidden_layers=32, hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=131072,
+                  original_max_position_embeddings=4096, rope_scaling=table)
+    cfg = CONFIG_MAPPING["phi3"].from_dict(values)
+    real = {**{k: v for k, v in values.items() if k not in ("original_max_position_embeddings", "rope_scaling")},
+            "extra": {"original_max_position_embeddings": 4096, "rope_scaling": table}}
+    tiny = cardless._tiny(real, cfg)
+    head_dim = tiny["hidden_size"] // tiny["num_attention_heads"]
+    shrunk = tiny["extra"]["rope_scaling"]
+    assert len(shrunk["long_factor"]) == len(shrunk["short_factor"]) == head_dim // 2
+    assert shrunk["long_factor"][0] == 1.0 and shrunk["long_factor"][-1] == 48.0 and shrunk["type"] == "longrope"
+    assert tiny["extra"]["original_max_position_embeddings"] == 16 < 24
+    assert tiny["max_position_embeddings"] == 16 * 32  # 131072 / 4096 kept
+    sizes = {k: v for k, v in tiny.items() if k not in ("extra", "seed")}
+    model = qeff.from_config("phi3", {**{k: v for k, v in real.items() if k != "extra"}, **sizes, **tiny["extra"]})
+    assert model.config.rope_parameters["rope_type"] == "longrope"
