@@ -59,8 +59,8 @@ def _compile_args(p):
     _flag(p, "--ctx_len", type=int, default=128, help="cache slots per row: prompt + generated tokens (default 128)")
     _flag(p, "--num_cores", type=int, default=16, help="Cloud AI cores per device (default 16)")
     _flag(p, "--device_group", default=None, help="Cloud AI device ids used together, e.g. [0,1] or 0,1 (default: [0])")
-    _flag(p, "--mxfp6", action="store_true", help="Cloud AI: MatMul weights in MXFP6")
-    _flag(p, "--mxint8", action="store_true", help="Cloud AI: the KV cache in MXINT8")
+    _flag(p, "--mxfp6", action="store_true", help="Cloud AI: MatMul weights in MXFP6 (ort: emulated, with fp16 activations)")
+    _flag(p, "--mxint8", action="store_true", help="Cloud AI: the KV cache in MXINT8 (ort: emulated, with fp16 activations)")
     _flag(p, "--mos", type=int, default=-1, help="Cloud AI: -mos effort (default -1 = not passed)")
     _flag(p, "--aic_enable_depth_first", action="store_true", help="Cloud AI: depth-first scheduling")
     _flag(p, "--aic_hw_version", default=None, help="Cloud AI: -aic-hw-version (default: what the compiler documents)")
@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--prompt_len", type=int, default=32)
     _flag(p, "--ctx_len", type=int, default=128)
     _flag(p, "--steps", type=int, default=16, help="generated tokens compared per prompt (default 16)")
+    _flag(p, "--precision", default=None, metavar="TIERS",
+          help="precision tiers to emulate and judge against HF fp32, e.g. fp32,fp16,mxfp6,mxint8,mxfp6+mxint8 (docs/precision.md)")
+    _flag(p, "--backend", choices=["ort", "qaic", "torch"], default="ort", help="where --precision tiers run (default ort: emulated on the CPU)")
+    _flag(p, "--rows", type=int, default=8, help="--precision: corpus windows, run as one batch (default 8)")
+    _flag(p, "--window", type=int, default=512, help="--precision: corpus tokens per window (default 512)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("check", help="is a model supported? answered from its config and file headers, without loading weights")
@@ -184,9 +189,23 @@ def _compile_options(args, backend: str, out: _Out) -> dict:
                        mxint8=args.mxint8, mos=args.mos if args.mos > 0 else None,
                        aic_enable_depth_first=args.aic_enable_depth_first, aic_hw_version=args.aic_hw_version,
                        extra_options=tuple(args.compiler_option))
-    elif args.mxfp6 or args.mxint8 or args.mos > 0 or args.aic_enable_depth_first or args.compiler_option:
-        out.say("[qeff] note: --mxfp6/--mxint8/--mos/--aic_enable_depth_first/--compiler_option apply to Cloud AI only; the ort backend runs fp32")
+    elif args.mos > 0 or args.aic_enable_depth_first or args.compiler_option:
+        out.say("[qeff] note: --mos/--aic_enable_depth_first/--compiler_option apply to Cloud AI only")
     return options
+
+
+def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False):
+    """Compile the exported graph (or ``onnx_path``). On ort, --mxfp6/--mxint8 compile the emulated
+    tier instead (:mod:`qeff.precision`; the portable graph is left as it is)."""
+    import qeff
+
+    if backend == "ort" and (args.mxfp6 or args.mxint8):
+        from qeff.precision.commands import emulated_graph
+
+        onnx_path = emulated_graph(onnx_path or pipe.onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
+    if onnx_path is None:
+        return pipe.compile(backend, force=force, **options)
+    return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
 
 
 def _session_options(args) -> dict:
@@ -287,9 +306,9 @@ def cmd_infer(args) -> int:
                 )
                 raise QEffError(f"verification failed: {failures}; run `qeff verify` for the full report, or --no-verify to skip")
     options = _compile_options(args, backend, out)
-    built = pipe.compile(backend, force=args.force, **options)
+    built = _compile(pipe, backend, args, options, force=args.force)
     _reuse_note(out, f"{backend} artifact", built)
-    session, rebuilt = pipe.open_session(built, rebuild=lambda: pipe.compile(backend, **options), **_session_options(args))
+    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options), **_session_options(args))
     if rebuilt:
         out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
     summary = _run(session, tokenizer, prompts, args, out)
@@ -310,19 +329,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    import qeff
-
     out = _Out(False)
     backend = _resolve_backend(args.backend)
     if args.dry_run and backend != "qaic":
         raise UsageError("--dry_run applies to --backend qaic (the ort backend needs no external compiler)")
     options = _compile_options(args, backend, out)
     if args.onnx_path:
-        result = qeff.compile(Path(args.onnx_path), backend, progress=True, **options)
+        result = _compile(None, backend, args, options, onnx_path=Path(args.onnx_path))
     else:
         pipe = _pipeline(args)
         _reuse_note(out, "export", pipe.export())
-        result = pipe.compile(backend, **options)
+        result = _compile(pipe, backend, args, options)
     if args.dry_run:
         out.say(f"[qeff] wrote the compiler's files to {result.out_dir}; run the compile by hand with:\n{result.shell_command()}")
         return 0
@@ -362,6 +379,10 @@ def cmd_execute(args) -> int:
 
 def cmd_verify(args) -> int:
     out = _Out(args.json)
+    if args.precision is not None:
+        from qeff.precision.commands import verify_precision
+
+        return verify_precision(args, out.say)
     pipe = _pipeline(args)
     pipe.export()
     ids = [pipe.tokenizer(p)["input_ids"] for p in _prompts(args)]

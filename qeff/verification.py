@@ -31,6 +31,7 @@ import numpy as np
 from qeff.divergence import FirstDivergence, HfLayers, ReplayLayers, TorchStepper, locate, session_stepper
 from qeff.errors import UsageError, VerificationError
 from qeff.generation import prefill_chunks
+from qeff.metrics import DistributionStats
 from qeff.runtime.base import Session
 from qeff.serialization import from_dict, to_dict
 
@@ -133,6 +134,16 @@ class Comparison:
     tolerances: dict = field(default_factory=dict)
     #: Set only when the comparison failed: where the traces first part (step, row, layer).
     first_divergence: FirstDivergence | None = None
+    # Distribution metrics over the same steps (qeff.metrics): KL(reference ‖ candidate) per
+    # position, top-1 agreement, top-5 overlap. Perplexity needs a real text, so it is filled
+    # only by comparisons over one (the precision ladder); None here.
+    kld_mean: float = 0.0
+    kld_p99: float = 0.0
+    kld_max: float = 0.0
+    top1_agree: float = 1.0
+    top5_overlap: float = 1.0
+    ppl_ref: float | None = None
+    ppl: float | None = None
 
     @property
     def name(self) -> str:
@@ -158,6 +169,7 @@ class Comparison:
             f"(tol {self.tolerances.get('logits_max_abs', float('nan')):.3g}); cache MSE {self.cache_mse:.3g}, "
             f"max-abs {self.cache_max_abs:.3g}; tokens {self.tokens_matched}/{self.tokens_total}"
             + (f" ({self.ambiguous} ambiguous)" if self.ambiguous else "")
+            + f"; KLD mean {self.kld_mean:.3g} max {self.kld_max:.3g}, top-1 {100 * self.top1_agree:.1f}%"
         )
 
 
@@ -328,6 +340,12 @@ def compare(ref: Trace, cand: Trace, tol: Tolerances) -> Comparison:
             f"{len(hard)} greedy token(s) differ (first: row {first['row']} step {first['step']}: "
             f"{first['reference']} vs {first['candidate']}, reference top-2 margin {first['margin']:.3g})"
         )
+    distribution = DistributionStats()
+    for a, b in pairs:
+        if a.shape == b.shape:  # a candidate of another shape has failed above already
+            distribution.add(a, b)
+    dist = distribution.summary() if distribution.kl else None
+    nan = float("nan")
     return Comparison(
         reference=ref.name,
         candidate=cand.name,
@@ -344,6 +362,11 @@ def compare(ref: Trace, cand: Trace, tol: Tolerances) -> Comparison:
         mismatches=mismatches[:20],
         failures=failures,
         tolerances=asdict(tol),
+        kld_mean=dist.kld_mean if dist else nan,
+        kld_p99=dist.kld_p99 if dist else nan,
+        kld_max=dist.kld_max if dist else nan,
+        top1_agree=dist.top1_agree if dist else nan,
+        top5_overlap=dist.top5_overlap if dist else nan,
     )
 
 

@@ -1,0 +1,69 @@
+"""The precision parts of the ``qeff`` command line (``cli.py`` only declares the flags and calls these).
+
+    qeff verify --precision fp32,fp16,mxfp6,mxint8,mxfp6+mxint8 [--json]   the ladder against HF fp32
+    qeff infer  --backend ort --mxfp6 [--mxint8]                          runs the emulated tier
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from qeff.errors import UsageError
+from qeff.precision.tiers import check_backend, parse_tiers, tier_for_flags
+
+__all__ = ["emulated_graph", "verify_precision", "LADDER_KEYS"]
+
+#: The per-tier keys of ``qeff verify --precision --json`` (more may follow them).
+LADDER_KEYS = ("kld_mean", "kld_p99", "kld_max", "top1_agree", "top5_overlap", "ppl_ref", "ppl",
+               "tokens_matched", "tokens_total", "passed")
+
+
+def emulated_graph(onnx_path: Path, *, mxfp6: bool, mxint8: bool, force: bool = False, progress: bool = True) -> Path:
+    """The graph ONNX Runtime runs for Cloud AI's ``--mxfp6``/``--mxint8``: the emulated tier,
+    built (and cached) beside the portable graph. Says so on stderr."""
+    from qeff.precision.emulate import build_tier
+
+    tier = tier_for_flags(mxfp6=mxfp6, mxint8=mxint8)
+    built = build_tier(onnx_path, tier, force=force, progress=progress)
+    formats = ", ".join(f for f, on in (("MatMul weights in MXFP6 E2M3", mxfp6), ("KV cache in MXINT8", mxint8)) if on)
+    print(f"[qeff] ort backend: emulating Cloud AI's {tier.name} tier ({formats}, activations in fp16) with "
+          f"{built.path / 'model.onnx'}: Cloud AI's numbers, not its speed", file=sys.stderr, flush=True)
+    return built.path / "model.onnx"
+
+
+def verify_precision(args, say) -> int:
+    """``qeff verify --precision``: build, run and judge each tier; one JSON line with ``--json``."""
+    from qeff.data import corpus_token_ids
+    from qeff.precision.ladder import run_ladder
+
+    tiers = parse_tiers(args.precision)  # usage errors before any slow work
+    check_backend(tiers, args.backend)
+    if args.backend != "ort":
+        raise UsageError(f"--precision runs emulated tiers on the ort backend; on {args.backend} compile with its own "
+                         f"flags (--mxfp6, --mxint8) and compare on the device")
+    if args.rows < 1 or args.window < 2:
+        raise UsageError(f"--rows must be at least 1 and --window at least 2 (got {args.rows}, {args.window})")
+    from qeff.cli import _pipeline, _prompts
+
+    pipe = _pipeline(args)
+    pipe.export()
+    tokenizer = pipe.tokenizer
+    prompts = [tokenizer(p)["input_ids"] for p in _prompts(args)]
+    corpus = corpus_token_ids(tokenizer)
+    if len(corpus) < args.rows * args.window:
+        raise UsageError(f"the corpus has {len(corpus)} tokens for this tokenizer; --rows {args.rows} x --window {args.window} "
+                         f"needs {args.rows * args.window}")
+    ladder = run_ladder(pipe.model, pipe.onnx_path, tiers, corpus_ids=corpus, prompt_token_ids=prompts[: args.rows],
+                        rows=args.rows, window=args.window, steps=args.steps, prompt_len=args.prompt_len,
+                        threads=getattr(args, "threads", None), log=say)
+    say(ladder.describe())
+    for tier in ladder.tiers:
+        for failure in tier.failures:
+            say(f"  - {tier.tier}: {failure}")
+    if args.json:
+        record = ladder.to_dict()
+        record["tiers"] = {name: {**{k: values[k] for k in LADDER_KEYS}, **values} for name, values in record["tiers"].items()}
+        print(json.dumps(record), flush=True)
+    return 0 if ladder.passed else 1
