@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qeff-installed
 JOBS   ?= 2
 
-.PHONY: demo test bench install clean-cache
+.PHONY: demo test bench bench-precision install clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
+
+# SmolLM2-135M's precision ladder (fp32, fp16, mxfp6, mxint8, mxfp6+mxint8, mxfp6-e3m2) against HF fp32,
+# written to reports/precision/ (docs/precision.md).
+bench-precision: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out reports/precision/smollm2-135m.json
 
 clean-cache:
 	rm -rf qeff_models
