@@ -380,9 +380,10 @@ def cmd_execute(args) -> int:
 def cmd_verify(args) -> int:
     out = _Out(args.json)
     if args.precision is not None:
-        from qeff.precision.commands import verify_precision
+        from qeff.precision.commands import check_precision_args, verify_precision
 
-        return verify_precision(args, out.say)
+        tiers = check_precision_args(args)
+        return verify_precision(args, tiers, _pipeline(args), _prompts(args), out.say)
     pipe = _pipeline(args)
     pipe.export()
     ids = [pipe.tokenizer(p)["input_ids"] for p in _prompts(args)]

@@ -16,7 +16,7 @@ ROOT = Path(qeff.__file__).parent
 
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
-    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout"),
+    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data"),
     ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers"),
     ("qeff.loading", "qeff.configs"),
     ("qeff.transforms", "qeff.support"),
@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qeff.runtime",),
     ("qeff.compilers",),
     ("qeff.generation",),
-    ("qeff.divergence", "qeff.verification"),
+    ("qeff.divergence", "qeff.verification", "qeff.precision"),
     ("qeff.pipeline",),
     ("qeff.cli", "qeff.cloud", "qeff.__main__", "qeff"),
 ]

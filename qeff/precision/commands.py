@@ -13,7 +13,7 @@ from pathlib import Path
 from qeff.errors import UsageError
 from qeff.precision.tiers import check_backend, parse_tiers, tier_for_flags
 
-__all__ = ["emulated_graph", "verify_precision", "LADDER_KEYS"]
+__all__ = ["emulated_graph", "check_precision_args", "verify_precision", "LADDER_KEYS"]
 
 #: The per-tier keys of ``qeff verify --precision --json`` (more may follow them).
 LADDER_KEYS = ("kld_mean", "kld_p99", "kld_max", "top1_agree", "top5_overlap", "ppl_ref", "ppl",
@@ -33,29 +33,32 @@ def emulated_graph(onnx_path: Path, *, mxfp6: bool, mxint8: bool, force: bool = 
     return built.path / "model.onnx"
 
 
-def verify_precision(args, say) -> int:
-    """``qeff verify --precision``: build, run and judge each tier; one JSON line with ``--json``."""
-    from qeff.data import corpus_token_ids
-    from qeff.precision.ladder import run_ladder
-
-    tiers = parse_tiers(args.precision)  # usage errors before any slow work
+def check_precision_args(args) -> list:
+    """The tiers ``qeff verify --precision`` asks for; usage errors before any slow work."""
+    tiers = parse_tiers(args.precision)
     check_backend(tiers, args.backend)
     if args.backend != "ort":
         raise UsageError(f"--precision runs emulated tiers on the ort backend; on {args.backend} compile with its own "
                          f"flags (--mxfp6, --mxint8) and compare on the device")
     if args.rows < 1 or args.window < 2:
         raise UsageError(f"--rows must be at least 1 and --window at least 2 (got {args.rows}, {args.window})")
-    from qeff.cli import _pipeline, _prompts
+    return tiers
 
-    pipe = _pipeline(args)
+
+def verify_precision(args, tiers, pipe, prompts: list[str], say) -> int:
+    """``qeff verify --precision``: build, run and judge each tier of ``pipe``'s model (a
+    :class:`qeff.pipeline.Pipeline`); one JSON line on stdout with ``--json``."""
+    from qeff.data import corpus_token_ids
+    from qeff.precision.ladder import run_ladder
+
     pipe.export()
     tokenizer = pipe.tokenizer
-    prompts = [tokenizer(p)["input_ids"] for p in _prompts(args)]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     corpus = corpus_token_ids(tokenizer)
     if len(corpus) < args.rows * args.window:
         raise UsageError(f"the corpus has {len(corpus)} tokens for this tokenizer; --rows {args.rows} x --window {args.window} "
                          f"needs {args.rows * args.window}")
-    ladder = run_ladder(pipe.model, pipe.onnx_path, tiers, corpus_ids=corpus, prompt_token_ids=prompts[: args.rows],
+    ladder = run_ladder(pipe.model, pipe.onnx_path, tiers, corpus_ids=corpus, prompt_token_ids=prompt_ids[: args.rows],
                         rows=args.rows, window=args.window, steps=args.steps, prompt_len=args.prompt_len,
                         threads=getattr(args, "threads", None), log=say)
     say(ladder.describe())

@@ -447,7 +447,7 @@ def build_tier(onnx_path: str | Path, tier: Tier, *, force: bool = False, progre
     manifest = {"stage": "emulate", "tier": tier.name, "onnx": onnx_identity(onnx_path), "versions": library_versions()}
 
     def build(tmp: Path) -> dict:
-        from qeff.pipeline import stage
+        from qeff.progress import stage
 
         with stage(f"Emulating {tier.name} in the ONNX graph", enabled=progress):
             return emulate_file(onnx_path, tmp, tier).to_dict()

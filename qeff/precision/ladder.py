@@ -251,8 +251,9 @@ def run_ladder(
     """Measure each tier of ``tiers`` against HF fp32 (``hf_model``, untouched) on the exported
     graph ``onnx_path``: emulated graphs are built (and cached) beside it, compiled for ONNX
     Runtime, and run over ``rows`` windows of ``window`` corpus tokens and the prompts."""
-    import qeff
+    from qeff.compilers import compile as compile_graph
     from qeff.precision.emulate import build_tier
+    from qeff.runtime import open_session
     from qeff.verification import Tolerances, compare, hf_trace, session_trace
 
     start = time.perf_counter()
@@ -281,13 +282,13 @@ def run_ladder(
             t0 = time.perf_counter()
             built_graph = build_tier(onnx_path, tier, force=force, progress=progress)
             graph = built_graph.path / "model.onnx"
-            compiled = qeff.compile(graph, "ort", batch_size=rows, prompt_len=min(prompt_len, window), ctx_len=window,
+            compiled = compile_graph(graph, "ort", batch_size=rows, prompt_len=min(prompt_len, window), ctx_len=window,
                                     threads=threads, force=force, progress=progress)
-            session = qeff.open_session(compiled.path, threads=threads)
+            session = open_session(compiled.path, threads=threads)
             summary = _corpus_pass(session, store.array, windows).summary()
             matched = total = ambiguous = 0
             if prompts:
-                session = qeff.open_session(compiled.path, threads=threads)  # a fresh cache
+                session = open_session(compiled.path, threads=threads)  # a fresh cache
                 trace = session_trace(session, tier.name, prompts, ref_tokens, prompt_len)
                 comparison = compare(ref_trace, trace, Tolerances())
                 matched, total, ambiguous = comparison.tokens_matched, comparison.tokens_total, comparison.ambiguous
