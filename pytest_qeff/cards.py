@@ -34,6 +34,8 @@ __all__ = [
     "Case",
     "CompileDefaults",
     "KnownFailure",
+    "Precision",
+    "PrecisionBudget",
     "Prompts",
     "TinyOverrides",
     "Tolerances",
@@ -46,11 +48,11 @@ __all__ = [
 ]
 
 #: Stages in pipeline order; ``compile``, ``generation`` and ``benchmark`` run once per backend.
-STAGES = ("transform", "export", "compile", "generation", "benchmark")
+STAGES = ("transform", "export", "compile", "generation", "benchmark", "precision")
 TIERS = ("tiny", "full")
 BACKENDS = ("ort", "qaic")
 
-Stage = Literal["transform", "export", "compile", "generation", "benchmark"]
+Stage = Literal["transform", "export", "compile", "generation", "benchmark", "precision"]
 Tier = Literal["tiny", "full"]
 Backend = Literal["ort", "qaic"]
 Positive = Annotated[int, Field(gt=0)]
@@ -240,6 +242,46 @@ class Benchmark(_Strict):
     max_regression: TierFractions = TierFractions()
 
 
+class PrecisionBudget(_Strict):
+    """What one precision tier may cost against HF fp32 (:class:`qeff.precision.ladder.Budget`)."""
+
+    kld_mean: PositiveFloat  # mean KL(HF fp32 ‖ tier) per position, nats
+    kld_p99: PositiveFloat
+    top1_agree: Annotated[float, Field(ge=0, le=1)]  # at least this fraction of argmaxes agree
+    ppl_delta: PositiveFloat  # perplexity at most this much (relative: 0.05 = +5%) above HF fp32's
+
+
+class PrecisionWindows(_Strict):
+    """The corpus the ladder is teacher-forced over: ``rows`` windows of ``window`` tokens, one batch."""
+
+    rows: Positive
+    window: Annotated[int, Field(ge=2)]
+
+
+class Precision(_Strict):
+    """The precision ladder (``--qeff-precision``): corpus size per tier of the suite, and the
+    card's budget per precision tier (tiers not listed use qeff's measured defaults). The tiny
+    tier runs seeded random tokens of the tiny vocabulary; the full tier the qeff corpus."""
+
+    tiny: PrecisionWindows = PrecisionWindows(rows=2, window=64)
+    full: PrecisionWindows = PrecisionWindows(rows=8, window=512)
+    budgets: dict[str, PrecisionBudget] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _tier_names(self) -> Precision:
+        from qeff.errors import UsageError
+        from qeff.precision.tiers import parse_tier
+
+        for name in self.budgets:
+            try:
+                canonical = parse_tier(name).name
+            except UsageError as exc:
+                raise ValueError(f"budgets: {exc}") from None
+            if canonical != name:
+                raise ValueError(f"budgets: write tier {name!r} as {canonical!r}")
+        return self
+
+
 class KnownFailure(_Strict):
     """A stage that is known to fail: it becomes ``xfail(strict=True)`` with ``reason``, so it
     fails the run the day it starts passing. Unset filters match everything."""
@@ -278,6 +320,7 @@ class Card(_Strict):
     tolerances: TierTolerances = TierTolerances()
     prompts: Prompts
     benchmark: Benchmark = Benchmark()
+    precision: Precision = Precision()
     known_failures: list[KnownFailure] = Field(default_factory=list)
 
     @property

@@ -20,13 +20,13 @@ import pytest
 from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
 from pytest_qeff.options import Settings, worker_id
 
-__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args"]
+__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
 MARKERS = {
     "qeff": "a qeff conformance test generated from a model card",
-    "qeff_stage(name)": "which pipeline stage a suite test checks (transform, export, compile, generation, benchmark)",
+    "qeff_stage(name)": "which pipeline stage a suite test checks (transform, export, compile, generation, benchmark, precision)",
     **{f"qeff_{s}": f"the {s} stage of the qeff conformance suite" for s in STAGES},
     **{f"qeff_{b}": f"a qeff stage that runs on the {b} backend" for b in BACKENDS},
     "xdist_group(name)": "pytest-xdist --dist loadgroup: tests of one group run on one worker",
@@ -55,12 +55,15 @@ def targets(cards: Sequence[Card], tier: str) -> list[Target]:
     return [Target(card, case, tier) for card in cards for case in card.all_cases]
 
 
-def parametrize(metafunc: pytest.Metafunc, cards: Sequence[Card], tier: str, backends: Sequence[str]) -> None:
+def parametrize(metafunc: pytest.Metafunc, cards: Sequence[Card], tier: str, backends: Sequence[str],
+                precision: Sequence[str] = ()) -> None:
     if "qeff_case" in metafunc.fixturenames:
         found = targets(cards, tier)
         metafunc.parametrize("qeff_case", found, ids=[t.id for t in found])
     if "qeff_backend" in metafunc.fixturenames:
         metafunc.parametrize("qeff_backend", list(backends))
+    if "qeff_precision" in metafunc.fixturenames:  # empty without --qeff-precision: dropped in prepare_items
+        metafunc.parametrize("qeff_precision", list(precision), ids=list(precision))
 
 
 def is_suite_test(item: pytest.Item) -> bool:
@@ -80,6 +83,7 @@ def item_meta(item: pytest.Item) -> dict | None:
         "tier": target.tier,
         "stage": marker.args[0],
         "backend": params.get("qeff_backend"),
+        "precision": params.get("qeff_precision"),
         "worker": worker_id(item.config),
     }
 
@@ -93,7 +97,36 @@ def prepare_items(config: pytest.Config, items: list[pytest.Item], settings: Set
         if dropped:
             items[:] = [i for i in items if not is_suite_test(i)]
             config.hook.pytest_deselected(items=dropped)
+    # The precision ladder runs once per card (its corpus, not the case's shape, sets what it
+    # compiles): only on the card's first case, and only when --qeff-precision names tiers.
+    extra = [i for i in items if is_suite_test(i) and _stage(i) == "precision" and not _first_case_with_tiers(i, settings)]
+    if extra:
+        items[:] = [i for i in items if i not in extra]
+        config.hook.pytest_deselected(items=extra)
     mark_items(items)
+
+
+def skip_precision_function(name: str, obj: object, settings: Settings) -> list | None:
+    """``pytest_pycollect_makeitem``: without --qeff-precision the precision stage's test function
+    yields no items at all (an empty parametrization would still count one placeholder)."""
+    if settings.precision or not callable(obj) or not name.startswith("test"):
+        return None
+    marks = getattr(obj, "pytestmark", [])
+    if any(m.name == "qeff_stage" and m.args and m.args[0] == "precision" for m in marks):
+        return []
+    return None
+
+
+def _stage(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("qeff_stage")
+    return marker.args[0] if marker is not None else None
+
+
+def _first_case_with_tiers(item: pytest.Item, settings: Settings) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    target = params.get("qeff_case")
+    return bool(settings.precision) and isinstance(target, Target) and params.get("qeff_precision") in settings.precision \
+        and target.case.id == target.card.all_cases[0].id
 
 
 def mark_items(items: Sequence[pytest.Item]) -> None:

@@ -13,7 +13,7 @@ from pytest_qeff.options import SETTINGS, Settings, is_worker, worker_id
 from pytest_qeff.records import StageRecord
 from pytest_qeff.stages import Workspace
 
-__all__ = ["qeff_settings", "qeff_pipeline", "qeff_record"]
+__all__ = ["qeff_settings", "qeff_pipeline", "qeff_record", "qeff_ladders"]
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,9 @@ def qeff_record(request: pytest.FixtureRequest) -> Callable[[StageRecord], None]
         request.node.user_properties.append(("qeff", data.to_dict()))
 
     return record
+
+
+@pytest.fixture(scope="session")
+def qeff_ladders() -> dict:
+    """This worker's precision ladders, by card id (one run serves every tier's test of a card)."""
+    return {}

@@ -43,6 +43,7 @@ class Settings:
     written_cards: list[Path] = field(default_factory=list)  # --qeff-write-card
     shard: shard_mod.Shard | None = None
     unsharded: int = 0  # how many cards were selected before --qeff-shard took its part
+    precision: tuple[str, ...] = ()  # --qeff-precision: tier names, ladder order as given
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -105,6 +106,12 @@ def add_options(parser: pytest.Parser) -> None:
         "Without it their stages skip. Default: off.",
     )
     group.addoption(
+        "--qeff-precision", metavar="TIERS", default=None, type=parse_precision,
+        help="run the precision ladder: each tier (fp32, fp16, mxfp6, mxint8, mxfp6+mxint8; mxfp6-e3m2 for the "
+        "other MXFP6 encoding) emulated on ONNX Runtime and judged against HF fp32 by the card's budgets, one "
+        "test per tier. Comma-separated. Default: off.",
+    )
+    group.addoption(
         "--qeff-cards-dir", metavar="DIR", default=None,
         help="directory of *.toml model cards. Default: the cards shipped with pytest_qeff (model_cards/).",
     )
@@ -113,6 +120,19 @@ def add_options(parser: pytest.Parser) -> None:
         help="select the cards that the changes since git REF affect (card files, architecture files and what "
         "they import; shared code selects all); combined with --qeff-model, the intersection. Default: off.",
     )
+
+
+def parse_precision(value: str) -> tuple[str, ...]:
+    """``--qeff-precision``'s converter: canonical tier names, or an error naming the valid ones."""
+    import argparse
+
+    from qeff.errors import UsageError
+    from qeff.precision.tiers import parse_tiers
+
+    try:
+        return tuple(t.name for t in parse_tiers(value))
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def is_worker(config: pytest.Config) -> bool:
@@ -190,6 +210,7 @@ def resolve(config: pytest.Config) -> Settings:
         written_cards=written,
         shard=shard,
         unsharded=unsharded,
+        precision=opt("qeff_precision") or (),
     )
 
 

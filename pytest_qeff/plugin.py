@@ -67,7 +67,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = metafunc.config.stash[options.SETTINGS]
-    collect.parametrize(metafunc, settings.cards, settings.tier, settings.backends)
+    collect.parametrize(metafunc, settings.cards, settings.tier, settings.backends, settings.precision)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector, name: str, obj: object):
+    settings = collector.config.stash.get(options.SETTINGS, None)
+    return None if settings is None else collect.skip_precision_function(name, obj, settings)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -11,7 +11,8 @@ as ``record.to_dict()`` (builtin types, with ``"kind"``), lands in ``results.jso
     ├── ExportRecord     export     transformed PyTorch vs ONNX Runtime (and HF vs it, if that failed), the graph's facts
     ├── CompileRecord    compile    the artifact, the compile options, what the session opened with
     ├── GenerationRecord generation free-running greedy tokens vs HF's, per row
-    └── BenchmarkRecord  benchmark  median figures, every run, the baseline comparison
+    ├── BenchmarkRecord  benchmark  median figures, every run, the baseline comparison
+    └── PrecisionRecord  precision  one precision tier against HF fp32 (a qeff TierResult), the corpus it ran on
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from qeff.serialization import from_dict, to_dict
+from qeff.precision.ladder import TierResult
 from qeff.verification import Comparison
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "GenerationRecord",
     "GenerationRow",
     "BenchmarkRecord",
+    "PrecisionRecord",
     "ModelFacts",
     "OnnxFacts",
     "ArtifactFacts",
@@ -156,8 +159,22 @@ class BenchmarkRecord(StageRecord):
     update_baseline: bool
 
 
+@dataclass
+class PrecisionRecord(StageRecord):
+    KIND: ClassVar[str] = "precision"
+
+    tier_name: str  # the precision tier, e.g. "mxfp6+mxint8"
+    result: TierResult
+    corpus: str  # "qeff corpus" (full tier) or "random tokens" (tiny tier)
+    corpus_tokens: int
+    rows: int
+    window: int
+    steps: int  # greedy steps per prompt
+    tiers: list[str]  # every tier of the ladder, in order
+
+
 KINDS: dict[str, type[StageRecord]] = {
-    cls.KIND: cls for cls in (TransformRecord, ExportRecord, CompileRecord, GenerationRecord, BenchmarkRecord)
+    cls.KIND: cls for cls in (TransformRecord, ExportRecord, CompileRecord, GenerationRecord, BenchmarkRecord, PrecisionRecord)
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 
 # Inner runs happen in this process, and pytester forgets the modules they import afterwards;
 # extension modules (numpy, onnxruntime) cannot be imported twice, so import them here first.
+import onnx  # noqa: F401  isort: skip  (its protobuf extension aborts the process when imported a second time)
 import onnxruntime  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip

@@ -22,9 +22,11 @@ from pytest_qeff.records import (
     GenerationRow,
     ModelFacts,
     OnnxFacts,
+    PrecisionRecord,
     StageRecord,
     TransformRecord,
 )
+from qeff.precision.ladder import TierResult
 from qeff.verification import Comparison, Tolerances, Trace, VerifyReport, compare
 
 pytest_plugins = ("pytester",)
@@ -52,6 +54,11 @@ def _one_of_each() -> list[StageRecord]:
         BenchmarkRecord(**BASE, figures={"decode_tok_s": 1000.5, "total_tok_s": 900.0, "ttft_s": 0.002}, runs=[{"ttft_s": 0.002}],
                         generation_len=64, repeats=11, threads=None, probe=123.4,
                         baseline={"found": False, "changes": {}, "regressions": [], "note": "no baseline"}, update_baseline=True),
+        PrecisionRecord(**BASE, tier_name="mxfp6", corpus="random tokens", corpus_tokens=128, rows=2, window=64, steps=16,
+                        tiers=["fp32", "mxfp6"],
+                        result=TierResult("mxfp6", 0.04, 0.2, 0.5, 0.85, 0.87, 23.8, None, 100, 128, 2, 128,
+                                          budget={"kld_mean": 0.1}, failures=["top-1 agreement 0.85 < budget 0.9"],
+                                          emulation={"mxfp6_weights": 211}, seconds=3.5)),
     ]
 
 
@@ -91,8 +98,9 @@ def test_a_broken_record_is_refused_not_guessed():
 def test_records_of_a_real_run_round_trip(pytester: pytest.Pytester):
     """Every record a plugin run writes into results.json reads back as its typed record."""
     pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
-    result = pytester.runpytest_inprocess("--qeff-model", "tiny-qwen2", "--qeff-backend", "ort", "--qeff-report", "out", "-q")
-    result.assert_outcomes(passed=5)
+    result = pytester.runpytest_inprocess("--qeff-model", "tiny-qwen2", "--qeff-backend", "ort", "--qeff-precision", "fp32",
+                                          "--qeff-report", "out", "-q")
+    result.assert_outcomes(passed=6)
     data = json.loads((pytester.path / "out" / "results.json").read_text())
     kinds = []
     for rec in data["records"]:

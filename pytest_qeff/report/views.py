@@ -11,6 +11,7 @@ from pytest_qeff.baseline import METRICS
 from pytest_qeff.records import (
     BenchmarkRecord,
     CompileRecord,
+    PrecisionRecord,
     ExportRecord,
     GenerationRecord,
     StageRecord,
@@ -150,6 +151,24 @@ class CardView:
     cases: list[CaseView]
     environment: list[Pair]
     run: list[Pair]
+    ladder: LadderView | None = None
+
+
+@dataclass
+class LadderRow:
+    tier: str
+    status: str  # pass | fail | skip
+    cells: list[str]  # in LADDER_COLUMNS order
+
+
+@dataclass
+class LadderView:
+    """The card's precision ladder: one row per tier, and a chart of KLD mean (log scale)."""
+
+    columns: list[str]
+    rows: list[LadderRow]
+    chart: Chart
+    facts: list[Pair]
 
 
 @dataclass
@@ -273,7 +292,73 @@ def _comparison_metrics(comp) -> list[Metric]:
     hard = [m for m in comp.mismatches if not m.get("ambiguous")]
     out.append(Metric("greedy tokens (teacher-forced)", f"{comp.tokens_matched}/{comp.tokens_total}{ambiguous}", "",
                       comp.tokens_matched == comp.tokens_total or not hard))
+    out.append(Metric("KL divergence per step (mean / max)", f"{fmt(comp.kld_mean)} / {fmt(comp.kld_max)}", "", None))
+    out.append(Metric("top-1 agreement / top-5 overlap", f"{comp.top1_agree:.1%} / {comp.top5_overlap:.1%}", "", None))
     return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else ("NaN" if value != value else f"{value:+.2%}")
+
+
+def _precision_metrics(stage: PrecisionRecord) -> list[Metric]:
+    r, b = stage.result, stage.result.budget
+    delta = r.ppl_delta
+    ambiguous = f" ({r.tokens_ambiguous} ambiguous)" if r.tokens_ambiguous else ""
+    return [
+        Metric("KL divergence mean", fmt(r.kld_mean), f"≤ {fmt(b.get('kld_mean'))}", r.kld_mean <= b.get("kld_mean", math.inf)),
+        Metric("KL divergence p99", fmt(r.kld_p99), f"≤ {fmt(b.get('kld_p99'))}", r.kld_p99 <= b.get("kld_p99", math.inf)),
+        Metric("KL divergence max", fmt(r.kld_max), "", None),
+        Metric("top-1 agreement", f"{r.top1_agree:.2%}", f"≥ {b.get('top1_agree', 0):.2%}", r.top1_agree >= b.get("top1_agree", 0)),
+        Metric("top-5 overlap", f"{r.top5_overlap:.2%}", "", None),
+        Metric("perplexity (HF fp32 → tier)", f"{fmt(r.ppl_ref)} → {fmt(r.ppl)} ({_pct(delta)})", f"≤ {_pct(b.get('ppl_delta'))}",
+               None if delta is None else delta <= b.get("ppl_delta", math.inf)),
+        Metric("greedy tokens (teacher-forced)", f"{r.tokens_matched}/{r.tokens_total}{ambiguous}", "", None),
+    ]
+
+
+LADDER_COLUMNS = ["tier", "KLD mean", "KLD p99", "KLD max", "top-1", "top-5", "ppl (HF fp32 → tier)", "greedy", "budget"]
+
+
+def _ladder(records: list[dict]) -> LadderView | None:
+    """The card's ladder, in the order the tiers were asked for."""
+    found: dict[str, tuple[dict, PrecisionRecord | None]] = {}
+    order: list[str] = []
+    for rec in records:
+        if rec["stage"] != "precision":
+            continue
+        stage = record_of(rec)
+        tier = stage.tier_name if isinstance(stage, PrecisionRecord) else rec.get("precision") or "?"
+        found[tier] = (rec, stage if isinstance(stage, PrecisionRecord) else None)
+        if isinstance(stage, PrecisionRecord) and not order:
+            order = list(stage.tiers)
+    if not found:
+        return None
+    tiers = [t for t in order if t in found] + [t for t in found if t not in order]
+    rows, bars, facts = [], [], []
+    lo, hi, width = -12.0, 0.0, 300  # log10 of KL in nats: 1e-12 .. 1
+    for y, tier in enumerate(tiers):
+        rec, stage = found[tier]
+        status = _STATUS.get(rec["outcome"], "skip")
+        if stage is None:
+            rows.append(LadderRow(tier, status, [tier] + ["-"] * (len(LADDER_COLUMNS) - 2) + [rec.get("message", "")[:80]]))
+            continue
+        r = stage.result
+        rows.append(LadderRow(tier, status, [
+            tier, fmt(r.kld_mean), fmt(r.kld_p99), fmt(r.kld_max), f"{r.top1_agree:.2%}", f"{r.top5_overlap:.1%}",
+            f"{fmt(r.ppl_ref)} → {fmt(r.ppl)} ({_pct(r.ppl_delta)})", f"{r.tokens_matched}/{r.tokens_total}",
+            "within" if r.passed else "; ".join(r.failures),
+        ]))
+        value = r.kld_mean
+        level = lo if not value > 0 else min(hi, max(lo, math.log10(value)))  # NaN and 0 sit at the floor
+        bars.append(Bar(y * 24, max(1, round(width * (level - lo) / (hi - lo))), tier, fmt(value), "fail" if status == "fail" else "now"))
+        if not facts:
+            facts = [Pair("reference", "HF eager, fp32, on the untouched model"),
+                     Pair("teacher-forced over", f"{stage.rows} x {stage.window} tokens ({stage.corpus}, {stage.corpus_tokens} positions)"),
+                     Pair("greedy tokens", f"{len(stage.prompts)} prompt(s) x {stage.steps} steps")]
+    chart = Chart(width=620, height=max(24, len(bars) * 24), label_x=120, bars=bars,
+                  title="KL divergence mean per tier, nats, log scale from 1e-12 (empty) to 1 (full width)")
+    return LadderView(LADDER_COLUMNS, rows, chart, facts)
 
 
 def _token_diffs(stage: GenerationRecord) -> list[TokenDiff]:
@@ -333,6 +418,7 @@ _TITLES = {
     "compile": "compile",
     "generation": "greedy generation vs HF",
     "benchmark": "benchmark",
+    "precision": "precision tier vs HF fp32 (emulated on ONNX Runtime)",
 }
 
 
@@ -386,6 +472,12 @@ def _stage(rec: dict) -> StageView:
         if stage.update_baseline:
             view.facts.append(Pair("baseline", "updated from this run"))
         view.chart = _chart(stage)
+    if isinstance(stage, PrecisionRecord):
+        view.backend = stage.tier_name
+        view.metrics = _precision_metrics(stage)
+        emulation = stage.result.emulation
+        view.facts = [Pair("corpus", f"{stage.rows} x {stage.window} tokens ({stage.corpus})")] + [
+            Pair(k.replace("_", " "), fmt(v)) for k, v in emulation.items() if v and k not in ("tier", "notes")]
     return view
 
 
@@ -416,5 +508,5 @@ def card_view(results: dict, card_id: str) -> CardView:
     return CardView(
         id=card_id, name=card.get("name", card_id), description=card.get("description", ""),
         status=_status(row.ok, row.counts), row=row, settings=_settings(card, tier), known_failures=known,
-        cases=list(cases.values()), environment=_environment(results), run=_run(results),
+        cases=list(cases.values()), environment=_environment(results), run=_run(results), ladder=_ladder(records),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_qeff import stages
+from pytest_qeff import precision, stages
 
 
 @pytest.mark.qeff_stage("transform")
@@ -34,3 +34,8 @@ def test_greedy_generation(qeff_case, qeff_backend, qeff_pipeline, qeff_record):
 @pytest.mark.qeff_stage("benchmark")
 def test_benchmark(qeff_case, qeff_backend, qeff_pipeline, qeff_record):
     stages.benchmark(qeff_pipeline, qeff_case, qeff_backend, qeff_record)
+
+
+@pytest.mark.qeff_stage("precision")
+def test_precision_tier(qeff_case, qeff_precision, qeff_pipeline, qeff_settings, qeff_ladders, qeff_record):
+    precision.precision(qeff_pipeline, qeff_case, qeff_precision, qeff_settings.precision, qeff_ladders, qeff_record)

@@ -58,18 +58,20 @@ class Budget:
         return failures
 
 
-#: Default budgets, measured (see docs/precision.md, "Budgets"): SmolLM2-135M's ladder over 4,096
-#: corpus tokens (8 windows of 512) and the tiny cards' ladders, each budget about 3x the worst
-#: measured value (top-1: 3x the measured disagreement), so that a port that behaves like these
-#: models passes and one that costs several times more does not.
+#: Default budgets, measured (docs/precision.md, "Budgets"): SmolLM2-135M's ladder over 4,096
+#: corpus tokens (8 windows of 512) and 4 prompts x 32 greedy steps (benchmarks/bench_precision.py;
+#: reports/published/precision/smollm2-135m.json). Each bound is about 2x the measured cost, rounded
+#: up: KLD mean and p99 x2, top-1 disagreement x2, perplexity increase x2 (0.2% at least). fp32's
+#: are float-noise bounds (measured: KLD mean 1.1e-11, ppl equal to 7 digits). A port that behaves
+#: like SmolLM2 passes; one that costs twice as much fails. The tiny cards' random models sit far inside.
 DEFAULT_BUDGETS: dict[str, Budget] = {
     "fp32": Budget(kld_mean=1e-6, kld_p99=1e-5, top1_agree=0.999, ppl_delta=0.001),
-    "fp16": Budget(kld_mean=2e-3, kld_p99=2e-2, top1_agree=0.97, ppl_delta=0.01),
-    "mxint8": Budget(kld_mean=1e-2, kld_p99=1e-1, top1_agree=0.95, ppl_delta=0.03),
-    "mxfp6": Budget(kld_mean=5e-2, kld_p99=5e-1, top1_agree=0.90, ppl_delta=0.10),
-    "mxfp6+mxint8": Budget(kld_mean=6e-2, kld_p99=6e-1, top1_agree=0.90, ppl_delta=0.12),
-    "mxfp6-e3m2": Budget(kld_mean=2e-1, kld_p99=2.0, top1_agree=0.80, ppl_delta=0.30),
-    "mxfp6-e3m2+mxint8": Budget(kld_mean=2e-1, kld_p99=2.0, top1_agree=0.80, ppl_delta=0.30),
+    "fp16": Budget(kld_mean=5e-5, kld_p99=2e-4, top1_agree=0.98, ppl_delta=0.002),  # measured 1.9e-5, 9.3e-5, 99.39%, +0.00%
+    "mxint8": Budget(kld_mean=5e-3, kld_p99=5e-2, top1_agree=0.95, ppl_delta=0.005),  # 1.1e-3, 0.012, 97.80%, +0.08%
+    "mxfp6": Budget(kld_mean=0.1, kld_p99=0.5, top1_agree=0.69, ppl_delta=0.15),  # 0.047, 0.199, 84.55%, +6.15%
+    "mxfp6+mxint8": Budget(kld_mean=0.1, kld_p99=0.5, top1_agree=0.68, ppl_delta=0.15),  # 0.048, 0.205, 84.01%, +6.28%
+    "mxfp6-e3m2": Budget(kld_mean=0.5, kld_p99=2.0, top1_agree=0.38, ppl_delta=0.4),  # 0.192, 0.692, 69.34%, +18.57%
+    "mxfp6-e3m2+mxint8": Budget(kld_mean=0.5, kld_p99=2.0, top1_agree=0.38, ppl_delta=0.4),
 }
 
 
@@ -284,15 +286,19 @@ def run_ladder(
             graph = built_graph.path / "model.onnx"
             compiled = compile_graph(graph, "ort", batch_size=rows, prompt_len=min(prompt_len, window), ctx_len=window,
                                     threads=threads, force=force, progress=progress)
-            session = open_session(compiled.path, threads=threads)
+            # One session at a time and no pinned decode twin: a real model's ladder holds the
+            # reference logits too (SmolLM2: 805 MB), so weights are kept in memory once.
+            session = open_session(compiled.path, threads=threads, specialize_decode=False)
             summary = _corpus_pass(session, store.array, windows).summary()
             matched = total = ambiguous = 0
             if prompts:
-                session = open_session(compiled.path, threads=threads)  # a fresh cache
+                session.close()
+                session = open_session(compiled.path, threads=threads, specialize_decode=False)  # a fresh cache
                 trace = session_trace(session, tier.name, prompts, ref_tokens, prompt_len)
                 comparison = compare(ref_trace, trace, Tolerances())
                 matched, total, ambiguous = comparison.tokens_matched, comparison.tokens_total, comparison.ambiguous
             session.close()
+            del session
             budget = budgets.get(tier.name) or default_budget(tier)
             result = TierResult(
                 tier=tier.name, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99, kld_max=summary.kld_max,
