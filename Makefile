@@ -34,9 +34,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 
 # SmolLM2-135M's precision ladder (fp32, fp16, mxfp6, mxint8, mxfp6+mxint8, mxfp6-e3m2) against HF fp32,
-# written to reports/precision/ (docs/precision.md).
+# written to reports/published/precision/ (docs/precision.md).
 bench-precision: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out reports/precision/smollm2-135m.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out reports/published/precision/smollm2-135m.json
 
 clean-cache:
 	rm -rf qeff_models
