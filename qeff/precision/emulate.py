@@ -103,11 +103,18 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, i
     return out
 
 
-def _unique(graph: onnx.GraphProto, base: str) -> str:
-    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+def _taken(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+
+
+def _unique(graph: onnx.GraphProto, base: str, taken: set[str] | None = None) -> str:
+    """A tensor name not yet in ``graph`` (``taken``: the graph's names, kept up to date by the
+    caller that asks for many; computing them per call made the fp16 pass quadratic)."""
+    taken = _taken(graph) if taken is None else taken
     name, k = base, 1
     while name in taken:
         name, k = f"{base}.{k}", k + 1
+    taken.add(name)
     return name
 
 
@@ -256,6 +263,7 @@ def apply_fp16(model: onnx.ModelProto, report: EmulationReport) -> None:
 
     # Constants read by data-carrying ops (weights, biases, norm scales, mask fills) → fp16.
     consumers = _consumers(graph)
+    taken = _taken(graph)
     cache: dict[str, str] = {}
     for node in graph.node:
         if id(node) not in rounding_nodes:
@@ -273,7 +281,7 @@ def apply_fp16(model: onnx.ModelProto, report: EmulationReport) -> None:
                     inits[name].CopyFrom(numpy_helper.from_array(rounded, name))
                     cache[name] = name
                 else:
-                    new = _unique(graph, f"{name}/fp16")
+                    new = _unique(graph, f"{name}/fp16", taken)
                     graph.initializer.append(numpy_helper.from_array(rounded, new))
                     cache[name] = new
                 report.fp16_constants += 1
@@ -286,7 +294,7 @@ def apply_fp16(model: onnx.ModelProto, report: EmulationReport) -> None:
         pairs = []
         for k, out in enumerate(node.output):
             if out in targets:
-                raw, half = _unique(graph, f"{out}/fp32"), f"{out}/fp16"
+                raw, half = _unique(graph, f"{out}/fp32", taken), _unique(graph, f"{out}/fp16", taken)
                 node.output[k] = raw
                 pairs += [helper.make_node("Cast", [raw], [half], to=TensorProto.FLOAT16, name=f"{out}/to_fp16"),
                           helper.make_node("Cast", [half], [out], to=TensorProto.FLOAT, name=f"{out}/from_fp16")]

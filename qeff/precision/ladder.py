@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qeff.errors import UsageError
 from qeff.metrics import DistributionStats
@@ -184,12 +183,14 @@ def windows_of(corpus_ids: Sequence[int], rows: int, window: int) -> np.ndarray:
     return np.asarray(corpus_ids[:need], dtype=np.int64).reshape(rows, window)
 
 
-@torch.no_grad()
-def reference_logits(hf_model: torch.nn.Module, windows: np.ndarray, out: np.ndarray) -> None:
+def reference_logits(hf_model, windows: np.ndarray, out: np.ndarray) -> None:
     """HF eager on each window in one forward pass: ``out[r, t]`` = logits after token ``t``."""
-    for r in range(windows.shape[0]):
-        logits = hf_model(input_ids=torch.from_numpy(windows[r : r + 1]), use_cache=False).logits[0]
-        out[r] = logits.float().numpy()
+    import torch  # here, not at import: reading a results file (TierResult) needs no torch
+
+    with torch.no_grad():
+        for r in range(windows.shape[0]):
+            logits = hf_model(input_ids=torch.from_numpy(windows[r : r + 1]), use_cache=False).logits[0]
+            out[r] = logits.float().numpy()
 
 
 class _ReferenceStore:
@@ -233,7 +234,7 @@ def _corpus_pass(session, reference: np.ndarray, windows: np.ndarray) -> Distrib
 
 
 def run_ladder(
-    hf_model: torch.nn.Module,
+    hf_model,
     onnx_path: str | Path,
     tiers: Sequence[Tier] | str,
     *,
