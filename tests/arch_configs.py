@@ -18,7 +18,7 @@ from typing import Any
 
 from pytest_qeff.cards import default_cards_dir, load_cards
 
-__all__ = ["TinyArch", "TINY", "VOCAB", "card_tiny"]
+__all__ = ["LONGROPE", "TinyArch", "TINY", "VOCAB", "card_tiny"]
 
 #: Prompts of the harness draw ids from [3, VOCAB): every card's tiny vocabulary holds them.
 VOCAB = 128
@@ -31,14 +31,24 @@ class TinyArch:
     config: dict[str, Any] = field(default_factory=dict)
     #: A known failure, run as ``xfail(strict=True)`` with this reason; None when it must pass.
     known_failure: str | None = None
+    #: Refill the biases HF initialises to zero with seeded random values, so that they count.
+    random_biases: bool = False
 
     @property
     def window(self) -> int | None:
         return self.config.get("sliding_window")
 
 
+#: Architectures whose HF init zeroes biases that the model computes with (GPT-OSS: the router's
+#: and the experts'); a zero bias would hide a dropped one, so the tests draw them at random.
+_ZERO_INIT_BIASES = frozenset({"gpt_oss"})
+
+
 def card_tiny(card) -> TinyArch:
-    return TinyArch(card.architecture, {**card.tiny_config().hf_config(), **_TEST_ONLY})
+    return TinyArch(
+        card.architecture, {**card.tiny_config().hf_config(), **_TEST_ONLY},
+        random_biases=card.architecture in _ZERO_INIT_BIASES,
+    )
 
 
 def _table() -> dict[str, TinyArch]:
@@ -61,3 +71,18 @@ def _table() -> dict[str, TinyArch]:
 
 
 TINY: dict[str, TinyArch] = _table()
+
+
+#: Phi-3's LongRoPE, shrunk: short factors while a sequence is at most original_max_position_embeddings
+#: (16) long, long factors beyond. A test configuration, not a card's tiny tier: the 19-token prompt
+#: crosses 16 in a later prefill chunk, which HF's one-shot prefill does not (see
+#: qeff/transforms/phi3.py); tests/test_longrope.py measures both sides of that.
+LONGROPE = TinyArch(
+    "phi3",
+    {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128, **_TEST_ONLY,
+        "original_max_position_embeddings": 16,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.4], "long_factor": [1.1, 2.5, 6.0, 17.0]},
+    },
+)

@@ -1,6 +1,9 @@
-"""Granite: Llama with multipliers. The embedding, residual and attention multipliers live in the
-decoder; the logits are divided by ``logits_scaling`` in ``GraniteForCausalLM.forward``, which the
-wrapper does not call, so the head below does it."""
+"""Granite and GraniteMoE: Llama with multipliers. The embedding, residual and attention multipliers
+live in the decoder; the logits are divided by ``logits_scaling`` in ``GraniteForCausalLM.forward``
+(and ``GraniteMoeForCausalLM.forward``), which the wrapper does not call, so the head below does it.
+GraniteMoE's experts go through transformers' experts interface and become the static dense form
+of :mod:`qeff.transforms.experts`; its router (``topk`` of the logits, then a softmax over the k
+chosen) stays as HF wrote it."""
 
 from __future__ import annotations
 
@@ -22,6 +25,21 @@ GRANITE = register(
             {
                 "GraniteForCausalLM", "GraniteModel", "GraniteDecoderLayer", "GraniteAttention", "GraniteMLP",
                 "GraniteRMSNorm", "GraniteRotaryEmbedding",
+            }
+        ),
+        head=_scaled_head,
+    )
+)
+
+GRANITEMOE = register(
+    ArchSpec(
+        name="granitemoe",
+        model_types=("granitemoe",),
+        modules=frozenset(
+            {
+                "GraniteMoeForCausalLM", "GraniteMoeModel", "GraniteMoeDecoderLayer", "GraniteMoeAttention",
+                "GraniteMoeMoE", "GraniteMoeTopKRouter", "GraniteMoeExperts", "GraniteMoeRMSNorm",
+                "GraniteMoeRotaryEmbedding",
             }
         ),
         head=_scaled_head,

@@ -3,7 +3,8 @@
 Each attention here calls ``cache.update`` and adds the 4D mask it is given (checked in
 transformers 5.24); position embeddings, learned (GPT-2) or rotary (the rest, including GPT-J and
 CodeGen's interleaved rotary and Phi's partial rotary), are computed from the ``position_ids`` the
-wrapper passes. Starcoder2's and Phi-3's ``sliding_window`` is read by the generic window rule.
+wrapper passes. Starcoder2's ``sliding_window`` is read by the generic window rule (Phi-3, whose LongRoPE needs
+more, is in :mod:`qeff.transforms.phi3`).
 GPTBigCode's multi-query cache shape comes from its config's ``num_key_value_heads`` (1 when
 ``multi_query``).
 Mixtral's experts are made static by :mod:`qeff.transforms.experts`, like every HF experts module.
@@ -30,11 +31,6 @@ SPECS = [
         _spec("gptj", "GPTJForCausalLM", "GPTJModel", "GPTJBlock", "GPTJAttention", "GPTJMLP", "GPTJRotaryEmbedding"),
         _spec(
             "phi", "PhiForCausalLM", "PhiModel", "PhiDecoderLayer", "PhiAttention", "PhiMLP", "PhiRotaryEmbedding",
-        ),
-        _spec(
-            "phi3",
-            "Phi3ForCausalLM", "Phi3Model", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
-            "Phi3RotaryEmbedding",
         ),
         _spec(
             "starcoder2",
