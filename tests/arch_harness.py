@@ -79,10 +79,21 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> Greedy:
     return Greedy(tokens, torch.stack([step[0] for step in out.logits]).float().numpy())
 
 
+def _randomize_zero_biases(model: torch.nn.Module, seed: int) -> None:
+    """Seeded N(0, 0.2) values in every all-zero bias (HF's init zeroes some, which hides them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("bias") and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
 def build(case: TinyArch) -> Built:
     """HF's reference and its transformed wrapper (which runs a weight-sharing copy: the
     reference keeps HF's own classes and config)."""
     hf = from_config(case.model_type, case.config, seed=SEED)
+    if case.random_biases:
+        _randomize_zero_biases(hf, SEED)
     if experts_modules(hf):  # the literal reference: HF's own per-expert loop
         hf.set_experts_implementation("eager")
     qmodel = transform(hf)
