@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict
 import fnmatch
+import math
 import tomllib
 import types
 import typing
@@ -41,6 +42,7 @@ __all__ = [
     "Tolerances",
     "Weights",
     "card_names",
+    "config_value_matches",
     "default_cards_dir",
     "load_card",
     "load_cards",
@@ -95,7 +97,30 @@ class Weights(_Strict):
         return self
 
 
-ConfigValue = int | float | str | bool | list[int] | None
+#: A value of ``[config.extra]``: a scalar, a list (``layer_types``, ``no_rope_layers``, LongRoPE's
+#: factor lists), or a table of those (``rope_scaling``, per-layer-type ``rope_parameters``), e.g.
+#: ``[config.extra.rope_scaling]`` with ``rope_type = "llama3"``. Tables are passed to the config as
+#: dicts; a ``[tiny.extra]`` table replaces the real one whole (a tiny model needs its own lists).
+ConfigScalar = int | float | str | bool | None
+ConfigList = list[int] | list[float] | list[str]
+ConfigValue = ConfigScalar | ConfigList | dict[str, ConfigScalar | ConfigList | dict[str, ConfigScalar | ConfigList]]
+
+
+def config_value_matches(expected: Any, actual: Any) -> bool:
+    """Whether a loaded config's value equals a card's: floats to 1e-6 relative (a GGUF stores
+    them as float32), lists element by element, tables key by key over the card's keys only
+    (transformers adds ``rope_theta`` and ``rope_type`` to a loaded ``rope_scaling``)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(k in actual and config_value_matches(v, actual[k]) for k, v in expected.items())
+    if isinstance(expected, list):
+        return (
+            isinstance(actual, (list, tuple))
+            and len(actual) == len(expected)
+            and all(config_value_matches(e, a) for e, a in zip(expected, actual))
+        )
+    if isinstance(expected, float) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        return math.isclose(float(actual), expected, rel_tol=1e-6)
+    return actual == expected
 
 
 class ArchConfig(_Strict):

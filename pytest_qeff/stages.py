@@ -16,7 +16,6 @@ graph and compiled artifacts).
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from pytest_qeff import baseline, remote, weights
-from pytest_qeff.cards import Card, Case
+from pytest_qeff.cards import Card, Case, config_value_matches
 from pytest_qeff.collect import Target
 from pytest_qeff.probe import Probe
 from pytest_qeff.records import (
@@ -218,12 +217,7 @@ def _config_mismatches(card: Card, loaded_config: Any) -> list[str]:
             actual = (getattr(loaded_config, "rope_parameters", None) or {}).get("rope_theta", _MISSING)
         if actual is _MISSING:
             continue
-        same = (
-            math.isclose(float(actual), float(expected), rel_tol=1e-6)
-            if isinstance(expected, float) and isinstance(actual, (int, float))
-            else actual == expected
-        )
-        if not same:
+        if not config_value_matches(expected, actual):
             problems.append(f"config.{key} is {expected!r} in the card but {actual!r} in the loaded model")
     return problems
 

