@@ -31,7 +31,7 @@ demo: $(STAMP)
 # The project's own tests, then the conformance suite: every model card's tiny tier through the
 # pytest_qeff plugin (report in qeff_report/).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup -q tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q --qeff-model all --qeff-report qeff_report
 
 bench: $(STAMP)

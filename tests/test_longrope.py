@@ -53,6 +53,7 @@ def test_the_config_really_switches(built):
     short, long, original = longrope_frequencies(built.qmodel.config)
     assert original == ORIGINAL and not torch.allclose(short, long)
     assert isinstance(built.qmodel.model.model.rotary_emb, QEffPhi3RotaryEmbedding)
+    assert type(built.hf.model.rotary_emb).__name__ == "Phi3RotaryEmbedding"  # the reference keeps HF's class
     # Every row is long by the end; the 19-token prompt is long from its prefill, the others turn long
     # while decoding, each at its own step.
     assert all(len(p) + GEN_LEN - 1 > ORIGINAL for p in PROMPTS)

@@ -22,7 +22,9 @@ import qeff.transforms.model as model_module
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.torch import TorchSession
 
-pytestmark = pytest.mark.real_gemma
+# One worker loads the model once: make test runs -n 2 with --dist loadgroup, which keeps a group's
+# tests together (plain `load` would split the module and load ~5 GB twice).
+pytestmark = [pytest.mark.real_gemma, pytest.mark.xdist_group("real_gemma")]
 
 PROMPT_LEN = 128
 CTX_LEN = 1024
@@ -95,10 +97,10 @@ def test_ort_greedy_equals_hf_generate_for_64_tokens(gemma3):
     expected = [_hf_greedy(model, p, STEPS) for p in prompts]
     for row, prompt in enumerate(prompts):  # alone, batch 1
         session = OrtSession(built.path / "model.opt.onnx", batch_size=1, ctx_len=CTX_LEN, threads=1)
-        out = qeff.generate(session, [prompt], prompt_len=PROMPT_LEN, generation_len=STEPS, eos_token_id=[])
+        out = qeff.generate(session, prompt_token_ids=[prompt], prompt_len=PROMPT_LEN, generation_len=STEPS, eos_token_id=[])
         assert out.token_ids == [expected[row]], f"prompt {row} ({len(prompt)} tokens) at batch 1"
     # Both together: the shorter row is padded in its last prefill chunk.
-    out = qeff.generate(qeff.open_session(built.path, threads=1), prompts, prompt_len=PROMPT_LEN, generation_len=STEPS, eos_token_id=[])
+    out = qeff.generate(qeff.open_session(built.path, threads=1), prompt_token_ids=prompts, prompt_len=PROMPT_LEN, generation_len=STEPS, eos_token_id=[])
     assert out.token_ids == expected
 
 
