@@ -21,8 +21,8 @@ from qeff.transforms import QEffCausalLM, transform
 from qeff.transforms.experts import experts_modules
 
 __all__ = [
-    "CTX_LEN", "GEN_LEN", "PROMPT_LEN", "PROMPTS", "Built", "Diff", "build", "compare", "hf_greedy",
-    "teacher_forced_logits",
+    "CTX_LEN", "GEN_LEN", "PROMPT_LEN", "PROMPTS", "Built", "Diff", "build", "compare", "hf_forward_greedy",
+    "hf_generate_greedy", "hf_greedy", "teacher_forced_logits",
 ]
 
 PROMPT_LEN = 8
@@ -65,8 +65,34 @@ class Diff:
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> Greedy:
-    """Exactly ``n`` greedy tokens. ``generate`` fills a None in the config it is given from the
-    model's own generation config, so EOS is switched off there: the tiny vocabulary hits it."""
+    """Exactly ``n`` greedy tokens of HF's: ``generate``, except for LongRoPE models, whose
+    ``generate`` throws its cache away on the step a sequence crosses the short/long boundary and
+    recomputes it (no retained-state graph can; ``tests/test_longrope.py`` measures that
+    difference): for them the reference is HF's forward with its own cache, step by step."""
+    if (getattr(model.config, "rope_parameters", None) or {}).get("rope_type") == "longrope":
+        return hf_forward_greedy(model, prompt, n)
+    return hf_generate_greedy(model, prompt, n)
+
+
+def hf_forward_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> Greedy:
+    """Greedy decoding with HF's forward and the cache it returns (no ``generate``)."""
+    steps: list[torch.Tensor] = []
+    tokens: list[int] = []
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            steps.append(out.logits[0, -1].float())
+            tokens.append(int(steps[-1].argmax()))
+            if len(tokens) == n:
+                break
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+    return Greedy(tokens, torch.stack(steps).numpy())
+
+
+def hf_generate_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> Greedy:
+    """Exactly ``n`` greedy tokens of ``generate``. It fills a None in the config it is given from
+    the model's own generation config, so EOS is switched off there: the tiny vocabulary hits it."""
     model.generation_config.eos_token_id = None
     config = GenerationConfig(
         do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0,

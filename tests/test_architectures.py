@@ -34,7 +34,7 @@ from qeff.transforms import supported_model_types, transform
 REL_MAX_ABS = 5e-6
 REL_MSE = 1e-11
 #: Architectures whose experts the transform makes dense.
-MOE_TYPES = frozenset({"mixtral"})
+MOE_TYPES = frozenset({"mixtral", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"})
 #: Ops whose output shape or control flow depends on the data: a static-shape compiler rejects them.
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Loop", "If", "Scan", "Unique", "Compress"})
 

@@ -21,7 +21,9 @@ from qeff.generation import generate
 from qeff.runtime.ort import OrtSession
 from qeff.transforms.phi3 import QEffPhi3RotaryEmbedding, longrope_frequencies
 from tests.arch_configs import LONGROPE
-from tests.arch_harness import CTX_LEN, GEN_LEN, PROMPT_LEN, PROMPTS, build, compare, hf_greedy, teacher_forced_logits
+from tests.arch_harness import (
+    CTX_LEN, GEN_LEN, PROMPT_LEN, PROMPTS, build, compare, hf_forward_greedy, hf_generate_greedy, teacher_forced_logits,
+)
 
 #: tiny fp32 bounds (logits reach ~5): measured max-abs <= 5e-6 on every comparison here.
 TOL = qeff.Tolerances(logits_mse=1e-11, logits_max_abs=2e-5, cache_mse=1e-11, cache_max_abs=2e-5)
@@ -88,6 +90,14 @@ def test_seeded_fault_batch_wide_choice_is_caught(built, monkeypatch):
     assert not comparison.passed and comparison.logits_max_abs > 1e-2, comparison.describe()
 
 
+def test_the_harness_reference_is_hf_forward(built):
+    """LongRoPE cases are referenced to HF's forward with its cache (tests/arch_harness.py): here it
+    is, and it equals qeff's batch-1 logits where generate's recompute makes them part."""
+    ref = hf_forward_greedy(built.hf, PROMPTS[0], GEN_LEN)
+    assert built.reference[0].tokens == ref.tokens
+    assert (built.reference[0].logits == ref.logits).all()
+
+
 def test_seeded_fault_short_set_only_is_caught(built, monkeypatch):
     """Plain RoPE with the short factors (LongRoPE ignored past the boundary) must fail too."""
     monkeypatch.setattr(
@@ -108,10 +118,10 @@ def test_greedy_equals_hf_generate_when_no_row_crosses_mid_sequence(built, onnx_
     short_prompt = PROMPTS[3]  # 2 tokens + 8 generated: positions 0..9 < 16
     session = OrtSession(onnx_path, batch_size=2, ctx_len=CTX_LEN, threads=1)
     out = generate(session, prompt_token_ids=long_prompts, prompt_len=ONE_CHUNK, generation_len=GEN_LEN, eos_token_id=[])
-    assert out.token_ids == [hf_greedy(built.hf, p, GEN_LEN).tokens for p in long_prompts]
+    assert out.token_ids == [hf_generate_greedy(built.hf, p, GEN_LEN).tokens for p in long_prompts]
     session = OrtSession(onnx_path, batch_size=1, ctx_len=CTX_LEN, threads=1)
     out = generate(session, prompt_token_ids=[short_prompt], prompt_len=PROMPT_LEN, generation_len=8, eos_token_id=[])
-    assert out.token_ids == [hf_greedy(built.hf, short_prompt, 8).tokens]
+    assert out.token_ids == [hf_generate_greedy(built.hf, short_prompt, 8).tokens]
 
 
 @pytest.mark.xfail(
@@ -123,7 +133,7 @@ def test_greedy_equals_hf_generate_when_no_row_crosses_mid_sequence(built, onnx_
 def test_decode_crossing_equals_hf_generate(built):
     from qeff.runtime.torch import TorchSession
 
-    ref = built.reference[0]  # HF generate: 11-token prompt, crosses 16 at decode step 5
+    ref = hf_generate_greedy(built.hf, PROMPTS[0], GEN_LEN)  # 11-token prompt, crosses 16 at decode step 5
     got = teacher_forced_logits(TorchSession(built.qmodel, batch_size=1, ctx_len=CTX_LEN), PROMPTS[0], ref.tokens)
     diff = compare(ref.logits, got)
     assert diff.within(5e-6, 1e-11), str(diff)
