@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_qeff.cards import load_cards
-
 # Inner runs happen in this process, and pytester forgets the modules they import afterwards;
 # extension modules (numpy, onnxruntime) cannot be imported twice, so import them here first.
 import onnx  # noqa: F401  isort: skip  (its protobuf extension aborts the process when imported a second time)
@@ -17,6 +15,7 @@ import onnxruntime  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 import transformers.models.mistral.modeling_mistral  # noqa: F401  isort: skip
+from pytest_qeff.cards import load_cards  # noqa: E402  isort: skip  (after the extension modules above)
 
 pytest_plugins = ("pytester",)
 

@@ -14,6 +14,8 @@ parsing the 262k-token vocabulary), so the module is marked ``real_gemma``: ``ma
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -50,11 +52,14 @@ def gemma3(tmp_path_factory, _one_thread):
     card = load_card(default_cards_dir() / "gemma3-270m.toml")
     model, tokenizer = qeff.load("gemma3-270m")
     qmodel = qeff.transform(model)
-    onnx = qeff.export(qmodel, tmp_path_factory.mktemp("gemma3"), model_id="gemma3-270m")
+    directory = tmp_path_factory.mktemp("gemma3")
+    onnx = qeff.export(qmodel, directory, model_id="gemma3-270m")
     built = qeff.compile(onnx.path, batch_size=2, prompt_len=PROMPT_LEN, ctx_len=CTX_LEN)
     prompts = [tokenizer(text)["input_ids"] for text in card.prompts.text]
     yield model, tokenizer, qmodel, built, prompts, onnx
     del model, qmodel
+    # 3.5 GB (the graph's data and ORT's optimized copy): not left for pytest's last-3-runs retention.
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
