@@ -213,7 +213,11 @@ class Pipeline:
                 "onnx_bytes": sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*")),
             }
 
-        self._export = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force)
+        def size_hint() -> int | None:  # for the message if the disk fills up: the fp32 weights dominate
+            return sum(p.numel() * 4 for p in self._model.parameters()) if self._model is not None else None
+
+        self._export = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
+                                      size_hint=size_hint)
         if self._export.reused and validate is not None and self.tokenizer is not None:
             validate(self.tokenizer)
         return self._export
