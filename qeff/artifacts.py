@@ -67,8 +67,8 @@ FAILED_LOG_SUFFIX = ".failed.log"
 VERIFY_MODES = ("quick", "full")
 
 _MODE: ContextVar[str | None] = ContextVar("qeff_verify_cache", default=None)
-#: (directory, manifest digest) verified (or built) by this process, so opening a session right
-#: after a reuse does not read every file a second time.
+#: (directory, manifest digest, mode) verified (or built) by this process, so opening a session
+#: right after a reuse does not read every file a second time (as long as no file's stat changed).
 _VERIFIED: set[tuple[str, str, str]] = set()  # (directory, manifest digest, mode)
 
 
@@ -208,11 +208,11 @@ def check_artifact(directory: str | os.PathLike, *, mode: str | None = None) -> 
     record = read_manifest(directory)
     if record is None:
         raise ArtifactError(f"{directory} is not a qeff artifact (no manifest.json)")
-    key = (str(directory), record.get("digest", ""))
-    if (*key, mode) in _VERIFIED or (*key, "full") in _VERIFIED:
-        return record
     if not isinstance(record.get("files"), dict):
         return record  # an artifact from before integrity records: nothing to check it against
+    key = (str(directory), record.get("digest", ""))
+    if ((*key, mode) in _VERIFIED or (*key, "full") in _VERIFIED) and _stats_unchanged(directory, record["files"]):
+        return record
     problems, refreshed = _problems(directory, record, (), mode)
     if problems:
         raise ArtifactError(f"the artifact {directory} failed its integrity check: {problems[0]}; rebuild it")
@@ -220,6 +220,14 @@ def check_artifact(directory: str | os.PathLike, *, mode: str | None = None) -> 
         _refresh_stats(directory, record, refreshed)
     _VERIFIED.add((*key, mode))
     return record
+
+
+def _stats_unchanged(directory: Path, files: dict) -> bool:
+    """Every file still has the stat key recorded (nothing wrote to it since it was verified)."""
+    try:
+        return all(integrity.stat_key(os.stat(directory / rel)) == rec.get("stat") for rel, rec in files.items())
+    except OSError:
+        return False
 
 
 def owner_of_temporary(name: str) -> str | None:
@@ -258,6 +266,16 @@ def _normalize_permissions(tmp: Path) -> None:
             path.chmod(atomic.default_mode(executable=True))
         else:
             path.chmod(atomic.default_mode(executable=bool(path.stat().st_mode & 0o111)))
+
+
+_NEARLY_FULL = 4 * 2**20
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return _NEARLY_FULL
 
 
 def _bytes_under(path: Path) -> int:
@@ -343,8 +361,11 @@ def _build(directory: Path, manifest: dict, builder, repaired: str | None, size_
         _install(tmp, directory)
     except BaseException as exc:
         written = _bytes_under(tmp)
+        # Native writers (ONNX Runtime) report a full disk as "Failed to write …" without errno:
+        # a failed build with almost no space left on its disk is taken as the disk filling up.
+        full = atomic.is_disk_full(exc) or (isinstance(exc, Exception) and _free_bytes(tmp) < _NEARLY_FULL)
         shutil.rmtree(tmp, ignore_errors=True)
-        if atomic.is_disk_full(exc):
+        if full:
             try:
                 needed = size_hint() if callable(size_hint) else size_hint
             except Exception:  # the hint is only for the message

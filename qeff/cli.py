@@ -486,7 +486,7 @@ def cmd_clean(args) -> int:
     home = _home(args) or qeff_home()
     done = clean(home, damaged=args.damaged, logs=args.logs)
     for item in done.removed:
-        print(f"removed {getattr(item, 'kind', 'artifact')}: {item.path}")
+        print(f"removed {'damaged artifact' if hasattr(item, 'problem') else item.kind}: {item.path}")
     for item, why in done.kept:
         print(f"kept {item.kind}: {item.path} ({why})")
     print(f"freed {human_bytes(done.freed)} under {home}")
