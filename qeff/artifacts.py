@@ -248,6 +248,22 @@ def _remove_stale(directory: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _tidy(directory: Path) -> None:
+    """On reuse: remove temporaries a killed build of this artifact left, if no build of it is
+    running (its lock is free). Best effort and cheap: one lock attempt and one directory listing."""
+    if not any(owner_of_temporary(e.name) == directory.name for e in directory.parent.iterdir()):
+        return
+    lock = PathLock(str(directory) + LOCK_SUFFIX)
+    try:
+        if lock.acquire(blocking=False):
+            try:
+                _remove_stale(directory)
+            finally:
+                lock.release()
+    except OSError:
+        pass  # a read-only cache: nothing to tidy
+
+
 def _cache_unwritable(directory: Path, exc: OSError) -> UsageError:
     reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "permission denied", errno.ENOTDIR: "a path component is a file, not a directory",
@@ -319,6 +335,7 @@ def build_artifact(
     if not force:
         state, record, why = _inspect(directory, manifest, required, mode)
         if state == "match":
+            _tidy(directory)
             return _reused(directory, record, time.perf_counter() - start_check)
     lock = PathLock(str(directory) + LOCK_SUFFIX)
     try:
