@@ -47,6 +47,7 @@ class ModelShape:
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class _Truncated(Exception):
@@ -84,6 +85,15 @@ class _Reader:
                 self.pos += struct.calcsize(_SCALARS[item]) * count
                 if self.pos > len(self.buf):
                     raise _Truncated
+            elif item == _STRING:  # a tight loop: 100k+ strings in a vocabulary
+                unpack, buf, pos, end = _U64.unpack_from, self.buf, self.pos, len(self.buf)
+                for _ in range(count):
+                    if pos + 8 > end:
+                        raise _Truncated
+                    pos += 8 + unpack(buf, pos)[0]
+                if pos > end:
+                    raise _Truncated
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.value(item)

@@ -140,11 +140,15 @@ def _corrupt_every_file(model_dir, tmp_path, capsys, monkeypatch, kinds: dict[st
     export = Path(first["artifact"]).parent
     directories = {"export": export, "ort": Path(first["artifact"]), "verify": next((p for p in export.glob("verify-*") if p.is_dir()), None)}
     injected, failures = 0, []
+    files = {kind: _files(directories[kind]) for kind in kinds}  # listed up front: the loop must not depend on repairs
     for kind in kinds:
         directory = directories[kind]
-        for rel in _files(directory):
+        for rel in files[kind]:
             for fault in FAULTS:
                 victim = directory / rel
+                if not victim.is_file():
+                    failures.append(f"{kind}/{rel}: {fault}: still missing after an earlier fault (never repaired)")
+                    continue
                 with monkeypatch.context() as m:
                     _inject(fault, victim, m)
                     injected += 1
@@ -156,7 +160,11 @@ def _corrupt_every_file(model_dir, tmp_path, capsys, monkeypatch, kinds: dict[st
                     failures.append(f"{case}: WRONG OUTPUT {result['token_ids']} != {reference['token_ids']}")
                 elif f"failed its integrity check ({rel}" not in err and f"failed its integrity check (its manifest" not in err:
                     failures.append(f"{case}: not reported as a repair: {err!r}")
-                state = scan(home, full=True)
+                try:
+                    state = scan(home, full=True)
+                except OSError as exc:
+                    failures.append(f"{case}: the cache cannot even be scanned afterwards: {exc}")
+                    continue
                 if state.damaged or any(x.kind != "lock" for x in state.stale):
                     failures.append(f"{case}: cache not healthy afterwards: {[a.problem for a in state.damaged]} {state.stale}")
     assert not failures, "\n".join(failures)
@@ -212,6 +220,22 @@ def test_corrupting_every_file_of_a_qaic_artifact(micro_model_dir, tmp_path, cap
     assert not failures, "\n".join(failures)
     print(f"\n[fault injection] qaic artifact: {injected} faults injected over {len(_files(qpc))} files, each detected and repaired")
     assert injected == 4 * len(_files(qpc)) >= 4 * 6
+
+
+def test_zeroed_weights_of_the_same_size_are_never_served(micro_model_dir, tmp_path, capsys):
+    """Issue 14, item 1: overwriting a cached model.opt.onnx.data in place, same size, gave exit 0,
+    all-zero token ids and "verify … ok (cached)"."""
+    home = tmp_path / "home"
+    args = ["--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--verify"]
+    code, first, err = _infer(capsys, *args)
+    data = Path(first["artifact"]) / "model.opt.onnx.data"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.write(b"\0" * size)
+    code, second, err = _infer(capsys, *args)
+    assert code == 0 and second["token_ids"] == first["token_ids"]
+    assert "model.opt.onnx.data: its content differs from the manifest's digest" in err
+    assert second["reused"]["compile"] is False and second["repaired"]["compile"].startswith("model.opt.onnx.data")
 
 
 def test_a_truncated_export_then_a_new_ctx_len_rebuilds_the_export(micro_model_dir, tmp_path, capsys):
@@ -353,7 +377,9 @@ _WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     from pytest_qeff import baseline, results
-    kind, target, k, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    kind, target, k, n, go = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+    while not go.exists():  # start together: the writes must overlap to test anything
+        pass
     for i in range(n):
         if kind == "results":
             results.write(target, {"schema": "qeff-results", "version": 1, "writer": k, "i": i, "records": [{"x": "y" * 500}] * 50})
@@ -366,10 +392,17 @@ _WRITER = textwrap.dedent(
 
 
 def _writers(tmp_path: Path, kind: str, target: Path, count: int, rounds: int) -> list[subprocess.Popen]:
-    script = tmp_path / "writer.py"
+    script, go, ready = tmp_path / "writer.py", tmp_path / "go", tmp_path / "ready"
     script.write_text(_WRITER)
-    return [subprocess.Popen([sys.executable, str(script), kind, str(target), str(k), str(rounds)], env=ENV,
-                             stderr=subprocess.PIPE, text=True) for k in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", f"import pytest_qeff.baseline, pytest_qeff.results; "
+                               f"open({str(ready)!r} + '{k}', 'w').close(); exec(open({str(script)!r}).read())",
+                               kind, str(target), str(k), str(rounds), str(go)], env=ENV, stderr=subprocess.PIPE, text=True)
+             for k in range(count)]
+    deadline = time.time() + 300
+    while sum(1 for k in range(count) if Path(f"{ready}{k}").exists()) < count and time.time() < deadline:
+        time.sleep(0.05)  # every writer has imported everything
+    go.write_text("")
+    return procs
 
 
 def _read_while(procs: list[subprocess.Popen], path: Path, before: str = "") -> tuple[int, list[str]]:
@@ -411,15 +444,15 @@ def test_concurrent_baseline_updates_lose_nothing(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("{ this is not json")  # an unreadable baseline: moved aside, never lost
     corrupt = path.read_bytes()
-    procs = _writers(tmp_path, "baseline", directory, 4, 10)
+    procs = _writers(tmp_path, "baseline", directory, 4, 25)
     reads, torn = _read_while(procs, path, before=corrupt.decode())
     errors = [p.communicate()[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert not torn
     cases = read(path)["cases"]
-    assert sorted(cases) == sorted(f"tiny/w{k}-{i}" for k in range(4) for i in range(10))  # 40 entries, none lost
+    assert sorted(cases) == sorted(f"tiny/w{k}-{i}" for k in range(4) for i in range(25))  # 100 entries, none lost
     asides = list(path.parent.glob("card.unreadable-*.json"))
     assert len(asides) == 1 and asides[0].read_bytes() == corrupt
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(["card.json", asides[0].name])  # no lock, no temporary
-    print(f"\n[fault injection] 4 sessions × 10 baseline updates over a corrupt file: 40/40 entries kept, "
+    print(f"\n[fault injection] 4 sessions × 25 baseline updates over a corrupt file: 100/100 entries kept, "
           f"the corrupt file moved aside intact, {reads} concurrent reads: 0 torn")
