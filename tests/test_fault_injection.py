@@ -377,6 +377,7 @@ _WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     from pytest_qeff import baseline, results
+    from pytest_qeff.records import BenchmarkRecord
     kind, target, k, n, go = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
     while not go.exists():  # start together: the writes must overlap to test anything
         pass
@@ -384,8 +385,11 @@ _WRITER = textwrap.dedent(
         if kind == "results":
             results.write(target, {"schema": "qeff-results", "version": 1, "writer": k, "i": i, "records": [{"x": "y" * 500}] * 50})
         else:
-            rec = {"stage": "benchmark", "backend": "ort", "card": "card", "tier": "tiny", "case": f"w{k}-{i}",
-                   "data": {"figures": {"decode_tok_s": 100.0 + k, "total_tok_s": 90.0, "ttft_s": 0.01}}}
+            data = BenchmarkRecord(prompts=[[1]], prompt_texts=[None], batch_size=1, prompt_len=8, ctx_len=32,
+                                   device_group=[], figures={"decode_tok_s": 100.0 + k, "total_tok_s": 90.0, "ttft_s": 0.01},
+                                   runs=[], generation_len=8, repeats=1, threads=1, probe=None, baseline={},
+                                   update_baseline=True).to_dict()
+            rec = {"stage": "benchmark", "backend": "ort", "card": "card", "tier": "tiny", "case": f"w{k}-{i}", "data": data}
             baseline.update(target, [rec], {"writer": k})
     """
 )
