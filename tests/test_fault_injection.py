@@ -259,16 +259,20 @@ def _spawn_infer(model: Path, home: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def test_sigkill_at_random_points_then_rerun(micro_model_dir, tmp_path):
+def _reference(capsys, model: Path, home: Path, *extra: str) -> dict:
+    """A clean run in its own cache, in this process (no interpreter start to pay for)."""
+    code, result, err = _infer(capsys, "--model_name", str(model), "--home", str(home), *ARGS, *extra)
+    assert code == 0, err
+    return result
+
+
+def test_sigkill_at_random_points_then_rerun(micro_model_dir, tmp_path, capsys):
     rng = random.Random(14)
-    reference = _spawn_infer(micro_model_dir, tmp_path / "reference", "--verify")
-    out, err = reference.communicate(timeout=600)
-    assert reference.returncode == 0, err
-    want = json.loads(out)["token_ids"]
+    want = _reference(capsys, micro_model_dir, tmp_path / "reference", "--verify")["token_ids"]
     home = tmp_path / "home"
     kills = []
-    for i in range(6):
-        proc = _spawn_infer(micro_model_dir, home, "--verify", *(["--force"] if i % 3 == 2 else []))
+    for i in range(5):
+        proc = _spawn_infer(micro_model_dir, home, "--verify", *(["--force"] if i == 3 else []))
         started = threading.Event()
         lines: list[str] = []
 
@@ -308,10 +312,8 @@ def test_sigkill_at_random_points_then_rerun(micro_model_dir, tmp_path):
 # -- concurrent builders and readers -----------------------------------------------------------
 
 
-def test_concurrent_builders_build_once_and_agree(micro_model_dir, tmp_path):
-    reference = _spawn_infer(micro_model_dir, tmp_path / "reference", "--verify")
-    out, err = reference.communicate(timeout=600)
-    want = json.loads(out)["token_ids"]
+def test_concurrent_builders_build_once_and_agree(micro_model_dir, tmp_path, capsys):
+    want = _reference(capsys, micro_model_dir, tmp_path / "reference", "--verify")["token_ids"]
     home = tmp_path / "home"
     procs = [_spawn_infer(micro_model_dir, home, "--verify") for _ in range(3)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -319,7 +321,7 @@ def test_concurrent_builders_build_once_and_agree(micro_model_dir, tmp_path):
     assert all(json.loads(o)["token_ids"] == want for o, _ in results)
     errs = "".join(e for _, e in results)
     assert errs.count("[qeff] built export") == 1 and errs.count("[qeff] built ort artifact") == 1
-    assert scan(home, full=True).healthy or not scan(home, full=True).damaged
+    assert not scan(home, full=True).damaged
 
 
 _READER = textwrap.dedent(
@@ -337,16 +339,13 @@ _READER = textwrap.dedent(
 )
 
 
-def test_readers_during_forced_rebuilds_never_see_a_wrong_answer(micro_model_dir, tmp_path):
+def test_readers_during_forced_rebuilds_never_see_a_wrong_answer(micro_model_dir, tmp_path, capsys):
     home = tmp_path / "home"
-    first = _spawn_infer(micro_model_dir, home, "--no-verify")
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
-    result = json.loads(out)
+    result = _reference(capsys, micro_model_dir, home, "--no-verify")
     want, artifact = result["token_ids"], result["artifact"]
     script = tmp_path / "reader.py"
     script.write_text(_READER)
-    readers = [subprocess.Popen([sys.executable, str(script), artifact, "15"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    readers = [subprocess.Popen([sys.executable, str(script), artifact, "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=ENV) for _ in range(2)]
     builders = [_spawn_infer(micro_model_dir, home, "--no-verify", "--force") for _ in range(2)]
     for b in builders:
@@ -365,8 +364,8 @@ def test_readers_during_forced_rebuilds_never_see_a_wrong_answer(micro_model_dir
             else:
                 assert "Traceback" not in run["err"] and run["err"].strip().startswith("qeff: "), run["err"]
                 reported += 1
-    print(f"\n[fault injection] 2 readers × 15 runs during 2 forced rebuilds: {ok} correct, {reported} reported, 0 wrong")
-    assert ok + reported == 30 and ok > 0
+    print(f"\n[fault injection] 2 readers × 8 runs during 2 forced rebuilds: {ok} correct, {reported} reported, 0 wrong")
+    assert ok + reported == 16 and ok > 0
     assert not scan(home, full=True).damaged
 
 
