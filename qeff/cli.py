@@ -511,9 +511,10 @@ def _check_args(args) -> None:
         _prompts(args)  # decoded and checked now, not after the model is loaded
     if getattr(args, "model_name", None) and hasattr(args, "ctx_len") and not getattr(args, "onnx_path", None):
         from qeff.loading import resolve
-        from qeff.preflight import preflight
+        from qeff.preflight import model_shape
 
-        shape = preflight(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=getattr(args, "cache_dir", None)))
+        cache_dir = getattr(args, "cache_dir", None)
+        shape = model_shape(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir), cache_dir=cache_dir)
         if shape is not None:
             verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
             validation.check_memory(shape, batch_size=getattr(args, "batch_size", 1), ctx_len=args.ctx_len, copies=2 if verifying else 1)

@@ -166,23 +166,21 @@ def _edit_config(path: Path, **changes) -> None:
 
 
 def test_a_truncated_or_fake_gguf(home, tmp_path, capsys, no_work):
+    """Read from the headers (qeff.headers, through the support gate and the memory estimate)."""
     from qeff.loading import embedded_gguf
 
-    truncated = tmp_path / "cut.gguf"
-    with open(embedded_gguf(), "rb") as f:
-        truncated.write_bytes(f.read(200_000))
-    line = one_sentence(capsys, infer(truncated), 2)
-    assert f"{truncated} is truncated" in line
-    tail_cut = tmp_path / "tail.gguf"  # the whole header, half the tensor data
     size = embedded_gguf().stat().st_size
-    with open(embedded_gguf(), "rb") as f:
-        tail_cut.write_bytes(f.read(size // 2))
-    line = one_sentence(capsys, infer(tail_cut), 2)
-    assert f"holds {size // 2:,} bytes but its tensors end at byte {size:,}" in line
+    cases = {"cut.gguf": 200_000, "tail.gguf": size // 2}  # inside the header; the whole header, half the data
+    for name, keep in cases.items():
+        path = tmp_path / name
+        with open(embedded_gguf(), "rb") as f:
+            path.write_bytes(f.read(keep))
+        line = one_sentence(capsys, infer(path), 2)
+        assert f"{name} is truncated" in line, line
     fake = tmp_path / "fake.gguf"
     fake.write_text("not a model at all, just text")
     line = one_sentence(capsys, infer(fake), 2)
-    assert f"{fake} is not a GGUF file: it starts with b'not '" in line
+    assert "fake.gguf" in line and "GGUF" in line, line
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -194,14 +192,14 @@ def test_a_corrupt_safetensors_file(tiny_model_dir, home, tmp_path, capsys, no_w
     else:
         weights.write_bytes(os.urandom(4096))
     line = one_sentence(capsys, infer(model), 2)
-    assert str(weights) in line and ("truncated" in line or "corrupt" in line)
+    assert "model.safetensors is " + ("truncated" if damage == "truncate" else "corrupt") in line, line
 
 
 def test_an_unknown_model_type(tiny_model_dir, home, tmp_path, capsys, no_work):
     model = _variant(tiny_model_dir, tmp_path, "m")
     _edit_config(model, model_type="no-such-architecture")
     line = one_sentence(capsys, infer(model), 2)
-    assert "names model_type 'no-such-architecture', which this transformers does not know" in line
+    assert "model_type 'no-such-architecture'" in line and "knows" in line, line
 
 
 def test_a_remote_code_directory_is_refused(tiny_model_dir, home, tmp_path, capsys, no_work):
@@ -209,7 +207,7 @@ def test_a_remote_code_directory_is_refused(tiny_model_dir, home, tmp_path, caps
     _edit_config(model, model_type="evil", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
     (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
     line = one_sentence(capsys, infer(model), 2)
-    assert "needs its own Python code (auto_map in config.json" in line and "never runs code" in line
+    assert "model_type 'evil' is remote code" in line, line
 
 
 class _Payload:
