@@ -15,11 +15,16 @@ half speed expects half the tokens/s, so load on a shared machine is not read as
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import time
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SCHEMA", "METRICS", "path_for", "entry_key", "read", "check", "update", "update_command"]
+__all__ = ["SCHEMA", "METRICS", "path_for", "entry_key", "read", "check", "update", "update_command", "BaselineUpdate",
+           "UnreadableBaseline"]
 
 SCHEMA = "qeff-baseline/1"
 
@@ -39,16 +44,26 @@ def entry_key(tier: str, case_id: str) -> str:
     return f"{tier}/{case_id}"
 
 
+class UnreadableBaseline(ValueError):
+    """A baseline file that cannot be used; ``reason`` is the short why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"baseline {path} {reason}; fix it, or --qeff-update-baseline moves it aside and starts anew")
+        self.reason = reason
+
+
 def read(path: Path) -> dict | None:
     """The baseline file's content, None if there is none; ValueError if it is unreadable."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UnreadableBaseline(path, f"cannot be read ({exc.strerror})") from None
     except ValueError as exc:
-        raise ValueError(f"baseline {path} is not valid JSON ({exc}); fix it or rewrite it with --qeff-update-baseline") from None
+        raise UnreadableBaseline(path, f"is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("cases"), dict):
-        raise ValueError(f"baseline {path} is not a {SCHEMA} file; rewrite it with --qeff-update-baseline")
+        raise UnreadableBaseline(path, f"is not a {SCHEMA} file")
     return data
 
 
@@ -106,8 +121,46 @@ def check(
     return out
 
 
-def update(directory: Path, records: Iterable[dict], environment: dict) -> list[Path]:
-    """Write the benchmark figures of ``records`` into their baseline files; return the files."""
+@dataclass(frozen=True)
+class BaselineUpdate:
+    """One baseline file written by :func:`update`; ``str()`` is its path."""
+
+    path: Path
+    added: int  # entries of this run
+    kept: int  # entries of earlier runs it kept (merged)
+    moved_aside: Path | None = None  # where an unreadable earlier file went
+    problem: str = ""  # why it was unreadable
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def message(self) -> str | None:
+        if self.moved_aside is None:
+            return None
+        return (f"baseline {self.path} was unreadable ({self.problem}); moved it aside to {self.moved_aside} "
+                f"(its entries are not lost) and started it anew with this run's {self.added} entr{'y' if self.added == 1 else 'ies'}")
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.stem}.unreadable-{stamp}-{uuid.uuid4().hex[:6]}{path.suffix}")
+    os.replace(path, aside)
+    return aside
+
+
+def update(directory: Path, records: Iterable[dict], environment: dict) -> list[BaselineUpdate]:
+    """Merge the benchmark figures of ``records`` into their baseline files; return what was written.
+
+    Entries of other tiers, cases and runs are kept (issue 14: an update rewrote a 3-case file with
+    the 1 case of its run). Read, merge and write happen under a lock on the file, so concurrent
+    sessions updating the same baseline lose nothing, and the write is atomic, so a reader never
+    sees a torn file. A file that cannot be read is never overwritten: it is moved aside, said so."""
+    from qeff.atomic import write_json
+    from qeff.locks import PathLock, remove_if_free
     from pytest_qeff.records import BenchmarkRecord, record_of
 
     by_file: dict[Path, dict[str, dict]] = {}
@@ -120,16 +173,20 @@ def update(directory: Path, records: Iterable[dict], environment: dict) -> list[
         by_file.setdefault(path, {})[entry_key(rec["tier"], rec["case"])] = entry
     written = []
     for path, entries in sorted(by_file.items()):
-        try:
-            data = read(path) or {}
-        except ValueError:
-            data = {}
-        cases = {**data.get("cases", {}), **entries}
-        card, backend = path.stem, path.parent.name
-        content = {"schema": SCHEMA, "card": card, "backend": backend, "environment": environment, "cases": cases}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        written.append(path)
+        lock = path.with_name(path.name + ".lock")
+        with PathLock(lock):
+            moved, problem = None, ""
+            try:
+                data = read(path) or {}
+            except UnreadableBaseline as exc:
+                problem = exc.reason
+                moved, data = _move_aside(path), {}
+            earlier = {k: v for k, v in data.get("cases", {}).items() if k not in entries}
+            cases = {**data.get("cases", {}), **entries}
+            card, backend = path.stem, path.parent.name
+            write_json(path, {"schema": SCHEMA, "card": card, "backend": backend, "environment": environment, "cases": cases},
+                       sort_keys=True)
+        remove_if_free(lock)  # baselines live in the repository: leave no lock file behind
+        written.append(BaselineUpdate(path, added=len(entries), kept=len(earlier), moved_aside=moved, problem=problem))
     return written

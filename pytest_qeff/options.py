@@ -155,6 +155,16 @@ def _path(config: pytest.Config, value: str) -> Path:
     return (config.invocation_params.dir / os.path.expanduser(value)).resolve()
 
 
+def _check_directory(flag: str, path: Path) -> None:
+    """A directory the run writes into at its end must be one (issue 14: ``--qeff-report`` naming a
+    file lost the run's report at session end, exit 1 instead of a usage error up front)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise pytest.UsageError(f"{flag} {path} cannot be a directory: {probe} is a file")
+
+
 def resolve(config: pytest.Config) -> Settings:
     opt = config.getoption
     patterns: list[str] = opt("qeff_model")
@@ -188,6 +198,9 @@ def resolve(config: pytest.Config) -> Settings:
     written = _write_cards(config, built, cards_dir) if opt("qeff_write_card") is not None else []
     if active:
         devices.check_workers(groups, _workers(config))
+        _check_directory("--qeff-report", _path(config, opt("qeff_report")))
+        if opt("qeff_baseline"):
+            _check_directory("--qeff-baseline", _path(config, opt("qeff_baseline")))
     backend = opt("qeff_backend")
     default_baseline = (config.rootpath / "reports" / "published").resolve()
     return Settings(

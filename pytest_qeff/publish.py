@@ -63,6 +63,9 @@ def terminal_lines(settings: Settings, published: Published | None) -> list[str]
         return []
     lines = summary.format_table(published.rows)
     lines.append(f"report: {published.index}  (source: {published.results})")
-    lines += [f"baseline updated: {p}" for p in published.baselines]
+    for b in published.baselines:
+        if getattr(b, "message", None):
+            lines.append(b.message)
+        lines.append(f"baseline updated: {b}")
     lines += [f"card written: {p} (built from its model's config; commit it to keep it)" for p in settings.written_cards]
     return lines

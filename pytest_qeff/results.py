@@ -165,11 +165,12 @@ def environment(root: Path, backends: list[str]) -> dict:
 
 
 def write(path: Path, content: dict) -> Path:
+    """Atomically (a temporary file of this writer's own, fsync, rename): a concurrent reader sees
+    the previous file or this one, and two writers never collide (issue 14)."""
+    from qeff.atomic import write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json(path, content, indent=2)
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -7,19 +7,24 @@
     qeff verify   HF vs transformed PyTorch vs ONNX Runtime on a model
     qeff list     the cached artifacts under $QEFF_HOME
     qeff check    is a model supported? from its config and file headers, no weights loaded
+    qeff doctor   verify every cached artifact; show stale temporaries and locks
+    qeff clean    remove what killed runs left behind (never a build in progress)
 
 Flags keep the seed product's spellings (``--model_name``, ``--num_cores``, ``--device_group [0,1]``,
 …); each also has a dashed spelling. ``python -m qeff.cloud.infer`` and ``python -m qeff.cloud.execute``
 are aliases. Exit codes: 0 success, 1 a failed stage (compiler error, verification outside
-tolerance), 2 a usage error (one sentence, no traceback).
+tolerance, a full disk), 2 a usage error (one sentence, no traceback). ``--debug`` (anywhere on the
+command line, or ``QEFF_DEBUG=1``) adds the traceback to any error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from qeff._version import __version__
@@ -49,6 +54,12 @@ def _model_args(p):
     _flag(p, "--cache_dir", default=None, help="Hugging Face cache directory (default: HF's own)")
     _flag(p, "--revision", default=None, help="hub revision (branch, tag or commit)")
     _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
+    _cache_args(p)
+
+
+def _cache_args(p):
+    _flag(p, "--verify_cache", action="store_true",
+          help="recompute the full digest of every cached file before reusing it (default: sizes, stat and a sampled digest)")
 
 
 def _compile_args(p):
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--qpc_path", "--artifact", required=True, help="a compile directory (ort_… or qpc_…) or a QPC directory")
     _flag(p, "--model_name", "-m", default=None, help="where the tokenizer comes from (default: the one saved beside the export)")
     _flag(p, "--device_group", default=None, help="Cloud AI device ids, e.g. [0,1]")
+    _cache_args(p)
     _run_args(p)
     p.set_defaults(func=cmd_execute)
 
@@ -137,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list cached artifacts")
     _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("doctor", help="verify every cached artifact; show stale temporaries and locks")
+    _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
+    p.add_argument("--full", action="store_true", help="recompute every file's full digest (default: the quick check)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("clean", help="remove stale temporaries and locks of killed runs (never a build in progress)")
+    _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
+    p.add_argument("--damaged", action="store_true", help="also remove artifacts that fail their integrity check")
+    p.add_argument("--logs", action="store_true", help="also remove the kept logs of failed compiles")
+    p.set_defaults(func=cmd_clean)
     return parser
 
 
@@ -316,6 +339,7 @@ def cmd_infer(args) -> int:
     if args.json:
         _emit_json(summary, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
                    artifact=str(built.path), reused={"export": exported.reused, "compile": built.reused and not rebuilt},
+                   repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
                    verify=verify_summary, wall_s=round(time.perf_counter() - start, 3))
     return 0
 
@@ -413,9 +437,15 @@ def cmd_list(args) -> int:
     if not home.is_dir():
         print(f"no artifacts: {home} does not exist")
         return 0
+    from qeff.artifacts import owner_of_temporary
+    from qeff.atomic import human_bytes
+    from qeff.doctor import scan
+
     rows = []
     for manifest in sorted(home.rglob("manifest.json")):
         directory = manifest.parent
+        if any(owner_of_temporary(part) for part in directory.relative_to(home).parts):
+            continue  # a build in progress (or one a killed run left): not an artifact
         try:
             record = read_manifest(directory) or {}
         except ArtifactError:
@@ -425,6 +455,10 @@ def cmd_list(args) -> int:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("created", 0)))
         kind = record.get("inputs", {}).get("backend") or record.get("inputs", {}).get("stage", "?")
         rows.append((str(directory.relative_to(home)), kind, f"{size / 2**20:.1f} MiB", created))
+    stale = scan(home, check=False).stale
+    if stale:
+        print(f"{len(stale)} stale leftover(s) of killed runs ({human_bytes(sum(x.bytes for x in stale))}): "
+              f"`qeff doctor` lists them, `qeff clean` removes them")
     if not rows:
         print(f"no artifacts under {home}")
         return 0
@@ -435,20 +469,93 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from qeff.artifacts import qeff_home
+    from qeff.doctor import format_scan, scan
+
+    found = scan(_home(args) or qeff_home(), full=args.full)
+    print("\n".join(format_scan(found)))
+    return 0 if found.healthy else 1
+
+
+def cmd_clean(args) -> int:
+    from qeff.artifacts import qeff_home
+    from qeff.atomic import human_bytes
+    from qeff.doctor import clean
+
+    home = _home(args) or qeff_home()
+    done = clean(home, damaged=args.damaged, logs=args.logs)
+    for item in done.removed:
+        print(f"removed {'damaged artifact' if hasattr(item, 'problem') else item.kind}: {item.path}")
+    for item, why in done.kept:
+        print(f"kept {item.kind}: {item.path} ({why})")
+    print(f"freed {human_bytes(done.freed)} under {home}")
+    return 0
+
+
+def _check_args(args) -> None:
+    """Every argument checked before any work starts (:mod:`qeff.validation`): sizes, threads,
+    the cache directory, prompts, the model's files and the memory its KV cache would need."""
+    from qeff import validation
+
+    validation.check_home(getattr(args, "home", None))
+    if hasattr(args, "ctx_len"):
+        validation.check_sizes(batch_size=getattr(args, "batch_size", 1), prompt_len=args.prompt_len, ctx_len=args.ctx_len,
+                               generation_len=getattr(args, "generation_len", None), num_cores=getattr(args, "num_cores", None),
+                               steps=getattr(args, "steps", None))
+    elif hasattr(args, "generation_len"):
+        validation.check_positive("--generation_len", args.generation_len, optional=True)
+    if hasattr(args, "threads"):
+        args.threads = validation.check_threads(args.threads)
+    if hasattr(args, "prompts_txt_file_path"):
+        _prompts(args)  # decoded and checked now, not after the model is loaded
+    if getattr(args, "model_name", None) and hasattr(args, "ctx_len") and not getattr(args, "onnx_path", None):
+        from qeff.loading import resolve
+        from qeff.preflight import model_shape
+
+        cache_dir = getattr(args, "cache_dir", None)
+        shape = model_shape(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir), cache_dir=cache_dir)
+        if shape is not None:
+            verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
+            validation.check_memory(shape, batch_size=getattr(args, "batch_size", 1), ctx_len=args.ctx_len, copies=2 if verifying else 1)
+
+
+def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    print(line, file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import nullcontext
+
+    from qeff.artifacts import verify_cache
+    from qeff.atomic import is_disk_full
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("QEFF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with verify_cache("full") if getattr(args, "verify_cache", False) else nullcontext():
+            _check_args(args)
+            return args.func(args)
     except UsageError as exc:
-        print(f"qeff: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"qeff: error: {exc}", exc, debug, 2)
     except QEffError as exc:
-        print(f"qeff: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("qeff: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"qeff: {type(exc).__name__}: {exc}", exc, debug, 1)
+    except KeyboardInterrupt as exc:
+        return _fail("qeff: interrupted", exc, debug, 130)
+    except Exception as exc:  # noqa: BLE001 - the promise is one sentence, never a traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        if is_disk_full(exc):
+            return _fail(f"qeff: DiskFullError: the disk is full ({first})", exc, debug, 1)
+        if isinstance(exc, OSError):
+            return _fail(f"qeff: error: {exc.strerror or first}{f': {exc.filename}' if exc.filename else ''}", exc, debug, 1)
+        return _fail(f"qeff: internal error ({type(exc).__name__}: {first}); run again with --debug for the traceback",
+                     exc, debug, 1)
 
 
 if __name__ == "__main__":

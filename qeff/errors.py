@@ -9,6 +9,7 @@
     ├── UnsupportedModelError       an architecture or module type the transform cannot handle
     ├── WeightsChangedError         a transform changed a parameter (name, shape or value)
     ├── ArtifactError               a cached artifact that is missing, corrupt or does not match
+    ├── DiskFullError               a write that ran out of disk space (names the directory and the need)
     ├── CompileError                a compiler run failed (carries the command, exit code, stderr)
     └── VerificationError           a comparison outside its tolerance (carries every number)
 """
@@ -25,6 +26,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightsChangedError",
     "ArtifactError",
+    "DiskFullError",
     "CompileError",
     "VerificationError",
 ]
@@ -70,6 +72,10 @@ class WeightsChangedError(QEffError):
 
 class ArtifactError(QEffError):
     pass
+
+
+class DiskFullError(QEffError):
+    """A stage failed because the disk (or the user's quota) is full."""
 
 
 class CompileError(QEffError):

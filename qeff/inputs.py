@@ -17,7 +17,6 @@ included: that is the work the hardware did at that batch size.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from qeff.errors import UsageError
 
@@ -52,16 +51,17 @@ def parse_device_group(text: str | None) -> list[int] | None:
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    from qeff.validation import decode_argument, read_text_file
+
     prompts: list[str] = []
+    prompt = decode_argument(prompt, "--prompt")
     if prompt is not None:
         prompts += prompt.split("|")
         if any(not p.strip() for p in prompts):
             raise UsageError(f"--prompt {prompt!r} holds an empty prompt (check for a stray '|')")
     if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise UsageError(f"prompts file {prompts_file!r} does not exist")
-        lines = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        text = read_text_file(prompts_file, "prompts file")
+        lines = [line.rstrip("\r\n") for line in text.splitlines()]
         from_file = [line for line in lines if line.strip()]
         if not from_file:
             raise UsageError(f"prompts file {prompts_file!r} holds no prompt (one prompt per non-empty line)")

@@ -182,7 +182,32 @@ def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: tor
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="eager", **common)
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model {source.name!r}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:
+        raise _load_failure(source, exc) or exc
     return model.eval(), tokenizer
+
+
+def _load_failure(source: ModelSource, exc: Exception) -> UsageError | None:
+    """One sentence for the ways a model's files can be bad (issue 14: each was a traceback);
+    None for anything else (a bug, which keeps its traceback under --debug)."""
+    import pickle
+    import struct
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = ()  # noqa: N806
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if isinstance(exc, pickle.UnpicklingError):
+        return UsageError(
+            f"refused to load the pickled weights of {source.name!r}: they hold objects other than tensors, and "
+            f"unpickling those can run code (torch's safe loader said: {(str(exc).strip().splitlines() or [''])[-1][:120]})"
+        )
+    if isinstance(exc, SafetensorError):
+        return UsageError(f"the safetensors weights of {source.name!r} are corrupt or truncated ({first})")
+    if isinstance(exc, (ValueError, KeyError, EOFError, struct.error)):
+        return UsageError(f"could not load model {source.name!r}: {first}")
+    return None
 
 
 def load(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):

@@ -213,7 +213,15 @@ class Pipeline:
                 "onnx_bytes": sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*")),
             }
 
-        self._export = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force)
+        def size_hint() -> int | None:
+            """For the message if the disk fills up: the fp32 tensors dominate (the state dict names
+            a tied embedding twice, as the exported graph stores it)."""
+            if self._model is None:
+                return None
+            return sum(t.numel() * 4 for t in self._model.state_dict().values())
+
+        self._export = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
+                                      size_hint=size_hint)
         if self._export.reused and validate is not None and self.tokenizer is not None:
             validate(self.tokenizer)
         return self._export

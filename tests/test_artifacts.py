@@ -48,7 +48,7 @@ def test_missing_required_file_or_corrupt_manifest_rebuilds(tmp_path):
     (target / "payload.bin").unlink()
     assert not build_artifact(target, {"a": 1}, _builder(calls), required=("payload.bin",)).reused
     (target / "manifest.json").write_text("{not json")
-    with pytest.raises(ArtifactError, match="corrupt manifest"):
+    with pytest.raises(ArtifactError, match="manifest is corrupt"):
         read_manifest(target)
     assert not build_artifact(target, {"a": 1}, _builder(calls), required=("payload.bin",)).reused
     assert len(calls) == 3

@@ -122,7 +122,9 @@ def test_corrupt_cached_artifact_is_rebuilt(tiny_model_dir, tmp_path, capsys, mo
     artifact = Path(first["artifact"])
     (artifact / "model.opt.onnx").write_bytes(b"\x00garbage")
     second, err = infer_json(capsys, *args)
-    assert "could not be opened; rebuilt it" in err
+    # Caught by the integrity check before ONNX Runtime ever opens it (issue 14), and said in one line.
+    assert "failed its integrity check (model.opt.onnx: " in err and "truncated" in err
+    assert second["reused"] == {"export": True, "compile": False} and "model.opt.onnx" in second["repaired"]["compile"]
     assert second["token_ids"] == first["token_ids"]
 
 

@@ -16,11 +16,12 @@ ROOT = Path(qeff.__file__).parent
 
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
-    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data"),
-    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.embedded"),
-    ("qeff.loading", "qeff.configs"),
+    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
+     "qeff.atomic", "qeff.locks", "qeff.integrity"),
+    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded"),
+    ("qeff.loading", "qeff.configs", "qeff.doctor"),
     ("qeff.transforms", "qeff.support"),
-    ("qeff.exporter",),
+    ("qeff.exporter", "qeff.preflight"),
     ("qeff.runtime",),
     ("qeff.compilers",),
     ("qeff.generation",),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import onnx  # noqa: F401  isort: skip  (`import qeff` is lazy: onnx's extension must not be imported twice)
 import onnxruntime  # noqa: F401  isort: skip  (see test_plugin.py: imported before inner runs)
 import qeff  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
@@ -97,3 +98,32 @@ def test_check_scales_the_baseline_by_the_machine_speed_probe(tmp_path: Path) ->
     assert "after scaling the baseline by this machine's speed (50% of the baseline run's)" in halved["regressions"][0]
     unscaled = baseline.check(path, "tiny/c", loaded, 0.25, "CMD")  # no probe this run: plain comparison
     assert "machine_speed" not in unscaled and len(unscaled["regressions"]) == 3
+
+
+def test_update_merges_into_the_cases_already_there(pytester: pytest.Pytester) -> None:
+    """Issue 14: an update rewrote a 3-case baseline with only the 1 case of its run."""
+    baselines = pytester.mkdir("published")
+    path = baselines / "ort" / f"{CARD}.json"
+    path.parent.mkdir(parents=True)
+    others = {"tiny/other-a": {"decode_tok_s": 1.0}, "tiny/other-b": {"decode_tok_s": 2.0}, "full/bs1-pl32-cl128": {"decode_tok_s": 3.0}}
+    path.write_text(json.dumps({"schema": "qeff-baseline/1", "card": CARD, "backend": "ort", "environment": {}, "cases": others}))
+    result = bench(pytester, baselines, "--qeff-update-baseline")
+    result.assert_outcomes(passed=1)
+    cases = json.loads(path.read_text())["cases"]
+    assert sorted(cases) == sorted([*others, "tiny/bs1-pl32-cl128"]) and cases["tiny/other-a"] == {"decode_tok_s": 1.0}
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no lock or temporary file left in the repository
+
+
+def test_an_unreadable_baseline_is_moved_aside_with_a_message_not_replaced(pytester: pytest.Pytester) -> None:
+    baselines = pytester.mkdir("published")
+    path = baselines / "ort" / f"{CARD}.json"
+    path.parent.mkdir(parents=True)
+    corrupt = '{"schema": "qeff-baseline/1", "cases": {"tiny/a": {}, "tiny/b": {}, "tiny/c": {' + "\n"
+    path.write_text(corrupt)
+    result = bench(pytester, baselines, "--qeff-update-baseline")
+    result.assert_outcomes(passed=1)
+    aside = sorted(path.parent.glob(f"{CARD}.unreadable-*.json"))
+    assert len(aside) == 1 and aside[0].read_text() == corrupt  # every byte kept
+    out = " ".join(result.stdout.str().split())
+    assert f"baseline {path} was unreadable (is not valid JSON" in out and f"moved it aside to {aside[0]}" in out
+    assert list(json.loads(path.read_text())["cases"]) == ["tiny/bs1-pl32-cl128"]

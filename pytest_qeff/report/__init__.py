@@ -11,7 +11,6 @@ Re-render any results file with ``python -m pytest_qeff.report render RESULTS --
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pytest_qeff.report.views import card_view, index_view
@@ -42,14 +41,17 @@ def _environment():
 
 def render(results: dict, out_dir: str | Path) -> Path:
     """Write the report of ``results`` into ``out_dir``; return the path of ``index.html``."""
+    from qeff.atomic import write_bytes, write_text
+
     out = Path(out_dir)
     (out / "cards").mkdir(parents=True, exist_ok=True)
     env = _environment()
     index = index_view(results)
-    (out / "index.html").write_text(env.get_template("index.html.j2").render(view=index, root=""), encoding="utf-8")
     page = env.get_template("card.html.j2")
+    # Every page is written atomically; the index last, so it never links a page not yet written.
     for row in index.rows:
         view = card_view(results, row.id)
-        (out / "cards" / f"{row.id}.html").write_text(page.render(view=view, root="../"), encoding="utf-8")
-    shutil.copyfile(templates_dir() / "style.css", out / "style.css")
+        write_text(out / "cards" / f"{row.id}.html", page.render(view=view, root="../"))
+    write_bytes(out / "style.css", (templates_dir() / "style.css").read_bytes())
+    write_text(out / "index.html", env.get_template("index.html.j2").render(view=index, root=""))
     return out / "index.html"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qeff.artifacts import build_artifact, read_manifest
-from qeff.errors import UsageError
+from qeff import atomic
+from qeff.artifacts import FAILED_LOG_SUFFIX, build_artifact, read_manifest
+from qeff.errors import CompileError, UsageError
 
 __all__ = ["compile", "BACKENDS", "onnx_identity"]
 
@@ -20,6 +21,27 @@ def onnx_identity(onnx_path: Path) -> dict:
         return {"export": manifest.get("inputs"), "file": onnx_path.name}
     stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(onnx_path.parent.glob(onnx_path.name + "*"))}
     return {"path": str(onnx_path.resolve()), "stats": stats}
+
+
+def _graph_bytes(onnx_path: Path) -> int:
+    """The exported graph and its external data: about what a compiled copy of it takes."""
+    return sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*") if p.is_file())
+
+
+def _qaic_build(qaic, onnx_path: Path, tmp: Path, qopts, compiler, target: Path) -> dict:
+    """Run the Cloud AI compiler in the build directory; when it fails, keep its log beside the
+    target (``<name>.failed.log``), since the build directory is removed (issue 14: the error
+    pointed at a log inside the directory just deleted)."""
+    try:
+        return qaic.compile(onnx_path, tmp, qopts, compiler=compiler).manifest
+    except CompileError as exc:
+        log_file = tmp / qaic.LOG_FILE
+        if not log_file.is_file():
+            raise
+        kept = target.parent / (target.name + FAILED_LOG_SUFFIX)
+        atomic.write_bytes(kept, log_file.read_bytes())
+        message = str(exc).replace(str(log_file.resolve()), str(kept)).replace(str(log_file), str(kept))
+        raise CompileError(message, command=exc.command, returncode=exc.returncode, stderr=exc.stderr) from exc
 
 
 def _with_progress(builder, description: str, enabled: bool):
@@ -75,7 +97,7 @@ def compile(
         manifest = {"backend": "ort", "options": options, "onnx": onnx_identity(onnx_path), "versions": library_versions()}
         target = Path(out_dir) if out_dir else onnx_path.parent / name
         return build_artifact(target, manifest, _with_progress(lambda tmp: build_ort(onnx_path, tmp, threads=threads), "Compiling for ONNX Runtime", progress),
-            required=(OPTIMIZED,), force=force)
+            required=(OPTIMIZED,), force=force, size_hint=lambda: _graph_bytes(onnx_path))
     if backend == "qaic":
         from qeff import sdk
         from qeff.compilers import qaic
@@ -93,8 +115,8 @@ def compile(
                     "compiler": str(compiler), "versions": library_versions()}
         return build_artifact(
             target, manifest,
-            _with_progress(lambda tmp: qaic.compile(onnx_path, tmp, qopts, compiler=compiler).manifest, "Compiling for Cloud AI 100", progress),
-            required=(f"{qaic.QPC_SUBDIR}/{qaic.QPC_FILE}",), force=force,
+            _with_progress(lambda tmp: _qaic_build(qaic, onnx_path, tmp, qopts, compiler, target), "Compiling for Cloud AI 100", progress),
+            required=(f"{qaic.QPC_SUBDIR}/{qaic.QPC_FILE}",), force=force, size_hint=lambda: _graph_bytes(onnx_path),
         )
     raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 

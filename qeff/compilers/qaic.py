@@ -298,7 +298,9 @@ def _script(command: list[str], dir_name: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
+    from qeff.atomic import write_text
+
+    write_text(path, text)  # a dry run writes into a directory users may share: never a torn file
 
 
 def compile(

@@ -1,0 +1,269 @@
+"""``qeff doctor`` and ``qeff clean``: the whole cache checked, and what killed runs left removed.
+
+``scan(home)`` walks ``$QEFF_HOME`` and reports:
+
+- every artifact (a directory with ``manifest.json``) with the result of its integrity check
+  (:func:`qeff.artifacts.check_artifact`; ``full=True`` recomputes every digest);
+- leftovers: build directories (``.tmp-<name>-<hex>``) and swapped-out copies
+  (``.trash-<name>-<hex>``) with their sizes, lock files (``<name>.lock``), temporary files of
+  atomic writes (``.<file>.<pid>.<hex>.tmp``) — each marked *in use* when a live process owns it
+  (the artifact's lock is held, or the writing pid is alive on this host) — and kept logs of
+  failed compiles.
+
+``clean(home)`` removes the leftovers nobody is using, each while holding the lock of the
+artifact it belongs to, so it can never remove a build in progress; ``damaged=True`` also removes
+artifacts that fail their integrity check (the next run rebuilds them). Logs of failed compiles
+are kept unless ``logs=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qeff import atomic
+from qeff.artifacts import (
+    FAILED_LOG_SUFFIX,
+    LOCK_SUFFIX,
+    MANIFEST,
+    check_artifact,
+    owner_of_temporary,
+    read_manifest,
+)
+from qeff.errors import ArtifactError
+from qeff.locks import PathLock, holder, is_held, remove_if_free
+
+__all__ = ["ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned"]
+
+
+@dataclass
+class ArtifactStatus:
+    path: Path
+    kind: str
+    bytes: int
+    created: float
+    problem: str | None  # None: every file matches its manifest
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+@dataclass
+class Leftover:
+    path: Path
+    kind: str  # build | trash | lock | temporary file | failed log
+    bytes: int
+    in_use: str | None  # who uses it now, or None when it is stale
+
+
+@dataclass
+class Scan:
+    home: Path
+    artifacts: list[ArtifactStatus] = field(default_factory=list)
+    leftovers: list[Leftover] = field(default_factory=list)
+
+    @property
+    def damaged(self) -> list[ArtifactStatus]:
+        return [a for a in self.artifacts if not a.ok]
+
+    @property
+    def stale(self) -> list[Leftover]:
+        return [x for x in self.leftovers if x.in_use is None and x.kind != "failed log"]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.damaged and not self.stale
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_user(lock: Path) -> str | None:
+    if is_held(lock):
+        return holder(lock) or "a running process"
+    return None
+
+
+def _leftover(entry: Path) -> Leftover | None:
+    name = entry.name
+    owner = owner_of_temporary(name)
+    if owner is not None and entry.is_dir():
+        kind = "build" if name.startswith(".tmp-") else "trash"
+        return Leftover(entry, kind, _size(entry), _lock_user(entry.parent / (owner + LOCK_SUFFIX)))
+    if name.endswith(LOCK_SUFFIX) and entry.is_file():
+        return Leftover(entry, "lock", entry.stat().st_size, _lock_user(entry))
+    if atomic.TEMPORARY.match(name) and entry.is_file():
+        pid = int(name.rsplit(".", 3)[1])
+        return Leftover(entry, "temporary file", entry.stat().st_size, f"pid {pid}" if _pid_alive(pid) else None)
+    if name.endswith(FAILED_LOG_SUFFIX) and entry.is_file():
+        return Leftover(entry, "failed log", entry.stat().st_size, None)
+    return None
+
+
+def _status(directory: Path, full: bool) -> ArtifactStatus:
+    try:
+        record = read_manifest(directory) or {}
+    except ArtifactError as exc:
+        return ArtifactStatus(directory, "?", _own_bytes(directory), 0.0, str(exc))
+    inputs = record.get("inputs", {}) if isinstance(record.get("inputs"), dict) else {}
+    kind = inputs.get("backend") or inputs.get("stage", "?")
+    problem = None
+    if not isinstance(record.get("files"), dict):
+        problem = "its manifest records no file digests (built by an older qeff): it cannot be verified"
+    else:
+        try:
+            check_artifact(directory, mode="full" if full else "quick")
+        except ArtifactError as exc:
+            problem = str(exc)
+    return ArtifactStatus(directory, kind, _own_bytes(directory), float(record.get("created", 0.0)), problem)
+
+
+def _own_bytes(directory: Path) -> int:
+    """Bytes of the artifact's own files (not the artifacts nested in it)."""
+    total = 0
+    for p in directory.iterdir():
+        if p.is_file():
+            total += p.stat().st_size
+        elif p.is_dir() and not (p / MANIFEST).exists() and owner_of_temporary(p.name) is None:
+            total += _size(p)
+    return total
+
+
+def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True) -> Scan:
+    """Check every artifact under ``home`` and list the leftovers (see the module docstring);
+    ``check=False`` lists only the leftovers."""
+    home = Path(home)
+    result = Scan(home)
+    if not home.is_dir():
+        return result
+    for root, dirs, files in os.walk(home):
+        here = Path(root)
+        for name in sorted(files):
+            found = _leftover(here / name)
+            if found is not None:
+                result.leftovers.append(found)
+        keep = []
+        for name in sorted(dirs):
+            found = _leftover(here / name)
+            if found is not None:
+                result.leftovers.append(found)  # a build or trash directory: not walked into
+            else:
+                keep.append(name)
+        dirs[:] = keep
+        if check and MANIFEST in files and here != home:
+            result.artifacts.append(_status(here, full))
+    return result
+
+
+@dataclass
+class Cleaned:
+    removed: list[Leftover | ArtifactStatus] = field(default_factory=list)
+    kept: list[tuple[Leftover, str]] = field(default_factory=list)
+
+    @property
+    def freed(self) -> int:
+        return sum(x.bytes for x in self.removed)
+
+
+def clean(home: str | os.PathLike, *, damaged: bool = False, logs: bool = False) -> Cleaned:
+    """Remove stale leftovers (and, with ``damaged``, artifacts that fail their check)."""
+    found = scan(home)
+    out = Cleaned()
+    # Build directories first (each under its artifact's lock), lock files last.
+    order = {"build": 0, "trash": 0, "temporary file": 1, "failed log": 2, "lock": 3}
+    for item in sorted(found.leftovers, key=lambda x: order[x.kind]):
+        if item.kind == "failed log" and not logs:
+            continue
+        if item.kind == "lock":
+            if remove_if_free(item.path):
+                out.removed.append(item)
+            else:
+                out.kept.append((item, f"held by {holder(item.path) or 'a running process'}"))
+            continue
+        if item.kind in ("build", "trash"):
+            lock = PathLock(item.path.parent / (owner_of_temporary(item.path.name) + LOCK_SUFFIX))
+            if not lock.acquire(blocking=False):
+                out.kept.append((item, f"a build in progress ({holder(lock.path) or 'lock held'})"))
+                continue
+            try:
+                shutil.rmtree(item.path, ignore_errors=True)
+            finally:
+                lock.release()
+            out.removed.append(item)
+            continue
+        if item.in_use is not None:
+            out.kept.append((item, f"being written by {item.in_use}"))
+            continue
+        item.path.unlink(missing_ok=True)
+        out.removed.append(item)
+    if damaged:
+        for art in found.damaged:
+            lock = PathLock(str(art.path) + LOCK_SUFFIX)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                shutil.rmtree(art.path, ignore_errors=True)
+            finally:
+                lock.release()
+            out.removed.append(art)
+    # Locks whose build directories were just removed are free now.
+    for item in scan(home).leftovers:
+        if item.kind == "lock" and remove_if_free(item.path):
+            out.removed.append(item)
+    return out
+
+
+def format_scan(found: Scan) -> list[str]:
+    """The lines ``qeff doctor`` prints."""
+    home = found.home
+    lines = []
+    if not found.artifacts and not found.leftovers:
+        return [f"no artifacts under {home}"]
+    if found.artifacts:
+        width = max(len(str(a.path.relative_to(home))) for a in found.artifacts)
+        lines.append(f"{'artifact':<{width}}  {'kind':<8} {'size':>10}  check   (under {home})")
+        for a in found.artifacts:
+            rel = str(a.path.relative_to(home))
+            lines.append(f"{rel:<{width}}  {a.kind:<8} {atomic.human_bytes(a.bytes):>10}  {'ok' if a.ok else 'DAMAGED'}")
+            if a.problem:
+                lines.append(f"  {a.problem}")
+    if found.leftovers:
+        lines.append("")
+        lines.append("leftovers:")
+        for x in found.leftovers:
+            state = f"in use ({x.in_use})" if x.in_use else ("kept (qeff clean --logs removes it)" if x.kind == "failed log" else "stale")
+            lines.append(f"  {x.kind:<14} {atomic.human_bytes(x.bytes):>10}  {state:<8}  {x.path.relative_to(home)}")
+    stale_bytes = sum(x.bytes for x in found.stale)
+    lines.append("")
+    if found.healthy:
+        lines.append(f"cache healthy: {len(found.artifacts)} artifact(s) verified, nothing stale")
+    else:
+        lines.append(
+            f"{len(found.damaged)} damaged artifact(s), {len(found.stale)} stale leftover(s) ({atomic.human_bytes(stale_bytes)}); "
+            f"`qeff clean` removes the leftovers{', `qeff clean --damaged` the damaged artifacts' if found.damaged else ''} "
+            f"(a damaged artifact is also rebuilt by the next run that needs it)"
+        )
+    return lines
