@@ -132,8 +132,12 @@ def generate(
     generation_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     on_token: TokenCallback | None = None,
+    sampling=None,
+    sample_keys: Sequence[int] | None = None,
 ) -> GenerationResult:
-    """Greedy generation for up to ``session.batch_size`` prompts (text, or token ids)."""
+    """Generation for up to ``session.batch_size`` prompts (text, or token ids): greedy, or as
+    ``sampling`` (a :class:`qeff.serving.sampling.SamplingParams`) says. ``sample_keys``: each
+    prompt's index in the whole input (default 0, 1, …), which picks its random stream."""
     t0 = time.perf_counter()
     if prompt_token_ids is None:
         if prompts is None or tokenizer is None:
@@ -155,12 +159,14 @@ def generate(
     if max_new < 1:
         raise UsageError(f"generation_len must be at least 1 (got {max_new})")
 
+    pick = _picker(sampling, sample_keys, prompt_token_ids, batch)
+
     # Prefill: each row's first token comes from the chunk holding its last prompt token.
     first = np.zeros(batch, dtype=np.int64)
     for ids, pos, ends in prefill_chunks(prompt_token_ids, batch, prompt_len):
         logits = session.run(ids, pos)
         if ends.any():
-            first[ends] = logits[ends].argmax(-1)
+            first[ends] = pick(logits, ends)[ends]
     t_first = time.perf_counter()
 
     generated = np.zeros((batch, max_new), dtype=np.int64)
@@ -189,7 +195,7 @@ def generate(
             break
         last = generated[rows, np.maximum(count - 1, 0)]
         logits = session.run(last[:, None], np.where(active, pos_next, -1)[:, None])
-        nxt = logits.argmax(-1)
+        nxt = pick(logits, active)
         generated[active, count[active]] = nxt[active]
         produced = active.copy()
         count[produced] += 1
@@ -233,6 +239,18 @@ def generate(
         total_tok_s=new_tokens / e2e_s if e2e_s > 0 else 0.0,
         messages=messages,
     )
+
+
+def _picker(sampling, keys, prompts: list[list[int]], batch: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``pick(logits (B, V), rows (B,) bool) -> (B,) tokens``; only the marked rows matter."""
+    if sampling is None or sampling.plain_greedy:
+        return lambda logits, rows: logits.argmax(-1)
+    from qeff.serving.sampling import BatchSampler
+
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise UsageError(f"sample_keys has {len(keys)} entries for {len(prompts)} prompts")
+    return BatchSampler(sampling, keys, prompts, batch).pick
 
 
 def _check_inputs(prompt_token_ids: list[list[int]], batch: int, prompt_len: int, ctx_len: int) -> None:
