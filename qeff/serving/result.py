@@ -30,6 +30,9 @@ class ServingResult(GenerationResult):
     #: Speculative decoding: accepted / proposed draft tokens.
     acceptance_rate: float | None = None
     num_speculative_tokens: int | None = None
+    #: Speculative decoding: seconds spent in draft steps and in target verify steps.
+    draft_s: float = 0.0
+    verify_s: float = 0.0
 
     def summary(self) -> str:
         text = super().summary()
