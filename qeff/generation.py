@@ -286,6 +286,8 @@ class RunSummary:
     new_tokens: int  # every computed row, filler rows included
     batches: int
     batch_size: int
+    #: The sampling parameters (:class:`qeff.serving.sampling.SamplingParams` as a dict); None = greedy.
+    sampling: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,18 +300,24 @@ def run_prompts(
     tokenizer,
     generation_len: int | None = None,
     stream: TextIO | None = None,
+    sampling=None,
 ) -> RunSummary:
     """Generate for every prompt, in batches of ``session.batch_size``; ``stream`` (a text file)
-    receives the first prompt's tokens as they come."""
+    receives the first prompt's tokens as they come. With ``sampling`` each prompt draws from the
+    random stream of its index in ``prompts`` (filler rows repeat their prompt's)."""
     from qeff.inputs import batches
 
     plan = batches(list(prompts), session.batch_size)
     results, texts, token_ids, messages = [], [], [], []
+    offset = 0
     for index, (rows, real) in enumerate(plan):
         streamer = TextStreamer(tokenizer, out=stream) if stream is not None and index == 0 else None
         if streamer:
             stream.write(f"\n{rows[0]}")
-        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer)
+        keys = [offset + i % real for i in range(len(rows))]
+        offset += real
+        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer,
+                     sampling=sampling, sample_keys=keys)
         if streamer:
             streamer.end()
         results.append(r)
@@ -326,4 +334,5 @@ def run_prompts(
         decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
         total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
         e2e_s=e2e, new_tokens=new_tokens, batches=len(results), batch_size=session.batch_size,
+        sampling=sampling.to_dict() if sampling is not None else None,
     )

@@ -30,6 +30,10 @@ class ServingResult(GenerationResult):
     #: Speculative decoding: accepted / proposed draft tokens.
     acceptance_rate: float | None = None
     num_speculative_tokens: int | None = None
+    #: Speculative decoding: (row, verify step) pairs, draft tokens proposed and accepted.
+    verify_rows: int = 0
+    proposed_tokens: int = 0
+    accepted_drafts: int = 0
     #: Speculative decoding: seconds spent in draft steps and in target verify steps.
     draft_s: float = 0.0
     verify_s: float = 0.0

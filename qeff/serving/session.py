@@ -39,6 +39,7 @@ class ServingOrtSession:
         threads: int | None = None,
         prompt_len: int | None = None,
         binding: str = "inplace",
+        num_speculative_tokens: int | None = None,
     ):
         if binding not in ("inplace", "numpy"):
             raise UsageError(f"unknown binding {binding!r} for a serving session; choose inplace or numpy")
@@ -61,6 +62,8 @@ class ServingOrtSession:
         self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
         self.batch_size, self.ctx_len, self.prompt_len = batch_size, ctx_len, prompt_len
         self.full_batch_size = full_batch_size
+        #: K the artifact was compiled for (speculative targets; informational).
+        self.num_speculative_tokens = num_speculative_tokens
         #: Cache rows: the slots of continuous batching, else the batch.
         self.cache_rows = full_batch_size or batch_size
         self.binding = binding

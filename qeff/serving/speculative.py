@@ -218,4 +218,7 @@ def generate_speculative(
         num_speculative_tokens=k,
         draft_s=draft_s,
         verify_s=verify_s,
+        verify_rows=len(accepted),
+        proposed_tokens=proposed,
+        accepted_drafts=agreed,
     )
