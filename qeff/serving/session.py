@@ -23,7 +23,7 @@ from qeff.errors import ArtifactError, UsageError
 from qeff.runtime.ort import _ort, session_options
 from qeff.serving.graph import GraphVariant
 
-__all__ = ["ServingOrtSession"]
+__all__ = ["ServingOrtSession", "SlotView"]
 
 
 class ServingOrtSession:
@@ -141,3 +141,32 @@ class ServingOrtSession:
 
     def close(self) -> None:
         self.session = None
+
+
+class SlotView:
+    """A fixed set of a continuous-batching session's slots, seen as a plain batch session.
+
+    ``run(ids, pos)`` runs row ``b`` in slot ``slots[b]``; other slots are untouched. Two views of
+    one session over disjoint slots are two independent sessions sharing one copy of the weights:
+    e.g. a speculative target and its self-draft (``tests/test_serving_real.py``)."""
+
+    backend = "ort"
+
+    def __init__(self, session: ServingOrtSession, slots: list[int]):
+        if not session.variant.continuous_batching:
+            raise UsageError("a slot view needs a continuous-batching session")
+        if len(set(slots)) != len(slots) or not all(0 <= s < session.cache_rows for s in slots):
+            raise UsageError(f"slots {slots} must be distinct slots in [0, {session.cache_rows})")
+        self.session, self.slots = session, np.asarray(slots, dtype=np.int64)
+        self.variant = GraphVariant(speculative=session.variant.speculative)
+        self.batch_size, self.ctx_len, self.prompt_len = len(slots), session.ctx_len, session.prompt_len
+        self.num_layers = session.num_layers
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, *, keep: int | None = None) -> np.ndarray:
+        return self.session.run(input_ids, position_ids, batch_index=self.slots, keep=keep)
+
+    def read_cache(self) -> list[np.ndarray]:
+        return [c[self.slots] for c in self.session.read_cache()]
+
+    def close(self) -> None:
+        return None
