@@ -45,9 +45,9 @@ from qeff.serving.speculative import generate_speculative
 
 def _model(tiny: bool):
     if tiny:
-        from tests.tiny import tiny_model
+        from tests.serving_helpers import serving_model
 
-        return tiny_model("llama", seed=1), None
+        return serving_model("llama", seed=1), None
     return qeff.load("smollm2-135m")
 
 

@@ -16,14 +16,16 @@ ROOT = Path(qeff.__file__).parent
 
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
-    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data"),
-    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers"),
+    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
+     "qeff.serving"),
+    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.serving.sampling"),
     ("qeff.loading", "qeff.configs"),
-    ("qeff.transforms", "qeff.support"),
+    ("qeff.transforms", "qeff.support", "qeff.serving.graph"),
     ("qeff.exporter",),
-    ("qeff.runtime",),
+    ("qeff.runtime", "qeff.serving.session"),
     ("qeff.compilers",),
-    ("qeff.generation",),
+    ("qeff.generation", "qeff.serving.result", "qeff.serving.continuous", "qeff.serving.speculative", "qeff.serving.options",
+     "qeff.serving.dispatch"),
     ("qeff.divergence", "qeff.verification", "qeff.precision"),
     ("qeff.pipeline",),
     ("qeff.cli", "qeff.cloud", "qeff.__main__", "qeff"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qeff.compilers import qaic
+from qeff import sdk
 from qeff.compilers.qaic import QaicCompileOptions, compile, qpc_dir_name
 from qeff.errors import ArtifactError, UsageError
 from tests.fakes.qaic_helpers import install_fake_compiler, tiny_retained_onnx
@@ -93,7 +93,7 @@ def test_fake_compiler_accepts_the_serving_specializations(case, tmp_path, monke
     options, _ = GRID[case]
     install_fake_compiler(tmp_path / "bin", "qaic-exec")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    monkeypatch.setattr(qaic, "SDK_EXEC_DIR", tmp_path / "no-sdk")
+    monkeypatch.setattr(sdk, "EXEC_DIR", tmp_path / "no-sdk")
     result = compile(graph_for(options, tmp_path / "onnx"), tmp_path / "out", options)
     program = json.loads((result.qpc_dir / "programqpc.bin").read_text())
     assert [{k: str(v) for k, v in s.items()} for s in program["specializations"]] == expected_specializations(options)

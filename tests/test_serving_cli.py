@@ -22,6 +22,22 @@ def infer(capsys, model, *args: str) -> dict:
     return json.loads(captured.out.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A local checkpoint: a tiny random Llama whose tokens depend on its context (untied
+    embeddings, see tests/serving_helpers.py) with SmolLM2's real tokenizer."""
+    import qeff
+    from tests.serving_helpers import SERVING_CONFIGS
+
+    path = tmp_path_factory.mktemp("serving-model")
+    model_type, config = SERVING_CONFIGS["llama"]
+    config = dict(config, vocab_size=len(smollm2_tokenizer), eos_token_id=smollm2_tokenizer.eos_token_id,
+                  bos_token_id=smollm2_tokenizer.bos_token_id)
+    qeff.from_config(model_type, config, seed=4).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))

@@ -14,7 +14,7 @@ from qeff.runtime.ort import OrtSession
 from qeff.serving import continuous
 from qeff.serving.continuous import generate_continuous
 from qeff.serving.session import ServingOrtSession
-from tests.serving_helpers import CB, batch1_reference, export_variants, random_workload
+from tests.serving_helpers import CB, SERVING_CONFIGS, batch1_reference, export_variants, random_workload
 from tests.tiny import random_prompts
 
 CTX, PL = 48, 8
@@ -36,6 +36,17 @@ def cb_session(graphs, slots: int, **kw) -> ServingOrtSession:
 
 def run_cb(session, prompts, gens, **kw):
     return generate_continuous(session, prompt_token_ids=prompts, prompt_len=PL, generation_len=gens, eos_token_id=kw.pop("eos", []), **kw)
+
+
+@pytest.mark.parametrize("arch", sorted(SERVING_CONFIGS))
+def test_the_tiny_models_read_their_context(arch, tmp_path):
+    """Prompts that share their last token must continue differently, or the token equalities of
+    these tests could not fail (the cards' tied-embedding tiny models repeat the last token)."""
+    path = export_variants(tmp_path, arch, variants=("base",))["base"]
+    session = OrtSession(path, batch_size=1, ctx_len=CTX)
+    prompts = [p[:-1] + [77] for p in random_prompts([10] * 6, seed=5)]
+    outs = {tuple(qeff.generate(session, prompt_token_ids=[p], prompt_len=PL, generation_len=8, eos_token_id=[]).token_ids[0]) for p in prompts}
+    assert len(outs) >= 5, outs
 
 
 def test_the_graph_has_batch_index_and_full_batch_size_slots(llama):
@@ -226,12 +237,13 @@ def test_bad_inputs_are_usage_errors(llama):
         ServingOrtSession(llama["cb"], batch_size=2, ctx_len=CTX)
 
 
-def test_generate_continuous_from_text(tiny_model_dir, tmp_path):
-    model, tokenizer = qeff.load(str(tiny_model_dir))
-    graphs = {"cb": qeff.export(qeff.transform(model), tmp_path / "cb", variant=CB).path,
-              "base": qeff.export(qeff.transform(model), tmp_path / "base").path}
+def test_generate_continuous_from_text(smollm2_tokenizer, tmp_path):
+    from tests.serving_helpers import serving_model
+
+    tokenizer = smollm2_tokenizer
+    qmodel = qeff.transform(serving_model("llama", vocab_size=len(tokenizer)))
+    graphs = {"cb": qeff.export(qmodel, tmp_path / "cb", variant=CB).path, "base": qeff.export(qmodel, tmp_path / "base").path}
     texts = ["Hello there", "The capital of France is", "Once upon a time, in a land far away,"]
     result = generate_continuous(cb_session(graphs, 2), texts, tokenizer=tokenizer, prompt_len=PL, generation_len=6)
     static = qeff.generate(OrtSession(graphs["base"], batch_size=3, ctx_len=CTX), texts, tokenizer=tokenizer, prompt_len=PL, generation_len=6)
     assert result.token_ids == static.token_ids and result.texts == static.texts and result.prompts == texts
-

@@ -16,8 +16,8 @@ from qeff.errors import UsageError
 from qeff.runtime.ort import OrtSession
 from qeff.serving.session import ServingOrtSession
 from qeff.serving.speculative import check_same_tokenizer, generate_speculative
-from tests.serving_helpers import TLM
-from tests.tiny import random_prompts, tiny_model
+from tests.serving_helpers import TLM, serving_model
+from tests.tiny import random_prompts
 
 CTX, PL = 64, 8
 
@@ -25,7 +25,7 @@ CTX, PL = 64, 8
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     out = tmp_path_factory.mktemp("spec")
-    target = tiny_model("llama", seed=1)
+    target = serving_model("llama", seed=1)
     qtarget = qeff.transform(target)
     # A draft that agrees often but not always: the target with its weights nudged.
     near = copy.deepcopy(target)
@@ -38,7 +38,7 @@ def graphs(tmp_path_factory):
         "tlm": qeff.export(qtarget, out / "tlm", variant=TLM).path,
         "self": qeff.export(qtarget, out / "target").path,
         "near": qeff.export(qeff.transform(near), out / "near").path,
-        "random": qeff.export(qeff.transform(tiny_model("llama", seed=2)), out / "random").path,
+        "random": qeff.export(qeff.transform(serving_model("llama", seed=2)), out / "random").path,
     }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qeff.errors import ArtifactError, UsageError
-from qeff.runtime.ort import _ort, session_options
+from qeff.runtime.ort import onnxruntime_module as _ort, session_options
 from qeff.serving.graph import GraphVariant
 
 __all__ = ["ServingOrtSession", "SlotView"]
