@@ -91,12 +91,14 @@ def generate_continuous(
     prefix_caching: bool = False,
     arrival_steps: Sequence[int] | None = None,
     on_token: PromptTokenCallback | None = None,
+    return_logits: bool = False,
 ) -> ServingResult:
     """Generate for any number of prompts through ``session.full_batch_size`` slots.
 
     ``generation_len``: one limit, or one per prompt (default: until EOS or the cache is full).
     ``arrival_steps``: the decode step at which each prompt arrives (default: all at once, in
-    input order). Results are in input order.
+    input order). Results are in input order. ``return_logits``: keep the logits each token was
+    chosen from (``result.logits[i]``, (tokens, vocab)), for comparison with a reference.
     """
     t0 = time.perf_counter()
     if not getattr(session, "full_batch_size", None):
@@ -129,13 +131,18 @@ def generate_continuous(
     tokens: list[list[int]] = [[] for _ in range(n)]
     reasons = [""] * n
     slot_of, hits, ttft = [-1] * n, [0] * n, [0.0] * n
+    kept_logits: list[list[np.ndarray]] = [[] for _ in range(n)]
     clock = steps = prefill_runs = occupied_sum = 0  # clock: decode steps, plus idle time jumped over
     all_slots = np.arange(slots_n, dtype=np.int64)
 
-    def emit(slot_id: int, token: int) -> bool:
-        """Record a token; True when the prompt is done (its slot is then free)."""
+    def emit(slot_id: int, logits: np.ndarray) -> bool:
+        """Choose and record a token from ``logits`` (vocab,); True when the prompt is done (its
+        slot is then free)."""
         slot = slots[slot_id]
         i = slot.prompt
+        token = slot.sampler(logits)
+        if return_logits:
+            kept_logits[i].append(np.array(logits, dtype=np.float32))
         slot.generated.append(token)
         if on_token is not None:
             on_token(i, token)
@@ -171,7 +178,7 @@ def generate_continuous(
             logits = session.run(chunk, pos, batch_index=index)
             prefill_runs += 1
         ttft[i] = time.perf_counter() - t0
-        emit(slot_id, slot.sampler(logits[0]))
+        emit(slot_id, logits[0])
 
     def choose_slot(i: int, free: list[int]) -> int:
         if not prefix_caching:
@@ -204,7 +211,7 @@ def generate_continuous(
         occupied_sum += len(busy)
         for s in busy:
             slots[s].resident.append(int(ids[s, 0]))  # its K/V now sit at pos[s]
-            emit(s, slots[s].sampler(logits[s]))
+            emit(s, logits[s])
     t_end = time.perf_counter()
 
     messages = [
@@ -242,4 +249,5 @@ def generate_continuous(
         slots=slot_of,
         prefix_hit_tokens=hits,
         slot_occupancy=occupied_sum / (steps * slots_n) if steps else 0.0,
+        logits=[np.stack(rows) for rows in kept_logits] if return_logits else None,
     )

@@ -34,6 +34,8 @@ class ServingResult(GenerationResult):
     verify_rows: int = 0
     proposed_tokens: int = 0
     accepted_drafts: int = 0
+    #: With ``return_logits=True``: per prompt, the (steps, vocab) logits each token was chosen from.
+    logits: list | None = None
     #: Speculative decoding: seconds spent in draft steps and in target verify steps.
     draft_s: float = 0.0
     verify_s: float = 0.0

@@ -58,10 +58,12 @@ def generate_speculative(
     generation_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     on_token=None,
+    return_logits: bool = False,
 ) -> ServingResult:
     """Greedy generation for up to ``target.batch_size`` prompts, ``num_speculative_tokens`` (K)
     drafted per round. ``target`` must return K+1 logits per row (``run(..., keep=K+1)``);
-    ``draft`` is any session with the target's batch size and at least its ctx_len."""
+    ``draft`` is any session with the target's batch size and at least its ctx_len.
+    ``return_logits``: keep the target logits each token was chosen from (``result.logits``)."""
     t0 = time.perf_counter()
     k = num_speculative_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -92,11 +94,14 @@ def generate_speculative(
 
     # Prefill both models; the target's logits give each row its first token.
     generated: list[list[int]] = [[] for _ in range(n)]
+    kept_logits: list[list[np.ndarray]] = [[] for _ in range(n)]
     for ids, pos, ends in prefill_chunks(prompts_ids, batch, prompt_len):
         logits = target.run(ids, pos, keep=1)[:, -1, :]
         draft.run(ids, pos)
         for r in np.flatnonzero(ends[:n]):
             generated[r].append(int(logits[r].argmax()))
+            if return_logits:
+                kept_logits[r].append(np.array(logits[r], dtype=np.float32))
     drafted: list[list[int]] = [list(p) for p in prompts_ids]  # tokens the draft has run, by position
     t_first = time.perf_counter()
 
@@ -174,8 +179,10 @@ def generate_speculative(
             accepted.append(kept)
             proposed += want[r]
             agreed += kept - 1
-            for token in choices[:kept]:
+            for j, token in enumerate(choices[:kept]):
                 generated[r].append(int(token))
+                if return_logits:
+                    kept_logits[r].append(np.array(logits[r, j], dtype=np.float32))
                 if on_token is not None:
                     on_token(r, int(token))
                 if check_done(r):
@@ -221,4 +228,5 @@ def generate_speculative(
         verify_rows=len(accepted),
         proposed_tokens=proposed,
         accepted_drafts=agreed,
+        logits=[np.stack(rows) for rows in kept_logits] if return_logits else None,
     )
