@@ -20,7 +20,7 @@ import pytest
 from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
 from pytest_qeff.options import Settings, worker_id
 
-__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function"]
+__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function", "undeclared", "serving_targets"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
@@ -73,6 +73,14 @@ def parametrize(metafunc: pytest.Metafunc, cards: Sequence[Card], tier: str, bac
         metafunc.parametrize("qeff_backend", list(backends))
     if "qeff_precision" in metafunc.fixturenames:  # empty without --qeff-precision: dropped in prepare_items
         metafunc.parametrize("qeff_precision", list(precision), ids=list(precision))
+
+
+def undeclared(obj: object, cards: Sequence[Card]) -> bool:
+    """A suite test of the ``serving`` stage when no selected card declares ``[serving]``: it is
+    not collected at all (an empty parametrization would leave a "[NOTSET]" placeholder)."""
+    marks = getattr(obj, "pytestmark", [])
+    stage = next((m.args[0] for m in marks if m.name == "qeff_stage" and m.args), None)
+    return stage == "serving" and not any(card.serving for card in cards)
 
 
 def is_suite_test(item: pytest.Item) -> bool:
