@@ -10,6 +10,7 @@ import pytest
 
 import qeff
 from qeff.errors import UsageError
+from qeff.generation import prefill_chunks
 from qeff.runtime.ort import OrtSession
 from qeff.serving import continuous
 from qeff.serving.continuous import generate_continuous
@@ -247,3 +248,20 @@ def test_generate_continuous_from_text(smollm2_tokenizer, tmp_path):
     result = generate_continuous(cb_session(graphs, 2), texts, tokenizer=tokenizer, prompt_len=PL, generation_len=6)
     static = qeff.generate(OrtSession(graphs["base"], batch_size=3, ctx_len=CTX), texts, tokenizer=tokenizer, prompt_len=PL, generation_len=6)
     assert result.token_ids == static.token_ids and result.texts == static.texts and result.prompts == texts
+
+
+def test_returned_logits_are_those_the_tokens_were_chosen_from(llama):
+    """``return_logits`` (what the conformance stage compares with HF) holds, per prompt and token,
+    the logits of the batch-1 run's same step."""
+    prompts, gens, arrivals = random_workload(6, n=6)
+    result = run_cb(cb_session(llama, 2), prompts, gens, arrival_steps=arrivals, return_logits=True)
+    alone = OrtSession(llama["base"], batch_size=1, ctx_len=CTX)
+    for prompt, tokens, logits in zip(prompts, result.token_ids, result.logits):
+        assert logits.shape == (len(tokens), 256) and logits.argmax(-1).tolist() == tokens
+        steps = []
+        for ids, pos, ends in prefill_chunks([prompt], 1, PL):
+            out = alone.run(ids, pos)
+        steps.append(out[0].copy())
+        for i, token in enumerate(tokens[:-1]):
+            steps.append(alone.run(np.array([[token]]), np.array([[len(prompt) + i]]))[0].copy())
+        np.testing.assert_allclose(logits, np.stack(steps), atol=1e-5)
