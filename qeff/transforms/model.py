@@ -124,7 +124,9 @@ class QEffCausalLM(nn.Module):
         if len(past) != 2 * self.shape.num_layers:
             raise ValueError(f"expected {2 * self.shape.num_layers} cache tensors, got {len(past)}")
         ctx_len = past[0].shape[2]
-        cache = RetainedStateCache(list(zip(past[0::2], past[1::2])), position_ids, batch_index)
+        pairs = list(zip(past[0::2], past[1::2]))
+        # The base graph builds its cache exactly as before the serving variants existed.
+        cache = RetainedStateCache(pairs, position_ids) if batch_index is None else RetainedStateCache(pairs, position_ids, batch_index=batch_index)
         decoder = self.spec.decoder(self.model)
         out = decoder(
             input_ids=input_ids,
