@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "STAGES",
+    "FEATURES",
     "TIERS",
     "BACKENDS",
     "ArchConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "Precision",
     "PrecisionBudget",
     "Prompts",
+    "Serving",
     "TinyOverrides",
     "Tolerances",
     "Weights",
@@ -49,12 +51,16 @@ __all__ = [
     "select",
 ]
 
-#: Stages in pipeline order; ``compile``, ``generation`` and ``benchmark`` run once per backend.
-STAGES = ("transform", "export", "compile", "generation", "benchmark", "precision")
+#: Stages in pipeline order; ``compile``, ``generation`` and ``benchmark`` run once per backend;
+#: ``serving`` once per feature the card's ``[serving]`` declares (ONNX Runtime).
+STAGES = ("transform", "export", "compile", "generation", "benchmark", "precision", "serving")
+#: The serving features a card may declare (issue 13, ``docs/serving.md``).
+FEATURES = ("continuous_batching", "prefix_caching", "sampling", "speculative")
 TIERS = ("tiny", "full")
 BACKENDS = ("ort", "qaic")
 
-Stage = Literal["transform", "export", "compile", "generation", "benchmark", "precision"]
+Stage = Literal["transform", "export", "compile", "generation", "benchmark", "precision", "serving"]
+Feature = Literal["continuous_batching", "prefix_caching", "sampling", "speculative"]
 Tier = Literal["tiny", "full"]
 Backend = Literal["ort", "qaic"]
 Positive = Annotated[int, Field(gt=0)]
@@ -199,6 +205,22 @@ class CompileDefaults(_Strict):
     mxint8: bool = False  # KV cache in MX INT8
     mos: Positive = 1  # maximum output splits
     aic_enable_depth_first: bool = True
+
+
+class Serving(_Strict):
+    """Serving features proved by the ``serving`` stage, one test per feature and case: each
+    against HF eager's greedy tokens and logits, prompt by prompt (``docs/serving.md``)."""
+
+    features: list[Feature] = Field(min_length=1)
+    full_batch_size: Positive = 2  # slots of continuous batching (fewer than the prompts: slots are reused)
+    prompts: Annotated[int, Field(ge=2)] = 5  # prompts of mixed lengths run through the slots
+    num_speculative_tokens: Positive = 3
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Serving:
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features: {sorted(f for f in self.features if self.features.count(f) > 1)[0]!r} is listed twice")
+        return self
 
 
 class Case(_Strict):
@@ -346,6 +368,7 @@ class Card(_Strict):
     prompts: Prompts
     benchmark: Benchmark = Benchmark()
     precision: Precision = Precision()
+    serving: Serving | None = None
     known_failures: list[KnownFailure] = Field(default_factory=list)
 
     @property

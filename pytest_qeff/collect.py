@@ -20,13 +20,13 @@ import pytest
 from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
 from pytest_qeff.options import Settings, worker_id
 
-__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function"]
+__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function", "undeclared", "serving_targets"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
 MARKERS = {
     "qeff": "a qeff conformance test generated from a model card",
-    "qeff_stage(name)": "which pipeline stage a suite test checks (transform, export, compile, generation, benchmark, precision)",
+    "qeff_stage(name)": "which pipeline stage a suite test checks (transform, export, compile, generation, benchmark, precision, serving)",
     **{f"qeff_{s}": f"the {s} stage of the qeff conformance suite" for s in STAGES},
     **{f"qeff_{b}": f"a qeff stage that runs on the {b} backend" for b in BACKENDS},
     "xdist_group(name)": "pytest-xdist --dist loadgroup: tests of one group run on one worker",
@@ -40,10 +40,12 @@ class Target:
     card: Card
     case: Case
     tier: str
+    #: The serving feature a ``serving`` stage test proves (one of the card's ``[serving]`` features).
+    feature: str | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.card.id}-{self.case.id}"
+        return f"{self.card.id}-{self.case.id}" + (f"-{self.feature}" if self.feature else "")
 
 
 def register_markers(config: pytest.Config) -> None:
@@ -55,15 +57,30 @@ def targets(cards: Sequence[Card], tier: str) -> list[Target]:
     return [Target(card, case, tier) for card in cards for case in card.all_cases]
 
 
+def serving_targets(cards: Sequence[Card], tier: str) -> list[Target]:
+    """One target per case and declared serving feature, for the cards with a ``[serving]`` table."""
+    return [Target(card, case, tier, feature) for card in cards if card.serving
+            for case in card.all_cases for feature in card.serving.features]
+
+
 def parametrize(metafunc: pytest.Metafunc, cards: Sequence[Card], tier: str, backends: Sequence[str],
                 precision: Sequence[str] = ()) -> None:
     if "qeff_case" in metafunc.fixturenames:
-        found = targets(cards, tier)
+        stage = metafunc.definition.get_closest_marker("qeff_stage")
+        found = serving_targets(cards, tier) if stage is not None and stage.args[0] == "serving" else targets(cards, tier)
         metafunc.parametrize("qeff_case", found, ids=[t.id for t in found])
     if "qeff_backend" in metafunc.fixturenames:
         metafunc.parametrize("qeff_backend", list(backends))
     if "qeff_precision" in metafunc.fixturenames:  # empty without --qeff-precision: dropped in prepare_items
         metafunc.parametrize("qeff_precision", list(precision), ids=list(precision))
+
+
+def undeclared(obj: object, cards: Sequence[Card]) -> bool:
+    """A suite test of the ``serving`` stage when no selected card declares ``[serving]``: it is
+    not collected at all (an empty parametrization would leave a "[NOTSET]" placeholder)."""
+    marks = getattr(obj, "pytestmark", [])
+    stage = next((m.args[0] for m in marks if m.name == "qeff_stage" and m.args), None)
+    return stage == "serving" and not any(card.serving for card in cards)
 
 
 def is_suite_test(item: pytest.Item) -> bool:
@@ -77,7 +94,7 @@ def item_meta(item: pytest.Item) -> dict | None:
     marker = item.get_closest_marker("qeff_stage")
     if not isinstance(target, Target) or marker is None:
         return None
-    return {
+    meta = {
         "card": target.card.id,
         "case": target.case.id,
         "tier": target.tier,
@@ -86,6 +103,9 @@ def item_meta(item: pytest.Item) -> dict | None:
         "precision": params.get("qeff_precision"),
         "worker": worker_id(item.config),
     }
+    if target.feature:
+        meta["feature"] = target.feature
+    return meta
 
 
 def prepare_items(config: pytest.Config, items: list[pytest.Item], settings: Settings) -> None:

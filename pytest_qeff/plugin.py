@@ -73,7 +73,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makeitem(collector, name: str, obj: object):
     settings = collector.config.stash.get(options.SETTINGS, None)
-    return None if settings is None else collect.skip_precision_function(name, obj, settings)
+    if settings is None:
+        return None
+    if settings.active and collect.undeclared(obj, settings.cards):
+        return []
+    return collect.skip_precision_function(name, obj, settings)
 
 
 @pytest.hookimpl(tryfirst=True)

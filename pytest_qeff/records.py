@@ -12,7 +12,8 @@ as ``record.to_dict()`` (builtin types, with ``"kind"``), lands in ``results.jso
     ├── CompileRecord    compile    the artifact, the compile options, what the session opened with
     ├── GenerationRecord generation free-running greedy tokens vs HF's, per row
     ├── BenchmarkRecord  benchmark  median figures, every run, the baseline comparison
-    └── PrecisionRecord  precision  one precision tier against HF fp32 (a qeff TierResult), the corpus it ran on
+    ├── PrecisionRecord  precision  one precision tier against HF fp32 (a qeff TierResult), the corpus it ran on
+    └── ServingRecord    serving    one serving feature against HF eager, per prompt (tokens, logits)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = [
     "GenerationRow",
     "BenchmarkRecord",
     "PrecisionRecord",
+    "ServingRecord",
+    "ServingCheck",
     "ModelFacts",
     "OnnxFacts",
     "ArtifactFacts",
@@ -173,8 +176,34 @@ class PrecisionRecord(StageRecord):
     tiers: list[str]  # every tier of the ladder, in order
 
 
+@dataclass
+class ServingCheck:
+    """One judged measure of a serving stage: ``ok`` None = information only."""
+
+    label: str
+    value: str
+    bound: str
+    ok: bool | None
+
+
+@dataclass
+class ServingRecord(StageRecord):
+    """``prompts`` are every prompt the feature ran (not one per batch row); ``rows`` compare each
+    prompt's tokens with HF eager's own greedy tokens for it (alone, batch 1)."""
+
+    KIND: ClassVar[str] = "serving"
+
+    feature: str  # continuous_batching | prefix_caching | sampling | speculative
+    checks: list[ServingCheck]
+    rows: list[GenerationRow]
+    logits_max_abs: float | None  # vs HF's logits, over the steps before any divergence
+    figures: dict[str, float]  # e.g. slot_occupancy, mean_accepted_tokens, prefix_hit_tokens
+    settings: dict[str, Any]  # full_batch_size, num_speculative_tokens, sampling, arrivals
+
+
 KINDS: dict[str, type[StageRecord]] = {
-    cls.KIND: cls for cls in (TransformRecord, ExportRecord, CompileRecord, GenerationRecord, BenchmarkRecord, PrecisionRecord)
+    cls.KIND: cls
+    for cls in (TransformRecord, ExportRecord, CompileRecord, GenerationRecord, BenchmarkRecord, PrecisionRecord, ServingRecord)
 }
 
 

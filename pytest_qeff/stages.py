@@ -7,6 +7,8 @@
     generation  qeff.generate on the backend: greedy tokens equal HF's own greedy tokens
     benchmark   decode tokens/s, total tokens/s, time to first token (median of the card's
                 repeats, timed by qeff.generate) against the committed baseline
+    serving     one declared serving feature (continuous batching, prefix caching, sampling,
+                speculative decoding) against HF eager, prompt by prompt (pytest_qeff/serving.py)
 
 Each stage hands a typed record (:mod:`pytest_qeff.records`) to ``record`` before it judges, so a
 failing stage still brings its numbers to the report. What stages build is kept in a
@@ -42,7 +44,7 @@ from pytest_qeff.records import (
     TransformRecord,
 )
 
-__all__ = ["Workspace", "Record", "transform", "export", "compile", "generation", "benchmark"]
+__all__ = ["Workspace", "Record", "transform", "export", "compile", "generation", "benchmark", "serving"]
 
 Record = Callable[[StageRecord], None]
 
@@ -353,3 +355,10 @@ def benchmark(ws: Workspace, target: Target, backend: str, record: Record) -> No
     ))
     if against["regressions"] and not ws.update_baseline:
         pytest.fail(f"{target.id} on {backend}: " + "\n".join(against["regressions"]), pytrace=False)
+
+
+def serving(ws: Workspace, target: Target, record: Record) -> None:
+    """One serving feature of the card (``target.feature``): see :mod:`pytest_qeff.serving`."""
+    from pytest_qeff import serving as serving_stage
+
+    serving_stage.run(ws, target, record)

@@ -65,7 +65,7 @@ def _cache_args(p):
 def _compile_args(p):
     _flag(p, "--backend", choices=["ort", "qaic", "auto"], default="auto",
           help="ort = ONNX Runtime on the CPU; qaic = Cloud AI 100; auto = qaic when its SDK is installed, else ort (default)")
-    _flag(p, "--batch_size", type=int, default=1, help="rows per batch (default 1)")
+    _flag(p, "--batch_size", type=int, default=None, help="rows per batch (default 1)")
     _flag(p, "--prompt_len", type=int, default=32, help="prefill chunk length in tokens (default 32)")
     _flag(p, "--ctx_len", type=int, default=128, help="cache slots per row: prompt + generated tokens (default 128)")
     _flag(p, "--num_cores", type=int, default=16, help="Cloud AI cores per device (default 16)")
@@ -77,6 +77,9 @@ def _compile_args(p):
     _flag(p, "--aic_hw_version", default=None, help="Cloud AI: -aic-hw-version (default: what the compiler documents)")
     _flag(p, "--compiler_option", action="append", default=[], metavar="FLAG",
           help="extra Cloud AI compiler flag, passed through (repeatable), e.g. -stats-level=70")
+    from qeff.serving.options import add_compile_args
+
+    add_compile_args(p)
 
 
 def _run_args(p):
@@ -89,6 +92,9 @@ def _run_args(p):
                         "the weights in memory (default: on when the weights are under 2 GiB)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the first prompt's tokens as they come (default on)")
     p.add_argument("--json", action="store_true", help="print one JSON line of results on stdout; human output goes to stderr")
+    from qeff.serving.options import add_run_args
+
+    add_run_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="check HF vs PyTorch vs ONNX Runtime before compiling (default: on for models up to 2B parameters)")
     p.add_argument("--force", action="store_true", help="rebuild every stage even when a cached artifact matches")
+    from qeff.serving.options import add_draft_args
+
+    add_draft_args(p)
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("export", help="export the retained-state ONNX graph")
@@ -203,10 +212,13 @@ def _device_group(args) -> list[int] | None:
     return parse_device_group(getattr(args, "device_group", None))
 
 
-def _compile_options(args, backend: str, out: _Out) -> dict:
-    """``qeff.compile``'s options from the command line (Cloud AI's only for the qaic backend)."""
+def _compile_options(args, backend: str, out: _Out, serving=None) -> dict:
+    """``qeff.compile``'s options from the command line (Cloud AI's only for the qaic backend;
+    ``serving``: the continuous-batching / speculative-target options of the graph variant)."""
     options = dict(batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                    threads=getattr(args, "threads", None), dry_run=getattr(args, "dry_run", False))
+    if serving is not None:
+        options.update(full_batch_size=serving.full_batch_size, num_speculative_tokens=serving.num_speculative_tokens)
     if backend == "qaic":
         options.update(num_cores=args.num_cores, num_devices=len(_device_group(args) or [0]), mxfp6=args.mxfp6,
                        mxint8=args.mxint8, mos=args.mos if args.mos > 0 else None,
@@ -217,18 +229,31 @@ def _compile_options(args, backend: str, out: _Out) -> dict:
     return options
 
 
-def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False):
-    """Compile the exported graph (or ``onnx_path``). On ort, --mxfp6/--mxint8 compile the emulated
-    tier instead (:mod:`qeff.precision`; the portable graph is left as it is)."""
+def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False, variant=None):
+    """Compile the exported graph (or ``onnx_path``, or the serving ``variant`` of the graph). On
+    ort, --mxfp6/--mxint8 compile the emulated tier instead (:mod:`qeff.precision`; the portable
+    graph is left as it is)."""
     import qeff
 
     if backend == "ort" and (args.mxfp6 or args.mxint8):
+        _check_no_emulated_serving(args, variant)
         from qeff.precision.commands import emulated_graph
 
         onnx_path = emulated_graph(onnx_path or pipe.onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
     if onnx_path is None:
-        return pipe.compile(backend, force=force, **options)
+        return pipe.compile(backend, force=force, variant=variant, **options)
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
+
+
+def _check_no_emulated_serving(args, variant) -> None:
+    """On ort, --mxfp6/--mxint8 emulate the formats on the base graph (qeff.precision); the
+    serving graph variants are not emulated."""
+    emulated = getattr(args, "mxfp6", False) or getattr(args, "mxint8", False)
+    if emulated and variant is not None and not variant.is_base:
+        raise UsageError(
+            "--mxfp6/--mxint8 on the ort backend emulate the accelerator formats on the base graph only; "
+            "drop them, or --full_batch_size / the draft model"
+        )
 
 
 def _session_options(args) -> dict:
@@ -249,14 +274,25 @@ def _pipeline(args):
     return Pipeline.open(args.model_name, revision=args.revision, cache_dir=args.cache_dir, home=_home(args))
 
 
-def _run(session, tokenizer, prompts: list[str], args, out: _Out):
-    """Generate for every prompt and report what the loop said (rows stopped by a full cache)."""
+def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
+    """Generate for every prompt (in batches, through the slots of continuous batching, or
+    speculatively with a draft) and report what the loop said (rows stopped by a full cache)."""
     from qeff.generation import run_prompts
     from qeff.inputs import check_prompt_lengths
+    from qeff.serving.dispatch import wants_serving
+    from qeff.serving.options import serving_options
 
+    opts = serving_options(args)
     check_prompt_lengths(tokenizer, prompts, session.ctx_len)
-    summary = run_prompts(session, prompts, tokenizer=tokenizer, generation_len=args.generation_len,
-                          stream=out.human if args.stream else None)
+    if getattr(getattr(session, "variant", None), "speculative", False) and draft is None:
+        raise UsageError("this artifact is a speculative-decoding target: run it with qeff infer --draft_model_name")
+    if opts.prefix_caching and not getattr(session, "full_batch_size", None):
+        raise UsageError("--prefix_caching reuses the cache slots of continuous batching: use an artifact compiled with --full_batch_size")
+    if wants_serving(session, draft):
+        summary = _run_serving(session, tokenizer, prompts, args, out, opts, draft)
+    else:
+        summary = run_prompts(session, prompts, tokenizer=tokenizer, generation_len=args.generation_len,
+                              stream=out.human if args.stream else None, sampling=opts.sampling)
     for message in summary.messages:
         out.say(f"[qeff] {message}")
     return summary
@@ -273,6 +309,30 @@ def _print_figures(out: _Out, summary, *, show_texts: bool) -> None:
         f"  total               : {summary.total_tok_s:9.2f} tokens/s\n"
         f"  end to end          : {summary.e2e_s:9.3f} s"
     )
+    figures = summary.to_dict()
+    if figures.get("full_batch_size"):
+        hits = sum(figures["prefix_hit_tokens"])
+        out.say(f"  continuous batching : {figures['full_batch_size']} slots, {figures['decode_steps']} decode steps, "
+                f"occupancy {figures['slot_occupancy']:.0%}" + (f", {hits} prompt tokens reused from cache" if hits else ""))
+    if figures.get("num_speculative_tokens"):
+        out.say(f"  speculative         : {figures['mean_accepted_tokens']:.2f} tokens per verify step (K={figures['num_speculative_tokens']}, "
+                f"draft {figures['draft_model_name']}), {figures['acceptance_rate']:.0%} of drafted tokens accepted")
+
+
+def _run_serving(session, tokenizer, prompts, args, out: _Out, opts, draft):
+    import numpy as np
+
+    from qeff.generation import TextStreamer
+    from qeff.serving.dispatch import run_serving
+
+    streamer = TextStreamer(tokenizer, out=out.human) if args.stream else None
+    if streamer:
+        out.human.write(f"\n{prompts[0]}")
+    on_text = (lambda i, token: streamer(np.array([token]), np.array([True])) if i == 0 else None) if streamer else None
+    summary = run_serving(session, tokenizer, prompts, opts, generation_len=args.generation_len, draft=draft, on_text=on_text)
+    if streamer:
+        streamer.end()
+    return summary
 
 
 def _emit_json(summary, **extra) -> None:
@@ -296,19 +356,34 @@ def _say_comparisons(out: _Out, report, *, cached: bool) -> None:
 def cmd_infer(args) -> int:
     from qeff.inputs import check_prompt_lengths
     from qeff.pipeline import SMALL_MODEL_PARAMS
+    from qeff.serving.options import serving_options
 
     out = _Out(args.json)
     start = time.perf_counter()
+    serving = serving_options(args)
     prompts = _prompts(args)
     group = _device_group(args)
     backend = _resolve_backend(args.backend)
+    if backend == "ort":
+        _check_no_emulated_serving(args, serving.variant)
+    if backend == "qaic" and not serving.variant.is_base:
+        raise UsageError(
+            "continuous batching and speculative decoding run on the ort backend here; for Cloud AI 100, compile with "
+            "`qeff compile --backend qaic --full_batch_size N` (or --num_speculative_tokens K): qeff has no runtime for those QPCs yet"
+        )
     if backend == "qaic":
         from qeff import sdk
 
         sdk.require_compiler()
         sdk.import_runtime()
     pipe = _pipeline(args)
-    exported = pipe.export(force=args.force, validate=lambda tok: check_prompt_lengths(tok, prompts, args.ctx_len))
+
+    def validate(tok) -> None:
+        check_prompt_lengths(tok, prompts, args.ctx_len)
+        if serving.draft_model_name is not None:
+            _check_draft_tokenizer(args, serving, tok)
+
+    exported = pipe.export(force=args.force, validate=validate)
     _reuse_note(out, "export", exported)
     tokenizer = pipe.tokenizer
     want_verify = args.verify if args.verify is not None else pipe.num_parameters <= SMALL_MODEL_PARAMS
@@ -328,13 +403,19 @@ def cmd_infer(args) -> int:
                     for c in report.comparisons if not c.passed
                 )
                 raise QEffError(f"verification failed: {failures}; run `qeff verify` for the full report, or --no-verify to skip")
-    options = _compile_options(args, backend, out)
-    built = _compile(pipe, backend, args, options, force=args.force)
+    variant = serving.variant
+    if not variant.is_base:
+        # Verification above ran on the base graph; this run's graph adds the serving inputs.
+        _reuse_note(out, f"{variant.describe()} export", pipe.export(force=args.force, variant=variant))
+    options = _compile_options(args, backend, out, serving)
+    built = _compile(pipe, backend, args, options, force=args.force, variant=variant)
     _reuse_note(out, f"{backend} artifact", built)
-    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options), **_session_options(args))
+    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, variant=variant),
+                                         **_session_options(args))
     if rebuilt:
         out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
-    summary = _run(session, tokenizer, prompts, args, out)
+    draft = _open_draft(args, serving, out, backend) if serving.draft_model_name else None
+    summary = _run(session, tokenizer, prompts, args, out, draft=draft)
     _print_figures(out, summary, show_texts=not args.stream or len(prompts) > 1)
     if args.json:
         _emit_json(summary, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
@@ -342,6 +423,25 @@ def cmd_infer(args) -> int:
                    repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
                    verify=verify_summary, wall_s=round(time.perf_counter() - start, 3))
     return 0
+
+
+def _check_draft_tokenizer(args, serving, target_tokenizer) -> None:
+    from qeff.loading import load_tokenizer, resolve
+    from qeff.serving.speculative import check_same_tokenizer
+
+    draft_tokenizer = load_tokenizer(resolve(serving.draft_model_name, cache_dir=args.cache_dir))
+    check_same_tokenizer(target_tokenizer, draft_tokenizer, target=args.model_name, draft=serving.draft_model_name)
+
+
+def _open_draft(args, serving, out: _Out, backend: str):
+    """The draft of speculative decoding: its base graph, compiled with the target's shapes."""
+    from qeff.pipeline import Pipeline
+
+    pipe = Pipeline.open(serving.draft_model_name, cache_dir=args.cache_dir, home=_home(args))
+    _reuse_note(out, "draft export", pipe.export(force=args.force))
+    built = pipe.compile(backend, force=args.force, **_compile_options(args, backend, out))
+    _reuse_note(out, f"draft {backend} artifact", built)
+    return pipe.open_session(built, **_session_options(args))[0]
 
 
 def cmd_export(args) -> int:
@@ -353,17 +453,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    from qeff.serving.options import serving_options
+
     out = _Out(False)
+    serving = serving_options(args)
     backend = _resolve_backend(args.backend)
     if args.dry_run and backend != "qaic":
         raise UsageError("--dry_run applies to --backend qaic (the ort backend needs no external compiler)")
-    options = _compile_options(args, backend, out)
+    options = _compile_options(args, backend, out, serving)
     if args.onnx_path:
         result = _compile(None, backend, args, options, onnx_path=Path(args.onnx_path))
     else:
         pipe = _pipeline(args)
-        _reuse_note(out, "export", pipe.export())
-        result = _compile(pipe, backend, args, options)
+        _reuse_note(out, "export", pipe.export(variant=serving.variant))
+        result = _compile(pipe, backend, args, options, variant=serving.variant)
     if args.dry_run:
         out.say(f"[qeff] wrote the compiler's files to {result.out_dir}; run the compile by hand with:\n{result.shell_command()}")
         return 0

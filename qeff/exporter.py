@@ -163,17 +163,27 @@ def export(
     *,
     model_id: str = "",
     extra_metadata: dict[str, str] | None = None,
+    variant=None,
 ) -> ExportResult:
     """Export ``qmodel`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``) and run the passes.
 
     The example inputs only fix the graph's structure: every dim that varies is symbolic.
+    ``variant`` (a :class:`qeff.serving.graph.GraphVariant`) adds the serving inputs
+    ``batch_index`` / ``num_logits_to_keep``; None or the base variant exports the base graph.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    batch, seq, ctx = 2, 4, 8
-    input_ids = torch.zeros((batch, seq), dtype=torch.int64)
-    position_ids = torch.arange(seq, dtype=torch.int64)[None].repeat(batch, 1)
-    past = qmodel.empty_cache(batch, ctx)
+    graph, transforms = qmodel, qmodel.transforms
+    if variant is not None and not variant.is_base:
+        from qeff.serving.graph import ServingGraph
+
+        graph = ServingGraph(qmodel, variant).eval()
+        args, axes, transforms = graph.example_inputs(), graph.dynamic_axes(), graph.transforms
+    else:
+        batch, seq, ctx = 2, 4, 8
+        input_ids = torch.zeros((batch, seq), dtype=torch.int64)
+        position_ids = torch.arange(seq, dtype=torch.int64)[None].repeat(batch, 1)
+        args, axes = (input_ids, position_ids, *qmodel.empty_cache(batch, ctx)), _dynamic_axes(qmodel)
     raw = out_dir / "raw.onnx"
     for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
         stale.unlink(missing_ok=True)  # onnx appends to an existing external data file
@@ -184,12 +194,12 @@ def export(
         warnings.simplefilter("always")
         with torch.no_grad():
             torch.onnx.export(
-                qmodel,
-                (input_ids, position_ids, *past),
+                graph,
+                args,
                 str(raw),
-                input_names=qmodel.input_names,
-                output_names=qmodel.output_names,
-                dynamic_axes=_dynamic_axes(qmodel),
+                input_names=graph.input_names,
+                output_names=graph.output_names,
+                dynamic_axes=axes,
                 opset_version=OPSET,
                 dynamo=False,
                 do_constant_folding=True,
@@ -212,12 +222,13 @@ def export(
         # The TorchScript exporter may spill large weights next to the raw file; they are now loaded.
         if leftover.is_file() and leftover.name not in (ONNX_FILE, DATA_FILE):
             leftover.unlink()
-    _fix_logits_shape(model)
+    if variant is None or not variant.speculative:
+        _fix_logits_shape(model)
     check_portable(model)
     clipped = fp16_clip(model)
     metadata = {
         "qeff.model_id": model_id,
-        "qeff.transforms": ",".join(qmodel.transforms),
+        "qeff.transforms": ",".join(transforms),
         "qeff.passes": "FP16Clip",
         "qeff.fp16_clipped_values": str(clipped),
         "qeff.trace_warnings": str(len(trace_warnings)),
@@ -226,6 +237,7 @@ def export(
         "qeff.head_dim": str(qmodel.shape.head_dim),
         "qeff.vocab_size": str(qmodel.shape.vocab_size),
         "qeff.versions": json.dumps(library_versions(), sort_keys=True),
+        **({"qeff.variant": json.dumps(variant.to_dict(), sort_keys=True)} if variant is not None and not variant.is_base else {}),
         **(extra_metadata or {}),
     }
     stamp_metadata(model, metadata)

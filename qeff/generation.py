@@ -132,8 +132,12 @@ def generate(
     generation_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     on_token: TokenCallback | None = None,
+    sampling=None,
+    sample_keys: Sequence[int] | None = None,
 ) -> GenerationResult:
-    """Greedy generation for up to ``session.batch_size`` prompts (text, or token ids)."""
+    """Generation for up to ``session.batch_size`` prompts (text, or token ids): greedy, or as
+    ``sampling`` (a :class:`qeff.serving.sampling.SamplingParams`) says. ``sample_keys``: each
+    prompt's index in the whole input (default 0, 1, …), which picks its random stream."""
     t0 = time.perf_counter()
     if prompt_token_ids is None:
         if prompts is None or tokenizer is None:
@@ -155,12 +159,14 @@ def generate(
     if max_new < 1:
         raise UsageError(f"generation_len must be at least 1 (got {max_new})")
 
+    pick = _picker(sampling, sample_keys, prompt_token_ids, batch)
+
     # Prefill: each row's first token comes from the chunk holding its last prompt token.
     first = np.zeros(batch, dtype=np.int64)
     for ids, pos, ends in prefill_chunks(prompt_token_ids, batch, prompt_len):
         logits = session.run(ids, pos)
         if ends.any():
-            first[ends] = logits[ends].argmax(-1)
+            first[ends] = pick(logits, ends)[ends]
     t_first = time.perf_counter()
 
     generated = np.zeros((batch, max_new), dtype=np.int64)
@@ -189,7 +195,7 @@ def generate(
             break
         last = generated[rows, np.maximum(count - 1, 0)]
         logits = session.run(last[:, None], np.where(active, pos_next, -1)[:, None])
-        nxt = logits.argmax(-1)
+        nxt = pick(logits, active)
         generated[active, count[active]] = nxt[active]
         produced = active.copy()
         count[produced] += 1
@@ -235,6 +241,18 @@ def generate(
     )
 
 
+def _picker(sampling, keys, prompts: list[list[int]], batch: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``pick(logits (B, V), rows (B,) bool) -> (B,) tokens``; only the marked rows matter."""
+    if sampling is None or sampling.plain_greedy:
+        return lambda logits, rows: logits.argmax(-1)
+    from qeff.serving.sampling import BatchSampler
+
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise UsageError(f"sample_keys has {len(keys)} entries for {len(prompts)} prompts")
+    return BatchSampler(sampling, keys, prompts, batch).pick
+
+
 def _check_inputs(prompt_token_ids: list[list[int]], batch: int, prompt_len: int, ctx_len: int) -> None:
     if not prompt_token_ids:
         raise UsageError("no prompts to generate from")
@@ -268,6 +286,8 @@ class RunSummary:
     new_tokens: int  # every computed row, filler rows included
     batches: int
     batch_size: int
+    #: The sampling parameters (:class:`qeff.serving.sampling.SamplingParams` as a dict); None = greedy.
+    sampling: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -280,18 +300,24 @@ def run_prompts(
     tokenizer,
     generation_len: int | None = None,
     stream: TextIO | None = None,
+    sampling=None,
 ) -> RunSummary:
     """Generate for every prompt, in batches of ``session.batch_size``; ``stream`` (a text file)
-    receives the first prompt's tokens as they come."""
+    receives the first prompt's tokens as they come. With ``sampling`` each prompt draws from the
+    random stream of its index in ``prompts`` (filler rows repeat their prompt's)."""
     from qeff.inputs import batches
 
     plan = batches(list(prompts), session.batch_size)
     results, texts, token_ids, messages = [], [], [], []
+    offset = 0
     for index, (rows, real) in enumerate(plan):
         streamer = TextStreamer(tokenizer, out=stream) if stream is not None and index == 0 else None
         if streamer:
             stream.write(f"\n{rows[0]}")
-        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer)
+        keys = [offset + i % real for i in range(len(rows))]
+        offset += real
+        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer,
+                     sampling=sampling, sample_keys=keys)
         if streamer:
             streamer.end()
         results.append(r)
@@ -308,4 +334,5 @@ def run_prompts(
         decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
         total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
         e2e_s=e2e, new_tokens=new_tokens, batches=len(results), batch_size=session.batch_size,
+        sampling=sampling.to_dict() if sampling is not None else None,
     )

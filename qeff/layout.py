@@ -75,8 +75,17 @@ def verify_dir_name(digest: str) -> str:
     return f"verify-{digest}"
 
 
-def ort_dir_name(*, batch_size: int, prompt_len: int, ctx_len: int) -> str:
-    return f"ort_{batch_size}BS_{prompt_len}PL_{ctx_len}CL"
+def _serving_suffix(full_batch_size: int | None, num_speculative_tokens: int | None, sep: str) -> str:
+    """``{fbs}FBS`` (continuous batching) and ``{k}NST`` (speculative target), QEfficient's later
+    ``_{fbs}fbs_`` / ``_{k}nst_`` in these names' casing; empty for plain compiles."""
+    parts = [f"{v}{tag}" for v, tag in ((full_batch_size, "FBS"), (num_speculative_tokens, "NST")) if v is not None]
+    return "".join(sep[0] + p + sep[1] for p in parts)
+
+
+def ort_dir_name(
+    *, batch_size: int, prompt_len: int, ctx_len: int, full_batch_size: int | None = None, num_speculative_tokens: int | None = None
+) -> str:
+    return f"ort_{batch_size}BS_{prompt_len}PL_{ctx_len}CL" + _serving_suffix(full_batch_size, num_speculative_tokens, ("_", ""))
 
 
 def qpc_dir_name(
@@ -89,17 +98,20 @@ def qpc_dir_name(
     mxfp6: bool,
     mxint8: bool,
     mos: int | None = None,
+    full_batch_size: int | None = None,
+    num_speculative_tokens: int | None = None,
 ) -> str:
     """The Cloud AI compile directory's name, as QEfficient users know it.
 
     ``qpc_{cores}cores_{bs}BS_{pl}PL_{cl}CL_{n}devices`` + ``_mxfp6`` / ``_mxfp6_mxint8`` /
     ``_fp16_mxint8`` / ``_fp16``, e.g. ``qpc_16cores_1BS_32PL_128CL_2devices_mxfp6`` (QEfficient's
     README and ``cloud/infer.py``). QEfficient later put ``{mos}MOS_`` before the device count;
-    here it appears only when ``mos`` is set, so the default name stays the familiar one.
-    Depth-first, the hardware version and extra flags are not in the name (nor were they in
+    here it appears only when ``mos`` is set, so the default name stays the familiar one; so do
+    ``{fbs}FBS_`` and ``{k}NST_`` (continuous batching, speculative target), e.g.
+    ``qpc_16cores_1BS_32PL_128CL_4FBS_1devices_fp16``. Depth-first, the hardware version and extra flags are not in the name (nor were they in
     QEfficient's): the manifest tells such directories apart.
     """
-    mos_part = f"{mos}MOS_" if mos is not None else ""
+    mos_part = (f"{mos}MOS_" if mos is not None else "") + _serving_suffix(full_batch_size, num_speculative_tokens, ("", "_"))
     if mxfp6 and mxint8:
         precision = "_mxfp6_mxint8"
     elif mxfp6:

@@ -58,13 +58,17 @@ class Reference:
     trace: Any  # qeff.verification.Trace
 
 
-def export_manifest(identity: dict) -> dict:
+def export_manifest(identity: dict, variant=None) -> dict:
     """The inputs of an export artifact: everything that determines the graph. One schema for
-    every caller (CLI, API, plugin)."""
+    every caller (CLI, API, plugin). A serving ``variant`` (:class:`qeff.serving.graph.GraphVariant`)
+    is recorded only when it is not the base graph, so base exports keep their keys."""
     from qeff.exporter import OPSET, library_versions
     from qeff.transforms.model import TRANSFORMS
 
-    return {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
+    manifest = {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
+    if variant is not None and not variant.is_base:
+        manifest["variant"] = variant.to_dict()
+    return manifest
 
 
 class Pipeline:
@@ -101,6 +105,7 @@ class Pipeline:
         self._tokenizer = tokenizer
         self._qmodel = None
         self._export: Built | None = None
+        self._variant_exports: dict = {}  # GraphVariant -> Built
         self._references: dict[str, Reference] = {}
         self.load_s = 0.0
         self.cache_dir: str | None = None  # the Hugging Face cache the source was resolved in
@@ -171,17 +176,20 @@ class Pipeline:
     def num_parameters(self) -> int:
         return int(self.export_built.manifest.get("outputs", {}).get("num_parameters", 0))
 
-    def export(self, *, force: bool = False, validate: Callable[[Any], None] | None = None) -> Built:
+    def export(self, *, force: bool = False, validate: Callable[[Any], None] | None = None, variant=None) -> Built:
         """The exported graph, reused while its manifest matches.
 
         ``validate(tokenizer)`` runs before any slow work (it may raise, e.g. for a prompt that
         cannot fit): before loading the model when the export must be built, right after a reuse
-        otherwise."""
-        if self._export is not None and not force:
+        otherwise. ``variant`` (:class:`qeff.serving.graph.GraphVariant`): a serving graph, cached
+        beside the base one; :attr:`export_built` and :attr:`onnx_path` stay the base graph's."""
+        serving = variant is not None and not variant.is_base
+        done = self._variant_exports.get(variant) if serving else self._export
+        if done is not None and not force:
             if validate is not None and self.tokenizer is not None:
                 validate(self.tokenizer)
-            return self._export
-        manifest = export_manifest(self.identity)
+            return done
+        manifest = export_manifest(self.identity, variant)
         target = self.home / slug(self.name) / export_dir_name(manifest_hash(manifest))
 
         def build(tmp: Path) -> dict:
@@ -199,7 +207,7 @@ class Pipeline:
             model = self.model  # loads when not given
             with stage(f"Transforming and exporting {self.name} to ONNX", enabled=self.progress):
                 qmodel = self.qmodel
-                result = export(qmodel, tmp, model_id=self.name)
+                result = export(qmodel, tmp, model_id=self.name, variant=variant)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             config = model.config
@@ -220,11 +228,15 @@ class Pipeline:
                 return None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())
 
-        self._export = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
-                                      size_hint=size_hint)
-        if self._export.reused and validate is not None and self.tokenizer is not None:
+        built = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
+                               size_hint=size_hint)
+        if serving:
+            self._variant_exports[variant] = built
+        else:
+            self._export = built
+        if built.reused and validate is not None and self.tokenizer is not None:
             validate(self.tokenizer)
-        return self._export
+        return built
 
     # --- reference and verification ----------------------------------------------------------
 
@@ -298,12 +310,13 @@ class Pipeline:
 
     # --- compile and run ---------------------------------------------------------------------
 
-    def compile(self, backend: str, *, force: bool = False, progress: bool | None = None, **options) -> Built:
-        """The exported graph compiled for ``backend`` (``qeff.compile``'s options), reused while
-        its manifest matches."""
+    def compile(self, backend: str, *, force: bool = False, progress: bool | None = None, variant=None, **options) -> Built:
+        """The exported graph (or its serving ``variant``) compiled for ``backend``
+        (``qeff.compile``'s options), reused while its manifest matches."""
         from qeff.compilers import compile
 
-        return compile(self.onnx_path, backend, force=force, progress=self.progress if progress is None else progress, **options)
+        onnx_path = self.onnx_path if variant is None or variant.is_base else self.export(variant=variant).path / ONNX_FILE
+        return compile(onnx_path, backend, force=force, progress=self.progress if progress is None else progress, **options)
 
     def open_session(
         self,

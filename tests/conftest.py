@@ -16,6 +16,12 @@ import qeff  # noqa: E402
 # imported first; a transformers modeling module imported twice gives two `MptAttention` classes,
 # and qeff's drop-in subclass of the stale one is then refused ("does not subclass it").
 qeff.supported_model_types()
+# Likewise the extension modules an inner run reaches: since `import qeff` became lazy nothing
+# imported onnx up front, and a second import of its C extension aborts the process (pytester
+# tests that export twice, e.g. tests/test_plugin_baseline.py run alone, died with SIGABRT).
+import onnx  # noqa: E402, F401
+import onnxruntime  # noqa: E402, F401
+import qeff.exporter  # noqa: E402, F401
 
 from tests.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
 

@@ -14,6 +14,7 @@ from pytest_qeff.records import (
     PrecisionRecord,
     ExportRecord,
     GenerationRecord,
+    ServingRecord,
     StageRecord,
     TransformRecord,
     record_of,
@@ -419,6 +420,7 @@ _TITLES = {
     "generation": "greedy generation vs HF",
     "benchmark": "benchmark",
     "precision": "precision tier vs HF fp32 (emulated on ONNX Runtime)",
+    "serving": "serving feature vs HF eager",
 }
 
 
@@ -453,6 +455,12 @@ def _stage(rec: dict) -> StageView:
     if isinstance(stage, GenerationRecord):
         view.metrics.append(Metric("greedy tokens matched", f"{stage.tokens_matched}/{stage.tokens_total}", "",
                                    stage.tokens_matched == stage.tokens_total or None))
+        view.diffs = _token_diffs(stage)
+    if isinstance(stage, ServingRecord):
+        view.title = f"{stage.feature.replace('_', ' ')} vs HF eager, prompt by prompt"
+        view.metrics = [Metric(c.label, c.value, c.bound, c.ok) for c in stage.checks]
+        view.metrics += [Metric(k.replace("_", " "), fmt(v), "", None) for k, v in sorted(stage.figures.items())]
+        view.facts = [Pair(k.replace("_", " "), fmt(v)) for k, v in sorted(stage.settings.items()) if v is not None]
         view.diffs = _token_diffs(stage)
     if isinstance(stage, BenchmarkRecord):
         against = stage.baseline

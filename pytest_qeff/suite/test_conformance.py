@@ -39,3 +39,8 @@ def test_benchmark(qeff_case, qeff_backend, qeff_pipeline, qeff_record):
 @pytest.mark.qeff_stage("precision")
 def test_precision_tier(qeff_case, qeff_precision, qeff_pipeline, qeff_settings, qeff_ladders, qeff_record):
     precision.precision(qeff_pipeline, qeff_case, qeff_precision, qeff_settings.precision, qeff_ladders, qeff_record)
+
+
+@pytest.mark.qeff_stage("serving")
+def test_serving(qeff_case, qeff_pipeline, qeff_record):
+    stages.serving(qeff_pipeline, qeff_case, qeff_record)

@@ -71,6 +71,8 @@ def compile(
     aic_enable_depth_first: bool = False,
     aic_hw_version: str | None = None,
     extra_options: tuple[str, ...] = (),
+    full_batch_size: int | None = None,
+    num_speculative_tokens: int | None = None,
     dry_run: bool = False,
     force: bool = False,
     progress: bool = False,
@@ -79,7 +81,9 @@ def compile(
     beside the graph, e.g. ``ort_1BS_32PL_128CL`` or ``qpc_16cores_1BS_32PL_128CL_1devices``).
     Reused when its manifest matches. The ``num_cores`` … ``extra_options`` options are Cloud AI's;
     ``dry_run`` (qaic only) writes the compiler's files and command without running it and returns
-    a :class:`qeff.compilers.qaic.QaicCompileResult`."""
+    a :class:`qeff.compilers.qaic.QaicCompileResult`. ``full_batch_size`` / ``num_speculative_tokens``
+    compile a serving graph variant (:mod:`qeff.serving.graph`) and are recorded in the manifest,
+    from which :func:`qeff.open_session` opens the matching session."""
     from qeff.exporter import library_versions
 
     onnx_path = Path(onnx_path)
@@ -90,9 +94,13 @@ def compile(
             f"need batch_size, prompt_len, ctx_len >= 1 and prompt_len <= ctx_len (got {batch_size}, {prompt_len}, {ctx_len})"
         )
     options = {"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len}
+    serving = {k: v for k, v in (("full_batch_size", full_batch_size), ("num_speculative_tokens", num_speculative_tokens)) if v is not None}
     if backend == "ort":
         from qeff.compilers.ort import OPTIMIZED, build_ort, ort_dir_name
 
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in serving.values()):
+            raise UsageError(f"full_batch_size and num_speculative_tokens must be positive integers (got {serving})")
+        options = {**options, **serving}
         name = ort_dir_name(**options)
         manifest = {"backend": "ort", "options": options, "onnx": onnx_identity(onnx_path), "versions": library_versions()}
         target = Path(out_dir) if out_dir else onnx_path.parent / name
@@ -103,7 +111,7 @@ def compile(
         from qeff.compilers import qaic
 
         qopts = qaic.QaicCompileOptions(
-            **options, num_cores=num_cores, num_devices=num_devices, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
+            **options, **serving, num_cores=num_cores, num_devices=num_devices, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
             aic_enable_depth_first=aic_enable_depth_first, aic_hw_version=aic_hw_version, extra_options=tuple(extra_options),
         )
         target = Path(out_dir) if out_dir else onnx_path.parent / qaic.qpc_dir_name(qopts)

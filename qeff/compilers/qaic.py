@@ -65,6 +65,7 @@ __all__ = [
     "default_hw_version",
     "specializations",
     "retained_state_names",
+    "check_serving_inputs",
     "custom_io",
     "custom_io_yaml",
     "mdp_ts_config",
@@ -84,7 +85,7 @@ _MANAGED_FLAGS = {
     "-model": "the onnx_path argument",
     "-aic-hw": None,
     "-aic-hw-version": "aic_hw_version=",
-    "-network-specialization-config": "batch_size=/prompt_len=/ctx_len=",
+    "-network-specialization-config": "batch_size=/prompt_len=/ctx_len=/full_batch_size=/num_speculative_tokens=",
     "-convert-to-fp16": None,
     "-retained-state": None,
     "-aic-num-cores": "num_cores=",
@@ -123,6 +124,11 @@ class QaicCompileOptions:
     aic_hw_version: str | None = None
     #: Further compiler flags passed through verbatim, e.g. ``("-stats-level=70",)``.
     extra_options: tuple[str, ...] = field(default_factory=tuple)
+    #: Continuous batching: the cache's slots (the graph needs ``batch_index``); prefill then runs
+    #: one prompt (``batch_size`` 1) and decode every slot.
+    full_batch_size: int | None = None
+    #: Speculative-decoding target: decode verifies K+1 positions (the graph needs ``num_logits_to_keep``).
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mos is not None and self.mos <= 0:
@@ -132,6 +138,17 @@ class QaicCompileOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer (got {value!r})")
+        for name in ("full_batch_size", "num_speculative_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"{name} must be a positive integer (got {value!r})")
+        if self.full_batch_size is not None and self.batch_size != 1:
+            raise UsageError(
+                f"batch_size={self.batch_size} with full_batch_size={self.full_batch_size}: with continuous batching "
+                f"prefill runs one prompt at a time and decode runs full_batch_size slots; leave batch_size at 1"
+            )
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens + 1 > self.ctx_len:
+            raise UsageError(f"num_speculative_tokens={self.num_speculative_tokens} needs ctx_len above it (got {self.ctx_len})")
         if self.prompt_len > self.ctx_len:
             raise UsageError(
                 f"prompt_len={self.prompt_len} is larger than ctx_len={self.ctx_len}: a prefill chunk "
@@ -147,9 +164,13 @@ class QaicCompileOptions:
                 raise UsageError(f"extra compiler option {option!r} is set by qeff itself; {hint}")
 
     def to_dict(self) -> dict:
-        """Builtin-typed, for manifests and cache keys."""
+        """Builtin-typed, for manifests and cache keys (the serving options only when set, so the
+        keys of plain compiles stay what they were)."""
         out = asdict(self)
         out["extra_options"] = list(self.extra_options)
+        for name in ("full_batch_size", "num_speculative_tokens"):
+            if out[name] is None:
+                del out[name]
         return out
 
 
@@ -172,7 +193,8 @@ def qpc_dir_name(options: QaicCompileOptions) -> str:
     """The compile directory's name users know (see :func:`qeff.layout.qpc_dir_name`)."""
     o = options
     return layout.qpc_dir_name(num_cores=o.num_cores, batch_size=o.batch_size, prompt_len=o.prompt_len, ctx_len=o.ctx_len,
-                               num_devices=o.num_devices, mxfp6=o.mxfp6, mxint8=o.mxint8, mos=o.mos)
+                               num_devices=o.num_devices, mxfp6=o.mxfp6, mxint8=o.mxint8, mos=o.mos,
+                               full_batch_size=o.full_batch_size, num_speculative_tokens=o.num_speculative_tokens)
 
 
 def default_hw_version(compiler: str | os.PathLike) -> str:
@@ -182,12 +204,23 @@ def default_hw_version(compiler: str | os.PathLike) -> str:
 
 
 def specializations(options: QaicCompileOptions) -> dict:
-    """Prefill then decode, values as strings; only one entry when prompt_len is 1."""
+    """Prefill then decode, values as strings; only one entry when the two would be the same.
+
+    Continuous batching (QEfficient's ``create_and_dump_specializations``): both entries bind
+    ``full_batch_size`` (the cache's slots), prefill runs ``batch_size`` (1) rows and decode
+    ``full_batch_size``. A speculative target (QEfficient's ``build_decode_specialization`` for a
+    TLM) binds ``num_logits_to_keep``: 1 for prefill, K+1 for decode, whose ``seq_len`` is K+1.
+    """
     o = options
-    shapes = [(o.batch_size, o.prompt_len, o.ctx_len)]
-    if o.prompt_len != 1:
-        shapes.append((o.batch_size, 1, o.ctx_len))
-    return {"specializations": [{"batch_size": str(b), "seq_len": str(s), "ctx_len": str(c)} for b, s, c in shapes]}
+    decode_len = (o.num_speculative_tokens + 1) if o.num_speculative_tokens is not None else 1
+    prefill = {"batch_size": o.batch_size, "seq_len": o.prompt_len, "ctx_len": o.ctx_len}
+    decode = {"batch_size": o.full_batch_size or o.batch_size, "seq_len": decode_len, "ctx_len": o.ctx_len}
+    if o.full_batch_size is not None:
+        prefill["full_batch_size"] = decode["full_batch_size"] = o.full_batch_size
+    if o.num_speculative_tokens is not None:
+        prefill["num_logits_to_keep"], decode["num_logits_to_keep"] = 1, decode_len
+    entries = [prefill] if decode == prefill else [prefill, decode]
+    return {"specializations": [{k: str(v) for k, v in e.items()} for e in entries]}
 
 
 def retained_state_names(onnx_path: str | os.PathLike) -> list[str]:
@@ -217,6 +250,27 @@ def retained_state_names(onnx_path: str | os.PathLike) -> list[str]:
     if missing:
         raise ArtifactError(f"{path} has no symbolic dim(s) {', '.join(missing)}; the specializations bind them")
     return inputs + outputs
+
+
+def check_serving_inputs(onnx_path: str | os.PathLike, options: QaicCompileOptions) -> None:
+    """The graph must have the inputs and dims the serving specializations bind (and no others)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    dims = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    for option, name, dim, flag in (
+        ("full_batch_size", "batch_index", "full_batch_size", "continuous_batching"),
+        ("num_speculative_tokens", "num_logits_to_keep", "num_logits_to_keep", "speculative"),
+    ):
+        wanted = getattr(options, option) is not None
+        if wanted and not (name in inputs and dim in dims):
+            raise ArtifactError(
+                f"{onnx_path} has no {name} input with a {dim} dim, which {option}= needs; export it with "
+                f"qeff.export(..., variant=GraphVariant({flag}=True))"
+            )
+        if not wanted and name in inputs:
+            raise ArtifactError(f"{onnx_path} has a {name} input: compile it with {option}=")
 
 
 def custom_io(names: list[str], *, mxint8: bool) -> dict[str, str]:
@@ -335,6 +389,7 @@ def compile(
             compiler = Path(sdk.EXEC_DIR) / "qaic-exec"
     options = replace(options, aic_hw_version=options.aic_hw_version or default_hw_version(compiler))
     names = retained_state_names(onnx_path)
+    check_serving_inputs(onnx_path, options)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("mdp_ts_*.json"), out_dir / LOG_FILE]:

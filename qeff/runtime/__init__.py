@@ -40,6 +40,19 @@ def open_session(
         raise ArtifactError(f"{artifact_dir} is not a compiled qeff artifact (no manifest.json); run `qeff compile`")
     inputs = manifest.get("inputs", {})
     backend, options = inputs.get("backend"), inputs.get("options", {})
+    if backend == "ort" and ("full_batch_size" in options or "num_speculative_tokens" in options):
+        from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
+        from qeff.serving.session import ServingOrtSession
+
+        return ServingOrtSession(
+            artifact_dir / OPTIMIZED,
+            batch_size=options.get("full_batch_size") or options["batch_size"],
+            full_batch_size=options.get("full_batch_size"),
+            ctx_len=options["ctx_len"],
+            threads=threads,
+            prompt_len=options["prompt_len"],
+            num_speculative_tokens=options.get("num_speculative_tokens"),
+        )
     if backend == "ort":
         from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
         from qeff.runtime.ort import OrtSession

@@ -19,6 +19,15 @@ a chunk and valid positions ``start, start+1, …`` the pad at column ``j`` goes
 a chunk (all pads; ``start`` clamps to 0) sends its pads to slots ``0 … seq_len-1``, over its own
 *earlier* valid slots: only the write-back keeps those intact (the mutation suite's "pads write
 their own values" fault shows it). All indices stay in ``[0, ctx_len)``.
+
+Continuous batching (``batch_index`` given, :mod:`qeff.serving`): the cache holds
+``full_batch_size`` independent rows ("slots") and a step runs ``B <= full_batch_size`` of them,
+row ``b`` of the step being cache row ``batch_index[b, 0]``. The step gathers its rows, writes the
+new tokens into them exactly as above, attends over them, and writes the new tokens (only those:
+one ScatterND of ``B x n_kv x S`` vectors) back into the full cache at ``(batch_index, head,
+slot)``. Rows not named by ``batch_index`` are neither read nor written. The gather reads the old
+cache before the ScatterND writes it, so ONNX Runtime may bind one buffer as both the cache input
+and its retained output.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["RetainedStateCache", "RetainedStateLayer", "scatter_slots"]
+__all__ = ["RetainedStateCache", "RetainedStateLayer", "scatter_slots", "scatter_rows"]
 
 
 def scatter_slots(position_ids: torch.Tensor, ctx_len: int) -> torch.Tensor:
@@ -42,6 +51,36 @@ def scatter_slots(position_ids: torch.Tensor, ctx_len: int) -> torch.Tensor:
     return torch.where(position_ids >= 0, position_ids, pad_slots)
 
 
+class _ScatterND(torch.autograd.Function):
+    """``data[indices[..., 0], indices[..., 1], indices[..., 2]] = updates`` (out of place), exported
+    as one standard ONNX ScatterND: what TorchScript makes of ``index_put`` is a long chain of
+    broadcasts, and the accelerator compilers know ScatterND."""
+
+    @staticmethod
+    def forward(data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        return data.index_put(tuple(indices.unbind(-1)), updates)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        return None
+
+    @staticmethod
+    def symbolic(g, data, indices, updates):
+        return g.op("ScatterND", data, indices, updates)
+
+
+def scatter_rows(cache: torch.Tensor, batch_index: torch.Tensor, slots: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Write ``update`` (B, H, S, D) into ``cache`` (F, H, C, D) at rows ``batch_index`` (B, 1) and
+    slots ``slots`` (B, S); every other entry keeps its value. The (row, head, slot) triples must
+    be distinct (rows of a step are distinct slots; see :func:`scatter_slots` for the slots)."""
+    b, h, s, _ = update.shape
+    rows = batch_index.reshape(b, 1, 1).expand(b, h, s)  # (B, H, S)
+    heads = torch.arange(h, dtype=slots.dtype, device=slots.device).reshape(1, h, 1).expand(b, h, s)
+    where = slots[:, None, :].expand(b, h, s)
+    indices = torch.stack([rows.to(slots.dtype), heads, where], dim=-1)  # (B, H, S, 3)
+    return _ScatterND.apply(cache, indices, update.to(cache.dtype))
+
+
 class RetainedStateLayer(CacheLayerMixin):
     """One layer's retained cache. ``update`` is functional: it returns new tensors (the scatter
     output) and keeps them as ``keys``/``values``, so the wrapper can return them as outputs."""
@@ -49,34 +88,56 @@ class RetainedStateLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor):
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+    ):
         super().__init__()
-        self.keys = keys  # (B, H_kv, C, D)
+        self.keys = keys  # (B, H_kv, C, D); with batch_index: (F, H_kv, C, D), all slots
         self.values = values
         self._slots = slots  # (B, S) in [0, C)
         self._valid = valid  # (B, S) bool
+        self._batch_index = batch_index  # (B, 1) rows of the full cache this step runs, or None
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # The retained cache is always initialised: its tensors are the graph's inputs.
         return None
 
-    def _write(self, cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _merge(self, cache: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, update), both (B, H_kv, S, D): where each token goes, and what it writes."""
         b, h, _, d = cache.shape
         s = new.shape[2]
         index = self._slots[:, None, :, None].expand(b, h, s, d)  # (B, H_kv, S, D)
         # Pads write back what their (unused) slot already holds: a no-op, never a corruption.
         old = torch.gather(cache, 2, index)
-        update = torch.where(self._valid[:, None, :, None], new.to(cache.dtype), old)
+        return index, torch.where(self._valid[:, None, :, None], new.to(cache.dtype), old)
+
+    def _write(self, cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        index, update = self._merge(cache, new)
         return cache.scatter(2, index, update)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys = self._write(self.keys, key_states)
-        self.values = self._write(self.values, value_states)
-        return self.keys, self.values
+        if self._batch_index is None:
+            self.keys = self._write(self.keys, key_states)
+            self.values = self._write(self.values, value_states)
+            return self.keys, self.values
+        # Continuous batching: attend over this step's rows, write only the new tokens back.
+        seen = []
+        for name, new in (("keys", key_states), ("values", value_states)):
+            full = getattr(self, name)  # (F, H, C, D)
+            rows = full.index_select(0, self._batch_index[:, 0])  # (B, H, C, D), read before the write
+            index, update = self._merge(rows, new)
+            setattr(self, name, scatter_rows(full, self._batch_index, self._slots, update))
+            seen.append(rows.scatter(2, index, update))
+        return seen[0], seen[1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return self.keys.shape[2], 0  # ctx_len, with or without batch_index
 
     def get_seq_length(self) -> int:
         # Only used by HF when position_ids are not given; the wrapper always gives them.
@@ -94,12 +155,18 @@ class RetainedStateCache(Cache):
     does not hand positions to every attention module.
     """
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], position_ids: torch.Tensor):
+    def __init__(
+        self,
+        past: list[tuple[torch.Tensor, torch.Tensor]],
+        position_ids: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+    ):
         ctx_len = past[0][0].shape[2]
         slots = scatter_slots(position_ids, ctx_len)
         valid = position_ids >= 0
-        super().__init__(layers=[RetainedStateLayer(k, v, slots, valid) for k, v in past])
+        super().__init__(layers=[RetainedStateLayer(k, v, slots, valid, batch_index) for k, v in past])
         self.position_ids = position_ids
+        self.batch_index = batch_index
 
     def retained(self) -> list[torch.Tensor]:
         """The updated cache, flattened as ``[k0, v0, k1, v1, …]`` (the graph's output order)."""

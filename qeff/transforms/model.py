@@ -109,11 +109,24 @@ class QEffCausalLM(nn.Module):
         masks = {t: additive_mask(position_ids, ctx_len, window=w) for t, w in self._windows.items()}
         return masks[""] if set(masks) == {""} else masks
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        num_logits_to_keep: torch.Tensor | None = None,
+    ):
+        """``batch_index`` (B, 1): the cache rows this step runs (continuous batching; the cache then
+        has ``full_batch_size`` rows). ``num_logits_to_keep`` (N, 1), read for its length only:
+        return the logits of the last N positions up to each row's last valid token (B, N, vocab),
+        as a speculative-decoding target needs. Both are graph variants of :mod:`qeff.serving`."""
         if len(past) != 2 * self.shape.num_layers:
             raise ValueError(f"expected {2 * self.shape.num_layers} cache tensors, got {len(past)}")
         ctx_len = past[0].shape[2]
-        cache = RetainedStateCache(list(zip(past[0::2], past[1::2])), position_ids)
+        pairs = list(zip(past[0::2], past[1::2]))
+        # The base graph builds its cache exactly as before the serving variants existed.
+        cache = RetainedStateCache(pairs, position_ids) if batch_index is None else RetainedStateCache(pairs, position_ids, batch_index=batch_index)
         decoder = self.spec.decoder(self.model)
         out = decoder(
             input_ids=input_ids,
@@ -124,8 +137,13 @@ class QEffCausalLM(nn.Module):
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, S, H)
         last = position_ids.argmax(dim=1, keepdim=True)  # (B, 1): column of the last valid token
-        hidden = torch.gather(hidden, 1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, 1, H)
-        logits = self.spec.head(self.model, hidden).float()  # (B, 1, V)
+        if num_logits_to_keep is not None:
+            # Columns last-N+1 … last (from 0 when fewer than N tokens precede): (B, N).
+            n = num_logits_to_keep.shape[0]
+            keep = torch.arange(n, dtype=last.dtype, device=last.device)[None, :]
+            last = (last + 1 - n).clamp(min=0) + keep
+        hidden = torch.gather(hidden, 1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, 1 or N, H)
+        logits = self.spec.head(self.model, hidden).float()  # (B, 1 or N, V)
         return (logits, *cache.retained())
 
 

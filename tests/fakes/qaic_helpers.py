@@ -36,17 +36,25 @@ def install_fake_runtime(monkeypatch):
     return qaicrt
 
 
-def tiny_retained_onnx(path: Path, num_layers: int = 2, vocab: int = 16) -> Path:
-    """A structurally valid graph with the retained-state contract's IO (it computes nothing useful)."""
+def tiny_retained_onnx(
+    path: Path, num_layers: int = 2, vocab: int = 16, *, continuous_batching: bool = False, speculative: bool = False
+) -> Path:
+    """A structurally valid graph with the retained-state contract's IO (it computes nothing useful),
+    optionally with the serving inputs (``batch_index`` / ``num_logits_to_keep``, qeff.serving.graph)."""
     import onnx
     from onnx import TensorProto, helper
 
-    past = ["batch_size", 2, "ctx_len", 8]
+    past = ["full_batch_size" if continuous_batching else "batch_size", 2, "ctx_len", 8]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "seq_len"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "seq_len"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, vocab])]
+    if continuous_batching:
+        inputs.append(helper.make_tensor_value_info("batch_index", TensorProto.INT64, ["batch_size", 1]))
+    if speculative:
+        inputs.append(helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, ["num_logits_to_keep", 1]))
+    rows = "num_logits_to_keep" if speculative else 1
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", rows, vocab])]
     nodes = [
         helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [3], [1, 1, vocab])),
         helper.make_node("ConstantOfShape", ["shape"], ["logits"]),

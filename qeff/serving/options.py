@@ -1,0 +1,112 @@
+"""The serving options of the ``qeff`` command line, and how a run dispatches on them.
+
+    --full_batch_size N           continuous batching over N cache slots (compile; not with --batch_size)
+    --num_speculative_tokens K    the target verifies K drafted tokens per step (compile)
+    --draft_model_name M          the draft model of speculative decoding (infer; default K = 3)
+    --prefix_caching              reuse a free slot's cached prompt prefix (with --full_batch_size)
+    --temperature T --top_k K --top_p P --repetition_penalty R --seed S   sampling (greedy when T = 0)
+
+:func:`serving_options` validates them all before any slow work: a bad value is one sentence and
+exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from qeff.errors import UsageError
+from qeff.serving.graph import BASE, GraphVariant
+from qeff.serving.sampling import SamplingParams
+
+__all__ = ["ServingOptions", "add_compile_args", "add_run_args", "add_draft_args", "serving_options", "DEFAULT_SPECULATIVE_TOKENS"]
+
+#: K when a draft model is named without --num_speculative_tokens.
+DEFAULT_SPECULATIVE_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    full_batch_size: int | None = None
+    num_speculative_tokens: int | None = None
+    draft_model_name: str | None = None
+    prefix_caching: bool = False
+    sampling: SamplingParams = SamplingParams()
+
+    @property
+    def variant(self) -> GraphVariant:
+        if self.full_batch_size is None and self.num_speculative_tokens is None:
+            return BASE
+        return GraphVariant(continuous_batching=self.full_batch_size is not None, speculative=self.num_speculative_tokens is not None)
+
+
+def _flag(parser, name: str, **kwargs):
+    dashed = name.replace("_", "-")
+    return parser.add_argument(*([name, dashed] if dashed != name else [name]), **kwargs)
+
+
+def add_compile_args(p) -> None:
+    _flag(p, "--full_batch_size", type=int, default=None,
+          help="continuous batching: N cache slots, each prompt admitted into a free one as soon as a row finishes (not with --batch_size)")
+    _flag(p, "--num_speculative_tokens", type=int, default=None,
+          help="speculative decoding: tokens the draft proposes per step, verified by the target in one step (default 3 with --draft_model_name)")
+
+
+def add_draft_args(p) -> None:
+    _flag(p, "--draft_model_name", default=None,
+          help="speculative decoding: the draft model (card, HF id, local dir or .gguf); it must share the target's tokenizer")
+
+
+def add_run_args(p) -> None:
+    _flag(p, "--prefix_caching", action="store_true",
+          help="with --full_batch_size: a prompt that starts like a free slot's previous prompt reuses those cache entries")
+    _flag(p, "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    _flag(p, "--top_k", type=int, default=0, help="sample among the k most likely tokens; 0 = no limit (default)")
+    _flag(p, "--top_p", type=float, default=1.0, help="sample among the most likely tokens whose probability reaches p, in (0, 1] (default 1)")
+    _flag(p, "--repetition_penalty", type=float, default=1.0, help="> 1 discourages tokens already seen; 1 = off (default)")
+    _flag(p, "--seed", type=int, default=0, help="seed of every prompt's own random stream (default 0)")
+
+
+def serving_options(args: argparse.Namespace) -> ServingOptions:
+    """Validate the serving flags present on ``args`` and settle ``args.batch_size`` (None → 1).
+    Idempotent: the options are kept on ``args``, so later calls return them unchanged."""
+    settled = getattr(args, "_serving_options", None)
+    if settled is not None:
+        return settled
+    fbs = getattr(args, "full_batch_size", None)
+    k = getattr(args, "num_speculative_tokens", None)
+    draft = getattr(args, "draft_model_name", None)
+    if fbs is not None and fbs < 1:
+        raise UsageError(f"--full_batch_size must be at least 1 (got {fbs})")
+    if hasattr(args, "batch_size"):
+        if fbs is not None and args.batch_size is not None:
+            raise UsageError(
+                "--full_batch_size and --batch_size exclude each other: with continuous batching prefill runs one "
+                "prompt at a time and decode runs --full_batch_size slots"
+            )
+        if args.batch_size is None:
+            args.batch_size = 1
+    if k is not None and k < 1:
+        raise UsageError(f"--num_speculative_tokens must be at least 1 (got {k})")
+    if k is not None and hasattr(args, "draft_model_name") and draft is None:
+        raise UsageError("--num_speculative_tokens needs --draft_model_name: the model that proposes the tokens")
+    if draft is not None and k is None:
+        k = DEFAULT_SPECULATIVE_TOKENS
+    sampling = SamplingParams(
+        temperature=getattr(args, "temperature", 0.0),
+        top_k=getattr(args, "top_k", 0),
+        top_p=getattr(args, "top_p", 1.0),
+        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+        seed=getattr(args, "seed", 0),
+    )
+    prefix = bool(getattr(args, "prefix_caching", False))
+    if prefix and fbs is None and hasattr(args, "full_batch_size"):
+        raise UsageError("--prefix_caching reuses the cache slots of continuous batching: add --full_batch_size")
+    if k is not None and fbs is not None:
+        raise UsageError("--full_batch_size and speculative decoding cannot be combined yet; choose one")
+    if draft is not None and not sampling.plain_greedy:
+        raise UsageError("speculative decoding here is greedy only: drop --temperature and --repetition_penalty, or the draft")
+    args._serving_options = ServingOptions(
+        full_batch_size=fbs, num_speculative_tokens=k, draft_model_name=draft, prefix_caching=prefix, sampling=sampling
+    )
+    return args._serving_options

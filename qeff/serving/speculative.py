@@ -1,0 +1,232 @@
+"""Speculative decoding (greedy): a draft model proposes K tokens, the target checks them in one step.
+
+Each round, for every unfinished row whose last token ``x`` sits at position ``p``:
+
+1. the **draft** (any session over the base graph, same tokenizer) runs one token per step and
+   proposes ``d1 … dK`` greedily. It first catches up on the tokens it has not yet run (the one
+   the target added last round, or two when every proposal was accepted);
+2. the **target** (a graph with ``num_logits_to_keep``, :mod:`qeff.serving.graph`) runs
+   ``x, d1 … dK`` at positions ``p … p+K`` in one step and returns K+1 logits, whose argmaxes
+   ``t0 … tK`` are the tokens the target itself would choose after each prefix;
+3. the row keeps ``t0 … tn``, where ``n`` is the number of leading proposals with ``d_i = t_{i-1}``:
+   every kept token is the target's own greedy choice after a prefix of target-verified tokens,
+   so the output is exactly the target's greedy output. Cache entries written for rejected
+   proposals sit beyond the row's position and are overwritten before any query can see them.
+
+Near the end of the cache a row proposes fewer tokens (positions stay below ``ctx_len``), the
+rest of its step being padding. ``mean_accepted_tokens`` is the mean of ``n + 1`` over rows and
+rounds: K+1 when the draft always agrees (self-speculation), 1 when it never does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from qeff.errors import UsageError
+from qeff.generation import _check_inputs, eos_ids, prefill_chunks
+from qeff.serving.continuous import common_prefix
+from qeff.serving.result import ServingResult
+
+__all__ = ["generate_speculative", "check_same_tokenizer"]
+
+
+def check_same_tokenizer(target_tokenizer, draft_tokenizer, *, target: str = "target", draft: str = "draft") -> None:
+    """Raise :class:`UsageError` unless both tokenizers map the same strings to the same ids."""
+    if target_tokenizer is None or draft_tokenizer is None:
+        return
+    a, b = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if a != b:
+        differ = len(set(a.items()) ^ set(b.items()))
+        raise UsageError(
+            f"the draft model {draft} does not share the tokenizer of {target} ({len(b)} vs {len(a)} tokens, "
+            f"{differ} entries differ): speculative decoding needs a draft with the target's vocabulary"
+        )
+
+
+def generate_speculative(
+    target,
+    draft,
+    prompts: Sequence[str] | None = None,
+    *,
+    num_speculative_tokens: int,
+    tokenizer=None,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    prompt_len: int | None = None,
+    generation_len: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    on_token=None,
+    return_logits: bool = False,
+) -> ServingResult:
+    """Greedy generation for up to ``target.batch_size`` prompts, ``num_speculative_tokens`` (K)
+    drafted per round. ``target`` must return K+1 logits per row (``run(..., keep=K+1)``);
+    ``draft`` is any session with the target's batch size and at least its ctx_len.
+    ``return_logits``: keep the target logits each token was chosen from (``result.logits``)."""
+    t0 = time.perf_counter()
+    k = num_speculative_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"--num_speculative_tokens must be at least 1 (got {k})")
+    if not getattr(getattr(target, "variant", None), "speculative", False):
+        raise UsageError("the target session's graph has no num_logits_to_keep input: export it with num_speculative_tokens")
+    if draft.batch_size != target.batch_size or draft.ctx_len < target.ctx_len:
+        raise UsageError(
+            f"the draft session (batch {draft.batch_size}, ctx_len {draft.ctx_len}) must match the target's batch size "
+            f"({target.batch_size}) and hold at least its ctx_len ({target.ctx_len})"
+        )
+    if prompt_token_ids is None:
+        if prompts is None or tokenizer is None:
+            raise UsageError("generate_speculative() needs prompts and a tokenizer, or prompt_token_ids")
+        prompt_token_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    prompts_ids = [list(map(int, p)) for p in prompt_token_ids]
+    batch, ctx_len, n = target.batch_size, target.ctx_len, len(prompts_ids)
+    prompt_len = target.prompt_len or prompt_len
+    if not prompt_len:
+        raise UsageError("prompt_len is required for this backend")
+    _check_inputs(prompts_ids, batch, prompt_len, ctx_len)
+    max_new = generation_len if generation_len is not None else ctx_len
+    if max_new < 1:
+        raise UsageError(f"generation_len must be at least 1 (got {max_new})")
+    if eos_token_id is None:
+        eos_token_id = eos_ids(tokenizer)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(map(int, eos_token_id))
+
+    # Prefill both models; the target's logits give each row its first token.
+    generated: list[list[int]] = [[] for _ in range(n)]
+    kept_logits: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for ids, pos, ends in prefill_chunks(prompts_ids, batch, prompt_len):
+        logits = target.run(ids, pos, keep=1)[:, -1, :]
+        draft.run(ids, pos)
+        for r in np.flatnonzero(ends[:n]):
+            generated[r].append(int(logits[r].argmax()))
+            if return_logits:
+                kept_logits[r].append(np.array(logits[r], dtype=np.float32))
+    drafted: list[list[int]] = [list(p) for p in prompts_ids]  # tokens the draft has run, by position
+    t_first = time.perf_counter()
+
+    reasons = [""] * n
+
+    def check_done(r: int) -> bool:
+        if reasons[r]:
+            return True
+        if generated[r][-1] in eos:
+            reasons[r] = "eos"
+        elif len(generated[r]) >= max_new:
+            reasons[r] = "length"
+        elif len(prompts_ids[r]) + len(generated[r]) - 1 >= ctx_len:
+            reasons[r] = "ctx_len"
+        return bool(reasons[r])
+
+    for r in range(n):
+        if on_token is not None:
+            on_token(r, generated[r][0])
+        check_done(r)
+
+    accepted: list[int] = []
+    proposed = agreed = steps = 0
+    draft_s = verify_s = 0.0
+    while True:
+        active = [r for r in range(n) if not reasons[r]]
+        if not active:
+            break
+        # Each row: its last token at position p, and how many proposals fit below ctx_len.
+        p = {r: len(prompts_ids[r]) + len(generated[r]) - 1 for r in active}
+        want = {r: min(k, ctx_len - 1 - p[r]) for r in active}
+        known = {r: prompts_ids[r] + generated[r] for r in active}
+        proposals: dict[int, list[int]] = {r: [] for r in active}
+
+        # 1. Draft: catch up on unseen tokens, then propose greedily, one token per step.
+        t_draft = time.perf_counter()
+        while True:
+            ids = np.zeros((batch, 1), dtype=np.int64)
+            pos = np.full((batch, 1), -1, dtype=np.int64)
+            running = []
+            for r in active:
+                if len(proposals[r]) >= want[r]:
+                    continue
+                seq = known[r] + proposals[r]
+                at = len(drafted[r])  # the next position the draft has not run
+                ids[r, 0], pos[r, 0] = seq[at], at
+                running.append(r)
+            if not running:
+                break
+            logits = draft.run(ids, pos)
+            for r in running:
+                drafted[r].append(int(ids[r, 0]))
+                if len(drafted[r]) == len(known[r]) + len(proposals[r]):  # caught up: the logits propose
+                    proposals[r].append(int(logits[r].argmax()))
+        draft_s += time.perf_counter() - t_draft
+
+        # 2. Target: x, d1 … d_want at positions p … p+want, the rest of the row padding.
+        t_verify = time.perf_counter()
+        ids = np.zeros((batch, k + 1), dtype=np.int64)
+        pos = np.full((batch, k + 1), -1, dtype=np.int64)
+        for r in active:
+            row = [generated[r][-1]] + proposals[r]
+            ids[r, : len(row)] = row
+            pos[r, : len(row)] = np.arange(p[r], p[r] + len(row))
+        logits = target.run(ids, pos, keep=k + 1)  # (B, K+1, V): column j scores position p+j
+        verify_s += time.perf_counter() - t_verify
+        steps += 1
+
+        # 3. Keep the target's tokens up to and including the first disagreement.
+        for r in active:
+            choices = logits[r, : want[r] + 1].argmax(-1)
+            kept = 1
+            while kept <= want[r] and proposals[r][kept - 1] == int(choices[kept - 1]):
+                kept += 1
+            accepted.append(kept)
+            proposed += want[r]
+            agreed += kept - 1
+            for j, token in enumerate(choices[:kept]):
+                generated[r].append(int(token))
+                if return_logits:
+                    kept_logits[r].append(np.array(logits[r, j], dtype=np.float32))
+                if on_token is not None:
+                    on_token(r, int(token))
+                if check_done(r):
+                    break
+            # The draft's cache is valid as far as what it ran agrees with the kept tokens.
+            del drafted[r][common_prefix(drafted[r], prompts_ids[r] + generated[r]) :]
+    t_end = time.perf_counter()
+
+    messages = [
+        f"prompt {r}: stopped after {len(generated[r])} new tokens because its cache is full "
+        f"({len(prompts_ids[r])} prompt + {len(generated[r])} generated tokens reach ctx_len={ctx_len}); "
+        f"compile with a larger ctx_len to generate more"
+        for r in range(n)
+        if reasons[r] == "ctx_len"
+    ]
+    new_tokens = sum(len(g) for g in generated)
+    prefill_s, decode_s, e2e = t_first - t0, t_end - t_first, t_end - t0
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated] if tokenizer is not None else [""] * n
+    return ServingResult(
+        prompts=list(prompts) if prompts is not None else [None] * n,
+        prompt_token_ids=prompts_ids,
+        token_ids=generated,
+        texts=texts,
+        stop_reasons=reasons,
+        batch_size=batch,
+        prompt_len=prompt_len,
+        ctx_len=ctx_len,
+        ttft_s=prefill_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        e2e_s=e2e,
+        new_tokens=new_tokens,
+        decode_tokens=new_tokens - n,
+        decode_tok_s=(new_tokens - n) / decode_s if decode_s > 0 else 0.0,
+        total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
+        messages=messages,
+        steps=steps,
+        mean_accepted_tokens=float(np.mean(accepted)) if accepted else 0.0,
+        acceptance_rate=agreed / proposed if proposed else 0.0,
+        num_speculative_tokens=k,
+        draft_s=draft_s,
+        verify_s=verify_s,
+        verify_rows=len(accepted),
+        proposed_tokens=proposed,
+        accepted_drafts=agreed,
+        logits=[np.stack(rows) for rows in kept_logits] if return_logits else None,
+    )
