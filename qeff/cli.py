@@ -72,6 +72,8 @@ def _run_args(p):
     _flag(p, "--prompt", default=None, help=f'prompt(s), several separated by "|" (default: "{DEFAULT_PROMPT}")')
     _flag(p, "--prompts_txt_file_path", default=None, help="file with one prompt per line")
     _flag(p, "--generation_len", type=int, default=None, help="max new tokens per prompt (default: until EOS or the cache is full)")
+    _flag(p, "--ignore_eos", action="store_true",
+          help="do not stop a row at EOS: generate exactly --generation_len tokens (or until the cache is full), e.g. for benchmarks")
     _flag(p, "--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
     p.add_argument("--specialize-decode", "--specialize_decode", action=argparse.BooleanOptionalAction, default=None,
                    help="ONNX Runtime: a second session pinned to decode shapes, ~12%% faster decode for a second copy of "
@@ -233,7 +235,7 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out):
 
     check_prompt_lengths(tokenizer, prompts, session.ctx_len)
     summary = run_prompts(session, prompts, tokenizer=tokenizer, generation_len=args.generation_len,
-                          stream=out.human if args.stream else None)
+                          ignore_eos=getattr(args, "ignore_eos", False), stream=out.human if args.stream else None)
     for message in summary.messages:
         out.say(f"[qeff] {message}")
     return summary

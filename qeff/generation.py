@@ -131,9 +131,14 @@ def generate(
     prompt_len: int | None = None,
     generation_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    ignore_eos: bool = False,
     on_token: TokenCallback | None = None,
 ) -> GenerationResult:
-    """Greedy generation for up to ``session.batch_size`` prompts (text, or token ids)."""
+    """Greedy generation for up to ``session.batch_size`` prompts (text, or token ids).
+
+    ``ignore_eos``: EOS does not stop a row, so every row runs to ``generation_len`` (or a full
+    cache) — fixed-length runs for benchmarks, as llama.cpp's ``--ignore-eos`` and vLLM's
+    ``ignore_eos``."""
     t0 = time.perf_counter()
     if prompt_token_ids is None:
         if prompts is None or tokenizer is None:
@@ -145,7 +150,9 @@ def generate(
     if not prompt_len:
         raise UsageError("prompt_len is required for this backend")
     _check_inputs(prompt_token_ids, batch, prompt_len, ctx_len)
-    if eos_token_id is None:
+    if ignore_eos:
+        eos_token_id = []
+    elif eos_token_id is None:
         eos_token_id = eos_ids(tokenizer)
     eos = np.array(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)), dtype=np.int64)
     n_rows = len(prompt_token_ids)
@@ -279,10 +286,11 @@ def run_prompts(
     *,
     tokenizer,
     generation_len: int | None = None,
+    ignore_eos: bool = False,
     stream: TextIO | None = None,
 ) -> RunSummary:
     """Generate for every prompt, in batches of ``session.batch_size``; ``stream`` (a text file)
-    receives the first prompt's tokens as they come."""
+    receives the first prompt's tokens as they come; ``ignore_eos`` as :func:`generate`'s."""
     from qeff.inputs import batches
 
     plan = batches(list(prompts), session.batch_size)
@@ -291,7 +299,7 @@ def run_prompts(
         streamer = TextStreamer(tokenizer, out=stream) if stream is not None and index == 0 else None
         if streamer:
             stream.write(f"\n{rows[0]}")
-        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer)
+        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, ignore_eos=ignore_eos, on_token=streamer)
         if streamer:
             streamer.end()
         results.append(r)

@@ -134,6 +134,21 @@ def test_execute_runs_a_compiled_artifact(tiny_model_dir, tmp_path, capsys, monk
     assert code == 0 and out["token_ids"] == first["token_ids"]
 
 
+def test_ignore_eos_generates_the_full_length(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
+    args = ["--model_name", str(tiny_model_dir), "--prompt", "Hi", "--ctx_len", "32", "--generation_len", "8", "--no-verify"]
+    free, _ = infer_json(capsys, *args)
+    # Make the row's 3rd generated token the model's EOS: without the flag it stops there.
+    import qeff.generation
+
+    monkeypatch.setattr(qeff.generation, "eos_ids", lambda *a, **k: {free["token_ids"][0][2]})
+    stopped, _ = infer_json(capsys, *args)
+    first = free["token_ids"][0].index(free["token_ids"][0][2])
+    assert stopped["token_ids"][0] == free["token_ids"][0][: first + 1] and len(stopped["token_ids"][0]) < 8
+    ignored, _ = infer_json(capsys, *args, "--ignore_eos")
+    assert ignored["token_ids"] == free["token_ids"] and ignored["new_tokens"] == 8
+
+
 def test_compile_qaic_dry_run_prints_the_command(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
     code = main(["compile", "--model_name", str(tiny_model_dir), "--backend", "qaic", "--dry-run", "--device_group", "[0,1]",
