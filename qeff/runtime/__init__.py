@@ -38,6 +38,12 @@ def open_session(
         raise ArtifactError(f"{artifact_dir} is not a compiled qeff artifact (no manifest.json); run `qeff compile`")
     inputs = manifest.get("inputs", {})
     backend, options = inputs.get("backend"), inputs.get("options", {})
+    if backend == "ort" and inputs.get("graph") == "fused":
+        from qeff.compilers.ort_fused import FUSED_GRAPH
+        from qeff.runtime.ort_fused import FusedOrtSession
+
+        return FusedOrtSession(artifact_dir / FUSED_GRAPH, batch_size=options["batch_size"], ctx_len=options["ctx_len"],
+                               prompt_len=options["prompt_len"], threads=threads)
     if backend == "ort":
         from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
         from qeff.runtime.ort import OrtSession
