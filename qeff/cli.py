@@ -66,6 +66,14 @@ def _compile_args(p):
     _flag(p, "--aic_hw_version", default=None, help="Cloud AI: -aic-hw-version (default: what the compiler documents)")
     _flag(p, "--compiler_option", action="append", default=[], metavar="FLAG",
           help="extra Cloud AI compiler flag, passed through (repeatable), e.g. -stats-level=70")
+    p.add_argument("--ort-graph", "--ort_graph", choices=["auto", "fused", "portable"], default="auto",
+                   help="ONNX Runtime: the fused CPU graph (llama, mistral, qwen2) or the portable one; auto = fused when "
+                        "the architecture is covered (default)")
+    _flag(p, "--weights", choices=["fp32", "native", "int8", "int4"], default="fp32",
+          help="ONNX Runtime fused graph: fp32; native = a GGUF file's own quantized blocks, exactly; int8/int4 = "
+               "round-to-nearest blocks of the float weights (default fp32)")
+    p.add_argument("--int8-activations", "--int8_activations", action="store_true",
+                   help="ONNX Runtime fused graph with quantized weights: int8 activations inside MatMulNBits (faster, not exact)")
 
 
 def _run_args(p):

@@ -318,3 +318,18 @@ def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, ac
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"model": FUSED_GRAPH, "data_bytes": data_bytes, "nodes": len(builder.g.nodes), "ops": ops,
             "accuracy_level": accuracy_level, **weights.facts}
+
+
+def write_linear_graph(weight, path: str | os.PathLike, *, accuracy_level: int = 0) -> Path:
+    """A graph of one linear layer ``Y (B, S, N) = X (B, S, K) @ W.T`` lowered as the decoder
+    lowers it: the unit under test of the exactness tests (``tests/test_quant_*.py``)."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+
+    builder = _Builder(None, _Lowering(accuracy_level=accuracy_level))  # type: ignore[arg-type]
+    n, k = weight.shape
+    builder.linear("X", weight, "linear")
+    builder.g.nodes[-1].output[0] = "Y"
+    path = Path(path)
+    builder.g.save(path, [vi("X", TensorProto.FLOAT, ["B", "S", k])], [vi("Y", TensorProto.FLOAT, ["B", "S", n])], {})
+    return path

@@ -159,3 +159,42 @@ def _export_config(export_dir: Path):
     if not config.get("model_type"):
         raise QEffError(f"{export_dir}/manifest.json records no model config; re-export the model")
     return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+GRAPHS = ("auto", "fused", "portable")
+
+
+def compile_for_cpu(prepared, *, graph: str = "auto", weights: str = "fp32", int8_activations: bool = False,
+                    batch_size: int, prompt_len: int, ctx_len: int, threads: int | None = None,
+                    force: bool = False, say: Callable[[str], None] = print) -> Built | None:
+    """The CLI's choice of ONNX Runtime graph for a prepared export (``qeff.pipeline.Prepared``):
+    the fused graph when ``graph`` allows it and the architecture is covered, else None (the
+    caller compiles the portable graph). ``auto`` falls back with a note; ``fused`` insists."""
+    from types import SimpleNamespace
+
+    from qeff.compilers.ort_fused import unsupported_reason
+
+    if graph not in GRAPHS:
+        raise UsageError(f"unknown ONNX Runtime graph {graph!r}; choose one of {', '.join(GRAPHS)}")
+    if graph == "portable":
+        if weights != "fp32" or int8_activations:
+            raise UsageError("--weights and --int8-activations apply to the fused graph; drop --ort-graph portable")
+        return None
+    config = (prepared.export.manifest.get("outputs") or {}).get("config") or {}
+    reason = unsupported_reason(SimpleNamespace(**config)) if config else "the export recorded no model config"
+    if reason:
+        if graph == "fused" or weights != "fp32":
+            raise UsageError(f"the fused ONNX Runtime graph cannot run this model: {reason}")
+        say(f"[qeff] {reason}: running the portable ONNX graph")
+        return None
+    source = prepared.source
+    gguf = source.path if source is not None and source.kind == "gguf" else None
+    built = compile_fused(prepared.export_dir, batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len, weights=weights,
+                          load_model=lambda: prepared.model, gguf_path=gguf, int8_activations=int8_activations,
+                          threads=threads, force=force, progress=True)
+    check = (built.manifest.get("outputs") or {}).get("check")
+    if check:
+        say(f"[qeff] fused graph vs portable graph: logits max-abs {check['logits_max_abs']:.2e}, MSE {check['logits_mse']:.2e}, "
+            f"tokens {check['tokens_matched']}/{check['tokens_total']}" + ("" if check["gated"] else " (weights re-quantized: reported, not gated)")
+            + (" (cached)" if built.reused else ""))
+    return built

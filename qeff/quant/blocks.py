@@ -7,14 +7,15 @@ optional float ``offset``:
 
     W[n, k] = (q[n, k] - zero_point[n, j]) * scale[n, j] + offset[n, j]        j = k // block_size
 
-``MatMulNBits`` computes the first term (its float zero points would cover the offset, but ONNX
-Runtime's CPU kernel takes a slow path for them — 15x slower than fp32 here); the offset term is
+``MatMulNBits`` computes the first term (its float zero points could hold the offset, but ONNX
+Runtime's CPU kernel takes a slow path for them — ~14x slower than its fp32 MatMul here); the offset term is
 ``blocksum(A) @ offset.T``, one small extra MatMul. That makes formats with a per-block minimum
 (GGUF's Q4_1, Q4_K, Q5_K) *exact*: every ``W[n, k]`` is the number the file's decoder computes.
 
 ONNX Runtime's fp32-accurate CPU kernel is fast for 4-bit codes only (8-bit codes take a slow
-path unless activations are quantized), so an 8-bit matrix is stored as two 4-bit halves —
-``q = 16 * hi + lo`` — whose sum is the same matrix, exactly (see :meth:`NBitsWeight.nibbles`).
+path unless activations are quantized — ~12x slower than fp32 here), so an 8-bit matrix runs as
+two 4-bit halves — ``q = 16 * hi + lo`` — whose sum is the same matrix, exactly
+(see :meth:`NBitsWeight.nibbles`).
 """
 
 from __future__ import annotations
@@ -89,19 +90,16 @@ class NBitsWeight:
     def nibbles(self) -> tuple[NBitsWeight, NBitsWeight]:
         """An 8-bit matrix as two 4-bit ones whose sum is exactly the same matrix.
 
-        With ``q = 16 hi + lo`` and 4-bit zero points of 8:
-        ``(q - z) s + o = (hi - 8)(16 s) + (lo - 8) s + (o + (136 - z) s)``. ``16 s`` is exact
-        (a power of two); ``(136 - z) s`` is exact for a float16-born ``s`` (11 + 8 significant
-        bits fit float32's 24); only adding it to a nonzero ``o`` rounds, once.
+        With ``q = 16 hi + lo`` and ``z = 16 zh + zl``: ``(q - z) s = (hi - zh)(16 s) + (lo - zl) s``,
+        an identity of integers times ``s``; ``16 s`` is exact (a power of two), and so is every
+        product for a float16-born ``s`` (a handful of significant bits times a 4-bit integer).
+        The offsets, if any, ride on the high half unchanged.
         """
         if self.bits != 8:
             raise ValueError("nibbles() splits 8-bit matrices")
-        hi, lo = self.codes >> 4, self.codes & 15
-        eight = np.full_like(self.zero_points, 8)
-        shift = (136.0 - self.zero_points.astype(np.float32)) * self.scales
-        offsets = shift if self.offsets is None else (self.offsets + shift).astype(np.float32)
-        high = NBitsWeight(4, self.block_size, hi, (self.scales * 16).astype(np.float32), eight, offsets.astype(np.float32), self.source)
-        low = NBitsWeight(4, self.block_size, lo, self.scales, eight, None, self.source)
+        high = NBitsWeight(4, self.block_size, self.codes >> 4, (self.scales * np.float32(16)).astype(np.float32),
+                           self.zero_points >> 4, self.offsets, self.source)
+        low = NBitsWeight(4, self.block_size, self.codes & 15, self.scales, self.zero_points & 15, None, self.source)
         return high, low
 
     @staticmethod
