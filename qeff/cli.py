@@ -373,9 +373,9 @@ def cmd_execute(args) -> int:
     else:
         for candidate in (artifact, *artifact.parents[:3]):
             if (candidate / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
+                from qeff.tokenizer import open_saved_tokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(str(candidate))
+                tokenizer = open_saved_tokenizer(candidate)
                 break
     if tokenizer is None:
         raise UsageError(f"no tokenizer found beside {artifact}; pass --model_name to say where it comes from")

@@ -58,7 +58,7 @@ def compile(
     Reused when its manifest matches. The ``num_cores`` … ``extra_options`` options are Cloud AI's;
     ``dry_run`` (qaic only) writes the compiler's files and command without running it and returns
     a :class:`qeff.compilers.qaic.QaicCompileResult`."""
-    from qeff.exporter import library_versions
+    from qeff._system import library_versions
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():

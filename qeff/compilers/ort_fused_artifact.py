@@ -98,7 +98,7 @@ def compile_fused(
     """
     from qeff.compilers import onnx_identity
     from qeff.compilers.ort_fused import FUSED_GRAPH
-    from qeff.exporter import library_versions
+    from qeff._system import library_versions
 
     if weights not in WEIGHTS:
         raise UsageError(f"unknown weights format {weights!r}; choose one of {', '.join(WEIGHTS)}")
@@ -164,6 +164,18 @@ def _export_config(export_dir: Path):
 GRAPHS = ("auto", "fused", "portable")
 
 
+def check_cpu_options(source, *, graph: str, weights: str, int8_activations: bool) -> None:
+    """Refuse option combinations that cannot work, before anything is loaded or exported
+    (``source``: the resolved ``qeff.loading.ModelSource``)."""
+    if graph == "portable" and (weights != "fp32" or int8_activations):
+        raise UsageError("--weights and --int8-activations apply to the fused graph; drop --ort-graph portable")
+    if weights == "native" and source.kind != "gguf":
+        raise UsageError(f"--weights native re-encodes a GGUF file's own blocks, and {source.name!r} is not a .gguf model; "
+                         f"use --weights int8 or int4 to quantize its float weights")
+    if int8_activations and weights == "fp32":
+        raise UsageError("--int8-activations applies to quantized weights (--weights native, int8 or int4)")
+
+
 def compile_for_cpu(prepared, *, graph: str = "auto", weights: str = "fp32", int8_activations: bool = False,
                     batch_size: int, prompt_len: int, ctx_len: int, threads: int | None = None,
                     force: bool = False, say: Callable[[str], None] = print) -> Built | None:
@@ -176,9 +188,9 @@ def compile_for_cpu(prepared, *, graph: str = "auto", weights: str = "fp32", int
 
     if graph not in GRAPHS:
         raise UsageError(f"unknown ONNX Runtime graph {graph!r}; choose one of {', '.join(GRAPHS)}")
+    if prepared.source is not None:
+        check_cpu_options(prepared.source, graph=graph, weights=weights, int8_activations=int8_activations)
     if graph == "portable":
-        if weights != "fp32" or int8_activations:
-            raise UsageError("--weights and --int8-activations apply to the fused graph; drop --ort-graph portable")
         return None
     config = (prepared.export.manifest.get("outputs") or {}).get("config") or {}
     reason = unsupported_reason(SimpleNamespace(**config)) if config else "the export recorded no model config"
