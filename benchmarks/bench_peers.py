@@ -5,7 +5,8 @@
 Engines (each in its own process, so peak RSS is its own; peers from ``.venv-peers`` when present):
 
     qeff-fused-fp32     qeff's fused CPU graph, fp32 weights
-    qeff-fused-native   the same graph with the GGUF file's own Q4_1/Q8_0 blocks (MatMulNBits)
+    qeff-fused-native   the same graph with the GGUF file's own Q4_1/Q8_0 blocks (MatMulNBits), exact
+    qeff-fused-native-a8  … with int8 activations inside MatMulNBits (as llama.cpp's Q4_1 x Q8_1 dot products)
     qeff-portable       qeff's portable (Cloud AI) graph on ONNX Runtime: the "before"
     genai-fp32          onnxruntime-genai 0.18 on a model folder from its own builder (-p fp32 -e cpu)
     llama.cpp-F32       llama-cpp-python on an F32 GGUF holding the very weights HF loads
@@ -39,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_ENGINES = "qeff-fused-fp32,qeff-fused-native,qeff-portable,genai-fp32,llama.cpp-F32,llama.cpp-Q4_1"
+DEFAULT_ENGINES = "qeff-fused-fp32,qeff-fused-native,qeff-fused-native-a8,qeff-portable,genai-fp32,llama.cpp-F32,llama.cpp-Q4_1"
 
 
 def log(*parts) -> None:
@@ -117,7 +118,7 @@ def engine_specs(setup: dict, batch: int, peers_python: Path | None, main_python
     for name, by_batch in setup["artifacts"].items():
         path = by_batch.get(str(batch)) or by_batch.get(batch)
         if path:
-            specs[name] = (main_python, "qeff", path, step["qeff-native"] if name.endswith("native") else step["fp32"])
+            specs[name] = (main_python, "qeff", path, step["qeff-native"] if "native" in name else step["fp32"])
     specs["hf-eager"] = (main_python, "hf", setup["paths"]["hf"], step["fp32"])
     if peers_python is not None:
         genai = work / "genai-fp32"

@@ -71,16 +71,16 @@ def main() -> int:
     ids = prepared.tokenizer(PROMPT)["input_ids"][: args.prompt_tokens]
     assert len(ids) == args.prompt_tokens
     gguf_path = embedded_gguf()
-    artifacts: dict[str, dict[int, str]] = {"qeff-fused-fp32": {}, "qeff-fused-native": {}}
+    artifacts: dict[str, dict[int, str]] = {"qeff-fused-fp32": {}, "qeff-fused-native": {}, "qeff-fused-native-a8": {}}
     if args.portable:
         artifacts["qeff-portable"] = {}
     shape = dict(prompt_len=args.prompt_len, ctx_len=args.ctx_len)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        for weights in ("fp32", "native"):
-            log(f"[setup] qeff fused graph, {weights} weights, batch {batch}")
+        for weights, a8 in (("fp32", False), ("native", False), ("native", True)):
+            log(f"[setup] qeff fused graph, {weights} weights{', int8 activations' if a8 else ''}, batch {batch}")
             built = compile_fused(prepared.export_dir, batch_size=batch, **shape, weights=weights, load_model=lambda: prepared.model,
-                                  gguf_path=gguf_path, progress=True)
-            artifacts[f"qeff-fused-{weights}"][batch] = str(built.path)
+                                  gguf_path=gguf_path, int8_activations=a8, progress=True)
+            artifacts[f"qeff-fused-{weights}" + ("-a8" if a8 else "")][batch] = str(built.path)
         if args.portable:
             artifacts["qeff-portable"][batch] = str(qeff.compile(prepared.onnx_path, batch_size=batch, **shape, progress=True).path)
 

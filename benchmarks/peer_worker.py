@@ -25,6 +25,15 @@ import time
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux starts a child's ru_maxrss at its
+    parent's RSS (fork), which exec does not reset."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -97,8 +106,11 @@ class LlamaCpp:
         llm.eval(ids)
         tokens = []
         first = None
+        vocab = llm.n_vocab()
         for _ in range(new_tokens):
-            token = int(np.argmax(llm.eval_logits[-1] if llm.eval_logits else llm.scores[llm.n_tokens - 1]))
+            # The last evaluated token's logits, straight from llama.cpp (llama-cpp-python keeps
+            # them in ``scores`` only with logits_all, and ``eval_logits`` copies every row).
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
             tokens.append(token)
             if first is None:
                 first = time.perf_counter()
