@@ -103,11 +103,11 @@ def main() -> int:
     f32_gguf(gguf_path, f32)
 
     # Bytes a decode step reads: every matmul weight once (the embedding is gathered a row at a time).
-    from qeff.quant.gguf import from_gguf
+    from qeff.compilers.ort_fused_weights import from_gguf
 
     config = prepared.model.config if prepared._model is not None else None
     if config is None:
-        from qeff.compilers.ort_fused_artifact import _export_config
+        from qeff.compilers.ort_fused_artifact import export_config as _export_config
 
         config = _export_config(prepared.export_dir)
     native = from_gguf(gguf_path, config, 8)

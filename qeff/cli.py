@@ -204,15 +204,40 @@ def _compile_options(args, backend: str, out: _Out) -> dict:
     return options
 
 
-def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False):
+def _check_shapes(args, backend: str) -> None:
+    """Usage errors of the compile options, before anything is loaded or exported."""
+    if min(args.batch_size, args.prompt_len, args.ctx_len) < 1 or args.prompt_len > args.ctx_len:
+        raise UsageError(f"need --batch_size, --prompt_len, --ctx_len >= 1 and --prompt_len <= --ctx_len "
+                         f"(got {args.batch_size}, {args.prompt_len}, {args.ctx_len})")
+    if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph != "auto"):
+        if args.mxfp6 or args.mxint8:
+            raise UsageError("--mxfp6/--mxint8 on the ort backend run the emulated portable graph; drop --weights, "
+                             "--int8-activations and --ort-graph, or the MX flags")
+        from qeff.compilers.ort_fused_artifact import check_cpu_options
+        from qeff.loading import resolve
+
+        check_cpu_options(resolve(args.model_name, revision=args.revision, cache_dir=args.cache_dir),
+                          graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations)
+
+
+def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False, out: _Out | None = None):
     """Compile the exported graph (or ``onnx_path``). On ort, --mxfp6/--mxint8 compile the emulated
-    tier instead (:mod:`qeff.precision`; the portable graph is left as it is)."""
+    tier instead (:mod:`qeff.precision`; the portable graph is left as it is); otherwise the fused
+    CPU graph when it covers the model (:mod:`qeff.cpu_graph`), else the portable graph."""
     import qeff
 
     if backend == "ort" and (args.mxfp6 or args.mxint8):
         from qeff.precision.commands import emulated_graph
 
         onnx_path = emulated_graph(onnx_path or pipe.onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
+    elif backend == "ort" and onnx_path is None and pipe is not None:
+        from qeff.cpu_graph import compile_cpu
+
+        fused = compile_cpu(pipe, graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations,
+                            batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
+                            threads=getattr(args, "threads", None), force=force, say=out.say if out else print)
+        if fused is not None:
+            return fused
     if onnx_path is None:
         return pipe.compile(backend, force=force, **options)
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
@@ -294,6 +319,7 @@ def cmd_infer(args) -> int:
 
         sdk.require_compiler()
         sdk.import_runtime()
+    _check_shapes(args, backend)
     pipe = _pipeline(args)
     exported = pipe.export(force=args.force, validate=lambda tok: check_prompt_lengths(tok, prompts, args.ctx_len))
     _reuse_note(out, "export", exported)
@@ -316,9 +342,9 @@ def cmd_infer(args) -> int:
                 )
                 raise QEffError(f"verification failed: {failures}; run `qeff verify` for the full report, or --no-verify to skip")
     options = _compile_options(args, backend, out)
-    built = _compile(pipe, backend, args, options, force=args.force)
+    built = _compile(pipe, backend, args, options, force=args.force, out=out)
     _reuse_note(out, f"{backend} artifact", built)
-    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options), **_session_options(args))
+    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, out=out), **_session_options(args))
     if rebuilt:
         out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
     summary = _run(session, tokenizer, prompts, args, out)
@@ -347,9 +373,10 @@ def cmd_compile(args) -> int:
     if args.onnx_path:
         result = _compile(None, backend, args, options, onnx_path=Path(args.onnx_path))
     else:
+        _check_shapes(args, backend)
         pipe = _pipeline(args)
         _reuse_note(out, "export", pipe.export())
-        result = _compile(pipe, backend, args, options)
+        result = _compile(pipe, backend, args, options, out=out)
     if args.dry_run:
         out.say(f"[qeff] wrote the compiler's files to {result.out_dir}; run the compile by hand with:\n{result.shell_command()}")
         return 0

@@ -16,16 +16,16 @@ ROOT = Path(qeff.__file__).parent
 
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
-    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data"),
+    ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data", "qeff.quant"),
     ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers"),
-    ("qeff.loading", "qeff.configs"),
+    ("qeff.loading", "qeff.configs", "qeff.tokenizer"),
     ("qeff.transforms", "qeff.support"),
     ("qeff.exporter",),
     ("qeff.runtime",),
     ("qeff.compilers",),
     ("qeff.generation",),
     ("qeff.divergence", "qeff.verification", "qeff.precision"),
-    ("qeff.pipeline",),
+    ("qeff.pipeline", "qeff.cpu_graph"),
     ("qeff.cli", "qeff.cloud", "qeff.__main__", "qeff"),
 ]
 

@@ -13,22 +13,32 @@ import pytest
 
 import qeff
 from qeff.compilers.ort_fused import FUSED_GRAPH, write_fused_graph
-from qeff.compilers.ort_fused_artifact import check_against_portable, compile_fused
+from qeff.compilers.ort_fused_artifact import compile_fused
 from qeff.compilers.ort_fused_weights import from_hf
+from qeff.cpu_graph import check_against_portable
 from qeff.errors import UsageError, VerificationError
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.ort_fused import FusedOrtSession, step_inputs
 from qeff.verification import Tolerances, compare, session_trace
-from tests.tiny import random_prompts, tiny_model
+from tests.tiny import TINY_CONFIGS, random_prompts, tiny_model
 
 CTX = 40  # not a multiple of the prefill chunk: the last chunk of a long prompt is partial
 PROMPT_LEN = 8
 PROMPTS = random_prompts((19, 3, 8), seed=11)  # 3 chunks, 1 chunk (mostly padding), exactly 1 chunk
 
 
+def fused_model(name: str):
+    """The cards' tiny models; qwen2's with 16-dim heads (its card has 8, which ONNX Runtime's CPU
+    GroupQueryAttention refuses — see test_unsupported_configs_fall_back), same layer windows."""
+    if name == "qwen2":
+        model_type, config = TINY_CONFIGS["qwen2"]
+        return qeff.from_config(model_type, {**config, "hidden_size": 112}, seed=7)
+    return tiny_model(name, seed=7)
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral-sliding"])
 def built(request, tmp_path_factory):
-    model = tiny_model(request.param, seed=7)
+    model = fused_model(request.param)
     root = tmp_path_factory.mktemp(f"fused-{request.param}")
     onnx_path = qeff.export(qeff.transform(model), root / "export").path
     fused_dir = root / "fused"
@@ -82,6 +92,14 @@ def test_the_build_check_fails_on_a_seeded_fault(built, tmp_path):
         check_against_portable(session, onnx_path, prompt_len=PROMPT_LEN)
 
 
+def test_unsupported_configs_fall_back():
+    from qeff.compilers.ort_fused import unsupported_reason
+
+    assert "multiple of 16" in unsupported_reason(tiny_model("qwen2").config)  # head_dim 8
+    assert "gpt2" in unsupported_reason(qeff.from_config("gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2}).config)
+    assert unsupported_reason(fused_model("qwen2").config) is None
+
+
 def test_a_wrong_window_is_caught(tmp_path):
     # local_window_size is the window itself (keys p - w < k <= p); one less is a different model.
     model = tiny_model("mistral-sliding", seed=7)
@@ -104,8 +122,11 @@ def test_compile_fused_builds_once_checks_and_opens(tmp_path):
         loads.append(1)
         return model
 
-    first = compile_fused(onnx_path.parent, batch_size=2, prompt_len=PROMPT_LEN, ctx_len=CTX, load_model=load)
-    again = compile_fused(onnx_path.parent, batch_size=2, prompt_len=PROMPT_LEN, ctx_len=CTX, load_model=load)
+    def check(session, gate):
+        return check_against_portable(session, onnx_path, prompt_len=PROMPT_LEN, gate=gate)
+
+    first = compile_fused(onnx_path.parent, batch_size=2, prompt_len=PROMPT_LEN, ctx_len=CTX, load_model=load, check=check)
+    again = compile_fused(onnx_path.parent, batch_size=2, prompt_len=PROMPT_LEN, ctx_len=CTX, load_model=load, check=check)
     assert not first.reused and again.reused and len(loads) == 1  # a cached build never loads the model
     check = first.manifest["outputs"]["check"]
     assert check["passed"] and check["gated"] and check["tokens_matched"] == check["tokens_total"] > 0
@@ -117,7 +138,8 @@ def test_compile_fused_builds_once_checks_and_opens(tmp_path):
 def test_rtn_weights_are_reported_not_gated(tmp_path, weights):
     model = tiny_model("llama", seed=7)
     onnx_path = qeff.export(qeff.transform(model), tmp_path / "export").path
-    built = compile_fused(onnx_path.parent, batch_size=1, prompt_len=PROMPT_LEN, ctx_len=CTX, weights=weights, load_model=lambda: model)
+    built = compile_fused(onnx_path.parent, batch_size=1, prompt_len=PROMPT_LEN, ctx_len=CTX, weights=weights, load_model=lambda: model,
+                          check=lambda session, gate: check_against_portable(session, onnx_path, prompt_len=PROMPT_LEN, gate=gate))
     check = built.manifest["outputs"]["check"]
     assert not check["gated"] and check["logits_max_abs"] > 1e-5  # the weights did change
     assert built.manifest["outputs"]["ops"]["MatMulNBits"] > 0 and "MatMul" not in built.manifest["outputs"]["ops"]
@@ -128,6 +150,8 @@ def test_native_weights_need_a_gguf_source(tmp_path):
     onnx_path = qeff.export(qeff.transform(model), tmp_path / "export").path
     with pytest.raises(UsageError, match="GGUF"):
         compile_fused(onnx_path.parent, weights="native", load_model=lambda: model)
+    with pytest.raises(UsageError, match="GGUF"):
+        compile_fused(onnx_path.parent, weights="native", gguf_path=onnx_path)
 
 
 # -- translating position_ids --------------------------------------------------------------
@@ -157,3 +181,15 @@ def test_step_inputs_refuse_what_the_kernels_cannot_express(pos):
 def test_step_inputs_refuse_a_chunk_past_the_cache():
     with pytest.raises(UsageError, match="does not fit ctx_len=8"):
         step_inputs(np.array([[6, 7, 8]]), ctx_len=8)
+
+
+def test_a_failed_check_caches_nothing(tmp_path):
+    model = tiny_model("llama", seed=7)
+    onnx_path = qeff.export(qeff.transform(model), tmp_path / "export").path
+
+    def failing(session, gate):
+        raise VerificationError("seeded")
+
+    with pytest.raises(VerificationError):
+        compile_fused(onnx_path.parent, batch_size=1, prompt_len=PROMPT_LEN, ctx_len=CTX, load_model=lambda: model, check=failing)
+    assert not list(onnx_path.parent.glob("ort-fused*/manifest.json"))

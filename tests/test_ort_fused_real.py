@@ -12,7 +12,7 @@ from qeff.compilers.ort_fused import FUSED_GRAPH, write_fused_graph
 from qeff.compilers.ort_fused_weights import from_hf
 from qeff.loading import embedded_gguf
 from qeff.quant.blocks import NBitsWeight
-from qeff.quant.gguf import from_gguf
+from qeff.compilers.ort_fused_weights import from_gguf
 from qeff.runtime.ort_fused import FusedOrtSession
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea."]

@@ -11,7 +11,7 @@ import pytest
 
 from qeff.compilers.ort_fused import write_linear_graph
 from qeff.quant.blocks import NBitsWeight, pack_codes, rtn_quantize
-from qeff.quant.gguf import NATIVE_TYPES, _permute_rows, decode_blocks
+from qeff.quant.gguf import NATIVE_TYPES, decode_blocks, permute_rows
 
 _LAYOUT = {  # type: (bytes per block, values per block, offsets of float16 fields)
     "Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)),
@@ -58,7 +58,7 @@ def test_q_k_permutation_is_hf_s():
     w = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
     for heads, kv in ((3, 3), (3, 1)):
         expected = LlamaTensorProcessor(config={})._reverse_permute_weights(w, heads, kv)
-        assert np.array_equal(w[_permute_rows(12, kv)], expected)
+        assert np.array_equal(w[permute_rows(12, kv)], expected)
 
 
 def test_pack_codes_low_nibble_first():

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from qeff.layout import ORT_FUSED as FUSED_GRAPH
 from qeff.quant.blocks import NBitsWeight
 
 __all__ = ["FAMILIES", "FUSED_GRAPH", "DecoderWeights", "LayerWeights", "unsupported_reason", "write_fused_graph"]
 
 FAMILIES = ("llama", "mistral", "qwen2")
-FUSED_GRAPH = "model.fused.onnx"
 #: Offsets of tensors in the data file are aligned to this, so ONNX Runtime can map them from the
 #: file instead of copying them (and the embedding table, read a row at a time, stays mostly on disk).
 _ALIGN = 4096
@@ -102,6 +102,9 @@ def unsupported_reason(config) -> str | None:
         return f"{n_heads} attention heads are not a multiple of {n_kv} key/value heads"
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    if head_dim % 16:
+        return f"head_dim {head_dim} (ONNX Runtime's CPU GroupQueryAttention needs a multiple of 16)"
     return None
 
 

@@ -5,13 +5,15 @@ round-to-nearest), or — for ``--weights native`` — the GGUF file's own block
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from qeff.compilers.ort_fused import DecoderWeights, LayerWeights, unsupported_reason
 from qeff.errors import UnsupportedModelError
 from qeff.quant.blocks import rtn_quantize
 
-__all__ = ["from_hf", "rotary_tables", "layer_windows", "dims"]
+__all__ = ["from_hf", "from_gguf", "rotary_tables", "layer_windows", "dims"]
 
 
 def dims(config) -> tuple[int, int, int, int]:
@@ -104,4 +106,57 @@ def from_hf(model, max_positions: int, *, weights: str = "fp32", block_size: int
         vocab=embed.shape[0], embed=embed, layers=layers, norm=state[prefix + "norm.weight"],
         lm_head=quant(lm_head) if quantize_lm_head else lm_head, cos=cos, sin=sin,
         facts={"weights": weights, "block_size": block_size if weights != "fp32" else None, "source": "hf"},
+    )
+
+
+def from_gguf(path: Path, config, max_positions: int):
+    """The fused graph's weights from a llama-family GGUF file's own blocks (``config``: the HF
+    config the model was loaded with, which says the head counts and the rotary)."""
+    import gguf
+
+    from qeff.quant.gguf import tensor_weight
+
+    reason = unsupported_reason(config)
+    if reason:
+        raise UnsupportedModelError(reason)
+    reader = gguf.GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "?"
+    tensors = {t.name: t for t in reader.tensors}
+    hidden, n_heads, n_kv, head_dim = dims(config)
+    # transformers undoes llama.cpp's q/k row permutation for the "llama" architecture only.
+    permute = arch == "llama"
+    types: dict[str, int] = {}
+
+    def get(name: str, heads: int | None = None):
+        if name not in tensors:
+            raise UnsupportedModelError(f"{path.name} has no tensor {name!r} (architecture {arch})")
+        t = tensors[name]
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        return tensor_weight(t, permute_heads=heads if permute else None)
+
+    def optional(name: str):
+        return get(name) if name in tensors else None
+
+    windows = layer_windows(config)
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"blk.{i}."
+        biases = [optional(p + f"attn_{x}.bias") for x in "qkv"]
+        layers.append(LayerWeights(
+            input_norm=get(p + "attn_norm.weight"), post_norm=get(p + "ffn_norm.weight"),
+            q=get(p + "attn_q.weight", n_heads), k=get(p + "attn_k.weight", n_kv), v=get(p + "attn_v.weight"),
+            o=get(p + "attn_output.weight"), gate=get(p + "ffn_gate.weight"), up=get(p + "ffn_up.weight"),
+            down=get(p + "ffn_down.weight"),
+            qkv_bias=np.concatenate(biases) if all(b is not None for b in biases) else None,
+            window=windows[i],
+        ))
+    embed_tensor = tensors["token_embd.weight"]
+    embed = np.asarray(gguf.dequantize(embed_tensor.data, embed_tensor.tensor_type), dtype=np.float32).reshape(-1, hidden)
+    lm_head = get("output.weight") if "output.weight" in tensors else tensor_weight(embed_tensor)
+    cos, sin = rotary_tables(config, max_positions)
+    return DecoderWeights(
+        hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=float(config.rms_norm_eps),
+        vocab=embed.shape[0], embed=embed, layers=layers, norm=get("output_norm.weight"), lm_head=lm_head,
+        cos=cos, sin=sin, facts={"weights": "native", "source": "gguf", "gguf_types": types, "architecture": arch},
     )

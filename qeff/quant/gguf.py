@@ -9,8 +9,10 @@ MatMulNBits block (or, for K-quants, each 32- or 16-value sub-block does) with
 
 chosen so that the float32 value of every weight is *the same number* the ``gguf`` decoder
 computes (same products of the same float16-born factors), and the q/k rows are permuted as HF
-permutes them (a row permutation moves whole blocks). ``tests/test_quant_gguf.py`` checks every
-type against ``gguf.dequantize`` on synthetic blocks and SmolLM2's file against the loaded model.
+permutes them (a row permutation moves whole blocks). ``tests/test_quant.py`` checks every type
+against ``gguf.dequantize`` on synthetic blocks, ``tests/test_ort_fused_real.py`` SmolLM2's file
+against the loaded model. (The fused graph's weights from a whole file:
+:func:`qeff.compilers.ort_fused_weights.from_gguf`.)
 
 =======  =========  =====  =============================  ==========  ==================
 type     block      bits   scale                          zero point  offset
@@ -37,7 +39,7 @@ import numpy as np
 
 from qeff.quant.blocks import NBitsWeight
 
-__all__ = ["decode_blocks", "tensor_weight", "from_gguf", "NATIVE_TYPES"]
+__all__ = ["decode_blocks", "tensor_weight", "NATIVE_TYPES", "permute_rows"]
 
 _QK_K = 256
 
@@ -147,7 +149,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int) -> NBit
     return NBitsWeight(bits, sub, codes, scales, zeros, offsets, type_name)
 
 
-def _permute_rows(n_rows: int, n_head: int) -> np.ndarray:
+def permute_rows(n_rows: int, n_head: int) -> np.ndarray:
     """HF's reverse of llama.cpp's q/k permutation, as a row index: hf[i] = gguf[perm[i]]."""
     dim = n_rows // n_head // 2
     return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(-1)
@@ -163,67 +165,12 @@ def tensor_weight(tensor, *, permute_heads: int | None = None):
     if type_name in _DECODERS and len(tensor.shape) == 2:
         weight = decode_blocks(tensor.data, type_name, rows, cols)
         if permute_heads:
-            perm = _permute_rows(rows, permute_heads)
+            perm = permute_rows(rows, permute_heads)
             weight = NBitsWeight(weight.bits, weight.block_size, weight.codes[perm], weight.scales[perm],
                                  weight.zero_points[perm], None if weight.offsets is None else weight.offsets[perm], weight.source)
         return weight
     dense = np.asarray(gguf.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     dense = dense.reshape(rows, cols) if len(tensor.shape) == 2 else dense.reshape(-1)
     if permute_heads:
-        dense = dense[_permute_rows(rows, permute_heads)]
+        dense = dense[permute_rows(rows, permute_heads)]
     return np.ascontiguousarray(dense)
-
-
-def from_gguf(path: Path, config, max_positions: int):
-    """The fused graph's weights from a llama-family GGUF file's own blocks (``config``: the HF
-    config the model was loaded with, which says the head counts and the rotary)."""
-    import gguf
-
-    from qeff.compilers.ort_fused import DecoderWeights, LayerWeights, unsupported_reason
-    from qeff.compilers.ort_fused_weights import dims, layer_windows, rotary_tables
-    from qeff.errors import UnsupportedModelError
-
-    reason = unsupported_reason(config)
-    if reason:
-        raise UnsupportedModelError(reason)
-    reader = gguf.GGUFReader(str(path))
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "?"
-    tensors = {t.name: t for t in reader.tensors}
-    hidden, n_heads, n_kv, head_dim = dims(config)
-    # transformers undoes llama.cpp's q/k row permutation for the "llama" architecture only.
-    permute = arch == "llama"
-    types: dict[str, int] = {}
-
-    def get(name: str, heads: int | None = None):
-        if name not in tensors:
-            raise UnsupportedModelError(f"{path.name} has no tensor {name!r} (architecture {arch})")
-        t = tensors[name]
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        return tensor_weight(t, permute_heads=heads if permute else None)
-
-    def optional(name: str):
-        return get(name) if name in tensors else None
-
-    windows = layer_windows(config)
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"blk.{i}."
-        biases = [optional(p + f"attn_{x}.bias") for x in "qkv"]
-        layers.append(LayerWeights(
-            input_norm=get(p + "attn_norm.weight"), post_norm=get(p + "ffn_norm.weight"),
-            q=get(p + "attn_q.weight", n_heads), k=get(p + "attn_k.weight", n_kv), v=get(p + "attn_v.weight"),
-            o=get(p + "attn_output.weight"), gate=get(p + "ffn_gate.weight"), up=get(p + "ffn_up.weight"),
-            down=get(p + "ffn_down.weight"),
-            qkv_bias=np.concatenate(biases) if all(b is not None for b in biases) else None,
-            window=windows[i],
-        ))
-    embed_tensor = tensors["token_embd.weight"]
-    embed = np.asarray(gguf.dequantize(embed_tensor.data, embed_tensor.tensor_type), dtype=np.float32).reshape(-1, hidden)
-    lm_head = get("output.weight") if "output.weight" in tensors else tensor_weight(embed_tensor)
-    cos, sin = rotary_tables(config, max_positions)
-    return DecoderWeights(
-        hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=float(config.rms_norm_eps),
-        vocab=embed.shape[0], embed=embed, layers=layers, norm=get("output_norm.weight"), lm_head=lm_head,
-        cos=cos, sin=sin, facts={"weights": "native", "source": "gguf", "gguf_types": types, "architecture": arch},
-    )

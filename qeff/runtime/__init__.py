@@ -39,10 +39,10 @@ def open_session(
     inputs = manifest.get("inputs", {})
     backend, options = inputs.get("backend"), inputs.get("options", {})
     if backend == "ort" and inputs.get("graph") == "fused":
-        from qeff.compilers.ort_fused import FUSED_GRAPH
+        from qeff.layout import ORT_FUSED
         from qeff.runtime.ort_fused import FusedOrtSession
 
-        return FusedOrtSession(artifact_dir / FUSED_GRAPH, batch_size=options["batch_size"], ctx_len=options["ctx_len"],
+        return FusedOrtSession(artifact_dir / ORT_FUSED, batch_size=options["batch_size"], ctx_len=options["ctx_len"],
                                prompt_len=options["prompt_len"], threads=threads)
     if backend == "ort":
         from qeff.layout import ORT_OPTIMIZED as OPTIMIZED

@@ -70,11 +70,11 @@ class FusedOrtSession:
         threads: int | None = None,
     ):
         from qeff._system import physical_cores
-        from qeff.runtime.ort import _ort, session_options
+        from qeff.runtime.ort import onnxruntime_module, session_options
 
         if batch_size < 1 or ctx_len < 1:
             raise UsageError(f"batch_size and ctx_len must be positive (got {batch_size}, {ctx_len})")
-        ort = _ort()
+        ort = onnxruntime_module()
         self.model_path = Path(model_path)
         self.threads = threads or physical_cores()
         opts = session_options(self.threads)
