@@ -193,3 +193,13 @@ def test_a_failed_check_caches_nothing(tmp_path):
     with pytest.raises(VerificationError):
         compile_fused(onnx_path.parent, batch_size=1, prompt_len=PROMPT_LEN, ctx_len=CTX, load_model=lambda: model, check=failing)
     assert not list(onnx_path.parent.glob("ort-fused*/manifest.json"))
+
+
+def test_unpacked_gate_up_lowering_matches_too(built, tmp_path):
+    # Artifacts for several rows use two MatMuls for gate and up instead of one + Split.
+    model, onnx_path, _, _ = built
+    facts = write_fused_graph(from_hf(model, CTX), tmp_path, pack_gate_up=False)
+    assert "Split" not in facts["ops"]
+    portable, fused = sessions(onnx_path, tmp_path / FUSED_GRAPH)
+    want = qeff.generate(portable, prompt_token_ids=PROMPTS, generation_len=16, ignore_eos=True).token_ids
+    assert qeff.generate(fused, prompt_token_ids=PROMPTS, generation_len=16, ignore_eos=True).token_ids == want

@@ -7,11 +7,12 @@ per decode step. On a CPU, ONNX Runtime has fused kernels for exactly this model
 
     Gather(embed) ─ SimplifiedLayerNormalization
       per layer:  MatMul(qkv packed) ─ GroupQueryAttention(rotary inside, cache shared in place)
-                  ─ MatMul(o) ─ SkipSimplifiedLayerNormalization ─ MatMul(gate|up packed)
-                  ─ Split ─ x·sigmoid(x)·up ─ MatMul(down) ─ SkipSimplifiedLayerNormalization
+                  ─ MatMul(o) ─ SkipSimplifiedLayerNormalization ─ MatMul(gate), MatMul(up)
+                  ─ x·sigmoid(x)·up ─ MatMul(down) ─ SkipSimplifiedLayerNormalization
     Gather(last valid token of each row) ─ MatMul(lm_head)
 
-About 12 nodes per layer. ``GroupQueryAttention`` appends each row's new keys/values into the
+About 11 nodes per layer (gate and up packed into one MatMul + Split when the artifact runs
+one row: faster for one row, slower for several, as measured by ``benchmarks/ab_fused.py``). ``GroupQueryAttention`` appends each row's new keys/values into the
 cache buffer it is given as both ``past_*`` input and ``present_*`` output (one OrtValue bound to
 both, as the portable graph's session does) and attends only over each row's valid length
 (``seqlens_k``), with right-padded chunks described by ``query_seqlens``. The session
@@ -178,6 +179,8 @@ class _Lowering:
     per block (faster, not exact)."""
 
     accuracy_level: int = 0
+    #: One MatMul for gate|up then a Split, or two MatMuls (measured: see ``benchmarks/ab_fused.py``).
+    pack_gate_up: bool = True
 
 
 class _Builder:
@@ -283,7 +286,7 @@ class _Builder:
             x, _, _, h = g.node("SkipSimplifiedLayerNormalization", [o, h, g.const(f"post_norm.{i}", layer.post_norm)], 4,
                                 hint=f"post_norm.{i}", domain="com.microsoft", epsilon=w.eps)  # x = norm(o + h); h = o + h
             gb, ub, db = layer.mlp_bias or (None, None, None)
-            gu_w = self._stack([layer.gate, layer.up])
+            gu_w = self._stack([layer.gate, layer.up]) if self.low.pack_gate_up else None
             if gu_w is not None:
                 bias = None if gb is None else np.concatenate([gb, ub])
                 gu = self.linear(x, gu_w, f"layers.{i}.gate_up", bias)
@@ -308,9 +311,9 @@ class _Builder:
 
 
 def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, accuracy_level: int = 0,
-                      metadata: dict[str, str] | None = None) -> dict:
+                      metadata: dict[str, str] | None = None, pack_gate_up: bool = True) -> dict:
     """Write ``FUSED_GRAPH`` (+ ``.data``) into ``out_dir``; returns facts for the manifest."""
-    builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level))
+    builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up))
     inputs, outputs = builder.build()
     out_dir = Path(out_dir)
     meta = {"qeff.graph": "fused", "qeff.num_layers": str(len(weights.layers)), "qeff.num_kv_heads": str(weights.n_kv),

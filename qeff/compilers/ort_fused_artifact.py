@@ -103,7 +103,9 @@ def compile_fused(
                 from qeff.compilers.ort_fused_weights import from_hf
 
                 decoder = from_hf(load_model(), ctx_len, weights=weights)
-            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level)
+            # gate|up as one MatMul + Split is faster for one row, two MatMuls for several
+            # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds).
+            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level, pack_gate_up=batch_size == 1)
             del decoder
         if check is not None:
             session = FusedOrtSession(tmp / ORT_FUSED, batch_size=batch_size, ctx_len=ctx_len, prompt_len=prompt_len, threads=threads)
