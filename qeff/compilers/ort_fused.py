@@ -50,6 +50,8 @@ FAMILIES = ("llama", "mistral", "qwen2")
 #: file instead of copying them (and the embedding table, read a row at a time, stays mostly on disk).
 _ALIGN = 4096
 _OPSET = 17
+#: A float32 weight larger than this is split (see the LM head in ``_Builder.build``).
+_MAX_WEIGHT_BYTES = 32 * 2**20
 
 @dataclass
 class LayerWeights:
@@ -305,8 +307,20 @@ class _Builder:
         # Only each row's last valid token reaches the vocabulary projection.
         (flat,) = g.node("Reshape", [x, g.const("flat_shape", np.array([-1, w.hidden], np.int64))], hint="flatten")  # (B*S, H)
         (last,) = g.node("Gather", [flat, "last_index"], hint="last_token", axis=0)  # (B, H)
-        self.linear(last, w.lm_head, "lm_head")  # (B, vocab)
-        g.nodes[-1].output[0] = "logits"  # the linear's last node makes the logits
+        head = w.lm_head
+        chunks = 1
+        if not isinstance(head, NBitsWeight):
+            # ONNX Runtime prepacks a MatMul weight into a copy while the original is still mapped:
+            # the largest weight sets the peak memory of opening the session. The vocabulary
+            # projection (113 MB in SmolLM2) is the largest by far, so it runs in column slices.
+            chunks = max(1, -(-head.nbytes // _MAX_WEIGHT_BYTES))
+        if chunks == 1:
+            self.linear(last, head, "lm_head")  # (B, vocab)
+        else:
+            bounds = np.linspace(0, head.shape[0], chunks + 1).astype(int)
+            parts = [self.linear(last, head[a:b], f"lm_head.{j}") for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+            g.node("Concat", parts, hint="lm_head", axis=-1)  # (B, vocab)
+        g.nodes[-1].output[0] = "logits"  # the last node makes the logits
         return inputs, outputs
 
 
