@@ -44,7 +44,7 @@ bench-precision: $(STAMP)
 PEERS       ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.peers-installed
 
-$(PEERS_STAMP): $(STAMP)
+$(PEERS_STAMP): | $(STAMP)
 	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
 	$(PEERS)/bin/python -m pip install --quiet torch==2.13.0

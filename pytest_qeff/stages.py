@@ -354,13 +354,18 @@ def benchmark(ws: Workspace, target: Target, backend: str, record: Record, timer
         if len(results) > bench.warmup:
             machine.rate()
 
-    timer = timer() if timer is not None else None
-    if timer is not None and getattr(timer, "enabled", False):
-        timer.pedantic(once, teardown=between, rounds=bench.repeats, warmup_rounds=bench.warmup, iterations=1)
-    else:
+    def loop():
         for _ in range(bench.warmup + bench.repeats):
             once()
             between()
+
+    timer = timer() if timer is not None else None
+    if timer is not None and getattr(timer, "enabled", False):
+        timer.pedantic(once, teardown=between, rounds=bench.repeats, warmup_rounds=bench.warmup, iterations=1)
+    elif timer is not None:  # switched off (xdist, --benchmark-disable): it calls its target once
+        timer.pedantic(loop)
+    else:
+        loop()
     runs = [{m: float(getattr(r, m)) for m in ("decode_tok_s", "total_tok_s", "ttft_s", "e2e_s")} for r in results[bench.warmup:]]
     figures = {m: statistics.median(run[m] for run in runs) for m in baseline.METRICS}
     probe = machine.median()

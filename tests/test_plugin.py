@@ -221,9 +221,11 @@ def test_with_an_sdk_the_qaic_compile_stage_runs_the_compiler(pytester: pytest.P
     assert "-retained-state" in args and "-aic-num-cores=" in args and "-convert-to-fp16" in args
 
 
-def test_benchmark_stage_runs_through_pytest_benchmark_when_it_is_active(pytester: pytest.Pytester) -> None:
+def test_benchmark_stage_runs_through_pytest_benchmark_when_it_is_active(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     # pytest-benchmark times the card's repeats (rounds) and stores them; qeff's per-phase medians
-    # ride along in extra_info. (Under xdist it switches itself off and the stage times alone.)
+    # ride along in extra_info. It switches itself off in an xdist worker (this test may run in
+    # one): the inner run is not one.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     result = qeff(pytester, "--qeff-model", "llama-3-8b", "-m", "qeff_benchmark and qeff_ort", "--benchmark-json", "bench.json")
     result.assert_outcomes(passed=1)
     data = json.loads((pytester.path / "bench.json").read_text())
@@ -234,3 +236,11 @@ def test_benchmark_stage_runs_through_pytest_benchmark_when_it_is_active(pyteste
         assert bench["stats"]["rounds"] == repeats
     assert bench["extra_info"]["decode_tok_s"] > 0 and bench["extra_info"]["probe"] > 0 and bench["extra_info"]["backend"] == "ort"
     assert bench["stats"]["rounds"] >= 3
+
+
+def test_benchmark_stage_times_alone_when_pytest_benchmark_is_off(pytester: pytest.Pytester) -> None:
+    result = qeff(pytester, "--qeff-model", "llama-3-8b", "-m", "qeff_benchmark and qeff_ort", "--benchmark-disable", "--qeff-report", "out")
+    result.assert_outcomes(passed=1)
+    data = json.loads((pytester.path / "out" / "results.json").read_text())
+    (bench,) = [r for r in data["records"] if r["stage"] == "benchmark"]
+    assert bench["data"]["figures"]["decode_tok_s"] > 0 and len(bench["data"]["runs"]) == bench["data"]["repeats"]
