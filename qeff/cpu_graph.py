@@ -54,7 +54,11 @@ def check_against_portable(fused_session, portable_onnx: Path, *, prompt_len: in
         "reference": "portable ONNX graph", "candidate": "fused ONNX graph", "steps": steps, "rows": batch,
         "logits_mse": result.logits_mse, "logits_max_abs": result.logits_max_abs,
         "cache_max_abs": result.cache_max_abs, "tokens_matched": result.tokens_matched,
-        "tokens_total": result.tokens_total, "passed": result.passed, "gated": gate, "failures": result.failures,
+        "tokens_total": result.tokens_total,
+        # The precision metrics (qeff.metrics) of the fused graph's distribution against the portable one's.
+        "kld_mean": result.kld_mean, "kld_max": result.kld_max, "top1_agree": result.top1_agree,
+        "top5_overlap": result.top5_overlap,
+        "passed": result.passed, "gated": gate, "failures": result.failures,
         "tolerances": CHECK_TOLERANCES,
     }
     if gate and not result.passed:
@@ -98,6 +102,7 @@ def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activa
     result = (built.manifest.get("outputs") or {}).get("check")
     if result:
         say(f"[qeff] fused graph vs portable graph: logits max-abs {result['logits_max_abs']:.2e}, MSE {result['logits_mse']:.2e}, "
+            f"KL mean {result.get('kld_mean', 0.0):.2e}, top-1 {result.get('top1_agree', 1.0):.0%}, "
             f"tokens {result['tokens_matched']}/{result['tokens_total']}"
             + ("" if result["gated"] else " (weights re-quantized: reported, not gated)") + (" (cached)" if built.reused else ""))
     return built

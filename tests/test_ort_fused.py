@@ -142,6 +142,7 @@ def test_rtn_weights_are_reported_not_gated(tmp_path, weights):
                           check=lambda session, gate: check_against_portable(session, onnx_path, prompt_len=PROMPT_LEN, gate=gate))
     check = built.manifest["outputs"]["check"]
     assert not check["gated"] and check["logits_max_abs"] > 1e-5  # the weights did change
+    assert check["kld_mean"] > 0 and 0 < check["top1_agree"] <= 1  # precision metrics (qeff.metrics) reported
     assert built.manifest["outputs"]["ops"]["MatMulNBits"] > 0 and "MatMul" not in built.manifest["outputs"]["ops"]
 
 
