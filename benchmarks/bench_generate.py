@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--binding", default="inplace", choices=["inplace", "swap", "numpy"])
     parser.add_argument("--specialize-decode", action=argparse.BooleanOptionalAction, default=None,
-                        help="a second ORT session with every dim pinned for decode (default: qeff's, on for weights under 2 GiB)")
+                        help="portable graph: a second ORT session with every dim pinned for decode (default: qeff's, on for weights under 2 GiB)")
+    parser.add_argument("--graph", choices=["fused", "portable"], default="fused",
+                        help="qeff's ONNX Runtime graph: the fused CPU graph (default) or the portable one")
     args = parser.parse_args(argv)
 
     import qeff
@@ -81,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        built = qeff.compile(prepared.onnx_path, batch_size=batch, prompt_len=args.prompt_len, ctx_len=args.ctx_len)
+        if args.graph == "fused":
+            from qeff.compilers.ort_fused_artifact import compile_fused
+
+            built = compile_fused(prepared.export_dir, batch_size=batch, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
+                                  load_model=lambda: model)
+        else:
+            built = qeff.compile(prepared.onnx_path, batch_size=batch, prompt_len=args.prompt_len, ctx_len=args.ctx_len)
         session = qeff.open_session(built.path, binding=args.binding, specialize_decode=args.specialize_decode)
         prompts = [ids] * batch
         tensor = torch.tensor(prompts)
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "total_ratio": o["total_tok_s"] / h["total_tok_s"],
         })
 
-    log(f"\n{args.model}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.trials} trials, torch threads {threads}, ORT threads {session.threads}, binding {args.binding}, specialize_decode {session.decode_session is not session.session}")
+    log(f"\n{args.model}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.trials} trials, torch threads {threads}, ORT threads {session.threads}, graph {args.graph}, binding {args.binding}, specialize_decode {session.decode_session is not session.session}")
     log(f"{'batch':>5} | {'HF TTFT ms':>10} {'ORT TTFT ms':>11} | {'HF dec tok/s':>12} {'ORT dec tok/s':>13} {'ratio':>6} | {'HF tot tok/s':>12} {'ORT tot tok/s':>13}")
     for r in rows:
         h, o = r["hf"], r["ort"]
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"target decode >= 3x HF at batch 1: {'met' if verdict['decode_ge_3x_at_bs1'] else 'NOT met'} ({bs1['decode_ratio']:.2f}x); "
             f"TTFT below HF: {'met' if verdict['ttft_below_hf_at_bs1'] else 'NOT met'} ({bs1['ttft_ratio']:.2f}x of HF)")
     print(json.dumps({"benchmark": "generate", "model": args.model, "prompt_tokens": args.prompt_tokens,
-                      "new_tokens": args.new_tokens, "trials": args.trials, "binding": args.binding, "specialize_decode": session.decode_session is not session.session,
+                      "new_tokens": args.new_tokens, "trials": args.trials, "graph": args.graph, "binding": args.binding, "specialize_decode": session.decode_session is not session.session,
                       "rows": rows, "verdict": verdict, "versions": library_versions()}))
     return 0
 

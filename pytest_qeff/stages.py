@@ -324,8 +324,15 @@ def generation(ws: Workspace, target: Target, backend: str, record: Record) -> N
         pytest.fail(f"{target.id}: greedy tokens on {backend} differ from HF's: " + "; ".join(problems), pytrace=False)
 
 
-def benchmark(ws: Workspace, target: Target, backend: str, record: Record) -> None:
-    """Median decode tokens/s, total tokens/s and time to first token over the card's repeats."""
+def benchmark(ws: Workspace, target: Target, backend: str, record: Record, timer=None) -> None:
+    """Median decode tokens/s, total tokens/s and time to first token over the card's repeats.
+
+    ``timer()`` returns pytest-benchmark's ``benchmark`` fixture when that plugin is installed and active
+    (it switches itself off under xdist): it then runs the repeats (``pedantic``: warm-up and
+    rounds as the card says), keeps its own statistics of whole runs and stores them with
+    ``--benchmark-save``/``--benchmark-json``, with qeff's per-phase medians and the probe in
+    ``extra_info``. Without it, the same loop runs here. The verdict is the same either way:
+    the medians against the probe-scaled baseline."""
     import qeff
 
     _require(backend)
@@ -334,14 +341,32 @@ def benchmark(ws: Workspace, target: Target, backend: str, record: Record) -> No
     gen_len = min(bench.generation_len, case.ctx_len - max(len(p) for p in prompts))
     session = ws.session(card, case, backend, threads=bench.threads)
     machine = Probe(threads=bench.threads)  # the machine's speed, measured between the repeats
-    runs = []
-    for i in range(bench.warmup + bench.repeats):
-        result = qeff.generate(session, prompt_token_ids=prompts, generation_len=gen_len, eos_token_id=[])
-        if i >= bench.warmup:
-            runs.append({m: float(getattr(result, m)) for m in ("decode_tok_s", "total_tok_s", "ttft_s", "e2e_s")})
+    results = []
+
+    def once():
+        results.append(qeff.generate(session, prompt_token_ids=prompts, generation_len=gen_len, eos_token_id=[]))
+
+    def between():  # after each round, outside the timed call; warm-up rounds do not count
+        if len(results) > bench.warmup:
             machine.rate()
+
+    def loop():
+        for _ in range(bench.warmup + bench.repeats):
+            once()
+            between()
+
+    timer = timer() if timer is not None else None
+    if timer is not None and getattr(timer, "enabled", False):
+        timer.pedantic(once, teardown=between, rounds=bench.repeats, warmup_rounds=bench.warmup, iterations=1)
+    elif timer is not None:  # switched off (xdist, --benchmark-disable): it calls its target once
+        timer.pedantic(loop)
+    else:
+        loop()
+    runs = [{m: float(getattr(r, m)) for m in ("decode_tok_s", "total_tok_s", "ttft_s", "e2e_s")} for r in results[bench.warmup:]]
     figures = {m: statistics.median(run[m] for run in runs) for m in baseline.METRICS}
     probe = machine.median()
+    if timer is not None and getattr(timer, "enabled", False):
+        timer.extra_info.update({**figures, "probe": probe, "generation_len": gen_len, "backend": backend})
     path = baseline.path_for(ws.baseline_dir, backend, card.id)
     command = baseline.update_command(card.id, target.tier, backend, ws.baseline_dir, ws.default_baseline_dir)
     allowed = getattr(bench.max_regression, target.tier)

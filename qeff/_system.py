@@ -1,4 +1,6 @@
-"""Facts about the machine: physical cores, peak memory."""
+"""Facts about the machine and the installation: physical cores, peak memory, library versions,
+and the constants every manifest records. Imports nothing heavy: the cached path of the command
+line reads manifests through this module without importing torch or transformers."""
 
 from __future__ import annotations
 
@@ -7,7 +9,30 @@ import resource
 import sys
 from pathlib import Path
 
-__all__ = ["physical_cores", "peak_rss_mb", "source_digest"]
+__all__ = ["physical_cores", "peak_rss_mb", "source_digest", "library_versions", "OPSET", "TRANSFORMS"]
+
+#: The ONNX opset of the exported (portable) graph.
+OPSET = 17
+#: The retained-state transforms every exported graph went through (stamped into manifests).
+TRANSFORMS = ("RetainedStateCache", "PositionIdsMask", "LastTokenLogits", "EagerAttention")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that shapes an artifact, qeff's own source digest included: code
+    changed under the same version number must not reuse an artifact the old code built. Read
+    from the installed distributions' metadata (the same strings as ``module.__version__``),
+    so that comparing manifests imports none of them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qeff._version import __version__
+
+    out = {"qeff": __version__, "qeff_source": source_digest()}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
 
 _SOURCE_DIGEST: str | None = None
 

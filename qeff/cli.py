@@ -80,12 +80,22 @@ def _compile_args(p):
     from qeff.serving.options import add_compile_args
 
     add_compile_args(p)
+    p.add_argument("--ort-graph", "--ort_graph", choices=["auto", "fused", "portable"], default="auto",
+                   help="ONNX Runtime: the fused CPU graph (llama, mistral, qwen2) or the portable one; auto = fused when "
+                        "the architecture is covered and no serving variant is asked for (default)")
+    _flag(p, "--weights", choices=["fp32", "native", "int8", "int4"], default="fp32",
+          help="ONNX Runtime fused graph: fp32; native = a GGUF file's own quantized blocks, exactly; int8/int4 = "
+               "round-to-nearest blocks of the float weights (default fp32)")
+    p.add_argument("--int8-activations", "--int8_activations", action="store_true",
+                   help="ONNX Runtime fused graph with quantized weights: int8 activations inside MatMulNBits (faster, not exact)")
 
 
 def _run_args(p):
     _flag(p, "--prompt", default=None, help=f'prompt(s), several separated by "|" (default: "{DEFAULT_PROMPT}")')
     _flag(p, "--prompts_txt_file_path", default=None, help="file with one prompt per line")
     _flag(p, "--generation_len", type=int, default=None, help="max new tokens per prompt (default: until EOS or the cache is full)")
+    _flag(p, "--ignore_eos", action="store_true",
+          help="do not stop a row at EOS: generate exactly --generation_len tokens (or until the cache is full), e.g. for benchmarks")
     _flag(p, "--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
     p.add_argument("--specialize-decode", "--specialize_decode", action=argparse.BooleanOptionalAction, default=None,
                    help="ONNX Runtime: a second session pinned to decode shapes, ~12%% faster decode for a second copy of "
@@ -229,10 +239,30 @@ def _compile_options(args, backend: str, out: _Out, serving=None) -> dict:
     return options
 
 
-def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False, variant=None):
+def _check_cpu_graph(args, backend: str) -> None:
+    """Usage errors of the CPU graph options, before anything is loaded or exported (the sizes were
+    checked by :func:`_check_args`)."""
+    if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph == "fused"):
+        if getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None):
+            raise UsageError("continuous batching and speculative targets run the portable graph; drop --ort-graph fused, "
+                             "--weights and --int8-activations, or the serving flags")
+    if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph != "auto"):
+        if args.mxfp6 or args.mxint8:
+            raise UsageError("--mxfp6/--mxint8 on the ort backend run the emulated portable graph; drop --weights, "
+                             "--int8-activations and --ort-graph, or the MX flags")
+        from qeff.compilers.ort_fused_artifact import check_cpu_options
+        from qeff.loading import resolve
+
+        check_cpu_options(resolve(args.model_name, revision=args.revision, cache_dir=args.cache_dir),
+                          graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations)
+
+
+def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False, variant=None,
+             out: _Out | None = None):
     """Compile the exported graph (or ``onnx_path``, or the serving ``variant`` of the graph). On
     ort, --mxfp6/--mxint8 compile the emulated tier instead (:mod:`qeff.precision`; the portable
-    graph is left as it is)."""
+    graph is left as it is); otherwise the fused CPU graph when it covers the model and no serving
+    variant is asked for (:mod:`qeff.cpu_graph`), else the portable graph."""
     import qeff
 
     if backend == "ort" and (args.mxfp6 or args.mxint8):
@@ -240,6 +270,14 @@ def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None 
         from qeff.precision.commands import emulated_graph
 
         onnx_path = emulated_graph(onnx_path or pipe.onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
+    elif backend == "ort" and onnx_path is None and pipe is not None and (variant is None or variant.is_base):
+        from qeff.cpu_graph import compile_cpu
+
+        fused = compile_cpu(pipe, graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations,
+                            batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
+                            threads=getattr(args, "threads", None), force=force, say=out.say if out else print)
+        if fused is not None:
+            return fused
     if onnx_path is None:
         return pipe.compile(backend, force=force, variant=variant, **options)
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
@@ -292,7 +330,8 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
         summary = _run_serving(session, tokenizer, prompts, args, out, opts, draft)
     else:
         summary = run_prompts(session, prompts, tokenizer=tokenizer, generation_len=args.generation_len,
-                              stream=out.human if args.stream else None, sampling=opts.sampling)
+                              ignore_eos=getattr(args, "ignore_eos", False), stream=out.human if args.stream else None,
+                              sampling=opts.sampling)
     for message in summary.messages:
         out.say(f"[qeff] {message}")
     return summary
@@ -376,6 +415,7 @@ def cmd_infer(args) -> int:
 
         sdk.require_compiler()
         sdk.import_runtime()
+    _check_cpu_graph(args, backend)
     pipe = _pipeline(args)
 
     def validate(tok) -> None:
@@ -408,9 +448,9 @@ def cmd_infer(args) -> int:
         # Verification above ran on the base graph; this run's graph adds the serving inputs.
         _reuse_note(out, f"{variant.describe()} export", pipe.export(force=args.force, variant=variant))
     options = _compile_options(args, backend, out, serving)
-    built = _compile(pipe, backend, args, options, force=args.force, variant=variant)
+    built = _compile(pipe, backend, args, options, force=args.force, variant=variant, out=out)
     _reuse_note(out, f"{backend} artifact", built)
-    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, variant=variant),
+    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, variant=variant, out=out),
                                          **_session_options(args))
     if rebuilt:
         out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
@@ -464,9 +504,10 @@ def cmd_compile(args) -> int:
     if args.onnx_path:
         result = _compile(None, backend, args, options, onnx_path=Path(args.onnx_path))
     else:
+        _check_cpu_graph(args, backend)
         pipe = _pipeline(args)
         _reuse_note(out, "export", pipe.export(variant=serving.variant))
-        result = _compile(pipe, backend, args, options, variant=serving.variant)
+        result = _compile(pipe, backend, args, options, variant=serving.variant, out=out)
     if args.dry_run:
         out.say(f"[qeff] wrote the compiler's files to {result.out_dir}; run the compile by hand with:\n{result.shell_command()}")
         return 0
@@ -490,9 +531,9 @@ def cmd_execute(args) -> int:
     else:
         for candidate in (artifact, *artifact.parents[:3]):
             if (candidate / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
+                from qeff.tokenizer import open_saved_tokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(str(candidate))
+                tokenizer = open_saved_tokenizer(candidate)
                 break
     if tokenizer is None:
         raise UsageError(f"no tokenizer found beside {artifact}; pass --model_name to say where it comes from")

@@ -20,6 +20,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from qeff._system import OPSET, library_versions
 from qeff.errors import QEffError
 from qeff.layout import ONNX_DATA, ONNX_FILE
 from qeff.transforms import QEffCausalLM
@@ -29,7 +30,6 @@ __all__ = ["export", "fp16_clip", "stamp_metadata", "check_portable", "ExportRes
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
-OPSET = 17
 #: Tensors at least this large go to the external data file.
 EXTERNAL_THRESHOLD = 1024
 DATA_FILE = ONNX_DATA
@@ -43,25 +43,6 @@ class ExportResult:
     #: TorchScript tracer warnings: each marks a value the trace may have frozen into the graph
     #: (a Python branch or int taken from a tensor). None for the built-in architectures.
     trace_warnings: tuple[str, ...] = ()
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of everything that shapes an artifact, qeff's own source digest included: code
-    changed under the same version number must not reuse an artifact the old code built."""
-    import onnxruntime
-    import transformers
-
-    from qeff._system import source_digest
-    from qeff._version import __version__
-
-    return {
-        "qeff": __version__,
-        "qeff_source": source_digest(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 def _clip_array(arr: np.ndarray) -> tuple[np.ndarray, int]:

@@ -131,13 +131,18 @@ def generate(
     prompt_len: int | None = None,
     generation_len: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    ignore_eos: bool = False,
     on_token: TokenCallback | None = None,
     sampling=None,
     sample_keys: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Generation for up to ``session.batch_size`` prompts (text, or token ids): greedy, or as
     ``sampling`` (a :class:`qeff.serving.sampling.SamplingParams`) says. ``sample_keys``: each
-    prompt's index in the whole input (default 0, 1, …), which picks its random stream."""
+    prompt's index in the whole input (default 0, 1, …), which picks its random stream.
+
+    ``ignore_eos``: EOS does not stop a row, so every row runs to ``generation_len`` (or a full
+    cache) — fixed-length runs for benchmarks, as llama.cpp's ``--ignore-eos`` and vLLM's
+    ``ignore_eos``."""
     t0 = time.perf_counter()
     if prompt_token_ids is None:
         if prompts is None or tokenizer is None:
@@ -149,7 +154,9 @@ def generate(
     if not prompt_len:
         raise UsageError("prompt_len is required for this backend")
     _check_inputs(prompt_token_ids, batch, prompt_len, ctx_len)
-    if eos_token_id is None:
+    if ignore_eos:
+        eos_token_id = []
+    elif eos_token_id is None:
         eos_token_id = eos_ids(tokenizer)
     eos = np.array(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)), dtype=np.int64)
     n_rows = len(prompt_token_ids)
@@ -299,12 +306,14 @@ def run_prompts(
     *,
     tokenizer,
     generation_len: int | None = None,
+    ignore_eos: bool = False,
     stream: TextIO | None = None,
     sampling=None,
 ) -> RunSummary:
     """Generate for every prompt, in batches of ``session.batch_size``; ``stream`` (a text file)
-    receives the first prompt's tokens as they come. With ``sampling`` each prompt draws from the
-    random stream of its index in ``prompts`` (filler rows repeat their prompt's)."""
+    receives the first prompt's tokens as they come; ``ignore_eos`` as :func:`generate`'s. With
+    ``sampling`` each prompt draws from the random stream of its index in ``prompts`` (filler rows
+    repeat their prompt's)."""
     from qeff.inputs import batches
 
     plan = batches(list(prompts), session.batch_size)
@@ -316,8 +325,8 @@ def run_prompts(
             stream.write(f"\n{rows[0]}")
         keys = [offset + i % real for i in range(len(rows))]
         offset += real
-        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, on_token=streamer,
-                     sampling=sampling, sample_keys=keys)
+        r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, ignore_eos=ignore_eos,
+                     on_token=streamer, sampling=sampling, sample_keys=keys)
         if streamer:
             streamer.end()
         results.append(r)

@@ -25,6 +25,7 @@ __all__ = [
     "ONNX_FILE",
     "ONNX_DATA",
     "ORT_OPTIMIZED",
+    "ORT_FUSED",
     "QPC_SUBDIR",
     "QPC_FILE",
     "SPECIALIZATIONS_FILE",
@@ -37,6 +38,7 @@ __all__ = [
     "export_dir_name",
     "verify_dir_name",
     "ort_dir_name",
+    "ort_fused_dir_name",
     "qpc_dir_name",
 ]
 
@@ -47,6 +49,8 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"
 #: The ONNX Runtime artifact: the graph after ORT's offline optimizer.
 ORT_OPTIMIZED = "model.opt.onnx"
+#: The fused CPU graph (``qeff.compilers.ort_fused``), built from the model's weights.
+ORT_FUSED = "model.fused.onnx"
 #: Cloud AI 100 compile directory: the QPC goes to ``qpcs/`` (what users pass to execute).
 QPC_SUBDIR = "qpcs"
 QPC_FILE = "programqpc.bin"
@@ -86,6 +90,12 @@ def ort_dir_name(
     *, batch_size: int, prompt_len: int, ctx_len: int, full_batch_size: int | None = None, num_speculative_tokens: int | None = None
 ) -> str:
     return f"ort_{batch_size}BS_{prompt_len}PL_{ctx_len}CL" + _serving_suffix(full_batch_size, num_speculative_tokens, ("_", ""))
+
+
+def ort_fused_dir_name(*, batch_size: int, prompt_len: int, ctx_len: int, weights: str = "fp32", int8_activations: bool = False) -> str:
+    """``ort-fused_1BS_32PL_128CL``; ``ort-fused-native_…``, ``ort-fused-int4_…``; ``…-a8_…`` with int8 activations."""
+    tag = ("" if weights == "fp32" else f"-{weights}") + ("-a8" if int8_activations else "")
+    return f"ort-fused{tag}_{batch_size}BS_{prompt_len}PL_{ctx_len}CL"
 
 
 def qpc_dir_name(

@@ -21,11 +21,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qeff.errors import ModelNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ModelSource", "resolve", "load", "load_source", "load_tokenizer", "from_config", "embedded_gguf",
            "embedded_for_distribution", "DEFAULT_MODEL"]
@@ -172,9 +173,12 @@ def load_tokenizer(source: ModelSource, *, cache_dir: str | None = None):
         raise ModelNotFoundError(f"could not load the tokenizer of {source.name!r}: {str(exc).splitlines()[0]}") from exc
 
 
-def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) in eval mode; the model uses eager attention."""
+def load_source(source: ModelSource, *, cache_dir: str | None = None, dtype: torch.dtype | None = None):
+    """Load (model, tokenizer) in eval mode (float32 unless ``dtype``); the model uses eager attention."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
 
     target, common = _pretrained_args(source, cache_dir)
     try:
@@ -210,14 +214,17 @@ def _load_failure(source: ModelSource, exc: Exception) -> UsageError | None:
     return None
 
 
-def load(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None, dtype: torch.dtype = torch.float32):
+def load(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None, dtype: torch.dtype | None = None):
     """``(model, tokenizer)`` for a model name, path, ``.gguf`` file or hub repo id (see module doc)."""
     return load_source(resolve(name_or_path, revision=revision, cache_dir=cache_dir), cache_dir=cache_dir, dtype=dtype)
 
 
-def from_config(model_type: str, config: dict[str, Any] | None = None, *, seed: int = 0, dtype=torch.float32):
+def from_config(model_type: str, config: dict[str, Any] | None = None, *, seed: int = 0, dtype=None):
     """A randomly initialised causal LM of ``model_type`` with ``config`` overrides, seeded:
     the same (model_type, config, seed) always gives the same weights."""
+    import torch
+
+    dtype = dtype or torch.float32
     from transformers import AutoConfig, AutoModelForCausalLM
 
     overrides = {k: v for k, v in (config or {}).items() if k != "model_type"}  # e.g. a saved config.json

@@ -62,8 +62,7 @@ def export_manifest(identity: dict, variant=None) -> dict:
     """The inputs of an export artifact: everything that determines the graph. One schema for
     every caller (CLI, API, plugin). A serving ``variant`` (:class:`qeff.serving.graph.GraphVariant`)
     is recorded only when it is not the base graph, so base exports keep their keys."""
-    from qeff.exporter import OPSET, library_versions
-    from qeff.transforms.model import TRANSFORMS
+    from qeff._system import OPSET, TRANSFORMS, library_versions  # no torch: a cached run compares manifests only
 
     manifest = {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
     if variant is not None and not variant.is_base:
@@ -146,9 +145,9 @@ class Pipeline:
     def tokenizer(self):
         if self._tokenizer is None:
             if self._export is not None and (self._export.path / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
+                from qeff.tokenizer import open_saved_tokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self._export.path))
+                self._tokenizer = open_saved_tokenizer(self._export.path)  # the tokenizers library, no transformers
             elif self.source is not None:
                 from qeff.loading import load_tokenizer
 

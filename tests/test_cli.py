@@ -40,13 +40,13 @@ def test_infer_json_then_reuse_then_rebuild_on_change(tiny_model_dir, tmp_path, 
     assert first["new_tokens"] == sum(len(t) for t in first["token_ids"]) and len(first["text"]) == 2
     assert first["reused"] == {"export": False, "compile": False}
     assert first["verify"]["pytorch_vs_ort"]["passed"] and first["verify"]["hf_vs_pytorch"]["passed"]
-    assert "built export" in err and "ort_2BS_8PL_64CL" in err
+    assert "built export" in err and "ort-fused_2BS_8PL_64CL" in err and "fused graph vs portable graph" in err
     second, err = infer_json(capsys, *args)
     assert second["reused"] == {"export": True, "compile": True}
     assert "reused cached export" in err and "saved" in err and "(cached)" in err
     assert second["token_ids"] == first["token_ids"]
     third, err = infer_json(capsys, *args[:-4], "--ctx_len", "96", "--generation_len", "12", "--backend", "ort")
-    assert third["reused"] == {"export": True, "compile": False} and "ort_2BS_8PL_96CL" in third["artifact"]
+    assert third["reused"] == {"export": True, "compile": False} and "ort-fused_2BS_8PL_96CL" in third["artifact"]
 
 
 def test_new_weights_build_a_new_export(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -115,12 +115,14 @@ def test_empty_prompt_file_and_no_traceback_in_a_real_process(tiny_model_dir, tm
     assert "holds no prompt" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_corrupt_cached_artifact_is_rebuilt(tiny_model_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("graph,model_file", [("fused", "model.fused.onnx"), ("portable", "model.opt.onnx")])
+def test_corrupt_cached_artifact_is_rebuilt(tiny_model_dir, tmp_path, capsys, monkeypatch, graph, model_file):
     monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
-    args = ["--model_name", str(tiny_model_dir), "--prompt", "Hi", "--ctx_len", "32", "--generation_len", "4", "--backend", "ort", "--no-verify"]
+    args = ["--model_name", str(tiny_model_dir), "--prompt", "Hi", "--ctx_len", "32", "--generation_len", "4", "--backend", "ort",
+            "--no-verify", "--ort-graph", graph]
     first, _ = infer_json(capsys, *args)
     artifact = Path(first["artifact"])
-    (artifact / "model.opt.onnx").write_bytes(b"\x00garbage")
+    (artifact / model_file).write_bytes(b"\x00garbage")
     second, err = infer_json(capsys, *args)
     # Caught by the integrity check before ONNX Runtime ever opens it (issue 14), and said in one line.
     assert "failed its integrity check (model.opt.onnx: " in err and "truncated" in err
@@ -134,6 +136,21 @@ def test_execute_runs_a_compiled_artifact(tiny_model_dir, tmp_path, capsys, monk
     code = main(["execute", "--qpc_path", first["artifact"], "--prompt", "Hi", "--generation_len", "4", "--json", "--no-stream"])
     out = json.loads(capsys.readouterr().out.strip())
     assert code == 0 and out["token_ids"] == first["token_ids"]
+
+
+def test_ignore_eos_generates_the_full_length(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
+    args = ["--model_name", str(tiny_model_dir), "--prompt", "Hi", "--ctx_len", "32", "--generation_len", "8", "--no-verify"]
+    free, _ = infer_json(capsys, *args)
+    # Make the row's 3rd generated token the model's EOS: without the flag it stops there.
+    import qeff.generation
+
+    monkeypatch.setattr(qeff.generation, "eos_ids", lambda *a, **k: {free["token_ids"][0][2]})
+    stopped, _ = infer_json(capsys, *args)
+    first = free["token_ids"][0].index(free["token_ids"][0][2])
+    assert stopped["token_ids"][0] == free["token_ids"][0][: first + 1] and len(stopped["token_ids"][0]) < 8
+    ignored, _ = infer_json(capsys, *args, "--ignore_eos")
+    assert ignored["token_ids"] == free["token_ids"] and ignored["new_tokens"] == 8
 
 
 def test_compile_qaic_dry_run_prints_the_command(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -151,7 +168,7 @@ def test_list_shows_the_cache(tiny_model_dir, tmp_path, capsys, monkeypatch):
     infer_json(capsys, "--model_name", str(tiny_model_dir), "--prompt", "Hi", "--ctx_len", "32", "--generation_len", "2", "--no-verify")
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "export-" in out and "ort_1BS_32PL_32CL" in out and "MiB" in out
+    assert "export-" in out and "ort-fused_1BS_32PL_32CL" in out and "MiB" in out
 
 
 def test_seed_module_aliases(tiny_model_dir, tmp_path):

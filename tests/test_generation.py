@@ -52,6 +52,17 @@ def test_per_row_eos(onnx_path):
     assert stopped.token_ids[1] == expected
 
 
+def test_ignore_eos_runs_every_row_to_its_length(onnx_path):
+    prompts = random_prompts((5, 8))
+    session = OrtSession(onnx_path, batch_size=2, ctx_len=64)
+    free = qeff.generate(session, prompt_token_ids=prompts, prompt_len=4, generation_len=20, eos_token_id=[])
+    eos = free.token_ids[0][3]
+    stopped = qeff.generate(session, prompt_token_ids=prompts, prompt_len=4, generation_len=20, eos_token_id=eos)
+    assert stopped.token_ids[0] == free.token_ids[0][: free.token_ids[0].index(eos) + 1]  # EOS stops it without the flag
+    ignored = qeff.generate(session, prompt_token_ids=prompts, prompt_len=4, generation_len=20, eos_token_id=eos, ignore_eos=True)
+    assert ignored.token_ids == free.token_ids and ignored.stop_reasons == ["length", "length"]
+
+
 def test_streaming_callback_sees_every_token(onnx_path):
     seen: list[list[int]] = [[], []]
 

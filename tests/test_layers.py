@@ -17,9 +17,9 @@ ROOT = Path(qeff.__file__).parent
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
     ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
-     "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving"),
+     "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving", "qeff.quant"),
     ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded", "qeff.serving.sampling"),
-    ("qeff.loading", "qeff.configs", "qeff.doctor"),
+    ("qeff.loading", "qeff.configs", "qeff.doctor", "qeff.tokenizer"),
     ("qeff.transforms", "qeff.support", "qeff.serving.graph"),
     ("qeff.exporter", "qeff.preflight"),
     ("qeff.runtime", "qeff.serving.session"),
@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qeff.generation", "qeff.serving.result", "qeff.serving.continuous", "qeff.serving.speculative", "qeff.serving.options",
      "qeff.serving.dispatch"),
     ("qeff.divergence", "qeff.verification", "qeff.precision"),
-    ("qeff.pipeline",),
+    ("qeff.pipeline", "qeff.cpu_graph"),
     ("qeff.cli", "qeff.cloud", "qeff.__main__", "qeff"),
 ]
 

@@ -13,6 +13,11 @@ import pytest
 import onnx  # noqa: F401  isort: skip  (its protobuf extension aborts the process when imported a second time)
 import onnxruntime  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
+# `import qeff` is lazy: load what its stages import (torch, tokenizers, …) here too.
+import qeff.exporter  # noqa: F401  isort: skip
+import qeff.pipeline  # noqa: F401  isort: skip
+import qeff.verification  # noqa: F401  isort: skip
+import tokenizers  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 import transformers.models.mistral.modeling_mistral  # noqa: F401  isort: skip
 from pytest_qeff.cards import load_cards  # noqa: E402  isort: skip  (after the extension modules above)
@@ -217,3 +222,28 @@ def test_with_an_sdk_the_qaic_compile_stage_runs_the_compiler(pytester: pytest.P
     result.stdout.fnmatch_lines(["*CompileError*qaic-exec failed with exit code 3*unsupported op Foo*"])
     args = (bin_dir / "args.txt").read_text()
     assert "-retained-state" in args and "-aic-num-cores=" in args and "-convert-to-fp16" in args
+
+
+def test_benchmark_stage_runs_through_pytest_benchmark_when_it_is_active(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pytest-benchmark times the card's repeats (rounds) and stores them; qeff's per-phase medians
+    # ride along in extra_info. It switches itself off in an xdist worker (this test may run in
+    # one): the inner run is not one.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    result = qeff(pytester, "--qeff-model", "llama-3-8b", "-m", "qeff_benchmark and qeff_ort", "--benchmark-json", "bench.json")
+    result.assert_outcomes(passed=1)
+    data = json.loads((pytester.path / "bench.json").read_text())
+    (bench,) = data["benchmarks"]
+    card = __import__("tomllib").loads((CARDS / "llama-3-8b.toml").read_text())
+    repeats = card.get("benchmark", {}).get("repeats")
+    if repeats is not None:
+        assert bench["stats"]["rounds"] == repeats
+    assert bench["extra_info"]["decode_tok_s"] > 0 and bench["extra_info"]["probe"] > 0 and bench["extra_info"]["backend"] == "ort"
+    assert bench["stats"]["rounds"] >= 3
+
+
+def test_benchmark_stage_times_alone_when_pytest_benchmark_is_off(pytester: pytest.Pytester) -> None:
+    result = qeff(pytester, "--qeff-model", "llama-3-8b", "-m", "qeff_benchmark and qeff_ort", "--benchmark-disable", "--qeff-report", "out")
+    result.assert_outcomes(passed=1)
+    data = json.loads((pytester.path / "out" / "results.json").read_text())
+    (bench,) = [r for r in data["records"] if r["stage"] == "benchmark"]
+    assert bench["data"]["figures"]["decode_tok_s"] > 0 and len(bench["data"]["runs"]) == bench["data"]["repeats"]

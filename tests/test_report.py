@@ -233,3 +233,23 @@ def test_a_failed_comparison_shows_where_it_parts(tmp_path: Path) -> None:
     rows = [a["class"] for t, a in parse(block).tags if t == "tr" and a.get("class")]
     assert rows == ["ok", "bad"]  # layer 0 within tolerance, layer 1 where it parts
     assert "First divergence · pytorch vs ort" not in text  # that comparison passed: nothing to locate
+
+
+def test_chart_shows_the_probe_scaled_baseline_the_verdict_used() -> None:
+    from pytest_qeff.report.views import _chart
+
+    def chart(speed):
+        against = {"found": True, "baseline": {"decode_tok_s": 1000.0, "total_tok_s": 800.0, "ttft_s": 0.004}, "changes": {}, "regressions": []}
+        if speed is not None:
+            against["machine_speed"] = speed
+        stage = BenchmarkRecord(prompts=[[1]], prompt_texts=["x"], batch_size=1, prompt_len=32, ctx_len=128, device_group=[0],
+                                figures={"decode_tok_s": 500.0, "total_tok_s": 400.0, "ttft_s": 0.008}, runs=[], generation_len=8,
+                                repeats=3, threads=1, probe=2.0, baseline=against, update_baseline=False)
+        return {b.label: b.value for b in _chart(stage).bars}, _chart(stage).title
+
+    raw, _ = chart(None)
+    assert raw["decode tokens/s (baseline)"].replace(",", "").startswith("1000"), raw
+    scaled, title = chart(0.5)  # this run's machine was half as fast as the baseline run's
+    assert scaled["decode tokens/s (baseline × 0.50 machine speed)"].startswith("500"), scaled  # 1000 x 0.5
+    assert scaled["time to first token (baseline × 0.50 machine speed)"].startswith("8"), scaled  # 4 ms / 0.5
+    assert "scaled to this machine's speed (probe: 50% of the baseline run's)" in title

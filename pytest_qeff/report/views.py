@@ -385,23 +385,32 @@ def _token_diffs(stage: GenerationRecord) -> list[TokenDiff]:
 
 
 def _chart(stage: BenchmarkRecord) -> Chart | None:
+    """Now against the baseline the verdict used: scaled by the machine-speed probe when both runs
+    have one (``baseline.check``'s ``machine_speed``), so the bars show what was compared."""
     figures = stage.figures
     if not figures:
         return None
     base = stage.baseline.get("baseline") or {}
+    speed = stage.baseline.get("machine_speed") or 1.0
+    who_base = "baseline" if speed == 1.0 else f"baseline × {speed:.2f} machine speed"
     bars: list[Bar] = []
     y, full = 0, 260
-    for metric, (label, unit, _) in METRICS.items():
+    for metric, (label, unit, higher_better) in METRICS.items():
         now, then = figures.get(metric), base.get(metric)
+        if then is not None:
+            then = then * speed if higher_better else then / speed  # what the regression check compared with
         scale = max(v for v in (now, then) if v is not None) or 1.0
-        for who, value, cls in (("now", now, "now"), ("baseline", then, "baseline")):
+        for who, value, cls in (("now", now, "now"), (who_base, then, "baseline")):
             if value is None:
                 continue
             shown = fmt(value * 1000, "ms") if unit == "s" else fmt(value, unit)
             bars.append(Bar(y, max(1, round(full * value / scale)), f"{label} ({who})", shown, cls))
             y += 22
         y += 10
-    return Chart(width=700, height=y, label_x=230, bars=bars, title="benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)")
+    title = "benchmark against the baseline (longer is more: tokens/s faster, TTFT slower)"
+    if speed != 1.0:
+        title += f"; the baseline is scaled to this machine's speed (probe: {speed:.0%} of the baseline run's), as the verdict was"
+    return Chart(width=700, height=y, label_x=260, bars=bars, title=title)
 
 
 def _divergence(comp) -> DivergenceView | None:

@@ -84,7 +84,7 @@ def compile(
     a :class:`qeff.compilers.qaic.QaicCompileResult`. ``full_batch_size`` / ``num_speculative_tokens``
     compile a serving graph variant (:mod:`qeff.serving.graph`) and are recorded in the manifest,
     from which :func:`qeff.open_session` opens the matching session."""
-    from qeff.exporter import library_versions
+    from qeff._system import library_versions
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():

@@ -53,6 +53,12 @@ def open_session(
             prompt_len=options["prompt_len"],
             num_speculative_tokens=options.get("num_speculative_tokens"),
         )
+    if backend == "ort" and inputs.get("graph") == "fused":
+        from qeff.layout import ORT_FUSED
+        from qeff.runtime.ort_fused import FusedOrtSession
+
+        return FusedOrtSession(artifact_dir / ORT_FUSED, batch_size=options["batch_size"], ctx_len=options["ctx_len"],
+                               prompt_len=options["prompt_len"], threads=threads)
     if backend == "ort":
         from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
         from qeff.runtime.ort import OrtSession

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qeff._system import TRANSFORMS  # names of the transforms applied (one source: manifests read it without torch)
 from qeff.errors import UnsupportedModelError, WeightsChangedError
 from qeff.transforms.cache import RetainedStateCache
 from qeff.transforms.experts import use_dense_experts
@@ -42,9 +43,6 @@ __all__ = [
     "fingerprint_digest",
     "check_parameters_unchanged",
 ]
-
-#: Names of the transforms applied, stamped into exported graphs' metadata.
-TRANSFORMS = ("RetainedStateCache", "PositionIdsMask", "LastTokenLogits", "EagerAttention")
 
 
 @dataclass(frozen=True)

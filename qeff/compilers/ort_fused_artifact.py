@@ -1,0 +1,134 @@
+"""The fused CPU graph as a cached artifact (:func:`compile_fused`).
+
+    <export dir>/ort-fused_1BS_32PL_128CL/            fp32 weights
+    <export dir>/ort-fused-native_1BS_32PL_128CL/     the GGUF file's own blocks (MatMulNBits)
+    <export dir>/ort-fused-int4_1BS_32PL_128CL/       round-to-nearest int4 / int8 blocks
+    <export dir>/ort-fused-native-a8_…                … with int8 activations inside MatMulNBits
+
+A build writes the graph and then runs the ``check`` it is given on a session of it, before the
+artifact is moved into place: the pipeline (:mod:`qeff.cpu_graph`) passes a comparison with the
+portable graph of the same export, which raises for fp32/native weights outside tolerance — so a
+fast graph that was never checked is never cached. The comparison lands in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from qeff.artifacts import Built, build_artifact, read_manifest
+from qeff.errors import QEffError, UsageError
+from qeff.layout import ORT_FUSED, ort_fused_dir_name
+
+__all__ = ["WEIGHTS", "GRAPHS", "compile_fused", "check_cpu_options", "export_config"]
+
+WEIGHTS = ("fp32", "native", "int8", "int4")
+GRAPHS = ("auto", "fused", "portable")
+
+
+def check_cpu_options(source, *, graph: str, weights: str, int8_activations: bool) -> None:
+    """Refuse option combinations that cannot work, before anything is loaded or exported
+    (``source``: the resolved ``qeff.loading.ModelSource``, or None for a model object)."""
+    if graph not in GRAPHS:
+        raise UsageError(f"unknown ONNX Runtime graph {graph!r}; choose one of {', '.join(GRAPHS)}")
+    if weights not in WEIGHTS:
+        raise UsageError(f"unknown weights format {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if graph == "portable" and (weights != "fp32" or int8_activations):
+        raise UsageError("--weights and --int8-activations apply to the fused graph; drop --ort-graph portable")
+    if weights == "native" and (source is None or source.kind != "gguf"):
+        name = source.name if source is not None else "this model"
+        raise UsageError(f"--weights native re-encodes a GGUF file's own blocks, and {name!r} is not a .gguf model; "
+                         f"use --weights int8 or int4 to quantize its float weights")
+    if int8_activations and weights == "fp32":
+        raise UsageError("--int8-activations applies to quantized weights (--weights native, int8 or int4)")
+
+
+def compile_fused(
+    export_dir: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 32,
+    ctx_len: int = 128,
+    weights: str = "fp32",
+    load_model: Callable[[], object] | None = None,
+    gguf_path: str | os.PathLike | None = None,
+    int8_activations: bool = False,
+    threads: int | None = None,
+    check: Callable[[object, bool], dict] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Built:
+    """Build (or reuse) the fused graph of the export in ``export_dir``.
+
+    ``load_model()`` returns the HF model (needed for ``fp32``/``int8``/``int4``, called only when
+    the artifact must be built); ``gguf_path`` is the source file for ``native``.
+    ``int8_activations`` lets MatMulNBits quantize activations to int8 (faster, no longer exact).
+    ``check(session, gate)`` runs on the new graph before it is cached (``gate``: whether the
+    weights are exact, so that a difference must fail the build); its dict goes to the manifest.
+    """
+    from qeff._system import library_versions
+    from qeff.compilers import onnx_identity
+
+    check_cpu_options(None if gguf_path is None else _gguf_source(gguf_path), graph="fused", weights=weights,
+                      int8_activations=int8_activations)
+    if weights != "native" and load_model is None:
+        raise UsageError(f"--weights {weights} needs the model's weights (load_model)")
+    if min(batch_size, prompt_len, ctx_len) < 1 or prompt_len > ctx_len:
+        raise UsageError(f"need batch_size, prompt_len, ctx_len >= 1 and prompt_len <= ctx_len (got {batch_size}, {prompt_len}, {ctx_len})")
+    export_dir = Path(export_dir)
+    onnx_path = export_dir / "model.onnx"
+    if not onnx_path.is_file():
+        raise UsageError(f"{export_dir} holds no exported model.onnx; run `qeff export` first")
+    options = {"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len}
+    accuracy_level = 4 if int8_activations else 0
+    manifest = {"backend": "ort", "graph": "fused", "weights": weights, "accuracy_level": accuracy_level, "options": options,
+                "onnx": onnx_identity(onnx_path), "versions": library_versions(), "checked": check is not None}
+    if weights == "native":
+        manifest["gguf"] = _gguf_source(gguf_path).identity()
+    target = Path(out_dir) if out_dir else export_dir / ort_fused_dir_name(**options, weights=weights, int8_activations=int8_activations)
+
+    def build(tmp: Path) -> dict:
+        from qeff.compilers.ort_fused import write_fused_graph
+        from qeff.progress import stage
+        from qeff.runtime.ort_fused import FusedOrtSession
+
+        with stage(f"Building the fused ONNX Runtime graph ({weights} weights)", enabled=progress):
+            if weights == "native":
+                from qeff.compilers.ort_fused_weights import from_gguf
+
+                decoder = from_gguf(Path(gguf_path), export_config(export_dir), ctx_len)
+            else:
+                from qeff.compilers.ort_fused_weights import from_hf
+
+                decoder = from_hf(load_model(), ctx_len, weights=weights)
+            # gate|up as one MatMul + Split is faster for one row, two MatMuls for several
+            # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds).
+            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level, pack_gate_up=batch_size == 1)
+            del decoder
+        if check is not None:
+            session = FusedOrtSession(tmp / ORT_FUSED, batch_size=batch_size, ctx_len=ctx_len, prompt_len=prompt_len, threads=threads)
+            facts["check"] = check(session, weights in ("fp32", "native") and not int8_activations)
+            session.close()
+        return facts
+
+    return build_artifact(target, manifest, build, required=(ORT_FUSED,), force=force)
+
+
+def _gguf_source(path):
+    from qeff.loading import ModelSource
+
+    path = Path(path)
+    return ModelSource(str(path), "gguf" if path.suffix == ".gguf" else "local", path=path)
+
+
+def export_config(export_dir: Path):
+    """The HF config the export recorded (a ``PretrainedConfig``)."""
+    from transformers import AutoConfig
+
+    record = read_manifest(export_dir) or {}
+    config = dict(record.get("outputs", {}).get("config") or {})
+    if not config.get("model_type"):
+        raise QEffError(f"{export_dir}/manifest.json records no model config; re-export the model")
+    return AutoConfig.for_model(config.pop("model_type"), **config)

@@ -1,0 +1,108 @@
+"""Which ONNX Runtime graph a pipeline runs on the CPU, and the check that lets the fused one in.
+
+``qeff infer --backend ort`` asks :func:`compile_cpu`: the fused graph
+(:mod:`qeff.compilers.ort_fused`) when ``--ort-graph`` allows it and the architecture is covered,
+else None — the caller then compiles the portable graph (``auto`` says why in one line; ``fused``
+insists and refuses). Every fused build is checked by :func:`check_against_portable`: the new
+graph and the portable graph of the same export, teacher-forced side by side over the portable
+graph's greedy tokens on seeded prompts (one spans two prefill chunks), compared with the
+project's fp32 tolerances. With fp32 or native weights a difference fails the build; with
+re-quantized weights (int8/int4, or int8 activations) it is measured and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from qeff.errors import UsageError, VerificationError
+
+__all__ = ["compile_cpu", "check_against_portable", "CHECK_TOLERANCES"]
+
+#: fp32 / native fused vs portable graph: the same weights, different kernels and summation order —
+#: the project's default fp32 tolerances (``qeff.verification.Tolerances``).
+CHECK_TOLERANCES = {"logits_max_abs": 1e-3, "logits_mse": 1e-8, "cache_max_abs": 1e-3, "cache_mse": 1e-9, "ambiguity_margin": 1e-3}
+
+
+def _check_prompts(batch_size: int, prompt_len: int, ctx_len: int, vocab: int, steps: int) -> list[list[int]]:
+    """Seeded prompts of varied lengths: one spans two prefill chunks when ctx_len allows."""
+    rng = np.random.default_rng(1234)
+    room = ctx_len - steps
+    lengths = [max(1, min(room, n)) for n in (prompt_len + 3, 5, prompt_len, 2)]
+    return [rng.integers(1, vocab, lengths[r % len(lengths)]).tolist() for r in range(batch_size)]
+
+
+def check_against_portable(fused_session, portable_onnx: Path, *, prompt_len: int, steps: int = 16, gate: bool = True) -> dict:
+    """Teacher-force ``fused_session`` and the portable graph over the portable graph's greedy
+    tokens; the comparison as a dict (:class:`VerificationError` if ``gate`` and it fails)."""
+    from qeff.generation import generate
+    from qeff.runtime.ort import OrtSession
+    from qeff.verification import Tolerances, compare, session_trace
+
+    batch, ctx_len = fused_session.batch_size, fused_session.ctx_len
+    steps = max(1, min(steps, ctx_len // 2))
+    prompts = _check_prompts(batch, prompt_len, ctx_len, fused_session.vocab_size, steps)
+    portable = OrtSession(portable_onnx, batch_size=batch, ctx_len=ctx_len, prompt_len=prompt_len)
+    greedy = generate(portable, prompt_token_ids=prompts, prompt_len=prompt_len, generation_len=steps, ignore_eos=True)
+    ref = session_trace(portable, "portable", prompts, greedy.token_ids, prompt_len)
+    portable.close()
+    cand = session_trace(fused_session, "fused", prompts, greedy.token_ids, prompt_len)
+    result = compare(ref, cand, Tolerances(**CHECK_TOLERANCES))
+    report = {
+        "reference": "portable ONNX graph", "candidate": "fused ONNX graph", "steps": steps, "rows": batch,
+        "logits_mse": result.logits_mse, "logits_max_abs": result.logits_max_abs,
+        "cache_max_abs": result.cache_max_abs, "tokens_matched": result.tokens_matched,
+        "tokens_total": result.tokens_total,
+        # The precision metrics (qeff.metrics) of the fused graph's distribution against the portable one's.
+        "kld_mean": result.kld_mean, "kld_max": result.kld_max, "top1_agree": result.top1_agree,
+        "top5_overlap": result.top5_overlap,
+        "passed": result.passed, "gated": gate, "failures": result.failures,
+        "tolerances": CHECK_TOLERANCES,
+    }
+    if gate and not result.passed:
+        raise VerificationError(f"the fused graph differs from the portable graph: {'; '.join(result.failures)}", report)
+    return report
+
+
+def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activations: bool = False,
+                batch_size: int, prompt_len: int, ctx_len: int, threads: int | None = None,
+                force: bool = False, say: Callable[[str], None] = print):
+    """The fused artifact for ``pipe`` (a :class:`qeff.pipeline.Pipeline` whose export is done)
+    when ``graph`` allows it and the architecture is covered; None for the portable graph."""
+    from types import SimpleNamespace
+
+    from qeff.compilers.ort_fused import unsupported_reason
+    from qeff.compilers.ort_fused_artifact import check_cpu_options, compile_fused
+
+    check_cpu_options(pipe.source, graph=graph, weights=weights, int8_activations=int8_activations)
+    if graph == "portable":
+        return None
+    config = (pipe.export_built.manifest.get("outputs") or {}).get("config") or {}
+    reason = unsupported_reason(SimpleNamespace(**config)) if config else "the export recorded no model config"
+    if reason:
+        if graph == "fused" or weights != "fp32":
+            raise UsageError(f"the fused ONNX Runtime graph cannot run this model: {reason}")
+        say(f"[qeff] {reason}: running the portable ONNX graph")
+        return None
+    source = pipe.source
+    gguf = source.path if source is not None and source.kind == "gguf" else None
+    onnx_path = pipe.onnx_path
+
+    def check(session, gate: bool) -> dict:
+        from qeff.progress import stage
+
+        with stage("Checking the fused graph against the portable graph", enabled=pipe.progress):
+            return check_against_portable(session, onnx_path, prompt_len=prompt_len, gate=gate)
+
+    built = compile_fused(pipe.export_dir, batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len, weights=weights,
+                          load_model=lambda: pipe.model, gguf_path=gguf, int8_activations=int8_activations,
+                          threads=threads, check=check, force=force, progress=pipe.progress)
+    result = (built.manifest.get("outputs") or {}).get("check")
+    if result:
+        say(f"[qeff] fused graph vs portable graph: logits max-abs {result['logits_max_abs']:.2e}, MSE {result['logits_mse']:.2e}, "
+            f"KL mean {result.get('kld_mean', 0.0):.2e}, top-1 {result.get('top1_agree', 1.0):.0%}, "
+            f"tokens {result['tokens_matched']}/{result['tokens_total']}"
+            + ("" if result["gated"] else " (weights re-quantized: reported, not gated)") + (" (cached)" if built.reused else ""))
+    return built

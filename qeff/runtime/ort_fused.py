@@ -1,0 +1,128 @@
+"""The session of the fused CPU graph (:mod:`qeff.compilers.ort_fused`), behind the same
+interface as every other: ``run(input_ids, position_ids) → (B, vocab)`` and ``read_cache()``.
+
+``GroupQueryAttention`` wants, per row, how many tokens its cache holds after the step and how
+many of this chunk's tokens are real; the generation loop speaks in ``position_ids`` with ``-1``
+for padding. This session translates, per step, in a few numpy operations:
+
+- a row's valid tokens are its leading non-negative positions ``p0, p0+1, …`` (right padding);
+  ``query_seqlens = Q`` (their count), ``seqlens_k = p0 + Q - 1``;
+- a row with no valid token is idle: ``Q = 0``, nothing is written to its cache, its logits are
+  garbage the loop never reads (``seqlens_k = 0`` keeps the kernel's bounds satisfied);
+- trailing columns where every row is padding are cut off before the run (a 33-token prompt in a
+  64-token chunk computes 33 columns), and only each row's last valid token goes through the
+  vocabulary projection (``last_index``).
+
+Positions that are not of this shape (gaps, padding before a token) are refused: the fused
+kernels cannot express them, and nothing in qeff produces them.
+
+The cache is one OrtValue per tensor, bound as both ``past_*`` input and ``…_RetainedState``
+output: GroupQueryAttention appends into it in place (its past/present buffer sharing).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qeff.errors import ArtifactError, UsageError
+
+__all__ = ["FusedOrtSession", "step_inputs"]
+
+
+def step_inputs(position_ids: np.ndarray, ctx_len: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(B, S)`` positions → ``(columns, seqlens_k, total_sequence_length, query_seqlens, last_index)``.
+
+    ``columns`` is how many leading columns carry a valid token in some row."""
+    batch, seq = position_ids.shape
+    valid = position_ids >= 0
+    q = valid.sum(axis=1)  # (B,)
+    start = position_ids[:, 0]
+    expected = np.where(np.arange(seq)[None, :] < q[:, None], start[:, None] + np.arange(seq)[None, :], -1)
+    if not np.array_equal(position_ids, expected):
+        raise UsageError(
+            "the fused ONNX Runtime graph needs each row's positions to be consecutive and right-padded "
+            "(p, p+1, …, then -1); open the portable graph for other layouts"
+        )
+    columns = max(int(q.max()), 1)
+    active = q > 0
+    total = np.where(active, start + q, 1)  # tokens in each row's cache after the step (idle rows: a placeholder)
+    if (active & (start + columns > ctx_len)).any() or columns + 1 > ctx_len and (~active).any():
+        raise UsageError(f"a chunk of {columns} tokens at these positions does not fit ctx_len={ctx_len}")
+    seqlens_k = (total - 1).astype(np.int32)
+    total_len = np.array(max(int(total.max()), columns), dtype=np.int32)
+    last_index = np.arange(batch, dtype=np.int64) * columns + np.maximum(q - 1, 0)
+    return columns, seqlens_k, total_len, q.astype(np.int32), last_index
+
+
+class FusedOrtSession:
+    backend = "ort"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        batch_size: int,
+        ctx_len: int,
+        prompt_len: int | None = None,
+        threads: int | None = None,
+    ):
+        from qeff._system import physical_cores
+        from qeff.runtime.ort import onnxruntime_module, session_options
+
+        if batch_size < 1 or ctx_len < 1:
+            raise UsageError(f"batch_size and ctx_len must be positive (got {batch_size}, {ctx_len})")
+        ort = onnxruntime_module()
+        self.model_path = Path(model_path)
+        self.threads = threads or physical_cores()
+        opts = session_options(self.threads)
+        # Every dim but seq_len is fixed for the artifact's life: let ORT plan with them.
+        opts.add_free_dimension_override_by_name("batch_size", batch_size)
+        opts.add_free_dimension_override_by_name("ctx_len", ctx_len)
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own pybind error types for unreadable models
+            if not self.model_path.is_file():
+                raise ArtifactError(f"{self.model_path} does not exist; compile the model first") from exc
+            raise ArtifactError(
+                f"ONNX Runtime cannot load {self.model_path} ({str(exc).splitlines()[0][:200]}); "
+                f"the file is corrupt or incomplete: delete its directory to rebuild it"
+            ) from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_")]
+        self.num_layers = len(self.past_names) // 2
+        past0 = inputs["past_key.0"].shape  # [batch_size, n_kv, ctx_len, head_dim]
+        self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
+        self.vocab_size = int(self.session.get_outputs()[0].shape[1])
+        self.batch_size, self.ctx_len, self.prompt_len = batch_size, ctx_len, prompt_len
+        self.decode_session = self.session  # the interface of OrtSession, for callers that report it
+        shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
+        self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu") for _ in self.past_names]
+        self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, self.vocab_size), np.float32, "cpu")
+        self._io = self.session.io_binding()
+        for name, value in zip(self.past_names, self._cache):
+            self._io.bind_ortvalue_input(name, value)
+            self._io.bind_ortvalue_output(name + "_RetainedState", value)
+        self._io.bind_ortvalue_output("logits", self._logits)
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        position_ids = np.asarray(position_ids, dtype=np.int64)
+        if position_ids.shape[0] != self.batch_size:
+            raise UsageError(f"this session runs batch_size={self.batch_size} rows, got {position_ids.shape[0]}")
+        columns, seqlens_k, total, query_seqlens, last_index = step_inputs(position_ids, self.ctx_len)
+        io = self._io
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64)[:, :columns]))
+        io.bind_cpu_input("seqlens_k", seqlens_k)
+        io.bind_cpu_input("total_sequence_length", total)
+        io.bind_cpu_input("query_seqlens", query_seqlens)
+        io.bind_cpu_input("last_index", last_index)
+        self.session.run_with_iobinding(io)
+        return self._logits.numpy()
+
+    def read_cache(self) -> list[np.ndarray]:
+        return [v.numpy().copy() for v in self._cache]
+
+    def close(self) -> None:
+        self.session = self.decode_session = None
