@@ -643,6 +643,10 @@ def _check_args(args) -> None:
     from qeff import validation
 
     validation.check_home(getattr(args, "home", None))
+    if hasattr(args, "batch_size"):
+        from qeff.serving.options import serving_options
+
+        serving_options(args)  # the serving flags' own errors; settles --batch_size (None → 1)
     if hasattr(args, "ctx_len"):
         validation.check_sizes(batch_size=getattr(args, "batch_size", 1), prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                                generation_len=getattr(args, "generation_len", None), num_cores=getattr(args, "num_cores", None),
@@ -661,7 +665,8 @@ def _check_args(args) -> None:
         shape = model_shape(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir), cache_dir=cache_dir)
         if shape is not None:
             verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
-            validation.check_memory(shape, batch_size=getattr(args, "batch_size", 1), ctx_len=args.ctx_len, copies=2 if verifying else 1)
+            rows = getattr(args, "full_batch_size", None) or getattr(args, "batch_size", 1)
+            validation.check_memory(shape, batch_size=rows, ctx_len=args.ctx_len, copies=2 if verifying else 1)
 
 
 def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:

@@ -43,8 +43,11 @@ def test_regression_fails_readably_and_update_rewrites_the_baseline(pytester: py
     assert "the card allows -80%" in out
     assert f"update the baseline: pytest --qeff-model {CARD} --qeff-tier tiny --qeff-backend ort -m qeff_benchmark " \
            f"--qeff-baseline {baselines} --qeff-update-baseline" in out
-    assert "time to first token regressed:" in out
+    # A tiny prefill is ~1 ms slower than a 1 ns baseline: below the 2 ms noise floor, reported only.
+    assert "time to first token regressed:" not in out
     assert "Traceback" not in out
+    record = json.loads((pytester.path / "qeff_report" / "results.json").read_text())["records"][0]
+    assert record["data"]["baseline"]["within_noise"] == ["ttft_s"]
 
     updated = bench(pytester, baselines, "--qeff-update-baseline")
     updated.assert_outcomes(passed=1)
@@ -98,6 +101,31 @@ def test_check_scales_the_baseline_by_the_machine_speed_probe(tmp_path: Path) ->
     assert "after scaling the baseline by this machine's speed (50% of the baseline run's)" in halved["regressions"][0]
     unscaled = baseline.check(path, "tiny/c", loaded, 0.25, "CMD")  # no probe this run: plain comparison
     assert "machine_speed" not in unscaled and len(unscaled["regressions"]) == 3
+
+
+def test_slowdowns_shorter_than_the_noise_floor_are_reported_not_failed(tmp_path: Path) -> None:
+    """CI's failure, reproduced: the probe said its machine ran 8.05x the baseline's, yet a 0.57 ms
+    prefill stayed 0.57 ms (-84% "speed"). A sub-2 ms difference over the whole phase is scheduler
+    noise: reported, flagged, not failed. The same relative slowdown over a longer phase still fails."""
+    from pytest_qeff import baseline
+
+    path = tmp_path / "ort" / "card.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"schema": baseline.SCHEMA, "cases": {
+        "tiny/c": {"decode_tok_s": 1300.0, "total_tok_s": 1200.0, "ttft_s": 0.000756, "probe": 100.0,
+                   "generation_len": 16, "batch_size": 1},
+        "full/c": {"decode_tok_s": 40.0, "total_tok_s": 35.0, "ttft_s": 0.100, "probe": 100.0,
+                   "generation_len": 128, "batch_size": 1}}}))
+    ci = baseline.check(path, "tiny/c", {"decode_tok_s": 10000.0, "total_tok_s": 9000.0, "ttft_s": 0.000574}, 0.8, "CMD",
+                        probe=805.0)
+    assert ci["regressions"] == [] and ci["within_noise"] == ["ttft_s"]
+    assert ci["changes"]["ttft_s"] < -0.8  # the change is still reported
+    # Ten times slower decode on the tiny case: 15 tokens now take 11.5 ms instead of 1.4 ms, above the floor.
+    slow = baseline.check(path, "tiny/c", {"decode_tok_s": 1300.0, "total_tok_s": 9000.0, "ttft_s": 0.0001}, 0.8, "CMD",
+                          probe=805.0)
+    assert len(slow["regressions"]) == 1 and slow["regressions"][0].startswith("decode tokens/s regressed")
+    full = baseline.check(path, "full/c", {"decode_tok_s": 10.0, "total_tok_s": 35.0, "ttft_s": 0.1}, 0.5, "CMD", probe=100.0)
+    assert len(full["regressions"]) == 1 and "within_noise" not in full
 
 
 def test_update_merges_into_the_cases_already_there(pytester: pytest.Pytester) -> None:

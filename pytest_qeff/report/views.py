@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_qeff.baseline import METRICS
+from pytest_qeff.baseline import METRICS, NOISE_FLOOR_S
 from pytest_qeff.records import (
     BenchmarkRecord,
     CompileRecord,
@@ -480,7 +480,10 @@ def _stage(rec: dict) -> StageView:
             shown = fmt(value * 1000, "ms") if unit == "s" and value is not None else fmt(value, unit)
             change = changes.get(metric)
             bound = f"{change:+.0%} vs baseline (allowed {allowed:+.0%})" if change is not None and allowed is not None else ""
-            view.metrics.append(Metric(label, shown, bound, None if change is None else change >= allowed))
+            noise = metric in against.get("within_noise", ())
+            if noise:
+                bound += f"; under the {NOISE_FLOOR_S * 1000:.0f} ms noise floor, not failed"
+            view.metrics.append(Metric(label, shown, bound, None if change is None else (change >= allowed or noise)))
         view.facts = [Pair("runs (median shown)", fmt(stage.repeats)), Pair("tokens per run per row", fmt(stage.generation_len)),
                       Pair("threads", fmt(stage.threads)), Pair("baseline", against.get("file", "-") + (f" [{against.get('key')}]" if against.get("key") else "")),
                       Pair("update command", against.get("command", "-"))]
