@@ -657,6 +657,10 @@ def _check_args(args) -> None:
         args.threads = validation.check_threads(args.threads)
     if hasattr(args, "prompts_txt_file_path"):
         _prompts(args)  # decoded and checked now, not after the model is loaded
+    if getattr(args, "precision", None) is not None:
+        from qeff.precision.commands import check_precision_args
+
+        check_precision_args(args)  # the tiers are arguments too: named before the model is looked at
     if getattr(args, "model_name", None) and hasattr(args, "ctx_len") and not getattr(args, "onnx_path", None):
         from qeff.loading import resolve
         from qeff.preflight import model_shape

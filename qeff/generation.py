@@ -122,6 +122,18 @@ class TextStreamer:
         self.out.flush()
 
 
+
+def full_cache_messages(who: str, reasons: Sequence[str], prompt_lens: Sequence[int], new_tokens: Sequence[int],
+                        ctx_len: int) -> list[str]:
+    """One line for each row (``who`` = "row" or "prompt") that stopped because its cache was full."""
+    return [
+        f"{who} {r}: stopped after {new_tokens[r]} new tokens because its cache is full "
+        f"({prompt_lens[r]} prompt + {new_tokens[r]} generated tokens reach ctx_len={ctx_len}); "
+        f"compile with a larger ctx_len to generate more"
+        for r, reason in enumerate(reasons)
+        if reason == "ctx_len"
+    ]
+
 def generate(
     session: Session,
     prompts: Sequence[str] | None = None,
@@ -213,16 +225,9 @@ def generate(
     t_end = time.perf_counter()
 
     token_ids = [generated[r, : count[r]].tolist() for r in range(n_rows)]
-    messages = []
-    for r, reason in enumerate(reasons):
-        if reason == "ctx_len":
-            msg = (
-                f"row {r}: stopped after {count[r]} new tokens because its cache is full "
-                f"({lengths[r]} prompt + {count[r]} generated tokens reach ctx_len={ctx_len}); "
-                f"compile with a larger ctx_len to generate more"
-            )
-            log.warning(msg)
-            messages.append(msg)
+    messages = full_cache_messages("row", reasons, lengths, count, ctx_len)
+    for msg in messages:
+        log.warning(msg)
     new_tokens = int(count.sum())
     decode_tokens = new_tokens - n_rows
     prefill_s, decode_s, e2e_s = t_first - t0, t_end - t_first, t_end - t0

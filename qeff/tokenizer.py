@@ -65,6 +65,10 @@ class SavedTokenizer:
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def get_vocab(self) -> dict[str, int]:
+        """token → id, added tokens included (as transformers' ``get_vocab``)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def save_pretrained(self, directory: str | Path) -> None:
         for f in self.directory.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")):

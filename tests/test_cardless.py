@@ -183,20 +183,23 @@ def test_unsupported_or_broken_models_are_usage_errors(pytester, tmp_path):
     nothing.stderr.fnmatch_lines(["*--qeff-write-card: no card was built from a model's config*"])
 
 
-def test_rope_scaling_reaches_the_tiny_tier_when_cards_can_hold_tables(tmp_path):
-    """Llama 3 RoPE scaling is a table; the card schema holds tables once issue 11's item 2 lands
-    (the models branch). Until then the built card names it as a key it could not hold."""
+def test_rope_scaling_reaches_the_tiny_tier(tmp_path):
+    """Llama 3 RoPE scaling is a table (cards hold tables since issue 11's item 2). The tiny tier
+    keeps its type and factors and shrinks the original context, so tiny prompts cross the boundary
+    where the scaling bites."""
+    from pytest_qeff.cardless import _TINY_ORIGINAL_CONTEXT
+
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
     config = dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072, rope_scaling=scaling)
     built = cardless.build(str(write_config_dir(tmp_path / "llama31", config)))
-    if cardless._value_ok("rope_scaling", scaling):
-        assert built.tiny_config().hf_config()["rope_scaling"] == scaling
-        model = qeff.from_config("llama", built.tiny_config().hf_config())
-        assert model.config.rope_parameters["rope_type"] == "llama3"
-    else:
-        assert "left to the config class's defaults in the tiny tier: rope_scaling" in built.description
+    tiny = built.tiny_config().hf_config()
+    kept = {k: v for k, v in tiny["rope_scaling"].items() if k in scaling and k != "original_max_position_embeddings"}
+    assert kept == {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    assert tiny["rope_scaling"]["original_max_position_embeddings"] == _TINY_ORIGINAL_CONTEXT < tiny["max_position_embeddings"]
+    model = qeff.from_config("llama", tiny)
+    assert model.config.rope_parameters["rope_type"] == "llama3"
 
 
 def test_scaled_rope_is_shrunk_to_reach_the_scaled_regime_in_the_tiny_tier():

@@ -125,8 +125,8 @@ def test_corrupt_cached_artifact_is_rebuilt(tiny_model_dir, tmp_path, capsys, mo
     (artifact / model_file).write_bytes(b"\x00garbage")
     second, err = infer_json(capsys, *args)
     # Caught by the integrity check before ONNX Runtime ever opens it (issue 14), and said in one line.
-    assert "failed its integrity check (model.opt.onnx: " in err and "truncated" in err
-    assert second["reused"] == {"export": True, "compile": False} and "model.opt.onnx" in second["repaired"]["compile"]
+    assert f"failed its integrity check ({model_file}: " in err and "truncated" in err
+    assert second["reused"] == {"export": True, "compile": False} and model_file in second["repaired"]["compile"]
     assert second["token_ids"] == first["token_ids"]
 
 

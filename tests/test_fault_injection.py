@@ -222,20 +222,27 @@ def test_corrupting_every_file_of_a_qaic_artifact(micro_model_dir, tmp_path, cap
     assert injected == 4 * len(_files(qpc)) >= 4 * 6
 
 
-def test_zeroed_weights_of_the_same_size_are_never_served(micro_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("graph", ["portable", "fused"])
+def test_zeroed_weights_of_the_same_size_are_never_served(micro_model_dir, tmp_path, capsys, graph):
     """Issue 14, item 1: overwriting a cached model.opt.onnx.data in place, same size, gave exit 0,
-    all-zero token ids and "verify … ok (cached)"."""
+    all-zero token ids and "verify … ok (cached)". The fused CPU graph's weights likewise."""
+    from qeff.artifacts import read_manifest
+
     home = tmp_path / "home"
-    args = ["--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--verify"]
+    args = ["--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--verify", "--ort-graph", graph]
     code, first, err = _infer(capsys, *args)
-    data = Path(first["artifact"]) / "model.opt.onnx.data"
+    artifact = Path(first["artifact"])
+    assert artifact.name.startswith("ort-fused_" if graph == "fused" else "ort_")
+    name = max(read_manifest(artifact)["files"], key=lambda rel: (artifact / rel).stat().st_size)  # the weights
+    assert name == ("model.fused.onnx.data" if graph == "fused" else "model.opt.onnx.data")
+    data = artifact / name
     size = data.stat().st_size
     with open(data, "r+b") as f:
         f.write(b"\0" * size)
     code, second, err = _infer(capsys, *args)
     assert code == 0 and second["token_ids"] == first["token_ids"]
-    assert "model.opt.onnx.data: its content differs from the manifest's digest" in err
-    assert second["reused"]["compile"] is False and second["repaired"]["compile"].startswith("model.opt.onnx.data")
+    assert f"{name}: its content differs from the manifest's digest" in err
+    assert second["reused"]["compile"] is False and second["repaired"]["compile"].startswith(name)
 
 
 def test_a_truncated_export_then_a_new_ctx_len_rebuilds_the_export(micro_model_dir, tmp_path, capsys):

@@ -283,19 +283,19 @@ def _needed(line: str) -> float:
     return float(number) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
 
 
-@pytest.mark.parametrize("stage", ["export", "compile"])
-def test_disk_full_on_a_real_small_disk(tiny_model_dir, tmp_path, capsys, mounts, export_bytes, stage):
+@pytest.mark.parametrize(("stage", "graph"), [("export", "auto"), ("compile", "fused"), ("compile", "portable")])
+def test_disk_full_on_a_real_small_disk(tiny_model_dir, tmp_path, capsys, mounts, export_bytes, stage, graph):
     """A tmpfs sized so the export (half its size) or the ORT compile (the export and half a
-    compiled copy) fills it."""
+    compiled copy, of the fused CPU graph or of the portable one) fills it."""
     from qeff.atomic import human_bytes
 
     size = export_bytes["all"] // 2 if stage == "export" else export_bytes["all"] + export_bytes["graph"] // 2
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, f"size={size // 4096 * 4096}")
     mounts.append(disk)
-    line = one_sentence(capsys, infer(tiny_model_dir, "--home", str(disk), "--no-verify", "--ctx_len", "64"), 1)
+    line = one_sentence(capsys, infer(tiny_model_dir, "--home", str(disk), "--no-verify", "--ctx_len", "64", "--ort-graph", graph), 1)
     assert line.startswith(f"qeff: DiskFullError: the disk holding {disk}") and "is full (" in line
-    built = "export-" if stage == "export" else "ort_1BS_32PL_64CL"
+    built = "export-" if stage == "export" else {"fused": "ort-fused_1BS_32PL_64CL", "portable": "ort_1BS_32PL_64CL"}[graph]
     assert f"building {built}" in line
     # The estimate against what the build really writes (measured by the sizing export).
     assert 0.85 < _needed(line) / export_bytes["graph"] < 1.15, (line, human_bytes(export_bytes["graph"]))

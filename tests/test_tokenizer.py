@@ -42,6 +42,7 @@ def test_special_token_ids_and_size(saved):
     ours = SavedTokenizer(path)
     assert (ours.eos_token_id, ours.bos_token_id, ours.pad_token_id) == (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id)
     assert ours.eos_token_id is not None and len(ours) == len(hf)
+    assert ours.get_vocab() == hf.get_vocab()  # speculative decoding compares draft and target vocabularies
 
 
 @pytest.mark.parametrize("extra,cleaned", [

@@ -113,7 +113,15 @@ def compile_fused(
             session.close()
         return facts
 
-    return build_artifact(target, manifest, build, required=(ORT_FUSED,), force=force)
+    def size_hint() -> int | None:
+        """For the message if the disk fills up: fp32 weights take what the export's graph takes;
+        quantized ones a fraction of it (int8 ~1/4, 4-bit blocks ~1/7; the file's own for native)."""
+        onnx_bytes = sum(p.stat().st_size for p in export_dir.glob("model.onnx*") if p.is_file())
+        if weights == "native":
+            return Path(gguf_path).stat().st_size
+        return onnx_bytes // {"fp32": 1, "int8": 4, "int4": 7}[weights]
+
+    return build_artifact(target, manifest, build, required=(ORT_FUSED,), force=force, size_hint=size_hint)
 
 
 def _gguf_source(path):

@@ -28,7 +28,7 @@ import numpy as np
 from qeff._system import physical_cores
 from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
 
-__all__ = ["OrtSession", "session_options", "onnxruntime_module", "BINDINGS"]
+__all__ = ["OrtSession", "session_options", "onnxruntime_module", "open_inference_session", "CacheInputs", "BINDINGS"]
 
 BINDINGS = ("inplace", "swap", "numpy")
 
@@ -58,6 +58,35 @@ def session_options(threads: int | None = None, *, optimized_path: str | None = 
     return opts
 
 
+
+def open_inference_session(model_path: Path, opts):
+    """An ONNX Runtime CPU session of ``model_path``, or one sentence saying why the file cannot be
+    opened (missing, or corrupt/incomplete: ORT raises its own pybind error types)."""
+    ort = onnxruntime_module()
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if not Path(model_path).is_file():
+            raise ArtifactError(f"{model_path} does not exist; export or compile the model first") from exc
+        raise ArtifactError(
+            f"ONNX Runtime cannot load {model_path} ({str(exc).splitlines()[0][:200]}); "
+            f"the file is corrupt or incomplete: delete its directory to rebuild it"
+        ) from exc
+
+
+class CacheInputs:
+    """The retained-state cache a session's graph declares: ``past_names`` (``past_key.{i}``,
+    ``past_value.{i}``, in graph order), ``num_layers``, ``num_kv_heads``, ``head_dim``."""
+
+    def __init__(self, session):
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.input_names = set(inputs)
+        self.past_names = [n for n in inputs if n.startswith("past_")]
+        self.num_layers = len(self.past_names) // 2
+        past0 = inputs["past_key.0"].shape  # [batch_size, n_kv, ctx_len, head_dim]
+        self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
+
+
 class OrtSession:
     backend = "ort"
 
@@ -79,22 +108,10 @@ class OrtSession:
         ort = onnxruntime_module()
         self.model_path = Path(model_path)
         self.threads = threads or physical_cores()
-        try:
-            self.session = ort.InferenceSession(
-                str(self.model_path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own pybind error types for unreadable models
-            if not self.model_path.is_file():
-                raise ArtifactError(f"{self.model_path} does not exist; export or compile the model first") from exc
-            raise ArtifactError(
-                f"ONNX Runtime cannot load {self.model_path} ({str(exc).splitlines()[0][:200]}); "
-                f"the file is corrupt or incomplete: delete its directory to rebuild it"
-            ) from exc
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in inputs if n.startswith("past_")]
-        self.num_layers = len(self.past_names) // 2
-        past0 = inputs["past_key.0"].shape  # [batch_size, n_kv, ctx_len, head_dim]
-        self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
+        self.session = open_inference_session(self.model_path, session_options(self.threads))
+        cache = CacheInputs(self.session)
+        self.past_names, self.num_layers = cache.past_names, cache.num_layers
+        self.num_kv_heads, self.head_dim = cache.num_kv_heads, cache.head_dim
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.batch_size, self.ctx_len, self.binding = batch_size, ctx_len, binding
         self.prompt_len = prompt_len  # ORT takes any seq_len; set when opened from an artifact

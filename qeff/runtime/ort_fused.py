@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qeff.errors import ArtifactError, UsageError
+from qeff.errors import UsageError
 
 __all__ = ["FusedOrtSession", "step_inputs"]
 
@@ -70,7 +70,7 @@ class FusedOrtSession:
         threads: int | None = None,
     ):
         from qeff._system import physical_cores
-        from qeff.runtime.ort import onnxruntime_module, session_options
+        from qeff.runtime.ort import CacheInputs, onnxruntime_module, open_inference_session, session_options
 
         if batch_size < 1 or ctx_len < 1:
             raise UsageError(f"batch_size and ctx_len must be positive (got {batch_size}, {ctx_len})")
@@ -81,20 +81,10 @@ class FusedOrtSession:
         # Every dim but seq_len is fixed for the artifact's life: let ORT plan with them.
         opts.add_free_dimension_override_by_name("batch_size", batch_size)
         opts.add_free_dimension_override_by_name("ctx_len", ctx_len)
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own pybind error types for unreadable models
-            if not self.model_path.is_file():
-                raise ArtifactError(f"{self.model_path} does not exist; compile the model first") from exc
-            raise ArtifactError(
-                f"ONNX Runtime cannot load {self.model_path} ({str(exc).splitlines()[0][:200]}); "
-                f"the file is corrupt or incomplete: delete its directory to rebuild it"
-            ) from exc
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in inputs if n.startswith("past_")]
-        self.num_layers = len(self.past_names) // 2
-        past0 = inputs["past_key.0"].shape  # [batch_size, n_kv, ctx_len, head_dim]
-        self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
+        self.session = open_inference_session(self.model_path, opts)
+        cache = CacheInputs(self.session)
+        self.past_names, self.num_layers = cache.past_names, cache.num_layers
+        self.num_kv_heads, self.head_dim = cache.num_kv_heads, cache.head_dim
         self.vocab_size = int(self.session.get_outputs()[0].shape[1])
         self.batch_size, self.ctx_len, self.prompt_len = batch_size, ctx_len, prompt_len
         self.decode_session = self.session  # the interface of OrtSession, for callers that report it

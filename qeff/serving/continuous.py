@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qeff.errors import UsageError
-from qeff.generation import _check_inputs, eos_ids
+from qeff.generation import _check_inputs, eos_ids, full_cache_messages
 from qeff.serving.result import ServingResult
 from qeff.serving.sampling import RowSampler, SamplingParams
 
@@ -214,13 +214,7 @@ def generate_continuous(
             emit(s, logits[s])
     t_end = time.perf_counter()
 
-    messages = [
-        f"prompt {i}: stopped after {len(tokens[i])} new tokens because its cache is full "
-        f"({len(prompts_ids[i])} prompt + {len(tokens[i])} generated tokens reach ctx_len={ctx_len}); "
-        f"compile with a larger ctx_len to generate more"
-        for i in range(n)
-        if reasons[i] == "ctx_len"
-    ]
+    messages = full_cache_messages("prompt", reasons, [len(p) for p in prompts_ids], [len(t) for t in tokens], ctx_len)
     new_tokens = sum(len(t) for t in tokens)
     e2e = t_end - t0
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else [""] * n

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qeff.errors import ArtifactError, UsageError
-from qeff.runtime.ort import onnxruntime_module as _ort, session_options
+from qeff.errors import UsageError
+from qeff.runtime.ort import CacheInputs, onnxruntime_module as _ort, open_inference_session, session_options
 from qeff.serving.graph import GraphVariant
 
 __all__ = ["ServingOrtSession", "SlotView"]
@@ -47,19 +47,15 @@ class ServingOrtSession:
             raise UsageError(f"batch_size, full_batch_size and ctx_len must be positive (got {batch_size}, {full_batch_size}, {ctx_len})")
         ort = _ort()
         self.model_path = Path(model_path)
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT's own pybind error types
-            raise ArtifactError(f"ONNX Runtime cannot load {self.model_path} ({str(exc).splitlines()[0][:200]})") from exc
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.variant = GraphVariant(continuous_batching="batch_index" in inputs, speculative="num_logits_to_keep" in inputs)
+        self.session = open_inference_session(self.model_path, session_options(threads))
+        cache = CacheInputs(self.session)
+        self.variant = GraphVariant(continuous_batching="batch_index" in cache.input_names,
+                                    speculative="num_logits_to_keep" in cache.input_names)
         if self.variant.continuous_batching != (full_batch_size is not None):
             have = "has" if self.variant.continuous_batching else "has no"
             raise UsageError(f"{self.model_path} {have} a batch_index input: open it {'with' if self.variant.continuous_batching else 'without'} full_batch_size")
-        self.past_names = [n for n in inputs if n.startswith("past_")]
-        self.num_layers = len(self.past_names) // 2
-        past0 = inputs["past_key.0"].shape
-        self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
+        self.past_names, self.num_layers = cache.past_names, cache.num_layers
+        self.num_kv_heads, self.head_dim = cache.num_kv_heads, cache.head_dim
         self.batch_size, self.ctx_len, self.prompt_len = batch_size, ctx_len, prompt_len
         self.full_batch_size = full_batch_size
         #: K the artifact was compiled for (speculative targets; informational).

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qeff.errors import UsageError
-from qeff.generation import _check_inputs, eos_ids, prefill_chunks
+from qeff.generation import _check_inputs, eos_ids, full_cache_messages, prefill_chunks
 from qeff.serving.continuous import common_prefix
 from qeff.serving.result import ServingResult
 
@@ -191,13 +191,7 @@ def generate_speculative(
             del drafted[r][common_prefix(drafted[r], prompts_ids[r] + generated[r]) :]
     t_end = time.perf_counter()
 
-    messages = [
-        f"prompt {r}: stopped after {len(generated[r])} new tokens because its cache is full "
-        f"({len(prompts_ids[r])} prompt + {len(generated[r])} generated tokens reach ctx_len={ctx_len}); "
-        f"compile with a larger ctx_len to generate more"
-        for r in range(n)
-        if reasons[r] == "ctx_len"
-    ]
+    messages = full_cache_messages("prompt", reasons, [len(p) for p in prompts_ids], [len(t) for t in generated], ctx_len)
     new_tokens = sum(len(g) for g in generated)
     prefill_s, decode_s, e2e = t_first - t0, t_end - t_first, t_end - t0
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated] if tokenizer is not None else [""] * n
