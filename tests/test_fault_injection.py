@@ -171,12 +171,17 @@ def _corrupt_every_file(model_dir, tmp_path, capsys, monkeypatch, kinds: dict[st
     return injected
 
 
-def test_corrupting_every_file_of_the_export_and_ort_artifacts(micro_model_dir, tmp_path, capsys, monkeypatch):
-    injected = _corrupt_every_file(micro_model_dir, tmp_path, capsys, monkeypatch, {"export": "", "ort": ""}, ["--no-verify"])
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_corrupting_every_file_of_the_export_and_ort_artifacts(micro_model_dir, tmp_path, capsys, monkeypatch, graph):
+    """The default ORT artifact is the fused CPU graph (model.fused.onnx + .data); the portable one
+    (model.opt.onnx + .data) is what --ort-graph portable and uncovered architectures run."""
+    kinds = {"export": "", "ort": ""} if graph == "fused" else {"ort": ""}
+    injected = _corrupt_every_file(micro_model_dir, tmp_path, capsys, monkeypatch, kinds, ["--no-verify", "--ort-graph", graph])
     # export: model.onnx, model.onnx.data, tokenizer.json, tokenizer_config.json, manifest.json;
-    # ort: model.opt.onnx, model.opt.onnx.data, manifest.json — 8 files × 4 faults
-    print(f"\n[fault injection] export + ort artifacts: {injected} faults injected, each detected and repaired")
-    assert injected == 32
+    # ort: model.{fused,opt}.onnx, its .data, manifest.json — 8 (or 3) files × 4 faults
+    print(f"\n[fault injection] {'export + ' if 'export' in kinds else ''}ort ({graph}) artifacts: {injected} faults injected, "
+          f"each detected and repaired")
+    assert injected == (32 if graph == "fused" else 12)
 
 
 def test_corrupting_the_verify_artifact(micro_model_dir, tmp_path, capsys, monkeypatch):
