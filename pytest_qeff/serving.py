@@ -105,7 +105,7 @@ def _serving_session(ws, target, variant, **options):
 
 
 def run(ws, target, record) -> None:
-    from qeff.serving.graph import GraphVariant
+    from qeff.serving.variant import GraphVariant
 
     card, case, feature, cfg = target.card, target.case, target.feature, target.card.serving
     prompts, texts = workload(ws, target)

@@ -4,7 +4,8 @@
 through :mod:`qeff.headers`) plus the weight files' headers — milliseconds, no tensor data — and
 returns a :class:`ModelShape` for :func:`qeff.validation.check_memory`. A config or header that
 cannot be read is one sentence from those modules (exit 2); an architecture qeff does not support
-returns None here and is refused by the support gate (:mod:`qeff.support`) before loading.
+returns None here and is refused by the support gate (:mod:`qeff.support`) before loading. The
+common config keys are read directly (no transformers, no torch: a cached run's start-up).
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         return None
     from qeff.configs import check_weight_headers, read_config
     from qeff.errors import UsageError
-    from qeff.transforms.registry import get_spec
-
-    import qeff.transforms  # noqa: F401  (registers the built-in architectures)
 
     try:
         config = read_config(source, cache_dir=cache_dir)
@@ -43,15 +41,55 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         if source.kind == "hub":
             return None  # not in the local cache: the loader says what it can
         raise
+    headers = check_weight_headers(config)  # a truncated or corrupt weights file: one sentence now
+    shape = _plain_shape(config.values)
+    if shape is None:
+        shape = _spec_shape(config)
+    if shape is None:
+        return None
+    layers, n_kv, head_dim = shape
+    weights = 4 * sum(h.n_elements for h in headers) if headers else None
+    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights)
+
+
+def _first(values: dict, *keys: str):
+    return next((values[k] for k in keys if isinstance(values.get(k), int) and values[k] > 0), None)
+
+
+def _plain_shape(values: dict) -> tuple[int, int, int] | None:
+    """(layers, KV heads, head_dim) read from the config's own keys, without transformers: building
+    a transformers config class imports torch (1.5 s), which a cached run must not pay (issue 12's
+    3 s to the first token). None when the keys are not the common ones (then :func:`_spec_shape`).
+    Falcon's flags are read as its transform reads them (multi-query: one KV head; the new decoder
+    architecture: one per query head)."""
+    layers = _first(values, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    heads = _first(values, "num_attention_heads", "n_head", "n_heads", "num_heads")
+    hidden = _first(values, "hidden_size", "n_embd", "d_model")
+    if layers is None or heads is None or hidden is None:
+        return None
+    if values.get("model_type") == "falcon" and values.get("new_decoder_architecture"):
+        n_kv = heads
+    elif values.get("multi_query") is True:
+        n_kv = 1
+    else:
+        n_kv = _first(values, "num_key_value_heads", "num_kv_heads") or heads
+    head_dim = _first(values, "head_dim") or hidden // heads
+    return layers, n_kv, head_dim
+
+
+def _spec_shape(config) -> tuple[int, int, int] | None:
+    """The same through the transformers config class and qeff's architecture spec (slow: imports
+    torch), for configs whose keys :func:`_plain_shape` does not know."""
+    from qeff.transforms.registry import get_spec
+
+    import qeff.transforms  # noqa: F401  (registers the built-in architectures)
+
     hf = config.hf_config()
     spec = get_spec(hf.model_type) if hf is not None else None
     if spec is None:
         return None  # the support gate refuses it, with the nearest family, before loading
-    headers = check_weight_headers(config)  # a truncated or corrupt weights file: one sentence now
     try:
         n_kv, head_dim = spec.kv_shape(hf)
-        layers = int(hf.num_hidden_layers)
+        return int(hf.num_hidden_layers), int(n_kv), int(head_dim)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return None
-    weights = 4 * sum(h.n_elements for h in headers) if headers else None
-    return ModelShape(layers, int(n_kv), int(head_dim), weight_bytes=weights)

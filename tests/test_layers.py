@@ -17,7 +17,7 @@ ROOT = Path(qeff.__file__).parent
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
     ("qeff._version", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
-     "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving", "qeff.quant"),
+     "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving", "qeff.serving.variant", "qeff.quant"),
     ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded", "qeff.serving.sampling"),
     ("qeff.loading", "qeff.configs", "qeff.doctor", "qeff.tokenizer"),
     ("qeff.transforms", "qeff.support", "qeff.serving.graph"),
@@ -103,3 +103,23 @@ def test_the_plugin_and_reports_start_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_cli_help_and_usage_errors_import_no_heavy_library():
+    """Issue 12: `qeff --help` and a usage error answer before torch, transformers or onnx load
+    (each costs seconds); a flag module that reaches for a graph class breaks this."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from qeff.cli import main\n"
+        "for argv in (['--help'], ['infer', '--help'], ['infer', '--model_name', 'x', '--batch_size', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime') if m in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr

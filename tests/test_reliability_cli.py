@@ -368,3 +368,32 @@ def test_qeff_report_pointing_at_a_file_is_a_usage_error_up_front(pytester: pyte
                                 "--qeff-report", str(report), "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: --qeff-report {report} cannot be a directory: {report} is a file"])
+
+
+def test_the_memory_preflight_reads_the_cache_shape_as_the_transform_does():
+    """The preflight reads (layers, KV heads, head_dim) from a config's own keys, without building
+    the transformers config (which imports torch: seconds of a cached run's start-up). For every
+    card's real and tiny config it must agree with the slow path through qeff's architecture spec
+    (Falcon's multi-query and new-decoder flags included); a config whose keys it does not know
+    falls back to that path."""
+    from pathlib import Path
+
+    from pytest_qeff.cards import default_cards_dir, load_cards
+    from qeff.configs import ModelConfig
+    from qeff.preflight import _plain_shape, _spec_shape
+
+    checked = 0
+    for card in load_cards(default_cards_dir()).values():
+        for values in (card.config.hf_config(), card.tiny_config().hf_config()):
+            values = {"model_type": card.architecture, **values}
+            plain = _plain_shape(values)
+            slow = _spec_shape(ModelConfig(source=None, values=values, where=Path("config.json")))
+            if slow is None:  # an architecture qeff does not transform (remote code): nothing to agree with
+                continue
+            assert plain in (None, slow), (card.id, plain, slow)
+            checked += plain is not None
+    assert checked >= 40
+    # A seeded disagreement: Falcon read as if every query head had its own K/V.
+    falcon = {"model_type": "falcon", "num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 64, "multi_query": True}
+    assert _plain_shape(falcon) == (2, 1, 8)
+    assert _plain_shape({**falcon, "multi_query": False}) == (2, 8, 8)

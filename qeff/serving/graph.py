@@ -20,44 +20,15 @@ contract: :mod:`qeff.transforms.cache` documents the scatter into slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from qeff.serving.variant import BASE, GraphVariant
 from qeff.transforms.model import QEffCausalLM
 
 __all__ = ["GraphVariant", "ServingGraph", "BASE"]
 
 
-@dataclass(frozen=True)
-class GraphVariant:
-    #: A ``batch_index`` input; the cache's batch dim is ``full_batch_size``.
-    continuous_batching: bool = False
-    #: A ``num_logits_to_keep`` input; ``logits`` has one row per kept position.
-    speculative: bool = False
-
-    @property
-    def is_base(self) -> bool:
-        return not (self.continuous_batching or self.speculative)
-
-    @property
-    def extra_inputs(self) -> list[str]:
-        return (["batch_index"] if self.continuous_batching else []) + (["num_logits_to_keep"] if self.speculative else [])
-
-    def to_dict(self) -> dict:
-        return {"continuous_batching": self.continuous_batching, "speculative": self.speculative}
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> GraphVariant:
-        return cls(**(data or {}))
-
-    def describe(self) -> str:
-        parts = (["continuous batching"] if self.continuous_batching else []) + (["speculative target"] if self.speculative else [])
-        return " + ".join(parts) or "base"
-
-
-BASE = GraphVariant()
 
 
 class ServingGraph(nn.Module):

@@ -16,7 +16,7 @@ import argparse
 from dataclasses import dataclass
 
 from qeff.errors import UsageError
-from qeff.serving.graph import BASE, GraphVariant
+from qeff.serving.variant import BASE, GraphVariant
 from qeff.serving.sampling import SamplingParams
 
 __all__ = ["ServingOptions", "add_compile_args", "add_run_args", "add_draft_args", "serving_options", "DEFAULT_SPECULATIVE_TOKENS"]

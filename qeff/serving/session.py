@@ -21,7 +21,7 @@ import numpy as np
 
 from qeff.errors import UsageError
 from qeff.runtime.ort import CacheInputs, onnxruntime_module as _ort, open_inference_session, session_options
-from qeff.serving.graph import GraphVariant
+from qeff.serving.variant import GraphVariant
 
 __all__ = ["ServingOrtSession", "SlotView"]
 
