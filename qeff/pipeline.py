@@ -31,7 +31,8 @@ from typing import Any
 from qeff.artifacts import Built, build_artifact, manifest_hash
 from qeff.errors import ArtifactError, UsageError
 from qeff.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
-from qeff.loading import ModelSource, load_source, resolve
+from qeff import loading
+from qeff.loading import ModelSource, resolve
 from qeff.progress import stage
 
 __all__ = [
@@ -127,7 +128,7 @@ class Pipeline:
             if self.source is None:
                 raise UsageError(f"{self.name}: the model object was not kept and has no source to reload it from")
             start = time.perf_counter()
-            self._model, tokenizer = load_source(self.source)
+            self._model, tokenizer = loading.load_source(self.source)  # looked up at call time (tests patch it)
             self._tokenizer = self._tokenizer or tokenizer
             self.load_s += time.perf_counter() - start
         return self._model

@@ -41,7 +41,15 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         if source.kind == "hub":
             return None  # not in the local cache: the loader says what it can
         raise
-    headers = check_weight_headers(config)  # a truncated or corrupt weights file: one sentence now
+    try:
+        headers = check_weight_headers(config)  # a truncated or corrupt weights file: one sentence now
+    except UsageError:
+        # An architecture qeff cannot run is the answer that matters even when its weights are also
+        # bad (issue 11): the support gate's order. Only this error path pays the gate's imports.
+        from qeff.support import require_supported
+
+        require_supported(source, cache_dir=cache_dir)
+        raise
     shape = _plain_shape(config.values)
     if shape is None:
         shape = _spec_shape(config)

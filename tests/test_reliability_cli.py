@@ -38,7 +38,7 @@ def no_work(monkeypatch):
     def trap(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr("qeff.pipeline.load_source", trap)
+    monkeypatch.setattr("qeff.loading.load_source", trap)
     monkeypatch.setattr("qeff.exporter.export", trap)
     monkeypatch.setattr("qeff.compilers.compile", trap)
 
