@@ -37,7 +37,7 @@ from pathlib import Path
 from qeff import atomic, integrity
 from qeff.errors import ArtifactError, UsageError
 from qeff.layout import MANIFEST, qeff_home
-from qeff.locks import PathLock
+from qeff.locks import PathLock, remove_if_free
 
 __all__ = [
     "qeff_home",
@@ -197,7 +197,7 @@ def _refresh_stats(directory: Path, record: dict, refreshed: dict[str, list[int]
     except (OSError, ArtifactError):
         pass
     finally:
-        lock.release()
+        _release(lock)
 
 
 def check_artifact(directory: str | os.PathLike, *, mode: str | None = None) -> dict:
@@ -259,9 +259,20 @@ def _tidy(directory: Path) -> None:
             try:
                 _remove_stale(directory)
             finally:
-                lock.release()
+                _release(lock)
     except OSError:
         pass  # a read-only cache: nothing to tidy
+
+
+def _release(lock: PathLock) -> None:
+    """Release an artifact's lock and remove its file unless someone else holds it now, so that
+    finished work leaves no lock file for `qeff doctor` to list as a leftover. Safe while another
+    process waits on it: acquiring re-checks that the path still names the file it locked."""
+    lock.release()
+    try:
+        remove_if_free(lock.path)
+    except OSError:
+        pass  # a read-only cache keeps its (empty) lock files
 
 
 def _cache_unwritable(directory: Path, exc: OSError) -> UsageError:
@@ -354,7 +365,7 @@ def build_artifact(
         _remove_stale(directory)
         return _build(directory, manifest, builder, repaired, size_hint)
     finally:
-        lock.release()
+        _release(lock)
 
 
 def _build(directory: Path, manifest: dict, builder, repaired: str | None, size_hint) -> Built:

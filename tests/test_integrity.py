@@ -212,3 +212,23 @@ def test_check_artifact_names_the_bad_file(tmp_path):
     os.truncate(target / "weights.bin", 7)
     with pytest.raises(ArtifactError, match=r"weights.bin: 7 bytes where the manifest records 2,097,152 \(truncated\)"):
         check_artifact(target, mode="quick")
+
+
+def test_a_finished_build_leaves_no_lock_file_behind(tmp_path):
+    """Every build used to leave `<artifact>.lock` (0 B) that `qeff doctor` then listed as a stale
+    leftover; a lock someone holds is never removed."""
+    from qeff.doctor import scan
+
+    target = tmp_path / "m" / "art"
+    _build(target, [])
+    assert not Path(str(target) + ".lock").exists()
+    assert not scan(tmp_path).stale
+    other = tmp_path / "m" / "art2"
+    holder = PathLock(str(other) + ".lock")
+    assert holder.acquire(blocking=False)
+    try:
+        from qeff.locks import remove_if_free
+
+        assert not remove_if_free(holder.path) and holder.path.exists()
+    finally:
+        holder.release()
