@@ -221,3 +221,20 @@ def test_a_large_lm_head_runs_in_slices(built, tmp_path, monkeypatch):
     ref = session_trace(portable, "portable", PROMPTS, tokens, PROMPT_LEN)
     cand = session_trace(fused, "fused", PROMPTS, tokens, PROMPT_LEN)
     assert compare(ref, cand, Tolerances(logits_max_abs=1e-5, logits_mse=1e-12, cache_max_abs=1e-5, cache_mse=1e-12)).passed
+
+
+def test_unsliced_lm_head_lowering_matches_too(built, tmp_path, monkeypatch):
+    # Artifacts for several rows keep the vocabulary projection in one MatMul whatever its size
+    # (faster at batch 4, docs/cpu.md): with the same shrunken limit, no slices and no Concat.
+    import qeff.compilers.ort_fused as fused_module
+
+    model, onnx_path, _, _ = built
+    monkeypatch.setattr(fused_module, "_MAX_WEIGHT_BYTES", 4096)
+    facts = write_fused_graph(from_hf(model, CTX), tmp_path, pack_gate_up=False, slice_lm_head=False)
+    assert "Concat" not in facts["ops"] and facts["ops"]["MatMul"] == 5 * model.config.num_hidden_layers + 1
+    portable, fused = sessions(onnx_path, tmp_path / FUSED_GRAPH)
+    tokens = qeff.generate(portable, prompt_token_ids=PROMPTS, generation_len=8, ignore_eos=True).token_ids
+    portable, _ = sessions(onnx_path, tmp_path / FUSED_GRAPH)
+    ref = session_trace(portable, "portable", PROMPTS, tokens, PROMPT_LEN)
+    cand = session_trace(fused, "fused", PROMPTS, tokens, PROMPT_LEN)
+    assert compare(ref, cand, Tolerances(logits_max_abs=1e-5, logits_mse=1e-12, cache_max_abs=1e-5, cache_mse=1e-12)).passed

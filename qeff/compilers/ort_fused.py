@@ -183,6 +183,9 @@ class _Lowering:
     accuracy_level: int = 0
     #: One MatMul for gate|up then a Split, or two MatMuls (measured: see ``benchmarks/ab_fused.py``).
     pack_gate_up: bool = True
+    #: A float32 vocabulary projection in column slices of at most ``_MAX_WEIGHT_BYTES`` (lower peak
+    #: memory when the session opens), or one MatMul (faster for several rows: docs/cpu.md).
+    slice_lm_head: bool = True
 
 
 class _Builder:
@@ -309,7 +312,7 @@ class _Builder:
         (last,) = g.node("Gather", [flat, "last_index"], hint="last_token", axis=0)  # (B, H)
         head = w.lm_head
         chunks = 1
-        if not isinstance(head, NBitsWeight):
+        if not isinstance(head, NBitsWeight) and self.low.slice_lm_head:
             # ONNX Runtime prepacks a MatMul weight into a copy while the original is still mapped:
             # the largest weight sets the peak memory of opening the session. The vocabulary
             # projection (113 MB in SmolLM2) is the largest by far, so it runs in column slices.
@@ -325,9 +328,11 @@ class _Builder:
 
 
 def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, accuracy_level: int = 0,
-                      metadata: dict[str, str] | None = None, pack_gate_up: bool = True) -> dict:
+                      metadata: dict[str, str] | None = None, pack_gate_up: bool = True,
+                      slice_lm_head: bool = True) -> dict:
     """Write ``FUSED_GRAPH`` (+ ``.data``) into ``out_dir``; returns facts for the manifest."""
-    builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up))
+    builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up,
+                                          slice_lm_head=slice_lm_head))
     inputs, outputs = builder.build()
     out_dir = Path(out_dir)
     meta = {"qeff.graph": "fused", "qeff.num_layers": str(len(weights.layers)), "qeff.num_kv_heads": str(weights.n_kv),

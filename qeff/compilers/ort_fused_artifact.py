@@ -104,8 +104,11 @@ def compile_fused(
 
                 decoder = from_hf(load_model(), ctx_len, weights=weights)
             # gate|up as one MatMul + Split is faster for one row, two MatMuls for several
-            # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds).
-            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level, pack_gate_up=batch_size == 1)
+            # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds); the
+            # vocabulary projection in one MatMul rather than 4 column slices is faster for several
+            # rows (docs/cpu.md: batch 4, ~9 % per decode step) at ~85 MB more peak at session open.
+            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level, pack_gate_up=batch_size == 1,
+                                      slice_lm_head=batch_size == 1)
             del decoder
         if check is not None:
             session = FusedOrtSession(tmp / ORT_FUSED, batch_size=batch_size, ctx_len=ctx_len, prompt_len=prompt_len, threads=threads)
