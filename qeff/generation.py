@@ -123,6 +123,36 @@ class TextStreamer:
 
 
 
+
+def result_fields(prompts, prompt_token_ids, token_ids: list[list[int]], reasons: list[str], *, tokenizer,
+                  batch_size: int, prompt_len: int, ctx_len: int, ttft_s: float, prefill_s: float, decode_s: float,
+                  e2e_s: float, messages: list[str]) -> dict:
+    """The fields every generation loop reports (greedy batches, continuous batching, speculative):
+    texts decoded from ``token_ids`` and the figures, from one set of timings. Each row's first
+    token comes from prefill; the rest are decode tokens."""
+    n = len(token_ids)
+    new_tokens = sum(len(t) for t in token_ids)
+    decode_tokens = new_tokens - n
+    return dict(
+        prompts=list(prompts) if prompts is not None else [None] * n,
+        prompt_token_ids=prompt_token_ids,
+        token_ids=token_ids,
+        texts=[tokenizer.decode(t, skip_special_tokens=True) for t in token_ids] if tokenizer is not None else [""] * n,
+        stop_reasons=reasons,
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        ctx_len=ctx_len,
+        ttft_s=ttft_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        e2e_s=e2e_s,
+        new_tokens=new_tokens,
+        decode_tokens=decode_tokens,
+        decode_tok_s=decode_tokens / decode_s if decode_s > 0 and decode_tokens else 0.0,
+        total_tok_s=new_tokens / e2e_s if e2e_s > 0 else 0.0,
+        messages=messages,
+    )
+
 def full_cache_messages(who: str, reasons: Sequence[str], prompt_lens: Sequence[int], new_tokens: Sequence[int],
                         ctx_len: int) -> list[str]:
     """One line for each row (``who`` = "row" or "prompt") that stopped because its cache was full."""
@@ -228,29 +258,11 @@ def generate(
     messages = full_cache_messages("row", reasons, lengths, count, ctx_len)
     for msg in messages:
         log.warning(msg)
-    new_tokens = int(count.sum())
-    decode_tokens = new_tokens - n_rows
-    prefill_s, decode_s, e2e_s = t_first - t0, t_end - t_first, t_end - t0
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids] if tokenizer is not None else [""] * n_rows
-    return GenerationResult(
-        prompts=list(prompts) if prompts is not None else [None] * n_rows,
-        prompt_token_ids=prompt_token_ids,
-        token_ids=token_ids,
-        texts=texts,
-        stop_reasons=reasons,
-        batch_size=batch,
-        prompt_len=prompt_len,
-        ctx_len=ctx_len,
-        ttft_s=prefill_s,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        e2e_s=e2e_s,
-        new_tokens=new_tokens,
-        decode_tokens=decode_tokens,
-        decode_tok_s=decode_tokens / decode_s if decode_s > 0 and decode_tokens else 0.0,
-        total_tok_s=new_tokens / e2e_s if e2e_s > 0 else 0.0,
+    return GenerationResult(**result_fields(
+        prompts, prompt_token_ids, token_ids, reasons, tokenizer=tokenizer, batch_size=batch, prompt_len=prompt_len,
+        ctx_len=ctx_len, ttft_s=t_first - t0, prefill_s=t_first - t0, decode_s=t_end - t_first, e2e_s=t_end - t0,
         messages=messages,
-    )
+    ))
 
 
 def _picker(sampling, keys, prompts: list[list[int]], batch: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qeff.errors import UsageError
-from qeff.generation import _check_inputs, eos_ids, full_cache_messages
+from qeff.generation import _check_inputs, eos_ids, full_cache_messages, result_fields
 from qeff.serving.result import ServingResult
 from qeff.serving.sampling import RowSampler, SamplingParams
 
@@ -215,27 +215,12 @@ def generate_continuous(
     t_end = time.perf_counter()
 
     messages = full_cache_messages("prompt", reasons, [len(p) for p in prompts_ids], [len(t) for t in tokens], ctx_len)
-    new_tokens = sum(len(t) for t in tokens)
     e2e = t_end - t0
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else [""] * n
     return ServingResult(
-        prompts=list(prompts) if prompts is not None else [None] * n,
-        prompt_token_ids=prompts_ids,
-        token_ids=tokens,
-        texts=texts,
-        stop_reasons=reasons,
-        batch_size=slots_n,
-        prompt_len=prompt_len,
-        ctx_len=ctx_len,
-        ttft_s=float(np.mean(ttft)) if ttft else 0.0,  # the mean over prompts, queueing included
-        prefill_s=e2e - decode_s,
-        decode_s=decode_s,
-        e2e_s=e2e,
-        new_tokens=new_tokens,
-        decode_tokens=new_tokens - n,
-        decode_tok_s=(new_tokens - n) / decode_s if decode_s > 0 else 0.0,
-        total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
-        messages=messages,
+        **result_fields(prompts, prompts_ids, tokens, reasons, tokenizer=tokenizer, batch_size=slots_n,
+                        prompt_len=prompt_len, ctx_len=ctx_len,
+                        ttft_s=float(np.mean(ttft)) if ttft else 0.0,  # the mean over prompts, queueing included
+                        prefill_s=e2e - decode_s, decode_s=decode_s, e2e_s=e2e, messages=messages),
         full_batch_size=slots_n,
         steps=steps,
         prefill_runs=prefill_runs,

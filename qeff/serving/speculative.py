@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qeff.errors import UsageError
-from qeff.generation import _check_inputs, eos_ids, full_cache_messages, prefill_chunks
+from qeff.generation import _check_inputs, eos_ids, full_cache_messages, result_fields, prefill_chunks
 from qeff.serving.continuous import common_prefix
 from qeff.serving.result import ServingResult
 
@@ -192,27 +192,10 @@ def generate_speculative(
     t_end = time.perf_counter()
 
     messages = full_cache_messages("prompt", reasons, [len(p) for p in prompts_ids], [len(t) for t in generated], ctx_len)
-    new_tokens = sum(len(g) for g in generated)
-    prefill_s, decode_s, e2e = t_first - t0, t_end - t_first, t_end - t0
-    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated] if tokenizer is not None else [""] * n
     return ServingResult(
-        prompts=list(prompts) if prompts is not None else [None] * n,
-        prompt_token_ids=prompts_ids,
-        token_ids=generated,
-        texts=texts,
-        stop_reasons=reasons,
-        batch_size=batch,
-        prompt_len=prompt_len,
-        ctx_len=ctx_len,
-        ttft_s=prefill_s,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        e2e_s=e2e,
-        new_tokens=new_tokens,
-        decode_tokens=new_tokens - n,
-        decode_tok_s=(new_tokens - n) / decode_s if decode_s > 0 else 0.0,
-        total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
-        messages=messages,
+        **result_fields(prompts, prompts_ids, generated, reasons, tokenizer=tokenizer, batch_size=batch,
+                        prompt_len=prompt_len, ctx_len=ctx_len, ttft_s=t_first - t0, prefill_s=t_first - t0,
+                        decode_s=t_end - t_first, e2e_s=t_end - t0, messages=messages),
         steps=steps,
         mean_accepted_tokens=float(np.mean(accepted)) if accepted else 0.0,
         acceptance_rate=agreed / proposed if proposed else 0.0,
