@@ -45,6 +45,17 @@ def test_special_token_ids_and_size(saved):
     assert ours.get_vocab() == hf.get_vocab()  # speculative decoding compares draft and target vocabularies
 
 
+def test_vocab_includes_added_tokens_as_transformers_does(saved, tmp_path):
+    """A draft whose tokenizer only adds a token must not look like the target's (speculative decoding)."""
+    path, hf = saved
+    hf = AutoTokenizer.from_pretrained(str(path))
+    hf.add_tokens(["<qeff-added>"])
+    hf.save_pretrained(tmp_path)
+    ours = SavedTokenizer(tmp_path)
+    assert ours.get_vocab() == AutoTokenizer.from_pretrained(str(tmp_path)).get_vocab()
+    assert "<qeff-added>" in ours.get_vocab() and ours.get_vocab() != SavedTokenizer(path).get_vocab()
+
+
 @pytest.mark.parametrize("extra,cleaned", [
     ({"clean_up_tokenization_spaces": True}, False),  # transformers ignores it for a BPE model …
     ({"clean_up_tokenization_spaces": True, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True}, True),
