@@ -9,7 +9,7 @@ from qeff import atomic
 from qeff.artifacts import FAILED_LOG_SUFFIX, build_artifact, read_manifest
 from qeff.errors import CompileError, UsageError
 
-__all__ = ["compile", "BACKENDS", "onnx_identity"]
+__all__ = ["compile", "check_shape", "BACKENDS", "onnx_identity"]
 
 BACKENDS = ("ort", "qaic")
 
@@ -54,6 +54,14 @@ def _with_progress(builder, description: str, enabled: bool):
     return run
 
 
+def check_shape(batch_size: int, prompt_len: int, ctx_len: int) -> None:
+    """The compiled shape every backend needs: positive sizes, a prefill chunk that fits the context."""
+    if min(batch_size, prompt_len, ctx_len) < 1 or prompt_len > ctx_len:
+        raise UsageError(
+            f"need batch_size, prompt_len, ctx_len >= 1 and prompt_len <= ctx_len (got {batch_size}, {prompt_len}, {ctx_len})"
+        )
+
+
 def compile(
     onnx_path: str | os.PathLike,
     backend: str = "ort",
@@ -89,10 +97,7 @@ def compile(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UsageError(f"ONNX file {str(onnx_path)!r} does not exist; run `qeff export` first")
-    if min(batch_size, prompt_len, ctx_len) < 1 or prompt_len > ctx_len:
-        raise UsageError(
-            f"need batch_size, prompt_len, ctx_len >= 1 and prompt_len <= ctx_len (got {batch_size}, {prompt_len}, {ctx_len})"
-        )
+    check_shape(batch_size, prompt_len, ctx_len)
     options = {"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len}
     serving = {k: v for k, v in (("full_batch_size", full_batch_size), ("num_speculative_tokens", num_speculative_tokens)) if v is not None}
     if backend == "ort":

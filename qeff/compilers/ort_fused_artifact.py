@@ -69,14 +69,13 @@ def compile_fused(
     weights are exact, so that a difference must fail the build); its dict goes to the manifest.
     """
     from qeff._system import library_versions
-    from qeff.compilers import onnx_identity
+    from qeff.compilers import check_shape, onnx_identity
 
     check_cpu_options(None if gguf_path is None else _gguf_source(gguf_path), graph="fused", weights=weights,
                       int8_activations=int8_activations)
     if weights != "native" and load_model is None:
         raise UsageError(f"--weights {weights} needs the model's weights (load_model)")
-    if min(batch_size, prompt_len, ctx_len) < 1 or prompt_len > ctx_len:
-        raise UsageError(f"need batch_size, prompt_len, ctx_len >= 1 and prompt_len <= ctx_len (got {batch_size}, {prompt_len}, {ctx_len})")
+    check_shape(batch_size, prompt_len, ctx_len)
     export_dir = Path(export_dir)
     onnx_path = export_dir / "model.onnx"
     if not onnx_path.is_file():
