@@ -12,8 +12,7 @@ the same thing.
 
 from __future__ import annotations
 
-import importlib
-
+from qeff._lazy import lazy_attributes
 from qeff._version import __version__
 from qeff.errors import QEffError, UsageError
 
@@ -34,19 +33,7 @@ _LAZY = {
     "verify": "qeff.verification",
 }
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qeff' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "GenerationResult",

@@ -12,10 +12,10 @@ runtime, the loops beside the generation loop), so this package imports none of 
 
 from __future__ import annotations
 
-import importlib
+from qeff._lazy import lazy_attributes
 
 _LAZY = {
-    "GraphVariant": "qeff.serving.graph",
+    "GraphVariant": "qeff.serving.variant",
     "SamplingParams": "qeff.serving.sampling",
     "ServingOrtSession": "qeff.serving.session",
     "SlotView": "qeff.serving.session",
@@ -24,18 +24,6 @@ _LAZY = {
     "generate_speculative": "qeff.serving.speculative",
 }
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qeff.serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = sorted(_LAZY)
