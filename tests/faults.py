@@ -93,7 +93,11 @@ def _experts_wrong_expert(monkeypatch: pytest.MonkeyPatch) -> None:
         # The routing weights land on the neighbouring expert (an off-by-one expert index).
         return dense_experts_forward(self, hidden_states, (top_k_index + 1) % self.num_experts, top_k_weights)
 
-    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, DENSE_EXPERTS, faulty)
+    # The interface's own __setitem__ writes an instance-local override, and monkeypatch's undo
+    # writes the original back the same way: that override then outlives the test and shadows any
+    # later patch of the registration (tests/test_families.py's expert faults went unexercised
+    # after this module ran on the same worker). Patch the registration itself.
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, DENSE_EXPERTS, faulty)
 
 
 def _mpt_wrong_head_slope(monkeypatch: pytest.MonkeyPatch) -> None:
