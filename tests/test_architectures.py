@@ -39,14 +39,7 @@ MOE_TYPES = frozenset({"mixtral", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"}
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Loop", "If", "Scan", "Unique", "Compress"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine (or under
-    xdist) the spinning OpenMP workers made this module ~7x slower (13 s vs 97 s measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _param(case_id: str):

@@ -30,12 +30,9 @@ _BUILT: dict[str, Built] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
-    _BUILT.clear()
+    _BUILT.clear()  # the built models hold ORT sessions and weights: free them with the module
 
 
 def _built(case_id: str) -> Built:

@@ -11,7 +11,6 @@ saved as local checkpoints with a word tokenizer (``tests/word_tokenizer.py``; S
 from __future__ import annotations
 
 import pytest
-import torch
 
 import qeff
 from qeff.cli import main
@@ -19,12 +18,7 @@ from tests.faults import FAULT_GEOMETRY, FAULTS, Fault, tiny_arch
 from tests.word_tokenizer import word_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

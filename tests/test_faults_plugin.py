@@ -36,13 +36,7 @@ pytest_plugins = ("pytester",)
 CARDS = Path(__file__).resolve().parent.parent / "model_cards"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads (see tests/test_architectures.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cards(pytester: pytest.Pytester, fault: Fault) -> Path:

@@ -31,12 +31,7 @@ ORIGINAL = LONGROPE.config["original_max_position_embeddings"]
 ONE_CHUNK = 32  # >= every prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
