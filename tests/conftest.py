@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -30,6 +31,24 @@ from tests.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
 def _isolated_qeff_home(tmp_path, monkeypatch):
     # No test may write artifacts into the working directory.
     monkeypatch.setenv("QEFF_HOME", str(tmp_path / "qeff_home"))
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """``tmp_path_factory.mktemp`` for a module's fixtures, removed once the module's tests are
+    done. A real model's artifacts take 0.6 to 5 GB per module (SmolLM2's precision ladder: 4.9 GB),
+    and nothing else frees them before the session ends: CI once stopped on a full disk
+    (``tmp_path_retention_policy = "failed"`` in pyproject.toml frees each passing test's tmp_path)."""
+    made = []
+
+    def mktemp(name: str):
+        path = tmp_path_factory.mktemp(name)
+        made.append(path)
+        return path
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,8 @@ def built(request) -> Built:
 
 
 @pytest.fixture(scope="module")
-def onnx_path(built: Built, tmp_path_factory):
-    return export(built.qmodel, tmp_path_factory.mktemp("onnx")).path
+def onnx_path(built: Built, module_tmp):
+    return export(built.qmodel, module_tmp("onnx")).path
 
 
 def _session(backend: str, built: Built, onnx_path, batch_size: int):

@@ -99,9 +99,9 @@ def test_toml_writer_round_trips_through_tomllib():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, smollm2_tokenizer):
+def checkpoint(module_tmp, smollm2_tokenizer):
     """A local checkpoint no card names: a tiny random Llama with SmolLM2's real tokenizer."""
-    path = tmp_path_factory.mktemp("pr-model") / "my-new-model"
+    path = module_tmp("pr-model") / "my-new-model"
     config = dict(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=20,
                   bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)

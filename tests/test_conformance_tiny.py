@@ -39,10 +39,10 @@ CASES = [
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
-def exported(request, tmp_path_factory):
+def exported(request, module_tmp):
     model = tiny_model(request.param)
     qmodel = qeff.transform(model)
-    result = qeff.export(qmodel, tmp_path_factory.mktemp(request.param))
+    result = qeff.export(qmodel, module_tmp(request.param))
     return request.param, model, qmodel, result.path
 
 

@@ -16,9 +16,9 @@ from tests.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(module_tmp):
     q = qeff.transform(tiny_model("llama"))
-    return q, qeff.export(q, tmp_path_factory.mktemp("export"), model_id="tiny-llama")
+    return q, qeff.export(q, module_tmp("export"), model_id="tiny-llama")
 
 
 def _dims(value_info):

@@ -33,7 +33,7 @@ ARGS = ["--prompt", "Hello there", "--ctx_len", "48", "--prompt_len", "8", "--ge
 
 
 @pytest.fixture(scope="module")
-def micro_model_dir(tmp_path_factory) -> Path:
+def micro_model_dir(module_tmp) -> Path:
     """A tiny random Llama with a 296-token byte-level BPE tokenizer trained here (no download):
     its export is ~0.3 MB, so every fault below costs a rebuild of well under a second of work."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,7 +49,7 @@ def micro_model_dir(tmp_path_factory) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["Hello there, the capital of France is Paris. The sea is blue."] * 10, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    path = tmp_path_factory.mktemp("micro-llama")
+    path = module_tmp("micro-llama")
     model_type, config = TINY_CONFIGS["llama"]
     config = dict(config, vocab_size=len(fast), eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
     qeff.from_config(model_type, config, seed=4).save_pretrained(path)

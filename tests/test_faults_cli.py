@@ -21,8 +21,8 @@ from tests.word_tokenizer import word_tokenizer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
+@pytest.fixture(scope="module")
+def checkpoint(module_tmp):
     """card id -> a local HF checkpoint: the card's tiny tier (random weights) and a word tokenizer
     of the same vocabulary size."""
     made: dict = {}
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
     def make(card_id: str):
         if card_id not in made:
             arch = tiny_arch(card_id)
-            path = tmp_path_factory.mktemp(f"ckpt-{card_id}")
+            path = module_tmp(f"ckpt-{card_id}")
             qeff.from_config(arch.model_type, arch.config, seed=3).save_pretrained(path)
             word_tokenizer(arch.config["vocab_size"]).save_pretrained(path)
             made[card_id] = path

@@ -15,8 +15,8 @@ from tests.tiny import random_prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory):
-    return qeff.export(qeff.transform(tiny_model("qwen2", seed=5)), tmp_path_factory.mktemp("gen")).path
+def onnx_path(module_tmp):
+    return qeff.export(qeff.transform(tiny_model("qwen2", seed=5)), module_tmp("gen")).path
 
 
 def test_prefill_chunks_right_pad_and_mark_row_ends():

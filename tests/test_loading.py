@@ -14,9 +14,9 @@ from tests.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory, smollm2):
+def hub_cache(module_tmp, smollm2):
     """A hub-style cache (models--org--name/{refs,snapshots}) holding a tiny Llama + a real tokenizer."""
-    root = tmp_path_factory.mktemp("hf_cache")
+    root = module_tmp("hf_cache")
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / "models--acme--tiny-llama"
     snapshot = repo / "snapshots" / commit

@@ -40,8 +40,8 @@ def built():
 
 
 @pytest.fixture(scope="module")
-def onnx_path(built, tmp_path_factory):
-    result = export(built.qmodel, tmp_path_factory.mktemp("longrope"))
+def onnx_path(built, module_tmp):
+    result = export(built.qmodel, module_tmp("longrope"))
     assert result.trace_warnings == ()  # both factor sets are in the graph, chosen per row at run time
     return result.path
 

@@ -13,8 +13,8 @@ from tests.tiny import random_prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory):
-    return qeff.export(qeff.transform(tiny_model("llama", seed=3)), tmp_path_factory.mktemp("bind")).path
+def onnx_path(module_tmp):
+    return qeff.export(qeff.transform(tiny_model("llama", seed=3)), module_tmp("bind")).path
 
 
 def _trace(session, prompts, prompt_len, steps):

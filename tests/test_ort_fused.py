@@ -37,9 +37,9 @@ def fused_model(name: str):
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral-sliding"])
-def built(request, tmp_path_factory):
+def built(request, module_tmp):
     model = fused_model(request.param)
-    root = tmp_path_factory.mktemp(f"fused-{request.param}")
+    root = module_tmp(f"fused-{request.param}")
     onnx_path = qeff.export(qeff.transform(model), root / "export").path
     fused_dir = root / "fused"
     fused_dir.mkdir()

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheel(module_tmp: pytest.TempPathFactory) -> Path:
     """Build the wheel from a copy of the sources (the build writes build/ and *.egg-info)."""
-    src = tmp_path_factory.mktemp("src")
+    src = module_tmp("src")
     for name in ("pyproject.toml", "README.md", "qeff", "pytest_qeff", "model_cards", "templates"):
         path = ROOT / name
         if path.is_dir():
@@ -28,7 +28,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy(path, src / name)
     if not (src / "README.md").exists():
         (src / "README.md").write_text("qeff\n")
-    out = tmp_path_factory.mktemp("dist")
+    out = module_tmp("dist")
     # Build with this environment's setuptools when it is recent enough (fast, offline); else let
     # pip fetch the pyproject's build requirements into an isolated environment.
     isolation = ["--no-build-isolation"] if _has_build_backend() else []

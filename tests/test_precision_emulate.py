@@ -71,9 +71,9 @@ def test_seeded_fault_in_the_graph_quantizer_is_caught(fault):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(module_tmp):
     model = qeff.from_config("llama", CONFIG, seed=0)
-    out = tmp_path_factory.mktemp("tiny-emulate")
+    out = module_tmp("tiny-emulate")
     qeff.export(qeff.transform(model), out, model_id="tiny")
     return out / "model.onnx"
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 import qeff
 from qeff.precision import ladder as ladder_mod
+from qeff.precision.emulate import TIER_DIR_PREFIX
 from qeff.precision.ladder import Budget, Ladder, run_ladder
 
 CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -17,9 +19,9 @@ TIERS = "fp32,fp16,mxfp6,mxint8,mxfp6+mxint8"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(module_tmp):
     model = qeff.from_config("llama", CONFIG, seed=0)
-    out = tmp_path_factory.mktemp("tiny-ladder")
+    out = module_tmp("tiny-ladder")
     qeff.export(qeff.transform(model), out, model_id="tiny")
     rng = np.random.default_rng(0)
     corpus = rng.integers(3, 256, 4 * 48).tolist()
@@ -92,3 +94,26 @@ def test_usage_errors(setup):
         run_ladder(model, onnx_path, "fp32", corpus_ids=corpus, rows=8, window=48, progress=False)
     with pytest.raises(qeff.UsageError, match="unknown precision tier 'int4'"):
         run_ladder(model, onnx_path, "fp32,int4", corpus_ids=corpus, rows=4, window=48, progress=False)
+
+
+def test_keep_tiers_false_leaves_no_tier_artifacts(tmp_path):
+    """A one-off ladder removes each emulated tier (a full copy of the weights, twice) once it is
+    measured, and measures the same numbers; the default keeps them as a cache."""
+    model = qeff.from_config("llama", CONFIG, seed=0)
+    qeff.export(qeff.transform(model), tmp_path, model_id="tiny")
+    rng = np.random.default_rng(0)
+    corpus = rng.integers(3, 256, 2 * 48).tolist()
+
+    def run(**kw):
+        return run_ladder(model, tmp_path / "model.onnx", "fp32,mxint8", corpus_ids=corpus, rows=2, window=48,
+                          progress=False, **kw)
+
+    kept = run()
+    tier_dirs = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(TIER_DIR_PREFIX))
+    assert tier_dirs == ["tier-mxint8"]
+    shutil.rmtree(tmp_path / "tier-mxint8")
+    frugal = run(keep_tiers=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TIER_DIR_PREFIX)]
+    assert (tmp_path / "model.onnx").is_file()  # the exported graph (the fp32 tier) is never removed
+    assert frugal["mxint8"].kld_mean == kept["mxint8"].kld_mean > 0
+

@@ -18,19 +18,22 @@ from qeff.pipeline import Pipeline
 from qeff.precision import mx
 from qeff.precision.ladder import Ladder, run_ladder
 
+# One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker).
+pytestmark = pytest.mark.xdist_group("precision_real_model")
+
 ROWS, WINDOW = 2, 128
 
 
 @pytest.fixture(scope="module")
-def ladder_and_windows(smollm2, tmp_path_factory) -> tuple[Ladder, np.ndarray]:
+def ladder_and_windows(smollm2, module_tmp) -> tuple[Ladder, np.ndarray]:
     model, tokenizer = smollm2
     pipe = Pipeline("smollm2-135m", model=model, tokenizer=tokenizer, identity={"test": "smollm2-precision"},
-                    home=tmp_path_factory.mktemp("precision-home"), progress=False)
+                    home=module_tmp("precision-home"), progress=False)
     pipe.export()
     corpus = corpus_token_ids(tokenizer)
     prompts = [tokenizer(p)["input_ids"] for p in ("The capital of France is", "def fibonacci(n):")]
     ladder = run_ladder(model, pipe.onnx_path, "fp32,fp16,mxint8,mxfp6", corpus_ids=corpus, prompt_token_ids=prompts,
-                        rows=ROWS, window=WINDOW, steps=8, prompt_len=16, progress=False)
+                        rows=ROWS, window=WINDOW, steps=8, prompt_len=16, progress=False, keep_tiers=False)
     return ladder, np.asarray(corpus[: ROWS * WINDOW]).reshape(ROWS, WINDOW)
 
 

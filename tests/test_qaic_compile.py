@@ -69,8 +69,8 @@ H = _load_helpers()
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory) -> Path:
-    return H.tiny_retained_onnx(tmp_path_factory.mktemp("onnx") / "model.onnx")
+def onnx_path(module_tmp) -> Path:
+    return H.tiny_retained_onnx(module_tmp("onnx") / "model.onnx")
 
 
 @pytest.fixture

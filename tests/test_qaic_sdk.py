@@ -42,12 +42,12 @@ def sdk_runtime() -> None:
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory) -> Path:
+def onnx_path(module_tmp) -> Path:
     from qeff.exporter import export
     from qeff.loading import from_config
     from qeff.transforms import transform
 
-    return export(transform(from_config("llama", TINY_LLAMA, seed=0)), tmp_path_factory.mktemp("tiny_llama")).path
+    return export(transform(from_config("llama", TINY_LLAMA, seed=0)), module_tmp("tiny_llama")).path
 
 
 def test_real_compile_writes_a_qpc(sdk_compiler, onnx_path, tmp_path):

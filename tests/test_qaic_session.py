@@ -35,13 +35,13 @@ TINY_LLAMA = dict(
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory) -> Path:
+def onnx_path(module_tmp) -> Path:
     from qeff.exporter import export
     from qeff.loading import from_config
     from qeff.transforms import transform
 
     qmodel = transform(from_config("llama", TINY_LLAMA, seed=0))
-    return export(qmodel, tmp_path_factory.mktemp("tiny_llama")).path
+    return export(qmodel, module_tmp("tiny_llama")).path
 
 
 @pytest.fixture

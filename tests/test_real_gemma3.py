@@ -46,13 +46,13 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory, _one_thread):
+def gemma3(module_tmp, _one_thread):
     from pytest_qeff.cards import default_cards_dir, load_card
 
     card = load_card(default_cards_dir() / "gemma3-270m.toml")
     model, tokenizer = qeff.load("gemma3-270m")
     qmodel = qeff.transform(model)
-    directory = tmp_path_factory.mktemp("gemma3")
+    directory = module_tmp("gemma3")
     onnx = qeff.export(qmodel, directory, model_id="gemma3-270m")
     built = qeff.compile(onnx.path, batch_size=2, prompt_len=PROMPT_LEN, ctx_len=CTX_LEN)
     prompts = [tokenizer(text)["input_ids"] for text in card.prompts.text]

@@ -8,6 +8,9 @@ import torch
 import qeff
 from qeff.runtime.ort import OrtSession
 
+# One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker).
+pytestmark = pytest.mark.xdist_group("real_model")
+
 PROMPTS = [
     "The capital of France is",
     "Write a haiku about the sea.",
@@ -17,10 +20,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def pipeline(smollm2, tmp_path_factory):
+def pipeline(smollm2, module_tmp):
     model, tokenizer = smollm2
     qmodel = qeff.transform(model)
-    onnx = qeff.export(qmodel, tmp_path_factory.mktemp("smollm2"), model_id="smollm2-135m")
+    onnx = qeff.export(qmodel, module_tmp("smollm2"), model_id="smollm2-135m")
     built = qeff.compile(onnx.path, batch_size=len(PROMPTS), prompt_len=16, ctx_len=128)
     return model, tokenizer, qmodel, built
 

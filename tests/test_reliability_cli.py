@@ -268,9 +268,9 @@ def test_read_only_home(tiny_model_dir, tmp_path, capsys, mounts, no_work):
 
 
 @pytest.fixture(scope="module")
-def export_bytes(tiny_model_dir, tmp_path_factory) -> dict[str, int]:
+def export_bytes(tiny_model_dir, module_tmp) -> dict[str, int]:
     """What the tiny model's export takes on disk, from a real export: sizes the small disks below."""
-    home = tmp_path_factory.mktemp("sizing")
+    home = module_tmp("sizing")
     assert main(["export", "--model_name", str(tiny_model_dir), "--home", str(home)]) == 0
     export = next(home.rglob("model.onnx")).parent
     return {"graph": sum(p.stat().st_size for p in export.glob("model.onnx*")),

@@ -23,13 +23,13 @@ def infer(capsys, model, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+def tiny_model_dir(module_tmp, smollm2_tokenizer):
     """A local checkpoint: a tiny random Llama whose tokens depend on its context (untied
     embeddings, see tests/serving_helpers.py) with SmolLM2's real tokenizer."""
     import qeff
     from tests.serving_helpers import SERVING_CONFIGS
 
-    path = tmp_path_factory.mktemp("serving-model")
+    path = module_tmp("serving-model")
     model_type, config = SERVING_CONFIGS["llama"]
     config = dict(config, vocab_size=len(smollm2_tokenizer), eos_token_id=smollm2_tokenizer.eos_token_id,
                   bos_token_id=smollm2_tokenizer.bos_token_id)

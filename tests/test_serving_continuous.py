@@ -22,13 +22,13 @@ CTX, PL = 48, 8
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral-sliding"])
-def graphs(request, tmp_path_factory):
-    return export_variants(tmp_path_factory.mktemp(f"cb-{request.param}"), request.param)
+def graphs(request, module_tmp):
+    return export_variants(module_tmp(f"cb-{request.param}"), request.param)
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return export_variants(tmp_path_factory.mktemp("cb-llama"), "llama")
+def llama(module_tmp):
+    return export_variants(module_tmp("cb-llama"), "llama")
 
 
 def cb_session(graphs, slots: int, **kw) -> ServingOrtSession:

@@ -15,6 +15,9 @@ from qeff.serving.sampling import SamplingParams
 from qeff.serving.session import ServingOrtSession, SlotView
 from qeff.serving.speculative import generate_speculative
 
+# One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker).
+pytestmark = pytest.mark.xdist_group("serving_real")
+
 PROMPTS = [
     "The capital of France is",
     "Write a haiku about the sea.",
@@ -27,9 +30,9 @@ CTX, PL = 128, 16
 
 
 @pytest.fixture(scope="module")
-def served(smollm2, tmp_path_factory):
+def served(smollm2, module_tmp):
     model, tokenizer = smollm2
-    path = qeff.export(qeff.transform(model), tmp_path_factory.mktemp("smollm2-serving"),
+    path = qeff.export(qeff.transform(model), module_tmp("smollm2-serving"),
                        variant=GraphVariant(continuous_batching=True, speculative=True)).path
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     reference = []

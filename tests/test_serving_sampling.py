@@ -135,8 +135,8 @@ HOT = SamplingParams(temperature=1.5, top_k=40, top_p=0.95, repetition_penalty=1
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory):
-    return export_variants(tmp_path_factory.mktemp("sampling"), "qwen2")
+def graphs(module_tmp):
+    return export_variants(module_tmp("sampling"), "qwen2")
 
 
 class Recording:

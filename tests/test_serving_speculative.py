@@ -23,8 +23,8 @@ CTX, PL = 64, 8
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("spec")
+def graphs(module_tmp):
+    out = module_tmp("spec")
     target = serving_model("llama", seed=1)
     qtarget = qeff.transform(target)
     # A draft that agrees often but not always: the target with its weights nudged.

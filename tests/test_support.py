@@ -31,9 +31,9 @@ TINY_LLAMA = dict(model_type="llama", vocab_size=256, hidden_size=64, intermedia
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def llama_dir(module_tmp):
     """A real tiny checkpoint (safetensors) and its parameter count, counted by torch."""
-    path = tmp_path_factory.mktemp("tiny-llama")
+    path = module_tmp("tiny-llama")
     model = qeff.from_config("llama", {k: v for k, v in TINY_LLAMA.items() if k != "torch_dtype"}, seed=1)
     model.save_pretrained(path)
     return path, sum(p.numel() for p in model.parameters())

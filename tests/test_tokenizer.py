@@ -20,8 +20,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def saved(smollm2_tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
+def saved(smollm2_tokenizer, module_tmp):
+    path = module_tmp("tokenizer")
     smollm2_tokenizer.save_pretrained(path)
     return path, AutoTokenizer.from_pretrained(str(path))
 

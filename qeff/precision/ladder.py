@@ -17,6 +17,7 @@ Each tier is then held to a :class:`Budget`.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -249,11 +250,16 @@ def run_ladder(
     backend: str = "ort",
     progress: bool = True,
     force: bool = False,
+    keep_tiers: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Ladder:
     """Measure each tier of ``tiers`` against HF fp32 (``hf_model``, untouched) on the exported
     graph ``onnx_path``: emulated graphs are built (and cached) beside it, compiled for ONNX
-    Runtime, and run over ``rows`` windows of ``window`` corpus tokens and the prompts."""
+    Runtime, and run over ``rows`` windows of ``window`` corpus tokens and the prompts.
+
+    Each emulated tier is a full copy of the weights, twice (graph and ORT-optimized graph: 1.3 GB
+    for SmolLM2-135M). ``keep_tiers=False`` removes a tier's artifacts once it is measured, so a
+    one-off ladder needs disk for one tier at a time and leaves no cache behind."""
     from qeff.compilers import compile as compile_graph
     from qeff.precision.emulate import build_tier
     from qeff.runtime import open_session
@@ -300,6 +306,8 @@ def run_ladder(
                 matched, total, ambiguous = comparison.tokens_matched, comparison.tokens_total, comparison.ambiguous
             session.close()
             del session
+            if not keep_tiers and not tier.is_fp32:
+                shutil.rmtree(built_graph.path, ignore_errors=True)
             budget = budgets.get(tier.name) or default_budget(tier)
             result = TierResult(
                 tier=tier.name, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99, kld_max=summary.kld_max,
