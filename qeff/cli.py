@@ -8,7 +8,8 @@
     qeff list     the cached artifacts under $QEFF_HOME
     qeff check    is a model supported? from its config and file headers, no weights loaded
     qeff doctor   verify every cached artifact; show stale temporaries and locks
-    qeff clean    remove what killed runs left behind (never a build in progress)
+    qeff clean    remove what killed runs left behind (never a build in progress); --superseded:
+                  also what another qeff or library version built (this one never reuses it)
 
 Flags keep the seed product's spellings (``--model_name``, ``--num_cores``, ``--device_group [0,1]``,
 …); each also has a dashed spelling. ``python -m qeff.cloud.infer`` and ``python -m qeff.cloud.execute``
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
     p.add_argument("--damaged", action="store_true", help="also remove artifacts that fail their integrity check")
     p.add_argument("--logs", action="store_true", help="also remove the kept logs of failed compiles")
+    p.add_argument("--superseded", action="store_true",
+                   help="also remove artifacts built by another qeff or library version (never reused by this one)")
     p.set_defaults(func=cmd_clean)
     return parser
 
@@ -581,24 +584,31 @@ def cmd_list(args) -> int:
     if not home.is_dir():
         print(f"no artifacts: {home} does not exist")
         return 0
+    from qeff._system import library_versions
     from qeff.artifacts import owner_of_temporary
     from qeff.atomic import human_bytes
-    from qeff.doctor import scan
+    from qeff.doctor import scan, superseded_because
 
+    current = library_versions()
     rows = []
+    superseded: list[tuple[str, int]] = []
     for manifest in sorted(home.rglob("manifest.json")):
         directory = manifest.parent
+        rel = str(directory.relative_to(home))
         if any(owner_of_temporary(part) for part in directory.relative_to(home).parts):
             continue  # a build in progress (or one a killed run left): not an artifact
         try:
             record = read_manifest(directory) or {}
         except ArtifactError:
-            rows.append((str(directory.relative_to(home)), "corrupt", "-", "-"))
+            rows.append((rel, "corrupt", "-", "-", ""))
             continue
         size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("created", 0)))
         kind = record.get("inputs", {}).get("backend") or record.get("inputs", {}).get("stage", "?")
-        rows.append((str(directory.relative_to(home)), kind, f"{size / 2**20:.1f} MiB", created))
+        old = superseded_because(record, current) is not None
+        if old:
+            superseded.append((rel, size))
+        rows.append((rel, kind, f"{size / 2**20:.1f} MiB", created, "superseded" if old else ""))
     stale = scan(home, check=False).stale
     if stale:
         print(f"{len(stale)} stale leftover(s) of killed runs ({human_bytes(sum(x.bytes for x in stale))}): "
@@ -607,9 +617,12 @@ def cmd_list(args) -> int:
         print(f"no artifacts under {home}")
         return 0
     width = max(len(r[0]) for r in rows)
-    print(f"{'artifact':<{width}}  {'kind':<8} {'size':>10}  created   (under {home})")
-    for path, kind, size, created in rows:
-        print(f"{path:<{width}}  {kind:<8} {size:>10}  {created}")
+    print(f"{'artifact':<{width}}  {'kind':<8} {'size':>10}  {'created':<16}  state   (under {home})")
+    for path, kind, size, created, state in rows:
+        print(f"{path:<{width}}  {kind:<8} {size:>10}  {created:<16}  {state or 'current'}")
+    if superseded:
+        print(f"{len(superseded)} superseded artifact(s) ({human_bytes(sum(b for _, b in superseded))}) were built by another "
+              f"qeff or library version and will never be reused: `qeff clean --superseded` removes them")
     return 0
 
 
@@ -625,14 +638,20 @@ def cmd_doctor(args) -> int:
 def cmd_clean(args) -> int:
     from qeff.artifacts import qeff_home
     from qeff.atomic import human_bytes
-    from qeff.doctor import clean
+    from qeff.doctor import ArtifactStatus, clean
 
     home = _home(args) or qeff_home()
-    done = clean(home, damaged=args.damaged, logs=args.logs)
+    done = clean(home, damaged=args.damaged, logs=args.logs, superseded=args.superseded)
+
+    def what(item) -> str:
+        if not isinstance(item, ArtifactStatus):
+            return item.kind
+        return "damaged artifact" if item.problem else f"superseded artifact ({item.superseded})"
+
     for item in done.removed:
-        print(f"removed {'damaged artifact' if hasattr(item, 'problem') else item.kind}: {item.path}")
+        print(f"removed {what(item)}: {item.path}")
     for item, why in done.kept:
-        print(f"kept {item.kind}: {item.path} ({why})")
+        print(f"kept {what(item)}: {item.path} ({why})")
     print(f"freed {human_bytes(done.freed)} under {home}")
     return 0
 

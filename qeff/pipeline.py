@@ -22,6 +22,7 @@ on a weight-sharing copy and never changes the model it is given (issue 9).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -230,6 +231,12 @@ class Pipeline:
 
         built = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
                                size_hint=size_hint)
+        if not built.reused and self.progress:
+            from qeff.doctor import superseded_hint
+
+            hint = superseded_hint(target.parent)  # what an upgrade left behind: never reused, never freed
+            if hint:
+                print(f"note: {hint}", file=sys.stderr, flush=True)
         if serving:
             self._variant_exports[variant] = built
         else:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from qeff.artifacts import build_artifact
+from qeff.atomic import human_bytes
 from qeff.cli import main
 from qeff.doctor import clean, scan
 from qeff.locks import PathLock
@@ -110,3 +111,77 @@ build_artifact(Path({str(home / "art")!r}), {{"k": 1}}, build)
         proc.wait()
     done = clean(home)  # killed: now stale
     assert not list(home.glob(".tmp-art-*")) and not (home / "art.lock").exists()
+
+
+def _versioned(path: Path, versions: dict, payload: bytes = b"w" * 4000):
+    def build(tmp: Path) -> dict:
+        (tmp / "model.onnx.data").write_bytes(payload)
+        return {}
+
+    return build_artifact(path, {"stage": "export", "k": path.name, "versions": versions}, build).path
+
+
+def test_superseded_artifacts_are_listed_and_removed_only_on_request(tmp_path, capsys):
+    """An export built by another qeff source (or another onnxruntime) can never be reused: `qeff
+    list` and `qeff doctor` say so with the bytes it holds, `qeff clean --superseded` removes it
+    with what is nested in it, and nothing current, and nothing in use."""
+    from qeff._system import library_versions
+
+    home = tmp_path / "home"
+    now = library_versions()
+    current = _versioned(home / "m" / "export-new", now)
+    old = _versioned(home / "m" / "export-old", {**now, "qeff_source": "0" * 24})
+    nested = _versioned(old / "ort_1BS", {**now, "qeff_source": "0" * 24}, b"o" * 6000)
+    older_ort = _versioned(home / "m2" / "export-x", {**now, "onnxruntime": "1.0.0"})
+    in_use = _versioned(home / "m2" / "export-y", {**now, "torch": "1.0"})
+
+    found = scan(home)
+    assert {a.path: a.superseded for a in found.artifacts}[current] is None
+    roots = {a.path: a for a in found.superseded}
+    assert set(roots) == {old, older_ort, in_use}  # the nested one goes with its export
+    assert roots[old].bytes >= 10000 and "another revision of qeff's source" in roots[old].superseded
+    assert f"onnxruntime 1.0.0 (now {now['onnxruntime']})" in roots[older_ort].superseded
+    assert found.healthy  # superseded is not damage: `qeff doctor` still exits 0
+
+    assert main(["list", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "4 superseded artifact(s)" in out and "`qeff clean --superseded`" in out
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.startswith(("m/", "m2/"))}
+    assert rows["m/export-new"] == "current" and rows["m/export-old/ort_1BS"] == "superseded"
+    assert main(["doctor", "--home", str(home)]) == 0
+    assert "3 superseded artifact(s)" in capsys.readouterr().out
+
+    assert main(["clean", "--home", str(home)]) == 0
+    assert old.is_dir() and older_ort.is_dir()  # only on request
+    capsys.readouterr()
+    freed = sum(f.stat().st_size for d in (old, older_ort) for f in d.rglob("*") if f.is_file())
+    holder = PathLock(in_use / "ort_2BS.lock")
+    holder.acquire()  # a build nested in a superseded export is in progress
+    try:
+        assert main(["clean", "--home", str(home), "--superseded"]) == 0
+    finally:
+        holder.release()
+    out = capsys.readouterr().out
+    assert f"removed superseded artifact (built with another revision of qeff's source): {old}" in out
+    assert not old.exists() and not nested.exists() and not older_ort.exists()
+    assert current.is_dir() and (current / "model.onnx.data").is_file()
+    assert in_use.is_dir() and "kept superseded artifact" in out and "in use by" in out
+    assert f"freed {human_bytes(freed)} under {home}" in out, out
+
+
+def test_a_new_export_names_the_superseded_ones_beside_it(tmp_path, capsys):
+    """After building an export, the pipeline says how much the exports of an older qeff hold."""
+    import qeff
+    from qeff._system import library_versions
+    from qeff.pipeline import Pipeline
+    from tests.tiny import tiny_model
+
+    home = tmp_path / "home"
+    pipe = Pipeline("tiny-llama", model=tiny_model("llama", seed=1), identity={"test": "superseded-hint"}, home=home,
+                    progress=True)
+    _versioned(home / "tiny-llama" / "export-from-an-upgrade", {**library_versions(), "qeff": "0.0.1"}, b"w" * 3 * 2**20)
+    pipe.export()
+    err = capsys.readouterr().err
+    assert "note: 1 export(s) of tiny-llama built by another qeff or library version hold 3.0 MiB" in err, err
+    assert "`qeff clean --superseded`" in err
+    assert qeff  # the public package imports with the pipeline
