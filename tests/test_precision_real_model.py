@@ -18,8 +18,10 @@ from qeff.pipeline import Pipeline
 from qeff.precision import mx
 from qeff.precision.ladder import Ladder, run_ladder
 
-# One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker).
-pytestmark = pytest.mark.xdist_group("precision_real_model")
+# One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker), and the
+# same worker runs Gemma 3's real-weights module (tests/test_real_gemma3.py): the two biggest
+# writers of the suite never fill the disk together.
+pytestmark = pytest.mark.xdist_group("real-weights-disk")
 
 ROWS, WINDOW = 2, 128
 

@@ -25,8 +25,10 @@ from qeff.runtime.ort import OrtSession
 from qeff.runtime.torch import TorchSession
 
 # One worker loads the model once: make test runs -n 2 with --dist loadgroup, which keeps a group's
-# tests together (plain `load` would split the module and load ~5 GB twice).
-pytestmark = [pytest.mark.real_gemma, pytest.mark.xdist_group("real_gemma")]
+# tests together (plain `load` would split the module and load ~5 GB twice). The group is shared
+# with SmolLM2's precision ladder: the two write the most to disk (3.4 GB and 2.6 GB at a time),
+# and on one worker they never hold it at the same time.
+pytestmark = [pytest.mark.real_gemma, pytest.mark.xdist_group("real-weights-disk")]
 
 PROMPT_LEN = 128
 CTX_LEN = 1024
