@@ -224,7 +224,7 @@ class Pipeline:
 
         def size_hint() -> int | None:
             """For the message if the disk fills up: the fp32 tensors dominate (the state dict names
-            a tied embedding twice, as the exported graph stores it)."""
+            a tied embedding twice; the graph stores it once, so this errs on the safe side)."""
             if self._model is None:
                 return None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())

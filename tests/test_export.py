@@ -129,3 +129,82 @@ def test_tracer_warnings_are_recorded_not_dropped(tmp_path):
     assert len(result.trace_warnings) == 1 and "test_export.py" in result.trace_warnings[0]
     meta = {p.key: p.value for p in onnx.load(str(result.path), load_external_data=False).metadata_props}
     assert meta["qeff.trace_warnings"] == "1"
+
+
+def _tied_llama(seed: int = 0, untie_by: float = 0.0):
+    model = tiny_model("llama", seed=seed)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    if untie_by:
+        import torch
+
+        # A separate head equal to the embedding but for one value: not a tied pair.
+        head = model.model.embed_tokens.weight.detach().clone()
+        head[3, 5] += untie_by
+        model.lm_head.weight = torch.nn.Parameter(head)
+    return model
+
+
+def _tables(path, vocab: int, hidden: int) -> dict[tuple, list[str]]:
+    graph = onnx.load(str(path)).graph
+    return {
+        tuple(i.dims): sorted(n.op_type for n in graph.node if i.name in n.input)
+        for i in graph.initializer
+        if tuple(i.dims) in ((vocab, hidden), (hidden, vocab))
+    }
+
+
+@pytest.mark.parametrize("untie_by", [0.0, 1e-3], ids=["tied", "almost-tied"])
+def test_a_tied_embedding_is_stored_once(tmp_path, untie_by):
+    """The transposed copy TorchScript folds for ``lm_head`` is dropped only when it is bit for bit
+    the embedding's transpose; logits and greedy tokens still equal HF's, through ORT."""
+    import torch
+
+    from qeff.pipeline import Pipeline
+
+    model = _tied_llama(untie_by=untie_by)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    result = qeff.export(qeff.transform(model), tmp_path / "onnx")
+    tables = _tables(result.path, vocab, hidden)
+    passes = result.metadata["qeff.passes"].split(",")
+    if untie_by:
+        assert tables == {(vocab, hidden): ["Gather"], (hidden, vocab): ["MatMul"]}
+        assert "TiedEmbeddingShared" not in passes
+    else:
+        assert tables == {(vocab, hidden): ["Gather", "Gemm"]}
+        assert "TiedEmbeddingShared" in passes
+    report = qeff.verify(model, prompt_token_ids=[[5, 9, 13, 2, 7, 11]], steps=6, prompt_len=4, ctx_len=32)
+    assert report.passed, report.describe()
+    built = qeff.compile(result.path, batch_size=1, prompt_len=4, ctx_len=32)
+    session = qeff.open_session(built.path)
+    ids = [5, 9, 13, 2, 7, 11]
+    out = qeff.generate(session, prompt_token_ids=[ids], prompt_len=4, generation_len=6, eos_token_id=[])
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.token_ids[0] == want[0, len(ids):].tolist()
+    # The compiled copy holds the table once too (the Gemm reads it in place).
+    optimized = _tables(built.path / "model.opt.onnx", vocab, hidden)
+    assert len(optimized) == (2 if untie_by else 1), optimized
+    assert Pipeline  # the pipeline exports through the same pass
+
+
+def test_shared_table_is_rounded_only_for_the_head_under_mxfp6(tmp_path):
+    """MXFP6 rounds MatMul/Gemm weights only: a shared embedding table is copied for the Gemm,
+    and the Gather still reads the table as the rest of the weights are kept (the mxfp6 tier
+    computes in fp16, so: the fp16 values)."""
+    from qeff.precision.emulate import emulate_model
+    from qeff.precision.tiers import parse_tiers
+
+    model = _tied_llama()
+    result = qeff.export(qeff.transform(model), tmp_path / "onnx")
+    graph_model = onnx.load(str(result.path))
+    report = emulate_model(graph_model, parse_tiers("mxfp6")[0])
+    assert report.mxfp6_copies == 1
+    inits = {i.name: i for i in graph_model.graph.initializer}
+    gather = next(n for n in graph_model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                  and tuple(inits[n.input[0]].dims) == (model.config.vocab_size, model.config.hidden_size))
+    gemm = next(n for n in graph_model.graph.node if n.op_type == "Gemm")
+    exact = model.model.embed_tokens.weight.detach().numpy().astype(np.float16).astype(np.float32)
+    assert np.array_equal(numpy_helper.to_array(inits[gather.input[0]]), exact)
+    rounded = numpy_helper.to_array(inits[gemm.input[1]])
+    assert rounded.shape == exact.shape and not np.array_equal(rounded, exact)
