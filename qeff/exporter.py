@@ -43,6 +43,9 @@ class ExportResult:
     #: TorchScript tracer warnings: each marks a value the trace may have frozen into the graph
     #: (a Python branch or int taken from a tensor). None for the built-in architectures.
     trace_warnings: tuple[str, ...] = ()
+    #: bytes of the tied embedding's transposed copy that :func:`share_tied_embedding` dropped
+    #: (0: no tied embedding). The export's build still writes them once, in TorchScript's raw file.
+    tied_embedding_bytes: int = 0
 
 
 def _clip_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
@@ -297,4 +300,5 @@ def export(
         location=DATA_FILE,
         size_threshold=EXTERNAL_THRESHOLD,
     )
-    return ExportResult(path=path, clipped_values=clipped, metadata=metadata, trace_warnings=trace_warnings)
+    return ExportResult(path=path, clipped_values=clipped, metadata=metadata, trace_warnings=trace_warnings,
+                        tied_embedding_bytes=shared)

@@ -218,13 +218,15 @@ class Pipeline:
                 "config": config.to_dict(),
                 "weights_digest": qmodel.weights_digest,
                 "fp16_clipped_values": result.clipped_values,
+                "tied_embedding_bytes": result.tied_embedding_bytes,
                 "trace_warnings": list(result.trace_warnings),
                 "onnx_bytes": sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*")),
             }
 
         def size_hint() -> int | None:
-            """For the message if the disk fills up: the fp32 tensors dominate (the state dict names
-            a tied embedding twice; the graph stores it once, so this errs on the safe side)."""
+            """For the message if the disk fills up: the fp32 tensors dominate. The state dict names a
+            tied embedding twice, as TorchScript's raw file (the build's peak) holds it; the final
+            graph stores it once."""
             if self._model is None:
                 return None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qeff.artifacts import Built, build_artifact, read_manifest
-from qeff.errors import QEffError, UsageError
+from qeff.errors import ArtifactError, QEffError, UsageError
 from qeff.layout import ORT_FUSED, ort_fused_dir_name
 
 __all__ = ["WEIGHTS", "GRAPHS", "compile_fused", "check_cpu_options", "export_config"]
@@ -116,12 +116,18 @@ def compile_fused(
         return facts
 
     def size_hint() -> int | None:
-        """For the message if the disk fills up: fp32 weights take what the export's graph takes;
-        quantized ones a fraction of it (int8 ~1/4, 4-bit blocks ~1/7; the file's own for native)."""
+        """For the message if the disk fills up: fp32 weights take what the export's graph takes,
+        plus the tied embedding's second copy (the fused graph's head has its own; the export
+        shares one table); quantized ones a fraction of it (int8 ~1/4, 4-bit blocks ~1/7; the
+        file's own for native)."""
         onnx_bytes = sum(p.stat().st_size for p in export_dir.glob("model.onnx*") if p.is_file())
         if weights == "native":
             return Path(gguf_path).stat().st_size
-        return onnx_bytes // {"fp32": 1, "int8": 4, "int4": 7}[weights]
+        try:
+            tied = int(((read_manifest(export_dir) or {}).get("outputs") or {}).get("tied_embedding_bytes") or 0)
+        except (ArtifactError, TypeError, ValueError):
+            tied = 0
+        return (onnx_bytes + tied) // {"fp32": 1, "int8": 4, "int4": 7}[weights]
 
     return build_artifact(target, manifest, build, required=(ORT_FUSED,), force=force, size_hint=size_hint)
 
