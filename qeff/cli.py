@@ -605,7 +605,8 @@ def cmd_list(args) -> int:
         size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("created", 0)))
         kind = record.get("inputs", {}).get("backend") or record.get("inputs", {}).get("stage", "?")
-        old = superseded_because(record, current) is not None
+        # What is nested in a superseded artifact goes with it (a verify record has no versions).
+        old = superseded_because(record, current) is not None or any(Path(d) in Path(rel).parents for d, _ in superseded)
         if old:
             superseded.append((rel, size))
         rows.append((rel, kind, f"{size / 2**20:.1f} MiB", created, "superseded" if old else ""))

@@ -132,6 +132,7 @@ def test_superseded_artifacts_are_listed_and_removed_only_on_request(tmp_path, c
     current = _versioned(home / "m" / "export-new", now)
     old = _versioned(home / "m" / "export-old", {**now, "qeff_source": "0" * 24})
     nested = _versioned(old / "ort_1BS", {**now, "qeff_source": "0" * 24}, b"o" * 6000)
+    build_artifact(old / "verify-1", {"stage": "verify"}, lambda tmp: {})  # records no versions: goes with its export
     older_ort = _versioned(home / "m2" / "export-x", {**now, "onnxruntime": "1.0.0"})
     in_use = _versioned(home / "m2" / "export-y", {**now, "torch": "1.0"})
 
@@ -145,9 +146,10 @@ def test_superseded_artifacts_are_listed_and_removed_only_on_request(tmp_path, c
 
     assert main(["list", "--home", str(home)]) == 0
     out = capsys.readouterr().out
-    assert "4 superseded artifact(s)" in out and "`qeff clean --superseded`" in out
+    assert "5 superseded artifact(s)" in out and "`qeff clean --superseded`" in out
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.startswith(("m/", "m2/"))}
     assert rows["m/export-new"] == "current" and rows["m/export-old/ort_1BS"] == "superseded"
+    assert rows["m/export-old/verify-1"] == "superseded"
     assert main(["doctor", "--home", str(home)]) == 0
     assert "3 superseded artifact(s)" in capsys.readouterr().out
 
