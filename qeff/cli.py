@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--backend", choices=["ort", "qaic", "torch"], default="ort", help="where --precision tiers run (default ort: emulated on the CPU)")
     _flag(p, "--rows", type=int, default=8, help="--precision: corpus windows, run as one batch (default 8)")
     _flag(p, "--window", type=int, default=512, help="--precision: corpus tokens per window (default 512)")
+    _flag(p, "--no_keep_tiers", action="store_true",
+          help="--precision: remove each emulated tier once measured (each holds the fp32 weights twice: "
+               "1.3 GB for SmolLM2-135M, ~54 GB for a 7B model); by default they are cached for the next run")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("check", help="is a model supported? answered from its config and file headers, without loading weights")

@@ -59,3 +59,45 @@ def test_infer_ort_mxfp6_runs_the_emulated_tier_and_says_so(tiny_model_dir, tmp_
     assert main([*base, "--mxfp6", "--mxint8"]) == 0
     captured = capsys.readouterr()
     assert "mxfp6+mxint8 tier" in captured.err and "/tier-mxfp6_mxint8/" in json.loads(captured.out)["artifact"]
+
+
+def test_verify_precision_keeps_tiers_unless_told_not_to(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Each emulated tier is a full copy of the weights: cached by default for the next run,
+    removed once measured with --no-keep-tiers (the exported graph stays)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("QEFF_HOME", str(home))
+    base = ["verify", "--model_name", str(tiny_model_dir), "--precision", "fp32,mxint8", "--rows", "1", "--window", "32",
+            "--steps", "2", "--prompt", "Hello there", "--prompt_len", "8"]
+    assert main([*base, "--no-keep-tiers"]) == 0
+    assert not list(home.rglob("tier-*")) and list(home.rglob("model.onnx"))
+    assert main(base) == 0
+    assert [p.name for p in home.rglob("tier-*") if p.is_dir()] == ["tier-mxint8"]
+    capsys.readouterr()
+
+
+def test_a_full_disk_while_emulating_a_tier_names_its_size(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing an emulated tier: one sentence with the bytes the tier needs (a copy of
+    the exported graph's weights), exit 1, nothing half-written left as a tier."""
+    import errno
+
+    import onnx
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("QEFF_HOME", str(home))
+    assert main(["export", "--model_name", str(tiny_model_dir)]) == 0
+    graph = next(home.rglob("model.onnx"))
+    graph_bytes = sum(p.stat().st_size for p in graph.parent.glob("model.onnx*"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    capsys.readouterr()
+    code = main(["verify", "--model_name", str(tiny_model_dir), "--precision", "mxint8", "--rows", "1", "--window", "32",
+                 "--steps", "2", "--prompt", "Hello there", "--prompt_len", "8"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qeff:")]
+    assert code == 1 and len(lines) == 1 and "DiskFullError" in lines[0] and "building tier-mxint8" in lines[0], lines
+    number, unit = lines[0].split("it needs about ")[1].split(";")[0].split()
+    needed = float(number) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    assert 0.9 < needed / graph_bytes < 1.1
+    assert not [p for p in home.rglob("tier-*") if p.is_dir()]

@@ -60,7 +60,7 @@ def verify_precision(args, tiers, pipe, prompts: list[str], say) -> int:
                          f"needs {args.rows * args.window}")
     ladder = run_ladder(pipe.model, pipe.onnx_path, tiers, corpus_ids=corpus, prompt_token_ids=prompt_ids[: args.rows],
                         rows=args.rows, window=args.window, steps=args.steps, prompt_len=args.prompt_len,
-                        threads=getattr(args, "threads", None), log=say)
+                        threads=getattr(args, "threads", None), keep_tiers=not getattr(args, "no_keep_tiers", False), log=say)
     say(ladder.describe())
     for tier in ladder.tiers:
         for failure in tier.failures:

@@ -460,4 +460,9 @@ def build_tier(onnx_path: str | Path, tier: Tier, *, force: bool = False, progre
         with stage(f"Emulating {tier.name} in the ONNX graph", enabled=progress):
             return emulate_file(onnx_path, tmp, tier).to_dict()
 
-    return build_artifact(onnx_path.parent / f"{TIER_DIR_PREFIX}{tier.slug}", manifest, build, required=("model.onnx",), force=force)
+    def size_hint() -> int:
+        """For the message if the disk fills up: the tier is a full copy of the graph's weights."""
+        return sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*") if p.is_file())
+
+    return build_artifact(onnx_path.parent / f"{TIER_DIR_PREFIX}{tier.slug}", manifest, build, required=("model.onnx",),
+                          force=force, size_hint=size_hint)
