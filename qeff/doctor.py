@@ -304,25 +304,15 @@ def clean(home: str | os.PathLike, *, damaged: bool = False, logs: bool = False,
             continue
         item.path.unlink(missing_ok=True)
         out.removed.append(item)
-    if damaged:
-        for art in found.damaged:
-            lock = PathLock(str(art.path) + LOCK_SUFFIX)
-            if not lock.acquire(blocking=False):
-                continue
-            try:
-                shutil.rmtree(art.path, ignore_errors=True)
-            finally:
-                lock.release()
+    # Damaged artifacts first: a superseded one may hold one (it then goes with it).
+    for art in (found.damaged if damaged else []) + (found.superseded if superseded else []):
+        if not art.path.exists():
+            continue
+        user = _remove_unless_in_use(art.path)
+        if user is None:
             out.removed.append(art)
-    if superseded:
-        for art in found.superseded:
-            if not art.path.exists():
-                continue  # went with a damaged artifact above
-            user = _remove_unless_in_use(art.path)
-            if user is None:
-                out.removed.append(art)
-            else:
-                out.kept.append((art, f"in use by {user}"))
+        else:
+            out.kept.append((art, f"in use by {user}"))
     # Locks whose build directories were just removed are free now.
     for item in scan(home).leftovers:
         if item.kind == "lock" and remove_if_free(item.path):

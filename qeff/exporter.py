@@ -116,13 +116,15 @@ def share_tied_embedding(model: onnx.ModelProto) -> int:
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         table = tables.get((int(weight.dims[0]), int(weight.dims[1]))) if weight is not None and len(weight.dims) == 2 else None
-        if (
-            table is None
+        values = (
+            None
+            if table is None
             or users.get(weight.name) != 1
             or table.data_type != weight.data_type
             or weight.data_location == onnx.TensorProto.EXTERNAL
-            or not np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(table).T)
-        ):
+            else numpy_helper.to_array(weight)
+        )
+        if values is None or not np.array_equal(values, numpy_helper.to_array(table).T):
             nodes.append(node)
             continue
         hidden, vocab = (int(d) for d in weight.dims)
@@ -145,7 +147,7 @@ def share_tied_embedding(model: onnx.ModelProto) -> int:
             onnx.helper.make_node("Reshape", [f"{base}/y2d", f"{base}/y_shape"], [y], name=f"{base}/Reshape_out"),
         ]
         nodes.extend(new)
-        saved += numpy_helper.to_array(weight).nbytes
+        saved += values.nbytes
         dropped.append(weight.name)
     if dropped:
         del graph.node[:]
