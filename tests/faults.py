@@ -114,6 +114,8 @@ def _mpt_wrong_head_slope(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _falcon_cache_per_query_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
     from qeff.transforms.falcon import _kv_shape
 
     def faulty(config):
@@ -122,7 +124,16 @@ def _falcon_cache_per_query_head(monkeypatch: pytest.MonkeyPatch) -> None:
         # graph contract) num_attention_heads times too big: 71x on Falcon-7B.
         return (config.num_attention_heads if config.multi_query else kv), head_dim
 
-    _replace_spec(monkeypatch, "falcon", kv_shape=faulty)
+    class Widened(FalconAttention):
+        """The transformed copy's attention reads the widened cache as it is: the one key/value
+        head, broadcast into every row by the scatter, meets each query head once (transformers
+        >= 5.25 would otherwise repeat the 71 rows 71 times; older releases never read this)."""
+
+        def forward(self, *args, **kwargs):
+            self.num_key_value_groups = 1
+            return super().forward(*args, **kwargs)
+
+    _replace_spec(monkeypatch, "falcon", kv_shape=faulty, replace={"FalconAttention": Widened})
 
 
 def _gemma2_attention_cap_on_logits(monkeypatch: pytest.MonkeyPatch) -> None:

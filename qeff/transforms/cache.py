@@ -111,7 +111,10 @@ class RetainedStateLayer(CacheLayerMixin):
     def _merge(self, cache: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, update), both (B, H_kv, S, D): where each token goes, and what it writes."""
         b, h, _, d = cache.shape
-        s = new.shape[2]
+        # The step's length from position_ids, not from ``new``: HF code that splits heads with
+        # ``unflatten``/``unbind`` (Falcon since transformers 5.25) leaves ``new.shape[2]`` a
+        # constant in the TorchScript trace, and the graph then only runs at the traced length.
+        s = self._slots.shape[1]
         index = self._slots[:, None, :, None].expand(b, h, s, d)  # (B, H_kv, S, D)
         # Pads write back what their (unused) slot already holds: a no-op, never a corruption.
         old = torch.gather(cache, 2, index)

@@ -2,9 +2,10 @@
 
 What the cache holds follows ``FalconAttention`` exactly:
 
-- ``new_decoder_architecture`` (Falcon-40B/180B): the ``num_kv_heads`` key/value groups are
-  broadcast to all ``num_attention_heads`` *before* ``cache.update``, so the cache has one slot row
-  per query head (HF stores it that way too);
+- ``new_decoder_architecture`` (Falcon-40B/180B): transformers up to 5.24 broadcasts the
+  ``num_kv_heads`` key/value groups to all ``num_attention_heads`` *before* ``cache.update`` (one
+  cache row per query head); from 5.25 the cache holds the ``num_kv_heads`` groups and attention
+  widens them (:func:`qeff.compat.falcon_cache_per_query_head` says which the installed one does);
 - ``multi_query`` (Falcon-7B): one key/value head;
 - neither: ``num_kv_heads`` (= the number of heads).
 
@@ -15,13 +16,14 @@ graph's 4D mask cannot feed; supporting it means replacing ``FalconModel.forward
 
 from __future__ import annotations
 
+from qeff.compat import falcon_cache_per_query_head
 from qeff.transforms.registry import ArchSpec, register
 
 
 def _kv_shape(config) -> tuple[int, int]:
     heads = config.num_attention_heads
     if config.new_decoder_architecture:
-        kv = heads
+        kv = heads if falcon_cache_per_query_head() else config.num_kv_heads
     elif config.multi_query:
         kv = 1
     else:
