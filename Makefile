@@ -61,7 +61,7 @@ TRANSFORMERS ?=
 ONNX ?=
 ONNXRUNTIME ?=
 test-compat: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compat.py --venv .venv-compat --out qeff_compat --jobs $(JOBS) \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest_qeff.compat --venv .venv-compat --out qeff_compat --jobs $(JOBS) \
 		--transformers "$(TRANSFORMERS)" --onnx "$(ONNX)" --onnxruntime "$(ONNXRUNTIME)"
 
 bench: $(STAMP)

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from pytest_qeff.cards import STAGES, Card
+from qeff import compat
 
 __all__ = ["SCHEMA", "VERSION", "Collector", "build", "environment", "write", "load", "OUTCOMES"]
 
@@ -158,6 +159,9 @@ def environment(root: Path, backends: list[str]) -> dict:
         "cores": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "versions": _versions(),
+        # The releases the lock was tested with, for the libraries that shape an artifact: a run on
+        # others (``make test-compat``) says so on every page (issue 17).
+        "locked": {lib: ver for lib, ver in compat.locked_versions().items() if lib in compat.ARTIFACT_LIBRARIES},
         "backends": backends,
         "commit": commit,
         "dirty": dirty,

@@ -573,9 +573,20 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
+def _warn_untested_libraries() -> None:
+    """One line on stderr when torch, transformers, onnx or onnxruntime is not the release the
+    lock was tested with (issue 17): a verdict on another release is not the suite's verdict."""
+    from qeff.compat import untested_warning
+
+    line = untested_warning()
+    if line:
+        print(f"qeff: {line}", file=sys.stderr, flush=True)
+
+
 def cmd_check(args) -> int:
     from qeff.support import run_check
 
+    _warn_untested_libraries()
     return run_check(args.model_name, revision=args.revision, cache_dir=args.cache_dir, json_mode=args.json)
 
 
@@ -634,6 +645,7 @@ def cmd_doctor(args) -> int:
     from qeff.artifacts import qeff_home
     from qeff.doctor import format_scan, scan
 
+    _warn_untested_libraries()
     found = scan(_home(args) or qeff_home(), full=args.full)
     print("\n".join(format_scan(found)))
     return 0 if found.healthy else 1

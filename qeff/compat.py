@@ -49,20 +49,24 @@ def _public(ver: str) -> str:
     return ver.split("+", 1)[0]
 
 
-@lru_cache(maxsize=4)
-def locked_versions(path: Path = LOCK_PATH) -> dict[str, str]:
+def locked_versions(path: Path | None = None) -> dict[str, str]:
     """``{canonical name: version}`` of every ``name==version`` line of the lock file (empty when
     the lock is not shipped, as in a wheel built without it)."""
+    return dict(_read_lock(path or LOCK_PATH))
+
+
+@lru_cache(maxsize=4)
+def _read_lock(path: Path) -> tuple[tuple[str, str], ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:
-        return {}
-    out: dict[str, str] = {}
+        return ()
+    out = []
     for line in text.splitlines():
         m = _PIN.match(line.strip())
         if m:
-            out[_canonical(m.group(1))] = m.group(2)
-    return out
+            out.append((_canonical(m.group(1)), m.group(2)))
+    return tuple(out)
 
 
 def installed_version(name: str) -> str | None:
@@ -72,7 +76,7 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def lock_mismatches(path: Path = LOCK_PATH) -> list[str]:
+def lock_mismatches(path: Path | None = None) -> list[str]:
     """One line per locked package whose installed version differs (or that is missing), and per
     installed package the lock does not name (qeff itself and the embedded models' data packages,
     installed with ``--no-deps`` beside the lock, excepted). Empty when the environment is the lock."""
@@ -96,7 +100,7 @@ def lock_mismatches(path: Path = LOCK_PATH) -> list[str]:
     return problems
 
 
-def untested_libraries(path: Path = LOCK_PATH) -> list[tuple[str, str, str]]:
+def untested_libraries(path: Path | None = None) -> list[tuple[str, str, str]]:
     """``(library, installed, locked)`` for each of :data:`ARTIFACT_LIBRARIES` whose installed
     release is not the one the lock was tested with. Empty when no lock is shipped."""
     locked = locked_versions(path)
@@ -109,7 +113,7 @@ def untested_libraries(path: Path = LOCK_PATH) -> list[tuple[str, str, str]]:
     return out
 
 
-def untested_warning(path: Path = LOCK_PATH) -> str | None:
+def untested_warning(path: Path | None = None) -> str | None:
     """The one line ``qeff check`` and ``qeff doctor`` print, or None."""
     found = untested_libraries(path)
     if not found:

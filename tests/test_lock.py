@@ -83,3 +83,20 @@ def test_falcon_rule_matches_the_installed_source():
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
     assert compat.falcon_cache_per_query_head() is hasattr(FalconAttention, "_split_heads")
+
+
+@pytest.mark.parametrize("command", ["doctor", "check"])
+def test_check_and_doctor_warn_in_one_line(command, tmp_path, monkeypatch, capsys, tiny_model_dir):
+    from qeff.cli import main
+
+    args = ["doctor", "--home", str(tmp_path / "home")] if command == "doctor" else ["check", "-m", str(tiny_model_dir)]
+    main(args)
+    assert "tested:" not in capsys.readouterr().err  # the installed libraries are the lock's
+
+    monkeypatch.setattr(compat, "LOCK_PATH", _edited_lock(tmp_path, "onnxruntime", "1.20.0"))
+    main(args)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "tested:" in line]
+    assert warnings == [
+        f"qeff: warning: onnxruntime {compat.installed_version('onnxruntime')} (tested: 1.20.0) — outside the versions "
+        "qeff's lock was tested with; `make test-compat` runs the conformance suite on them"
+    ]

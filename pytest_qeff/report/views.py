@@ -210,7 +210,15 @@ def _environment(results: dict) -> list[Pair]:
     pairs = [Pair(k.replace("_", " "), fmt(env.get(k))) for k in ("machine", "platform", "processor", "cores", "physical_cores", "python")]
     commit = env.get("commit")
     pairs.append(Pair("commit", (commit[:12] + (" (uncommitted changes)" if env.get("dirty") else "")) if commit else "-"))
-    pairs += [Pair(name, version) for name, version in sorted(env.get("versions", {}).items())]
+    locked = env.get("locked", {})
+
+    def release(name: str, version: str) -> str:
+        tested = locked.get(name)
+        if tested is None or tested.split("+")[0] == version.split("+")[0]:
+            return version
+        return f"{version} (not the locked {tested})"
+
+    pairs += [Pair(name, release(name, version)) for name, version in sorted(env.get("versions", {}).items())]
     return pairs
 
 
