@@ -149,6 +149,10 @@ class RetainedStateLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.keys.shape[2]
 
+    def get_max_cache_shape(self) -> int:
+        # Abstract in transformers 5.0's CacheLayerMixin (dropped later): the slots a row holds.
+        return self.keys.shape[2]
+
 
 class RetainedStateCache(Cache):
     """A :class:`transformers.Cache` over :class:`RetainedStateLayer` s, one per decoder layer.
