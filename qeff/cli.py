@@ -690,6 +690,10 @@ def _check_args(args) -> None:
 
         cache_dir = getattr(args, "cache_dir", None)
         shape = model_shape(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir), cache_dir=cache_dir)
+        if getattr(args, "draft_model_name", None):
+            from qeff.preflight import check_draft
+
+            check_draft(resolve(args.draft_model_name, cache_dir=cache_dir), cache_dir=cache_dir)
         if shape is not None:
             verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
             rows = getattr(args, "full_batch_size", None) or getattr(args, "batch_size", 1)

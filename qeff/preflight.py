@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ModelShape", "model_shape"]
+__all__ = ["ModelShape", "model_shape", "check_draft"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         if source.kind == "hub":
             return None  # not in the local cache: the loader says what it can
         raise
+    from qeff.consistency import check_config
+
+    check_config(config)  # sizes no model can be built from: one sentence now, not after loading (issue 19)
     try:
         headers = check_weight_headers(config)  # a truncated or corrupt weights file: one sentence now
     except UsageError:
@@ -103,3 +106,26 @@ def _spec_shape(config) -> tuple[int, int, int] | None:
         return int(hf.num_hidden_layers), int(n_kv), int(head_dim)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return None
+
+
+def check_draft(source, *, cache_dir: str | None = None) -> None:
+    """The draft model of speculative decoding (``--draft_model_name``), checked like the target
+    before any work: its config can build a model, and its vocabulary holds its tokenizer's ids (the
+    draft proposes the target's token ids; a smaller embedding indexes out of range, issue 19)."""
+    from qeff.configs import read_config
+    from qeff.consistency import check_config, check_tokenizer
+    from qeff.errors import UsageError
+
+    if source.kind == "hub" and source.repo_id is None:
+        return
+    try:
+        config = read_config(source, cache_dir=cache_dir)
+    except UsageError:
+        if source.kind == "hub":
+            return  # not in the local cache: the loader says what it can
+        raise
+    try:
+        check_config(config)
+        check_tokenizer(config)
+    except UsageError as exc:
+        raise UsageError(f"--draft_model_name {source.name}: {exc}") from None

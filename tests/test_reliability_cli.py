@@ -210,6 +210,92 @@ def test_a_remote_code_directory_is_refused(tiny_model_dir, home, tmp_path, caps
     assert "model_type 'evil' is remote code" in line, line
 
 
+# -- configs no model can be built from (issue 19): one sentence, exit 2, before any load -----------
+
+#: Each class of bad config: what is changed in the tiny model's config.json, and the sentence. The
+#: tiny model: 2 layers, hidden 96, 6 heads of 16 dims, 2 KV heads, intermediate 128, vocab 49152.
+BAD_CONFIGS = {
+    "negative-layers": ({"num_hidden_layers": -1}, "config.json: num_hidden_layers must be a positive integer (got -1)"),
+    "zero-layers": ({"num_hidden_layers": 0}, "config.json: num_hidden_layers must be a positive integer (got 0)"),
+    "zero-heads": ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer (got 0)"),
+    "negative-kv-heads": ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer (got -2)"),
+    "zero-vocab": ({"vocab_size": 0}, "vocab_size must be a positive integer (got 0)"),
+    "negative-intermediate": ({"intermediate_size": -128}, "intermediate_size must be a positive integer (got -128)"),
+    "text-hidden-size": ({"hidden_size": "96"}, "hidden_size must be a positive integer (got '96')"),
+    "fractional-head-dim": ({"head_dim": 15.5}, "head_dim must be a positive integer (got 15.5)"),
+    "hidden-not-divisible": ({"hidden_size": 95, "head_dim": None}, "hidden_size 95 is not divisible by num_attention_heads 6"),
+    "kv-heads-not-dividing": ({"num_key_value_heads": 4}, "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
+    "weight-shape-intermediate": ({"intermediate_size": 130}, "but the config builds it as [96, 130] (from intermediate_size 130)"),
+    "weight-shape-vocab": ({"vocab_size": 50000}, "model.embed_tokens.weight of shape [49152, 96], but the config builds it as [50000, 96]"),
+    "weight-shape-heads": ({"num_key_value_heads": 3}, "[48, 96] (from head_dim 16 × num_key_value_heads 3)"),
+    "more-layers-than-weights": ({"num_hidden_layers": 3}, "model.safetensors holds 2 decoder layer(s), but config.json says num_hidden_layers 3"),
+    "fewer-layers-than-weights": ({"num_hidden_layers": 1}, "model.safetensors holds 2 decoder layer(s), but config.json says num_hidden_layers 1"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-configs")
+    made = {}
+    for name, (changes, _) in BAD_CONFIGS.items():
+        made[name] = _variant(tiny_model_dir, root, name)
+        _edit_config(made[name], **changes)
+    return made
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_config_no_model_can_be_built_from_is_refused_by_every_command(bad_models, case, home, capsys, no_work):
+    """``qeff check`` never says "supported" for it; infer and verify refuse it before loading."""
+    model, message = bad_models[case], BAD_CONFIGS[case][1]
+    line = one_sentence(capsys, main(["check", "--model_name", str(model)]), 2)
+    assert message in line, line
+    assert "supported" not in capsys.readouterr().out
+    for command in (["infer", "--no-stream"], ["verify"]):
+        line = one_sentence(capsys, main([*command, "--model_name", str(model)]), 2)
+        assert message in line, (command, line)
+
+
+def test_a_model_directory_without_a_tokenizer(tiny_model_dir, home, tmp_path, capsys, no_work):
+    model = _variant(tiny_model_dir, tmp_path, "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    for command in (["infer", "--no-stream"], ["verify"], ["export"]):
+        line = one_sentence(capsys, main([*command, "--model_name", str(model)]), 2)
+        assert f"{model} has no tokenizer files" in line and "tokenizer.save_pretrained" in line, (command, line)
+    # qeff check answers from the config: the model can be built, and the report says the tokenizer is missing.
+    assert main(["check", "--model_name", str(model)]) == 0
+    assert "tokenizer       none" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A consistent checkpoint (weights of its config's shapes) whose vocab_size (1000) is smaller
+    than its tokenizer's 49152 ids: every id from 1000 on would index past the embedding."""
+    import qeff
+    from tests.tiny import TINY_CONFIGS
+
+    path = tmp_path_factory.mktemp("small-vocab")
+    model_type, config = TINY_CONFIGS["llama"]
+    qeff.from_config(model_type, dict(config, vocab_size=1000), seed=4).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_vocab_smaller_than_the_tokenizer_is_refused_as_model_and_as_draft(small_vocab_model, tiny_model_dir, home,
+                                                                           capsys, no_work):
+    message = "config.json: vocab_size 1000 is smaller than its tokenizer's 49152 token ids (the largest is 49151)"
+    for command in (["check"], ["infer", "--no-stream"], ["verify"]):
+        line = one_sentence(capsys, main([*command, "--model_name", str(small_vocab_model)]), 2)
+        assert message in line, (command, line)
+    line = one_sentence(capsys, infer(tiny_model_dir, "--draft_model_name", str(small_vocab_model)), 2)
+    assert line.startswith(f"qeff: error: --draft_model_name {small_vocab_model}: ") and message in line, line
+    broken = small_vocab_model.parent / "broken-draft"
+    if not broken.exists():
+        _edit_config(_variant(small_vocab_model, small_vocab_model.parent, "broken-draft"), num_hidden_layers=-3)
+    line = one_sentence(capsys, infer(tiny_model_dir, "--draft_model_name", str(broken)), 2)
+    assert "--draft_model_name" in line and "num_hidden_layers must be a positive integer (got -3)" in line, line
+
+
 class _Payload:
     def __init__(self, marker: Path):
         self.marker = marker
