@@ -80,13 +80,14 @@ def test_bad_sizes_are_refused_before_loading(tiny_model_dir, home, capsys, no_w
 def test_a_huge_ctx_len_is_refused_with_the_numbers(tiny_model_dir, home, capsys, no_work, monkeypatch):
     line = one_sentence(capsys, infer(tiny_model_dir, "--ctx_len", "1000000000"), 2)
     # tiny llama: 2 layers × 2 KV heads × 16 head dim → 2·2·2·16·4 = 512 bytes per slot
-    assert "--ctx_len 1,000,000,000 with --batch_size 1 needs a 476.8 GiB KV cache × 2 copies" in line
+    assert "--ctx_len 1,000,000,000 with --batch_size 1 and --prompt_len 32 needs " in line
+    assert ": a 476.8 GiB KV cache × 2 copies" in line
     assert "512 B per token slot" in line and "of memory is available" in line
     assert not home.exists() or not any(home.rglob("*"))
     # The same for the embedded SmolLM2 (30 layers × 3 KV heads × 64): the shape comes from its
     # GGUF header alone, in well under a second.
     line = one_sentence(capsys, main(["infer", "--no-verify", "--ctx_len", "1000000000"]), 2)
-    assert "needs a 41.9 TiB KV cache" in line and "30 layers × 2 × 3 KV heads × 64 head dim × 4 bytes = 45.0 KiB" in line
+    assert ": a 41.9 TiB KV cache" in line and "30 layers × 2 × 3 KV heads × 64 head dim × 4 bytes = 45.0 KiB" in line
 
 
 def test_memory_check_uses_the_available_memory(monkeypatch):
@@ -94,10 +95,11 @@ def test_memory_check_uses_the_available_memory(monkeypatch):
     from qeff.preflight import ModelShape
     from qeff.validation import check_memory
 
-    shape = ModelShape(2, 2, 16)
-    assert check_memory(shape, batch_size=1, ctx_len=1000, available=512_000) == 512_000
-    with pytest.raises(UsageError, match="only 500.0 KiB of memory is available"):
-        check_memory(shape, batch_size=1, ctx_len=1001, available=512_000)
+    shape = ModelShape(2, 2, 16)  # no vocabulary, heads or widths known: the KV cache and the token ids
+    need = 512_000 + 8 * 1000  # 512 B per slot, and an int64 token id per slot
+    assert check_memory(shape, batch_size=1, ctx_len=1000, available=need) == need
+    with pytest.raises(UsageError, match="only 507.8 KiB of memory is available"):
+        check_memory(shape, batch_size=1, ctx_len=1001, available=need)
 
 
 def test_too_many_threads_are_capped_with_a_warning(tiny_model_dir, home, capsys, monkeypatch):
