@@ -231,6 +231,9 @@ BAD_CONFIGS = {
     "weight-shape-vocab": ({"vocab_size": 50000}, "model.embed_tokens.weight of shape [49152, 96], but the config builds it as [50000, 96]"),
     "weight-shape-heads": ({"num_key_value_heads": 3}, "[48, 96] (from head_dim 16 × num_key_value_heads 3)"),
     "more-layers-than-weights": ({"num_hidden_layers": 3}, "model.safetensors holds 2 decoder layer(s), but config.json says num_hidden_layers 3"),
+    # A config transformers' own validators reject (a strict dataclass error, not a ValueError: an
+    # internal error, and the plugin's INTERNALERROR, before issue 19).
+    "odd-head-dim": ({"head_dim": 15}, "config.json is not a valid 'llama' config: Class validation error for validator 'validate_rope': ValueError: RoPE requires an even rotary dimension"),
     "fewer-layers-than-weights": ({"num_hidden_layers": 1}, "model.safetensors holds 2 decoder layer(s), but config.json says num_hidden_layers 1"),
 }
 
