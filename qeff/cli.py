@@ -331,7 +331,6 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
     from qeff.inputs import check_prompt_lengths
     from qeff.serving.dispatch import wants_serving
     from qeff.serving.options import serving_options
-
     from qeff.validation import check_fits
 
     opts = serving_options(args)
