@@ -235,6 +235,7 @@ def build(name: str, existing: set[str] | frozenset[str] = frozenset()) -> Card:
     Raises :class:`pytest.UsageError` for a model that cannot be found, is not supported, or whose
     weight files are corrupt."""
     from qeff.configs import check_weight_headers, read_config
+    from qeff.consistency import check_config, check_tokenizer, check_weight_shapes
     from qeff.errors import QEffError
     from qeff.loading import resolve
     from qeff.support import assess
@@ -242,10 +243,12 @@ def build(name: str, existing: set[str] | frozenset[str] = frozenset()) -> Card:
     try:
         source = resolve(name)
         config = read_config(source)
+        check_config(config)  # sizes no model can be built from (issue 19: an INTERNALERROR here)
         verdict = assess(config)
         if not verdict.supported:
             raise pytest.UsageError(f"--qeff-model {verdict.sentence(name)}")
-        check_weight_headers(config)
+        check_weight_shapes(config, check_weight_headers(config))
+        check_tokenizer(config, files=False)  # the tiny tier needs no tokenizer; a too large one is still wrong
         cfg = config.hf_config()
     except QEffError as exc:
         raise pytest.UsageError(f"--qeff-model {name}: {exc}") from None

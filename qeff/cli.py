@@ -93,7 +93,8 @@ def _compile_args(p):
 
 def _run_args(p):
     _flag(p, "--prompt", default=None, help=f'prompt(s), several separated by "|" (default: "{DEFAULT_PROMPT}")')
-    _flag(p, "--prompts_txt_file_path", default=None, help="file with one prompt per line")
+    _flag(p, "--prompts_txt_file_path", default=None,
+          help="file with one prompt per line, read once (a pipe works); a line may hold at most --ctx_len × 256 bytes")
     _flag(p, "--generation_len", type=int, default=None, help="max new tokens per prompt (default: until EOS or the cache is full)")
     _flag(p, "--ignore_eos", action="store_true",
           help="do not stop a row at EOS: generate exactly --generation_len tokens (or until the cache is full), e.g. for benchmarks")
@@ -306,10 +307,15 @@ def _session_options(args) -> dict:
 
 
 def _prompts(args) -> list[str]:
+    """The run's prompts, read once: a prompts file may be a pipe (``<(…)``, ``/dev/stdin``) that a
+    second read finds empty (issue 19), so the argument check's reading is the one the run uses."""
     from qeff.inputs import read_prompts
 
-    prompts = read_prompts(args.prompt, args.prompts_txt_file_path)
-    return prompts or [DEFAULT_PROMPT]
+    prompts = getattr(args, "_prompts_read", None)
+    if prompts is None:
+        prompts = read_prompts(args.prompt, args.prompts_txt_file_path, ctx_len=getattr(args, "ctx_len", None))
+        args._prompts_read = prompts = prompts or [DEFAULT_PROMPT]
+    return prompts
 
 
 def _pipeline(args):
@@ -325,8 +331,10 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
     from qeff.inputs import check_prompt_lengths
     from qeff.serving.dispatch import wants_serving
     from qeff.serving.options import serving_options
+    from qeff.validation import check_fits
 
     opts = serving_options(args)
+    check_fits("--generation_len", args.generation_len, session.ctx_len, "generated token")  # execute: the artifact's context
     check_prompt_lengths(tokenizer, prompts, session.ctx_len)
     if getattr(getattr(session, "variant", None), "speculative", False) and draft is None:
         raise UsageError("this artifact is a speculative-decoding target: run it with qeff infer --draft_model_name")
@@ -685,7 +693,8 @@ def _check_args(args) -> None:
     if hasattr(args, "ctx_len"):
         validation.check_sizes(batch_size=getattr(args, "batch_size", 1), prompt_len=args.prompt_len, ctx_len=args.ctx_len,
                                generation_len=getattr(args, "generation_len", None), num_cores=getattr(args, "num_cores", None),
-                               steps=getattr(args, "steps", None))
+                               steps=getattr(args, "steps", None),
+                               num_speculative_tokens=serving_options(args).num_speculative_tokens if hasattr(args, "batch_size") else None)
     elif hasattr(args, "generation_len"):
         validation.check_positive("--generation_len", args.generation_len, optional=True)
     if hasattr(args, "threads"):
@@ -702,10 +711,17 @@ def _check_args(args) -> None:
 
         cache_dir = getattr(args, "cache_dir", None)
         shape = model_shape(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir), cache_dir=cache_dir)
+        if getattr(args, "draft_model_name", None):
+            from qeff.preflight import check_draft
+
+            check_draft(resolve(args.draft_model_name, cache_dir=cache_dir), cache_dir=cache_dir)
         if shape is not None:
             verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
             rows = getattr(args, "full_batch_size", None) or getattr(args, "batch_size", 1)
-            validation.check_memory(shape, batch_size=rows, ctx_len=args.ctx_len, copies=2 if verifying else 1)
+            k = serving_options(args).num_speculative_tokens if hasattr(args, "batch_size") else None
+            chunk = max(args.prompt_len, (k or 0) + 1)  # a speculative target's verify step runs K + 1 tokens
+            validation.check_memory(shape, batch_size=rows, ctx_len=args.ctx_len, prompt_len=chunk,
+                                    copies=2 if verifying else 1)
 
 
 def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:

@@ -60,10 +60,15 @@ class ModelConfig:
         from transformers import CONFIG_MAPPING
 
         values = {k: v for k, v in self.values.items() if k not in ("model_type", "auto_map")}
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             return CONFIG_MAPPING[self.model_type].from_dict(values)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise UsageError(f"{self.where} is not a valid {self.model_type!r} config: {exc}") from None
+        except (TypeError, ValueError, KeyError, StrictDataclassError) as exc:
+            # transformers 5 validates configs as strict dataclasses; its error is not a ValueError
+            # and its message starts on the second line (issue 19: an INTERNALERROR in the plugin).
+            why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise UsageError(f"{self.where} is not a valid {self.model_type!r} config: {why}") from None
 
 
 def transformers_knows(model_type: str | None) -> bool:

@@ -207,6 +207,9 @@ def generate(
     max_new = generation_len if generation_len is not None else ctx_len
     if max_new < 1:
         raise UsageError(f"generation_len must be at least 1 (got {max_new})")
+    # No row can generate more tokens than the cache has slots: the token buffer below is sized by
+    # it, and generation_len=10**12 was a MemoryError (issue 19).
+    max_new = min(max_new, ctx_len)
 
     pick = _picker(sampling, sample_keys, prompt_token_ids, batch)
 

@@ -50,8 +50,13 @@ def parse_device_group(text: str | None) -> list[int] | None:
     return ids
 
 
-def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
-    from qeff.validation import decode_argument, read_text_file
+def read_prompts(prompt: str | None, prompts_file: str | None, *, ctx_len: int | None = None) -> list[str]:
+    """The prompts of ``--prompt`` and ``--prompts_txt_file_path``. The file is read once (a pipe
+    works) and bounded: each line by what ``ctx_len`` tokens can hold
+    (:func:`qeff.validation.prompt_byte_bound`), the whole by
+    :data:`qeff.validation.MAX_PROMPTS_FILE_BYTES`, so an endless file is refused, not read into
+    memory until the kernel kills the process (issue 19: 22 GB from ``/dev/zero``)."""
+    from qeff.validation import MAX_PROMPTS_FILE_BYTES, MAX_TOKEN_BYTES, decode_argument, prompt_byte_bound, read_text_file
 
     prompts: list[str] = []
     prompt = decode_argument(prompt, "--prompt")
@@ -60,7 +65,11 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
         if any(not p.strip() for p in prompts):
             raise UsageError(f"--prompt {prompt!r} holds an empty prompt (check for a stray '|')")
     if prompts_file is not None:
-        text = read_text_file(prompts_file, "prompts file")
+        line_bound = prompt_byte_bound(ctx_len) if ctx_len else None
+        hint = (f", more than --ctx_len {ctx_len} tokens can hold (a token stands for at most {MAX_TOKEN_BYTES} bytes of "
+                f"text); use a larger --ctx_len or a shorter prompt") if ctx_len else ""
+        text = read_text_file(prompts_file, "prompts file", max_line_bytes=line_bound,
+                              max_bytes=max(MAX_PROMPTS_FILE_BYTES, line_bound or 0), line_hint=hint)
         lines = [line.rstrip("\r\n") for line in text.splitlines()]
         from_file = [line for line in lines if line.strip()]
         if not from_file:
@@ -85,8 +94,17 @@ def batches(prompts: list[str], batch_size: int) -> list[tuple[list[str], int]]:
 
 def check_prompt_lengths(tokenizer, prompts: list[str], ctx_len: int) -> None:
     """Every prompt must leave room in the cache to generate (checked with the tokenizer alone,
-    before any model is loaded or exported)."""
+    before any model is loaded or exported). A prompt of more bytes than ``ctx_len`` tokens can hold
+    is refused before it is tokenized: a 200 MB prompt aborted the tokenizer (issue 19)."""
+    from qeff.validation import MAX_TOKEN_BYTES, prompt_byte_bound
+
     for p in prompts:
+        size = len(p.encode("utf-8", "surrogatepass"))
+        if size > prompt_byte_bound(ctx_len):
+            raise UsageError(
+                f"prompt {p[:40]!r}… has {size:,} bytes, more than ctx_len={ctx_len} tokens can hold (a token stands for at "
+                f"most {MAX_TOKEN_BYTES} bytes of text); use a larger --ctx_len or a shorter prompt"
+            )
         n = len(tokenizer(p)["input_ids"])
         if n >= ctx_len:
             raise UsageError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ModelShape", "model_shape"]
+__all__ = ["ModelShape", "model_shape", "check_draft"]
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,35 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     weight_bytes: int | None = None  # fp32 bytes of the weights once loaded, when the headers say
+    vocab_size: int = 0  # 0 where the config does not say: the buffers it sizes are then not counted
+    hidden_size: int = 0
+    num_heads: int = 0
+    intermediate_size: int = 0
 
     def cache_bytes(self, batch_size: int, ctx_len: int) -> int:
         """fp32 K and V of every layer: [batch_size, n_kv, ctx_len, head_dim] × 2 × layers × 4 bytes."""
         return 2 * self.num_layers * batch_size * self.num_kv_heads * ctx_len * self.head_dim * 4
+
+    def buffer_bytes(self, batch_size: int, prompt_len: int, ctx_len: int) -> dict[str, int]:
+        """What a run allocates besides the weights and the KV cache, by buffer (issue 19: a preflight
+        that counted only the cache let ``--batch_size 100000`` through to die in the allocator):
+
+            logits       [B, prompt_len, vocab] fp32: a prefill chunk's (HF's reference keeps every
+                         position's; the runtimes' graph keeps 1, the speculative target K + 1)
+            attention    [B, heads, prompt_len, ctx_len] fp32 × 2 + [B, 1, prompt_len, ctx_len]: one
+                         layer's scores and probabilities (eager attention reads every slot), the mask
+            activations  [B, prompt_len, hidden + 2 × intermediate] fp32: one layer's residual and MLP
+            token ids    [B, ctx_len] int64: the generated tokens
+
+        One layer's at a time (a runtime frees a layer's buffers before the next): the least the run
+        needs, not a sum over layers."""
+        rows = batch_size * prompt_len
+        return {
+            "logits": 4 * rows * self.vocab_size,
+            "attention scores": 4 * rows * ctx_len * (2 * self.num_heads + 1) if self.num_heads else 0,
+            "activations": 4 * rows * (self.hidden_size + 2 * self.intermediate_size),
+            "token ids": 8 * batch_size * ctx_len,
+        }
 
 
 def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
@@ -41,6 +66,9 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         if source.kind == "hub":
             return None  # not in the local cache: the loader says what it can
         raise
+    from qeff.consistency import check_config
+
+    check_config(config)  # sizes no model can be built from: one sentence now, not after loading (issue 19)
     try:
         headers = check_weight_headers(config)  # a truncated or corrupt weights file: one sentence now
     except UsageError:
@@ -57,7 +85,18 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         return None
     layers, n_kv, head_dim = shape
     weights = 4 * sum(h.n_elements for h in headers) if headers else None
-    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights)
+    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights, **_buffer_dims(config.values))
+
+
+def _buffer_dims(values: dict) -> dict[str, int]:
+    """The sizes :meth:`ModelShape.buffer_bytes` reads, from the config's own keys (0 when absent)."""
+    hidden = _first(values, "hidden_size", "n_embd", "d_model") or 0
+    return {
+        "vocab_size": _first(values, "vocab_size", "padded_vocab_size") or 0,
+        "hidden_size": hidden,
+        "num_heads": _first(values, "num_attention_heads", "n_head", "n_heads", "num_heads") or 0,
+        "intermediate_size": _first(values, "intermediate_size", "n_inner", "ffn_hidden_size") or 4 * hidden,
+    }
 
 
 def _first(values: dict, *keys: str):
@@ -103,3 +142,26 @@ def _spec_shape(config) -> tuple[int, int, int] | None:
         return int(hf.num_hidden_layers), int(n_kv), int(head_dim)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return None
+
+
+def check_draft(source, *, cache_dir: str | None = None) -> None:
+    """The draft model of speculative decoding (``--draft_model_name``), checked like the target
+    before any work: its config can build a model, and its vocabulary holds its tokenizer's ids (the
+    draft proposes the target's token ids; a smaller embedding indexes out of range, issue 19)."""
+    from qeff.configs import read_config
+    from qeff.consistency import check_config, check_tokenizer
+    from qeff.errors import UsageError
+
+    if source.kind == "hub" and source.repo_id is None:
+        return
+    try:
+        config = read_config(source, cache_dir=cache_dir)
+    except UsageError:
+        if source.kind == "hub":
+            return  # not in the local cache: the loader says what it can
+        raise
+    try:
+        check_config(config)
+        check_tokenizer(config)
+    except UsageError as exc:
+        raise UsageError(f"--draft_model_name {source.name}: {exc}") from None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qeff.configs import ModelConfig, check_weight_headers, gguf_architectures, read_config, transformers_knows
+from qeff.consistency import check_config, check_tokenizer, check_weight_shapes, tokenizer_files
 from qeff.errors import UnsupportedArchitectureError, UsageError
 from qeff.headers import GGUFHeader, SafetensorsHeader
 from qeff.loading import ModelSource, resolve
@@ -128,13 +129,17 @@ def assess(config: ModelConfig) -> Verdict:
 
 def require_supported(source: ModelSource, *, cache_dir: str | None = None) -> ModelConfig:
     """The gate before loading: the config, checked weight headers, and a supported verdict, or
-    :class:`UnsupportedArchitectureError` / :class:`~qeff.errors.CorruptWeightsError`."""
+    :class:`UnsupportedArchitectureError` / :class:`~qeff.errors.CorruptWeightsError`; a config no
+    model can be built from, weights of other shapes or a missing or too large tokenizer are a
+    :class:`~qeff.errors.UsageError` (:mod:`qeff.consistency`)."""
     config = read_config(source, cache_dir=cache_dir)
+    check_config(config)  # a config no model can be built from is bad input whatever its type (issue 19)
     verdict = assess(config)
     if not verdict.supported:
         raise UnsupportedArchitectureError(verdict.sentence(source.display), model_type=verdict.model_type,
                                            nearest=verdict.nearest)
-    check_weight_headers(config)
+    check_weight_shapes(config, check_weight_headers(config))
+    check_tokenizer(config)
     return config
 
 
@@ -424,6 +429,7 @@ class SupportReport:
     seconds: float = 0.0
     config_file: str = ""
     weight_files: list[str] = field(default_factory=list)
+    tokenizer: str = ""  # where the tokenizer comes from, or why there is none (issue 19)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -439,10 +445,14 @@ def inspect(name: str, *, revision: str | None = None, cache_dir: str | None = N
     start = time.perf_counter()
     source = resolve(name, revision=revision, cache_dir=cache_dir)
     config = read_config(source, cache_dir=cache_dir)
+    check_config(config)  # never "supported" for a config no model can be built from (issue 19)
     verdict = assess(config)
     if verdict.status == "unknown":
         raise UsageError(verdict.sentence(source.display))
     headers = check_weight_headers(config)
+    if verdict.supported:
+        check_weight_shapes(config, headers)
+        check_tokenizer(config, files=False)  # a config-only directory can still be checked
     report = SupportReport(
         name=name,
         source={"kind": source.kind, "path": str(source.path) if source.path else None, "repo_id": source.repo_id,
@@ -459,9 +469,21 @@ def inspect(name: str, *, revision: str | None = None, cache_dir: str | None = N
         cards=covering_cards(source, verdict.model_type, cards_dir),
         config_file=str(config.where),
         weight_files=[str(p) for p in config.weight_files],
+        tokenizer=_tokenizer_line(config),
     )
     report.seconds = round(time.perf_counter() - start, 3)
     return report
+
+
+def _tokenizer_line(config: ModelConfig) -> str:
+    if config.gguf is not None:
+        return "the GGUF file's own vocabulary"
+    found = tokenizer_files(config.where.parent)
+    if found:
+        return ", ".join(p.name for p in found)
+    if config.source.kind == "local":
+        return f"none: {config.where.parent} has no tokenizer files, so qeff infer and qeff verify refuse it"
+    return "not in the cache yet (downloaded with the weights)"
 
 
 def _bytes(n: int | None) -> str:
@@ -522,6 +544,7 @@ def format_report(r: SupportReport) -> str:
         *_feature_lines(r.features),
         f"parameters      {params}{stored}{fp32}  [{size['from']}]",
         f"cards           {cards or 'none'}",
+        f"tokenizer       {r.tokenizer}",
     ]
     if not r.supported:
         lines.append(f"supported types {', '.join(r.supported_model_types)}")

@@ -10,6 +10,12 @@ compiling) or not at all:
 - prompts must be UTF-8: a bad byte is reported with its exact offset (and the file's line);
 - ``--home`` must be a directory (or creatable as one);
 - the KV cache the run would allocate must fit the memory available, with the numbers.
+
+Issue 19 added what a run must fit in: ``--generation_len``, ``--steps`` and
+``--num_speculative_tokens`` within the context (:func:`check_fits`); every buffer the run
+allocates, not only the KV cache, within memory (:func:`check_memory`); and a prompts file read
+once with a bound (:func:`read_text_file`, :data:`MAX_TOKEN_BYTES`), so that a pipe works and an
+endless file is refused instead of read until the kernel kills the process.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from qeff.errors import UsageError
 __all__ = [
     "check_positive",
     "check_sizes",
+    "check_fits",
     "check_threads",
     "available_cpus",
     "available_memory",
@@ -31,6 +38,8 @@ __all__ = [
     "decode_argument",
     "read_text_file",
     "check_home",
+    "MAX_TOKEN_BYTES",
+    "prompt_byte_bound",
 ]
 
 
@@ -42,8 +51,10 @@ def check_positive(flag: str, value: int | None, *, optional: bool = False) -> N
 
 
 def check_sizes(*, batch_size: int, prompt_len: int, ctx_len: int, generation_len: int | None = None,
-                num_cores: int | None = None, steps: int | None = None) -> None:
-    """The sizes of a run, before anything is loaded."""
+                num_cores: int | None = None, steps: int | None = None, num_speculative_tokens: int | None = None) -> None:
+    """The sizes of a run, before anything is loaded. What must fit in the context is checked here
+    too (issue 19: ``--generation_len 10**12`` was a MemoryError after export, verification and
+    compile; ``qeff verify --steps`` past the context ran the export first)."""
     check_positive("--batch_size", batch_size)
     check_positive("--prompt_len", prompt_len)
     check_positive("--ctx_len", ctx_len)
@@ -52,6 +63,21 @@ def check_sizes(*, batch_size: int, prompt_len: int, ctx_len: int, generation_le
     check_positive("--steps", steps, optional=True)
     if prompt_len > ctx_len:
         raise UsageError(f"--prompt_len {prompt_len} is larger than --ctx_len {ctx_len}; a prefill chunk must fit in the context")
+    check_fits("--generation_len", generation_len, ctx_len, "generated token")
+    check_fits("--steps", steps, ctx_len, "compared step")
+    check_fits("--num_speculative_tokens", num_speculative_tokens, ctx_len, "drafted token", extra=1)
+
+
+def check_fits(flag: str, value: int | None, ctx_len: int, what: str, *, extra: int = 0) -> None:
+    """``value`` (+ ``extra``) cache slots must fit in ``ctx_len`` after a prompt of at least one
+    token (a speculative step writes its K drafted tokens and the target's one more)."""
+    most = ctx_len - 1 - extra
+    if value is not None and value > most:
+        plus = f" (plus {extra} more per step)" if extra else ""
+        raise UsageError(
+            f"{flag} {value:,} does not fit in --ctx_len {ctx_len:,}: the prompt and each {what}{plus} share the "
+            f"context's slots, so at most {most:,} can follow a one-token prompt; use a larger --ctx_len or a smaller {flag}"
+        )
 
 
 def available_cpus() -> int:
@@ -109,21 +135,29 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_memory(shape, *, batch_size: int, ctx_len: int, copies: int = 1, available: int | None = None) -> int:
-    """Refuse a run whose KV cache (``copies`` of it: verification holds PyTorch's and ONNX
-    Runtime's at once) plus the weights cannot fit the available memory. Returns the estimate."""
+def check_memory(shape, *, batch_size: int, ctx_len: int, copies: int = 1, available: int | None = None,
+                 prompt_len: int = 1) -> int:
+    """Refuse a run whose buffers cannot fit the available memory: its KV cache and the buffers
+    :meth:`qeff.preflight.ModelShape.buffer_bytes` counts (logits, attention, activations: ``copies``
+    of each, since verification holds PyTorch's and ONNX Runtime's at once), the generated token ids
+    and the weights. Returns the estimate."""
     cache = shape.cache_bytes(batch_size, ctx_len)
-    need = cache * copies + (shape.weight_bytes or 0)
+    buffers = shape.buffer_bytes(batch_size, prompt_len, ctx_len)
+    tokens = buffers.pop("token ids")
+    need = (cache + sum(buffers.values())) * copies + tokens + (shape.weight_bytes or 0)
     available = available if available is not None else available_memory()
     if available is not None and need > available:
         per_slot = shape.cache_bytes(1, 1)
         weights = f" plus {human_bytes(shape.weight_bytes)} of weights" if shape.weight_bytes else ""
         copies_text = f" × {copies} copies (verification holds two)" if copies > 1 else ""
+        others = [f"{human_bytes(n)} of {name}" for name, n in buffers.items() if n] + [f"{human_bytes(tokens)} of token ids"]
+        logits = (f" (logits: [{batch_size}, {prompt_len}, {shape.vocab_size}] fp32)" if buffers["logits"] else "")
         raise UsageError(
-            f"--ctx_len {ctx_len:,} with --batch_size {batch_size} needs a {human_bytes(cache)} KV cache{copies_text}{weights} "
+            f"--ctx_len {ctx_len:,} with --batch_size {batch_size} and --prompt_len {prompt_len} needs "
+            f"{human_bytes(need)}: a {human_bytes(cache)} KV cache{copies_text}{weights} "
             f"({shape.num_layers} layers × 2 × {shape.num_kv_heads} KV heads × {shape.head_dim} head dim × 4 bytes = "
-            f"{human_bytes(per_slot)} per token slot), but only {human_bytes(available)} of memory is available; "
-            f"use a smaller --ctx_len or --batch_size"
+            f"{human_bytes(per_slot)} per token slot), and {', '.join(others)}{logits}, but only "
+            f"{human_bytes(available)} of memory is available; use a smaller --batch_size, --prompt_len or --ctx_len"
         )
     return need
 
@@ -156,18 +190,64 @@ def decode_argument(text: str | None, flag: str) -> str | None:
         raise _bad_byte(data, exc, flag, lines=False) from None
 
 
-def read_text_file(path: str | os.PathLike, what: str) -> str:
-    """A UTF-8 text file, or one sentence: it does not exist, is a directory, cannot be read, or
-    which byte is not UTF-8."""
+#: Bytes of text one token can stand for, at most, with a wide margin: the longest tokens of the
+#: vocabularies qeff runs are runs of spaces, newlines or dashes (SmolLM2's: 81 bytes; GPT-2's and
+#: Llama 3's: 128). So a prompt that fits ``ctx_len`` tokens has at most ``ctx_len × 256`` bytes, and
+#: a longer one can be refused before it is tokenized (issue 19: a 200 MB prompt aborted the tokenizer).
+MAX_TOKEN_BYTES = 256
+#: Bytes a prompts file may hold in all (lines of short prompts; each line is also bounded by the
+#: above): an endless file (``/dev/zero``, ``<(yes)``) is refused once it passes this, never read whole.
+MAX_PROMPTS_FILE_BYTES = 256 * 2**20
+_CHUNK = 2**20
+
+
+def prompt_byte_bound(ctx_len: int) -> int:
+    """The most bytes a prompt that fits in ``ctx_len`` tokens can have (see :data:`MAX_TOKEN_BYTES`)."""
+    return ctx_len * MAX_TOKEN_BYTES
+
+
+def read_text_file(path: str | os.PathLike, what: str, *, max_line_bytes: int | None = None,
+                   max_bytes: int | None = None, line_hint: str = "") -> str:
+    """A UTF-8 text file, or one sentence: it does not exist, is a directory, cannot be read, which
+    byte is not UTF-8, or it passes a bound. The file is read once, in chunks, so that a pipe
+    (``<(…)``, ``/dev/stdin``) works and an endless one (``/dev/zero``) stops at the bound: a line
+    longer than ``max_line_bytes`` (``line_hint`` says why that is too long) or more than
+    ``max_bytes`` in all."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{what} {str(path)!r} is a directory, not a file")
     if not p.exists():
         raise UsageError(f"{what} {str(path)!r} does not exist")
+    chunks: list[bytes] = []
+    total = 0
+    line_start_line, line_bytes = 1, 0  # the current line's number and length so far
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if max_line_bytes is not None:
+                    pieces = chunk.split(b"\n")
+                    for i, piece in enumerate(pieces):
+                        line_bytes += len(piece)
+                        if line_bytes > max_line_bytes:
+                            raise UsageError(
+                                f"{what} {str(path)!r}: line {line_start_line} is longer than {max_line_bytes:,} bytes"
+                                f"{line_hint}; it was refused before being read whole"
+                            )
+                        if i < len(pieces) - 1:
+                            line_start_line, line_bytes = line_start_line + 1, 0
+                if max_bytes is not None and total > max_bytes:
+                    raise UsageError(
+                        f"{what} {str(path)!r} holds more than {human_bytes(max_bytes)} (an endless file?); "
+                        f"it was refused before being read whole"
+                    )
+                chunks.append(chunk)
     except OSError as exc:
         raise UsageError(f"{what} {str(path)!r} cannot be read ({exc.strerror})") from None
+    data = b"".join(chunks)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

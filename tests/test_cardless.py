@@ -183,6 +183,42 @@ def test_unsupported_or_broken_models_are_usage_errors(pytester, tmp_path):
     nothing.stderr.fnmatch_lines(["*--qeff-write-card: no card was built from a model's config*"])
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_size": 63, "head_dim": None}, "*hidden_size 63 is not divisible by num_attention_heads 4*"),
+        ({"num_hidden_layers": -1}, "*num_hidden_layers must be a positive integer (got -1)*"),
+        ({"vocab_size": 0}, "*vocab_size must be a positive integer (got 0)*"),
+        ({"num_key_value_heads": 3}, "*num_attention_heads 4 is not a multiple of num_key_value_heads 3*"),
+        ({"intermediate_size": 100}, "*model.safetensors holds * but the config builds it as * (from intermediate_size 100)*"),
+    ],
+    ids=["hidden-not-divisible", "negative-layers", "zero-vocab", "kv-heads", "weight-shape"],
+)
+def test_a_config_no_model_can_be_built_from_is_a_usage_error(pytester, checkpoint, tmp_path, changes, message):
+    """Issue 19: the cardless run of such a config was an INTERNALERROR traceback with exit 3."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, **changes}))
+    result = qeff_run(pytester, "--qeff-model", str(broken), "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stderr.str()
+    result.stderr.fnmatch_lines([f"*--qeff-model {broken}: {message}"])
+    assert "INTERNALERROR" not in result.stderr.str() + result.stdout.str() and "Traceback" not in result.stderr.str()
+
+
+def test_a_vocab_smaller_than_the_tokenizer_is_a_usage_error(pytester, module_tmp, smollm2_tokenizer):
+    path = module_tmp("small-vocab") / "small-vocab"
+    config = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    qeff.from_config("llama", config, seed=5).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    result = qeff_run(pytester, "--qeff-model", str(path), "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*vocab_size 1000 is smaller than its tokenizer's 49152 token ids*"])
+
+
 def test_rope_scaling_reaches_the_tiny_tier(tmp_path):
     """Llama 3 RoPE scaling is a table (cards hold tables since issue 11's item 2). The tiny tier
     keeps its type and factors and shrinks the original context, so tiny prompts cross the boundary

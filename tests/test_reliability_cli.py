@@ -80,13 +80,14 @@ def test_bad_sizes_are_refused_before_loading(tiny_model_dir, home, capsys, no_w
 def test_a_huge_ctx_len_is_refused_with_the_numbers(tiny_model_dir, home, capsys, no_work, monkeypatch):
     line = one_sentence(capsys, infer(tiny_model_dir, "--ctx_len", "1000000000"), 2)
     # tiny llama: 2 layers × 2 KV heads × 16 head dim → 2·2·2·16·4 = 512 bytes per slot
-    assert "--ctx_len 1,000,000,000 with --batch_size 1 needs a 476.8 GiB KV cache × 2 copies" in line
+    assert "--ctx_len 1,000,000,000 with --batch_size 1 and --prompt_len 32 needs " in line
+    assert ": a 476.8 GiB KV cache × 2 copies" in line
     assert "512 B per token slot" in line and "of memory is available" in line
     assert not home.exists() or not any(home.rglob("*"))
     # The same for the embedded SmolLM2 (30 layers × 3 KV heads × 64): the shape comes from its
     # GGUF header alone, in well under a second.
     line = one_sentence(capsys, main(["infer", "--no-verify", "--ctx_len", "1000000000"]), 2)
-    assert "needs a 41.9 TiB KV cache" in line and "30 layers × 2 × 3 KV heads × 64 head dim × 4 bytes = 45.0 KiB" in line
+    assert ": a 41.9 TiB KV cache" in line and "30 layers × 2 × 3 KV heads × 64 head dim × 4 bytes = 45.0 KiB" in line
 
 
 def test_memory_check_uses_the_available_memory(monkeypatch):
@@ -94,10 +95,11 @@ def test_memory_check_uses_the_available_memory(monkeypatch):
     from qeff.preflight import ModelShape
     from qeff.validation import check_memory
 
-    shape = ModelShape(2, 2, 16)
-    assert check_memory(shape, batch_size=1, ctx_len=1000, available=512_000) == 512_000
-    with pytest.raises(UsageError, match="only 500.0 KiB of memory is available"):
-        check_memory(shape, batch_size=1, ctx_len=1001, available=512_000)
+    shape = ModelShape(2, 2, 16)  # no vocabulary, heads or widths known: the KV cache and the token ids
+    need = 512_000 + 8 * 1000  # 512 B per slot, and an int64 token id per slot
+    assert check_memory(shape, batch_size=1, ctx_len=1000, available=need) == need
+    with pytest.raises(UsageError, match="only 507.8 KiB of memory is available"):
+        check_memory(shape, batch_size=1, ctx_len=1001, available=need)
 
 
 def test_too_many_threads_are_capped_with_a_warning(tiny_model_dir, home, capsys, monkeypatch):
@@ -208,6 +210,95 @@ def test_a_remote_code_directory_is_refused(tiny_model_dir, home, tmp_path, caps
     (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
     line = one_sentence(capsys, infer(model), 2)
     assert "model_type 'evil' is remote code" in line, line
+
+
+# -- configs no model can be built from (issue 19): one sentence, exit 2, before any load -----------
+
+#: Each class of bad config: what is changed in the tiny model's config.json, and the sentence. The
+#: tiny model: 2 layers, hidden 96, 6 heads of 16 dims, 2 KV heads, intermediate 128, vocab 49152.
+BAD_CONFIGS = {
+    "negative-layers": ({"num_hidden_layers": -1}, "config.json: num_hidden_layers must be a positive integer (got -1)"),
+    "zero-layers": ({"num_hidden_layers": 0}, "config.json: num_hidden_layers must be a positive integer (got 0)"),
+    "zero-heads": ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer (got 0)"),
+    "negative-kv-heads": ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer (got -2)"),
+    "zero-vocab": ({"vocab_size": 0}, "vocab_size must be a positive integer (got 0)"),
+    "negative-intermediate": ({"intermediate_size": -128}, "intermediate_size must be a positive integer (got -128)"),
+    "text-hidden-size": ({"hidden_size": "96"}, "hidden_size must be a positive integer (got '96')"),
+    "fractional-head-dim": ({"head_dim": 15.5}, "head_dim must be a positive integer (got 15.5)"),
+    "hidden-not-divisible": ({"hidden_size": 95, "head_dim": None}, "hidden_size 95 is not divisible by num_attention_heads 6"),
+    "kv-heads-not-dividing": ({"num_key_value_heads": 4}, "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
+    "weight-shape-intermediate": ({"intermediate_size": 130}, "but the config builds it as [96, 130] (from intermediate_size 130)"),
+    "weight-shape-vocab": ({"vocab_size": 50000}, "model.embed_tokens.weight of shape [49152, 96], but the config builds it as [50000, 96]"),
+    "weight-shape-heads": ({"num_key_value_heads": 3}, "[48, 96] (from head_dim 16 × num_key_value_heads 3)"),
+    "more-layers-than-weights": ({"num_hidden_layers": 3}, "model.safetensors holds 2 decoder layer(s), but config.json says num_hidden_layers 3"),
+    # A config transformers' own validators reject (a strict dataclass error, not a ValueError: an
+    # internal error, and the plugin's INTERNALERROR, before issue 19).
+    "odd-head-dim": ({"head_dim": 15}, "config.json is not a valid 'llama' config: Class validation error for validator 'validate_rope': ValueError: RoPE requires an even rotary dimension"),
+    "fewer-layers-than-weights": ({"num_hidden_layers": 1}, "model.safetensors holds 2 decoder layer(s), but config.json says num_hidden_layers 1"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-configs")
+    made = {}
+    for name, (changes, _) in BAD_CONFIGS.items():
+        made[name] = _variant(tiny_model_dir, root, name)
+        _edit_config(made[name], **changes)
+    return made
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_config_no_model_can_be_built_from_is_refused_by_every_command(bad_models, case, home, capsys, no_work):
+    """``qeff check`` never says "supported" for it; infer and verify refuse it before loading."""
+    model, message = bad_models[case], BAD_CONFIGS[case][1]
+    line = one_sentence(capsys, main(["check", "--model_name", str(model)]), 2)
+    assert message in line, line
+    assert "supported" not in capsys.readouterr().out
+    for command in (["infer", "--no-stream"], ["verify"]):
+        line = one_sentence(capsys, main([*command, "--model_name", str(model)]), 2)
+        assert message in line, (command, line)
+
+
+def test_a_model_directory_without_a_tokenizer(tiny_model_dir, home, tmp_path, capsys, no_work):
+    model = _variant(tiny_model_dir, tmp_path, "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    for command in (["infer", "--no-stream"], ["verify"], ["export"]):
+        line = one_sentence(capsys, main([*command, "--model_name", str(model)]), 2)
+        assert f"{model} has no tokenizer files" in line and "tokenizer.save_pretrained" in line, (command, line)
+    # qeff check answers from the config: the model can be built, and the report says the tokenizer is missing.
+    assert main(["check", "--model_name", str(model)]) == 0
+    assert "tokenizer       none" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A consistent checkpoint (weights of its config's shapes) whose vocab_size (1000) is smaller
+    than its tokenizer's 49152 ids: every id from 1000 on would index past the embedding."""
+    import qeff
+    from tests.tiny import TINY_CONFIGS
+
+    path = tmp_path_factory.mktemp("small-vocab")
+    model_type, config = TINY_CONFIGS["llama"]
+    qeff.from_config(model_type, dict(config, vocab_size=1000), seed=4).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_vocab_smaller_than_the_tokenizer_is_refused_as_model_and_as_draft(small_vocab_model, tiny_model_dir, home,
+                                                                           capsys, no_work):
+    message = "config.json: vocab_size 1000 is smaller than its tokenizer's 49152 token ids (the largest is 49151)"
+    for command in (["check"], ["infer", "--no-stream"], ["verify"]):
+        line = one_sentence(capsys, main([*command, "--model_name", str(small_vocab_model)]), 2)
+        assert message in line, (command, line)
+    line = one_sentence(capsys, infer(tiny_model_dir, "--draft_model_name", str(small_vocab_model)), 2)
+    assert line.startswith(f"qeff: error: --draft_model_name {small_vocab_model}: ") and message in line, line
+    broken = small_vocab_model.parent / "broken-draft"
+    if not broken.exists():
+        _edit_config(_variant(small_vocab_model, small_vocab_model.parent, "broken-draft"), num_hidden_layers=-3)
+    line = one_sentence(capsys, infer(tiny_model_dir, "--draft_model_name", str(broken)), 2)
+    assert "--draft_model_name" in line and "num_hidden_layers must be a positive integer (got -3)" in line, line
 
 
 class _Payload:

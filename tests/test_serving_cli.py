@@ -102,11 +102,17 @@ def test_qaic_compile_dry_run_writes_continuous_batching_specializations(tiny_mo
 def other_tokenizer_dir(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
+    import qeff
+
     path = tmp_path / "other-tokenizer"
     shutil.copytree(tiny_model_dir, path)
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.add_tokens(["<not-in-the-target>"])
     tok.save_pretrained(str(path))
+    # A consistent draft: its embedding holds its tokenizer's new id (a vocab_size smaller than the
+    # tokenizer's ids is refused on its own, issue 19).
+    config = {**json.loads((path / "config.json").read_text()), "vocab_size": len(tok)}
+    qeff.from_config("llama", {k: v for k, v in config.items() if k not in ("model_type", "architectures")}, seed=4).save_pretrained(path)
     return path
 
 

@@ -429,10 +429,23 @@ def _bad_inputs(tmp_path: Path, llama_dir: Path) -> dict[str, tuple[Path, str]]:
                                       "declares architecture 'made-up-arch', which transformers cannot load from GGUF"),
         "unknown model_type": (write_config_dir(tmp_path / "unknown", {"model_type": "made_up_arch"}),
                                "names model_type 'made_up_arch', which neither transformers nor qeff knows"),
+        # Configs no model can be built from (issue 19: `qeff check` said "supported yes"), from each source kind.
+        "no layers (gguf)": (write_gguf(tmp_path / "empty.gguf", "llama", layers=0),
+                             "empty.gguf: num_hidden_layers must be a positive integer (got 0)"),
+        "heads not dividing the hidden size (gguf)": (write_gguf(tmp_path / "odd-heads.gguf", "llama", heads=5, kv_heads=5),
+                                                      "hidden_size 64 is not divisible by num_attention_heads 5"),
+        "negative layers": (write_config_dir(tmp_path / "negative", {**TINY_LLAMA, "num_hidden_layers": -1}),
+                            "num_hidden_layers must be a positive integer (got -1)"),
+        "zero vocabulary": (write_config_dir(tmp_path / "zero-vocab", {**TINY_LLAMA, "vocab_size": 0}),
+                            "vocab_size must be a positive integer (got 0)"),
+        "hidden size not divisible": (write_config_dir(tmp_path / "odd", {**TINY_LLAMA, "hidden_size": 66}),
+                                      "hidden_size 66 is not divisible by num_attention_heads 4"),
     }
 
 
-@pytest.mark.parametrize("kind", ["corrupt weights", "unknown gguf architecture", "unknown model_type"])
+@pytest.mark.parametrize("kind", ["corrupt weights", "unknown gguf architecture", "unknown model_type", "no layers (gguf)",
+                                  "heads not dividing the hidden size (gguf)", "negative layers", "zero vocabulary",
+                                  "hidden size not divisible"])
 @pytest.mark.parametrize("command", ["check", "infer"])
 def test_bad_input_is_one_sentence_exit_2(tmp_path, capsys, llama_dir, no_weights, kind, command):
     path, message = _bad_inputs(tmp_path, llama_dir[0])[kind]

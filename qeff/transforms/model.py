@@ -112,13 +112,23 @@ class QEffCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         *past: torch.Tensor,
-        batch_index: torch.Tensor | None = None,
-        num_logits_to_keep: torch.Tensor | None = None,
+        **serving: torch.Tensor | None,
     ):
-        """``batch_index`` (B, 1): the cache rows this step runs (continuous batching; the cache then
-        has ``full_batch_size`` rows). ``num_logits_to_keep`` (N, 1), read for its length only:
+        """``serving`` holds the keywords of the graph variants of :mod:`qeff.serving`:
+        ``batch_index`` (B, 1), the cache rows this step runs (continuous batching; the cache then
+        has ``full_batch_size`` rows); ``num_logits_to_keep`` (N, 1), read for its length only:
         return the logits of the last N positions up to each row's last valid token (B, N, vocab),
-        as a speculative-decoding target needs. Both are graph variants of :mod:`qeff.serving`."""
+        as a speculative-decoding target needs.
+
+        They are ``**serving`` and not named keyword parameters because the TorchScript exporter
+        fills every *named* parameter after the positional inputs with its default
+        (``_decide_input_format``): with one layer (four inputs) ``num_logits_to_keep=None`` was
+        appended to ``past`` and no one-layer model could be exported (issue 19)."""
+        unknown = set(serving) - {"batch_index", "num_logits_to_keep"}
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+        batch_index = serving.get("batch_index")
+        num_logits_to_keep = serving.get("num_logits_to_keep")
         if len(past) != 2 * self.shape.num_layers:
             raise ValueError(f"expected {2 * self.shape.num_layers} cache tensors, got {len(past)}")
         ctx_len = past[0].shape[2]
