@@ -279,6 +279,9 @@ def _cache_unwritable(directory: Path, exc: OSError) -> UsageError:
     reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "permission denied", errno.ENOTDIR: "a path component is a file, not a directory",
               errno.EEXIST: "a file of that name is in the way"}.get(exc.errno or 0, exc.strerror or str(exc))
+    if exc.errno == errno.ENAMETOOLONG:  # another --home cannot shorten a name inside the cache
+        return UsageError(f"cannot write the artifact cache at {directory}: a name in that path is longer than its file "
+                          f"system allows ({len(directory.name.encode())} bytes)")
     return UsageError(f"cannot write the artifact cache at {directory}: {reason}; choose a writable directory with --home or QEFF_HOME")
 
 

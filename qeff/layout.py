@@ -16,6 +16,7 @@ Nothing here touches the disk except :func:`qeff_home` reading the environment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -66,9 +67,24 @@ def qeff_home() -> Path:
     return Path(os.environ.get("QEFF_HOME") or "qeff_models").expanduser()
 
 
+#: The longest model directory name kept as it is. File systems cap one name at 255 bytes (eCryptfs
+#: at 143); a model directory at a long path flattened past that could not be cached at all, and
+#: the error advised another --home, which cannot help (issue 19). Names up to this length are
+#: unchanged, so existing caches keep their paths.
+SLUG_MAX = 128
+_SLUG_DIGEST = 16
+
+
 def slug(name: str) -> str:
-    """A directory name for a model name, repo id or path."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip().strip("/")).strip("-") or "model"
+    """A directory name for a model name, repo id or path: the name with every run of other
+    characters turned into ``--``; past :data:`SLUG_MAX` bytes, its readable end (the model's own
+    directory name) and a digest of the whole name, so two long paths never share a directory."""
+    flat = re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip().strip("/")).strip("-") or "model"
+    if len(flat) <= SLUG_MAX:
+        return flat
+    digest = hashlib.blake2b(name.strip().encode("utf-8", "surrogateescape"), digest_size=_SLUG_DIGEST // 2).hexdigest()
+    keep = flat[-(SLUG_MAX - _SLUG_DIGEST - 1):].lstrip("-.") or "model"
+    return f"{keep}-{digest}"
 
 
 def export_dir_name(digest: str) -> str:
