@@ -22,7 +22,9 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "CACHE_MARKER",
     "MANIFEST",
+    "is_artifact_name",
     "ONNX_FILE",
     "ONNX_DATA",
     "ORT_OPTIMIZED",
@@ -43,6 +45,9 @@ __all__ = [
     "qpc_dir_name",
 ]
 
+#: The file at the root of every cache qeff creates: `qeff doctor` and `qeff clean` look only
+#: inside a directory that holds it (issue 19: they deleted every ``*.lock`` of a source tree).
+CACHE_MARKER = ".qeff-cache"
 #: Every stage directory's record of what produced it.
 MANIFEST = "manifest.json"
 #: The exported retained-state graph and its external weights.
@@ -60,6 +65,22 @@ CUSTOM_IO_FILE = "custom_io.yaml"
 SCRIPT_FILE = "compile.sh"
 QAIC_MANIFEST_FILE = "compile.json"
 LOG_FILE = "compile.log"
+
+
+#: The names qeff gives artifact directories (the functions below, the emulated precision tiers'
+#: ``tier-<name>``). A lock file, build directory or kept log is qeff's only when its name is one of
+#: these plus qeff's suffix or prefix; ``Cargo.lock`` or ``.tmp-build/`` never is.
+_ARTIFACT_NAME = re.compile(
+    r"(export|verify)-[0-9a-f]{3,}"
+    r"|ort(-fused[a-z0-9-]*)?_\d+BS\w*"
+    r"|qpc_\d+cores_\w+"
+    r"|tier-[A-Za-z0-9._-]+"
+)
+
+
+def is_artifact_name(name: str) -> bool:
+    """Whether ``name`` is one qeff gives an artifact directory."""
+    return _ARTIFACT_NAME.fullmatch(name) is not None
 
 
 def qeff_home() -> Path:

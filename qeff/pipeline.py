@@ -31,6 +31,7 @@ from typing import Any
 
 from qeff.artifacts import Built, build_artifact, manifest_hash
 from qeff.errors import ArtifactError, UsageError
+from qeff.home import mark
 from qeff.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
 from qeff import loading
 from qeff.loading import ModelSource, resolve
@@ -231,6 +232,7 @@ class Pipeline:
                 return None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())
 
+        mark(self.home)  # `qeff doctor` / `qeff clean` look only inside directories qeff marked (issue 19)
         built = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
                                size_hint=size_hint)
         if not built.reused and self.progress:
