@@ -341,6 +341,11 @@ def build_artifact(
     """
     directory = Path(directory)
     mode = verify_mode()
+    if os.path.lexists(directory) and not directory.is_dir():
+        # Issue 19: a plain file here failed every run with "Not a directory". qeff did not make
+        # it, so it is not removed unasked; `qeff doctor` reports it and `clean --damaged` removes it.
+        raise ArtifactError(f"{directory} is a file where qeff keeps an artifact directory; move it away, or remove it "
+                            f"with `qeff clean --damaged`")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

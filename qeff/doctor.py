@@ -241,6 +241,17 @@ def is_qeff_artifact(directory: Path) -> bool:
         return False
 
 
+def _in_the_way(path: Path) -> ArtifactStatus:
+    """A file (or link) where qeff keeps an artifact directory (issue 19: an export replaced by a
+    plain file failed every run with "Not a directory" while doctor saw nothing)."""
+    try:
+        size = path.lstat().st_size
+    except OSError:
+        size = 0
+    return ArtifactStatus(path, "?", size, 0.0, f"{path} is a file where qeff keeps an artifact directory; "
+                                                f"`qeff clean --damaged` removes it")
+
+
 def _own_bytes(directory: Path) -> int:
     """Bytes of the artifact's own files (not the artifacts nested in it)."""
     total = 0
@@ -270,6 +281,8 @@ def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True, com
             found = _leftover(here / name)
             if found is not None:
                 result.leftovers.append(found)
+            elif check and is_artifact_name(name):
+                result.artifacts.append(_in_the_way(here / name))
         keep = []
         for name in sorted(dirs):
             found = _leftover(here / name)
@@ -297,6 +310,15 @@ def _remove_unless_in_use(path: Path) -> str | None:
     """Remove the artifact ``path`` holding its lock and every lock inside it (builds nested in
     it); None when removed, else who is using it."""
     held: list[PathLock] = []
+    if path.is_symlink() or not path.is_dir():  # a file in the way (see _in_the_way): nothing nested, no lock inside
+        lock = PathLock(Path(str(path) + LOCK_SUFFIX))
+        if not lock.acquire(blocking=False):
+            return holder(lock.path) or "a running process"
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            lock.release()
+        return None
     try:
         for lock_path in [Path(str(path) + LOCK_SUFFIX), *sorted(path.rglob("*" + LOCK_SUFFIX))]:
             lock = PathLock(lock_path)

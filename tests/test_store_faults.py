@@ -156,3 +156,32 @@ class TestLookalikeUserFiles:
         other = tmp_path / "other"
         _lookalikes(other)
         assert main(["doctor", "--home", str(other)]) == 2
+
+
+# -- an export directory replaced by a plain file ---------------------------------------------------
+
+
+class TestExportReplacedByAFile:
+    def test_doctor_reports_it_clean_damaged_removes_it_and_a_run_says_one_sentence(self, micro_model_dir, tmp_path, capsys):
+        home = tmp_path / "home"
+        args = ["infer", "--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--no-verify"]
+        code, first, err = _run(capsys, *args)
+        assert code == 0, err
+        export = Path(first["artifact"]).parent
+        shutil.rmtree(export)
+        export.write_text("not a directory")
+
+        code, _, err = _run(capsys, *args)
+        line = _last_line(err)
+        assert code == 1 and line == (f"qeff: ArtifactError: {export} is a file where qeff keeps an artifact directory; "
+                                      f"move it away, or remove it with `qeff clean --damaged`"), line
+        assert main(["doctor", "--home", str(home)]) == 1
+        out = capsys.readouterr().out
+        assert "DAMAGED" in out and f"{export} is a file where qeff keeps an artifact directory" in out, out
+        assert main(["clean", "--home", str(home)]) == 0 and export.is_file()  # only with --damaged
+        capsys.readouterr()
+        assert main(["clean", "--home", str(home), "--damaged"]) == 0
+        out = capsys.readouterr().out
+        assert f"removed damaged artifact: {export}" in out and not export.exists(), out
+        code, second, err = _run(capsys, *args)
+        assert code == 0 and second["token_ids"] == first["token_ids"], err
