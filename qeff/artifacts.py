@@ -46,6 +46,8 @@ __all__ = [
     "Built",
     "build_artifact",
     "check_artifact",
+    "check_holder",
+    "is_qeff_manifest",
     "verify_cache",
     "verify_mode",
     "MANIFEST",
@@ -220,6 +222,33 @@ def check_artifact(directory: str | os.PathLike, *, mode: str | None = None) -> 
         _refresh_stats(directory, record, refreshed)
     _VERIFIED.add((*key, mode))
     return record
+
+
+#: The keys every manifest :func:`build_artifact` writes has.
+_MANIFEST_KEYS = frozenset({"inputs", "outputs", "build_seconds", "created"})
+
+
+def is_qeff_manifest(record: object) -> bool:
+    """Whether a parsed ``manifest.json`` has the keys of the ones qeff writes."""
+    return isinstance(record, dict) and _MANIFEST_KEYS <= set(record)
+
+
+def check_holder(path: str | os.PathLike, *, levels: int = 3) -> dict | None:
+    """The one integrity path for every file a command reads from the cache: the artifact holding
+    ``path`` (``path`` itself or the nearest of its ``levels`` parents with a manifest qeff wrote)
+    is checked by :func:`check_artifact` and its manifest returned; None when no artifact holds
+    ``path`` (a QPC or tokenizer of the user's own, outside any cache: nothing to check it against).
+
+    Issue 19: `qeff execute` read the export's tokenizer (and a QPC given as its ``qpcs/``
+    directory) without a check, so an edited ``tokenizer.json`` gave wrong text with exit 0."""
+    path = Path(path)
+    for directory in [path, *path.parents[:levels]]:
+        if not (directory / MANIFEST).is_file():
+            continue
+        record = read_manifest(directory)  # ArtifactError when it is corrupt or edited
+        if directory == path or is_qeff_manifest(record):  # a parent's: only a manifest qeff wrote
+            return check_artifact(directory)
+    return None
 
 
 def _stats_unchanged(directory: Path, files: dict) -> bool:

@@ -537,8 +537,10 @@ def cmd_execute(args) -> int:
     else:
         for candidate in (artifact, *artifact.parents[:3]):
             if (candidate / "tokenizer_config.json").is_file():
+                from qeff.artifacts import check_holder
                 from qeff.tokenizer import open_saved_tokenizer
 
+                check_holder(candidate, levels=0)  # the export's tokenizer files against its manifest (issue 19)
                 tokenizer = open_saved_tokenizer(candidate)
                 break
     if tokenizer is None:

@@ -21,14 +21,12 @@ import time
 from pathlib import Path
 
 from qeff import atomic
-from qeff.artifacts import _self_digest
+from qeff.artifacts import _self_digest, is_qeff_manifest
 from qeff.errors import UsageError
 from qeff.layout import CACHE_MARKER, MANIFEST
 
 __all__ = ["mark", "is_marked", "is_cache", "require_cache", "is_qeff_manifest"]
 
-#: The keys every manifest qeff writes has (:func:`qeff.artifacts.build_artifact`).
-_MANIFEST_KEYS = frozenset({"inputs", "outputs", "build_seconds", "created"})
 #: How deep below the cache root qeff puts artifacts: <model>/export-<hash>/<compile or verify>.
 _LAYOUT_DEPTH = 3
 
@@ -51,11 +49,6 @@ def mark(home: str | os.PathLike) -> None:
                                                            "created": time.time()}) + "\n")
     except OSError:
         pass
-
-
-def is_qeff_manifest(record: object) -> bool:
-    """Whether a parsed ``manifest.json`` has the keys of the ones qeff writes."""
-    return isinstance(record, dict) and _MANIFEST_KEYS <= set(record)
 
 
 def _written_by_qeff(path: Path) -> bool:

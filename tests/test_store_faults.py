@@ -185,3 +185,43 @@ class TestExportReplacedByAFile:
         assert f"removed damaged artifact: {export}" in out and not export.exists(), out
         code, second, err = _run(capsys, *args)
         assert code == 0 and second["token_ids"] == first["token_ids"], err
+
+
+# -- qeff execute reads the export's tokenizer ------------------------------------------------------
+
+
+def _scramble_vocab(path: Path) -> None:
+    """Same JSON, another mapping: every token's id reversed, so decoding gives other text."""
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    ids = sorted(vocab.values())
+    data["model"]["vocab"] = {token: ids[-1 - ids.index(i)] for token, i in vocab.items()}
+    path.write_text(json.dumps(data))
+
+
+class TestEditedTokenizerUnderExecute:
+    @pytest.mark.parametrize("victim", ["tokenizer.json", "tokenizer_config.json"])
+    def test_execute_refuses_an_edited_tokenizer_and_infer_rebuilds_it(self, micro_model_dir, tmp_path, capsys, victim):
+        home = tmp_path / "home"
+        infer = ["infer", "--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--no-verify"]
+        code, first, err = _run(capsys, *infer)
+        assert code == 0, err
+        artifact = Path(first["artifact"])
+        execute = ["execute", "--qpc_path", str(artifact), *ARGS[:2], "--generation_len", "6", "--no-stream", "--json"]
+        code, clean_run, err = _run(capsys, *execute)
+        assert code == 0 and clean_run["text"] == first["text"], err
+        path = artifact.parent / victim
+        if victim == "tokenizer.json":
+            _scramble_vocab(path)
+        else:
+            config = json.loads(path.read_text())
+            path.write_text(json.dumps({**config, "eos_token": "Hello"}))
+
+        code, result, err = _run(capsys, *execute)
+        line = _last_line(err)
+        assert code == 1 and result is None, (code, result, err)
+        assert line.startswith(f"qeff: ArtifactError: the artifact {artifact.parent} failed its integrity check: {victim}: "), line
+        code, again, err = _run(capsys, *infer)  # infer detects it too, and rebuilds the export
+        assert code == 0 and again["text"] == first["text"] and f"failed its integrity check ({victim}: " in err, err
+        code, result, err = _run(capsys, *execute)
+        assert code == 0 and result["text"] == first["text"], err
