@@ -25,7 +25,7 @@ from qeff.artifacts import _self_digest, is_qeff_manifest
 from qeff.errors import UsageError
 from qeff.layout import CACHE_MARKER, MANIFEST
 
-__all__ = ["mark", "is_marked", "is_cache", "require_cache", "is_qeff_manifest"]
+__all__ = ["mark", "is_marked", "is_cache", "require_cache", "is_qeff_manifest", "find_home"]
 
 #: How deep below the cache root qeff puts artifacts: <model>/export-<hash>/<compile or verify>.
 _LAYOUT_DEPTH = 3
@@ -49,6 +49,12 @@ def mark(home: str | os.PathLike) -> None:
                                                            "created": time.time()}) + "\n")
     except OSError:
         pass
+
+
+def find_home(path: str | os.PathLike, levels: int = 4) -> Path | None:
+    """The marked cache ``path`` lies in (itself or one of its ``levels`` parents), or None."""
+    path = Path(path)
+    return next((p for p in [path, *path.parents[:levels]] if is_marked(p)), None)
 
 
 def _written_by_qeff(path: Path) -> bool:

@@ -225,3 +225,102 @@ class TestEditedTokenizerUnderExecute:
         assert code == 0 and again["text"] == first["text"] and f"failed its integrity check ({victim}: " in err, err
         code, result, err = _run(capsys, *execute)
         assert code == 0 and result["text"] == first["text"], err
+
+
+# -- source weights replaced in place, mtime restored -----------------------------------------------
+
+
+def _same_size_other_weights(micro_model_dir: Path, tmp_path: Path) -> Path:
+    """The micro model's checkpoint with other weights of the same size: its (tied) embedding's
+    rows rolled by one, so it answers with other tokens (two random seeds of so small a model
+    both repeat one token)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-weights"
+    shutil.copytree(micro_model_dir, other)
+    tensors = load_file(other / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[name] = torch.roll(tensors[name], 1, 0).contiguous()
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    assert (other / "model.safetensors").stat().st_size == (micro_model_dir / "model.safetensors").stat().st_size
+    assert (other / "model.safetensors").read_bytes() != (micro_model_dir / "model.safetensors").read_bytes()
+    return other
+
+
+class TestSourceReplacedInPlace:
+    @pytest.mark.parametrize("verify_cache", [False, True])
+    def test_same_size_weights_with_the_mtime_restored_are_never_served_from_the_old_export(
+            self, micro_model_dir, tmp_path, capsys, verify_cache):
+        model = tmp_path / "model"
+        shutil.copytree(micro_model_dir, model)
+        other = _same_size_other_weights(micro_model_dir, tmp_path)
+        home = tmp_path / "home"
+        extra = ["--verify-cache"] if verify_cache else []
+        args = ["infer", "--model_name", str(model), "--home", str(home), *ARGS, "--no-verify", *extra]
+        code, first, err = _run(capsys, *args)
+        assert code == 0, err
+        code, expected, err = _run(capsys, "infer", "--model_name", str(other), "--home", str(tmp_path / "reference"),
+                                   *ARGS, "--no-verify")
+        assert code == 0 and expected["token_ids"] != first["token_ids"], err  # the two models answer differently
+
+        weights = model / "model.safetensors"
+        before = weights.stat()
+        with open(weights, "r+b") as f:  # in place: same inode, same size
+            f.write((other / "model.safetensors").read_bytes())
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime set back; ctime cannot be
+        after = weights.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+        code, second, err = _run(capsys, *args)
+        assert code == 0, err
+        assert second["token_ids"] == expected["token_ids"], "the old model's tokens were served"
+        assert second["reused"]["export"] is False
+
+    def test_the_digest_is_cached_by_stat_key_and_rehashed_on_request(self, micro_model_dir, tmp_path, monkeypatch):
+        from qeff import integrity
+        from qeff.source_digest import content_digest
+
+        model = tmp_path / "model"
+        shutil.copytree(micro_model_dir, model)
+        home = tmp_path / "home"
+        hashed: list[str] = []
+        real = integrity.full_digest
+        monkeypatch.setattr(integrity, "full_digest", lambda path: hashed.append(Path(path).name) or real(path))
+        first = content_digest(model, home=home)
+        assert "model.safetensors" in hashed and (home / ".qeff-cache").is_file()
+        hashed.clear()
+        assert content_digest(model, home=home) == first and hashed == []  # a cached run reads no weights
+        assert content_digest(model, home=home, rehash=True) == first and "model.safetensors" in hashed
+        hashed.clear()
+        os.utime(model / "config.json")  # a new mtime, same content: hashed again, same digest
+        assert content_digest(model, home=home) == first and hashed == ["config.json"]
+        copy = tmp_path / "copy"
+        shutil.copytree(model, copy)  # another path, same content: the same identity digest
+        assert content_digest(copy, home=home) == first
+        (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+        assert content_digest(copy, home=home) != first
+
+    def test_verify_cache_rehashes_even_when_the_stat_key_was_kept(self, micro_model_dir, tmp_path, capsys):
+        """What no file-system write can do (change bytes, keep ctime: a disk edited below the file
+        system) simulated by giving the cached record the new stat key: the default run trusts
+        the record (the documented blind spot of the quick check), --verify-cache hashes again."""
+        model = tmp_path / "model"
+        shutil.copytree(micro_model_dir, model)
+        other = _same_size_other_weights(micro_model_dir, tmp_path)
+        home = tmp_path / "home"
+        args = ["infer", "--model_name", str(model), "--home", str(home), *ARGS, "--no-verify"]
+        code, first, err = _run(capsys, *args)
+        assert code == 0, err
+        weights = model / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.write((other / "model.safetensors").read_bytes())
+        [record_path] = (home / ".sources").glob("*.json")
+        record = json.loads(record_path.read_text())
+        st = weights.stat()
+        record["files"]["model.safetensors"]["stat"] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        record_path.write_text(json.dumps(record))
+        code, trusted, err = _run(capsys, *args)
+        assert code == 0 and trusted["reused"]["export"], err
+        code, checked, err = _run(capsys, *args, "--verify-cache")
+        assert code == 0 and not checked["reused"]["export"] and checked["token_ids"] != first["token_ids"], err
