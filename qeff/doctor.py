@@ -320,7 +320,9 @@ def _remove_unless_in_use(path: Path) -> str | None:
             lock.release()
         return None
     try:
-        for lock_path in [Path(str(path) + LOCK_SUFFIX), *sorted(path.rglob("*" + LOCK_SUFFIX))]:
+        # Only qeff's locks: taking one rewrites its text, and a user's Cargo.lock in there is not one.
+        nested = sorted(p for p in path.rglob("*" + LOCK_SUFFIX) if _is_qeff_lock(p))
+        for lock_path in [Path(str(path) + LOCK_SUFFIX), *nested]:
             lock = PathLock(lock_path)
             if not lock.acquire(blocking=False):
                 return holder(lock_path) or "a running process"

@@ -145,6 +145,29 @@ class TestLookalikeUserFiles:
         assert code == 0 and again["reused"]["export"] and again["token_ids"] == result["token_ids"], err
         assert main(["doctor", "--home", str(home)]) == 0, capsys.readouterr().out
 
+    def test_a_users_lock_inside_a_damaged_artifact_kept_in_use_is_left_as_it_was(self, tmp_path):
+        """clean --damaged takes every lock inside an artifact before removing it; taking one
+        rewrites its text, so only qeff's are taken (a nested build holds one here: the artifact
+        is kept, and so must be the user's Cargo.lock in it)."""
+        from qeff.artifacts import build_artifact
+        from qeff.doctor import clean
+        from qeff.home import mark
+        from qeff.locks import PathLock
+
+        home = tmp_path / "home"
+        mark(home)
+        art = build_artifact(home / "m" / "export-abc123", {"k": 1}, lambda tmp: (tmp / "w.bin").write_bytes(b"w" * 100) and None).path
+        (art / "Cargo.lock").write_text("version = 3\n")
+        os.truncate(art / "w.bin", 10)
+        holder = PathLock(art / "ort_1BS_8PL_48CL.lock")
+        holder.acquire()
+        try:
+            done = clean(home, damaged=True)
+        finally:
+            holder.release()
+        assert art.is_dir() and any(item.path == art for item, _ in done.kept)
+        assert (art / "Cargo.lock").read_text() == "version = 3\n"
+
     def test_a_cache_made_before_the_marker_is_recognised_by_its_manifests_and_marked(self, micro_model_dir, tmp_path, capsys):
         home = tmp_path / "home"
         code, result, err = _run(capsys, "infer", "--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--no-verify")
