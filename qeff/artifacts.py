@@ -450,6 +450,14 @@ def _foreign(entry: Path) -> bool:
     return entry.is_dir() and (entry / MANIFEST).exists()
 
 
+def _recorded_names(directory: Path) -> set[str]:
+    """The top-level names of the files ``directory``'s manifest records (empty when it is
+    missing or unreadable: then nothing there is provably the artifact's)."""
+    record, _ = _load_manifest(directory)
+    files = record.get("files") if isinstance(record, dict) else None
+    return {rel.split("/", 1)[0] for rel in files} if isinstance(files, dict) else set()
+
+
 def _install(tmp: Path, directory: Path) -> None:
     """Put the finished build ``tmp`` at ``directory`` (the caller holds its lock).
 
@@ -462,7 +470,12 @@ def _install(tmp: Path, directory: Path) -> None:
         tmp.rename(directory)
         atomic.fsync_dir(directory.parent)
         return
-    foreign = [e for e in directory.iterdir() if _foreign(e)]
+    new = {e.name for e in tmp.iterdir()} - {MANIFEST}
+    # Only what the old manifest recorded, or what the new build replaces by name, is the
+    # artifact's to remove; anything else in the directory (a user's notes, another tool's
+    # files) stays where it is (issue 19: qeff deletes only what it provably made).
+    owned = _recorded_names(directory) | new | {MANIFEST}
+    foreign = [e for e in directory.iterdir() if _foreign(e) or e.name not in owned]
     trash = directory.parent / f"{TRASH_PREFIX}{directory.name}-{uuid.uuid4().hex[:8]}"
     if not foreign:
         directory.rename(trash)
@@ -473,9 +486,8 @@ def _install(tmp: Path, directory: Path) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
     atomic.fsync_dir(directory)
     trash.mkdir()
-    new = {e.name for e in tmp.iterdir()} - {MANIFEST}
     for old in list(directory.iterdir()):
-        if _foreign(old) or old.name == MANIFEST:
+        if _foreign(old) or old.name not in owned or old.name == MANIFEST:
             continue
         if old.name not in new or old.is_dir() or (tmp / old.name).is_dir():
             old.rename(trash / old.name)  # no longer part of the artifact, or a directory os.replace cannot overwrite

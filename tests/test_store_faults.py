@@ -168,6 +168,24 @@ class TestLookalikeUserFiles:
         assert art.is_dir() and any(item.path == art for item, _ in done.kept)
         assert (art / "Cargo.lock").read_text() == "version = 3\n"
 
+    @pytest.mark.parametrize("nested", [False, True])
+    def test_a_rebuild_keeps_the_users_files_inside_the_artifact(self, tmp_path, nested):
+        """A rebuild swapped the old directory out whole (or, with nested artifacts, moved every
+        entry it did not write again to the trash): the user's files in it went with it. Now
+        only what the old manifest records, or the new build replaces, is removed."""
+        from qeff.artifacts import build_artifact
+
+        home = tmp_path / "home"
+        target = home / "m" / "export-abc123"
+        build_artifact(target, {"k": 1}, lambda tmp: [(tmp / "w.bin").write_bytes(b"1"), (tmp / "old.bin").write_bytes(b"o")] and None)
+        if nested:
+            build_artifact(target / "ort_1BS_8PL_48CL", {"k": 2}, lambda tmp: (tmp / "c.bin").write_bytes(b"c") and None)
+        files = _lookalikes(target)
+        build_artifact(target, {"k": 1}, lambda tmp: (tmp / "w.bin").write_bytes(b"2") and None, force=True)
+        assert (target / "w.bin").read_bytes() == b"2" and not (target / "old.bin").exists()  # the artifact's own
+        assert _unchanged(target, files) == []
+        assert not nested or (target / "ort_1BS_8PL_48CL" / "c.bin").is_file()
+
     def test_a_cache_made_before_the_marker_is_recognised_by_its_manifests_and_marked(self, micro_model_dir, tmp_path, capsys):
         home = tmp_path / "home"
         code, result, err = _run(capsys, "infer", "--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--no-verify")
