@@ -110,7 +110,7 @@ class Workspace:
             if source is None:
                 pytest.skip(reason)
             model, tokenizer = remote.full_model(card, self.trust_remote_code) if trusted else load_source(source)
-            identity = {"card": card.id, "tier": "full", "source": source.identity()}
+            identity = {"card": card.id, "tier": "full", "source": source.identity(home=self.root / self.tier)}
         pipe = Pipeline(card.id, model=model, tokenizer=tokenizer, identity=identity, home=self.root / self.tier, progress=False)
         _ = pipe.qmodel  # an architecture the transform refuses fails every stage the same way
         return pipe

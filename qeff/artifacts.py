@@ -46,6 +46,8 @@ __all__ = [
     "Built",
     "build_artifact",
     "check_artifact",
+    "check_holder",
+    "is_qeff_manifest",
     "verify_cache",
     "verify_mode",
     "MANIFEST",
@@ -222,6 +224,33 @@ def check_artifact(directory: str | os.PathLike, *, mode: str | None = None) -> 
     return record
 
 
+#: The keys every manifest :func:`build_artifact` writes has.
+_MANIFEST_KEYS = frozenset({"inputs", "outputs", "build_seconds", "created"})
+
+
+def is_qeff_manifest(record: object) -> bool:
+    """Whether a parsed ``manifest.json`` has the keys of the ones qeff writes."""
+    return isinstance(record, dict) and _MANIFEST_KEYS <= set(record)
+
+
+def check_holder(path: str | os.PathLike, *, levels: int = 3) -> dict | None:
+    """The one integrity path for every file a command reads from the cache: the artifact holding
+    ``path`` (``path`` itself or the nearest of its ``levels`` parents with a manifest qeff wrote)
+    is checked by :func:`check_artifact` and its manifest returned; None when no artifact holds
+    ``path`` (a QPC or tokenizer of the user's own, outside any cache: nothing to check it against).
+
+    Issue 19: `qeff execute` read the export's tokenizer (and a QPC given as its ``qpcs/``
+    directory) without a check, so an edited ``tokenizer.json`` gave wrong text with exit 0."""
+    path = Path(path)
+    for directory in [path, *path.parents[:levels]]:
+        if not (directory / MANIFEST).is_file():
+            continue
+        record = read_manifest(directory)  # ArtifactError when it is corrupt or edited
+        if directory == path or is_qeff_manifest(record):  # a parent's: only a manifest qeff wrote
+            return check_artifact(directory)
+    return None
+
+
 def _stats_unchanged(directory: Path, files: dict) -> bool:
     """Every file still has the stat key recorded (nothing wrote to it since it was verified)."""
     try:
@@ -279,6 +308,9 @@ def _cache_unwritable(directory: Path, exc: OSError) -> UsageError:
     reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "permission denied", errno.ENOTDIR: "a path component is a file, not a directory",
               errno.EEXIST: "a file of that name is in the way"}.get(exc.errno or 0, exc.strerror or str(exc))
+    if exc.errno == errno.ENAMETOOLONG:  # another --home cannot shorten a name inside the cache
+        return UsageError(f"cannot write the artifact cache at {directory}: a name in that path is longer than its file "
+                          f"system allows ({len(directory.name.encode())} bytes)")
     return UsageError(f"cannot write the artifact cache at {directory}: {reason}; choose a writable directory with --home or QEFF_HOME")
 
 
@@ -338,6 +370,11 @@ def build_artifact(
     """
     directory = Path(directory)
     mode = verify_mode()
+    if os.path.lexists(directory) and not directory.is_dir():
+        # Issue 19: a plain file here failed every run with "Not a directory". qeff did not make
+        # it, so it is not removed unasked; `qeff doctor` reports it and `clean --damaged` removes it.
+        raise ArtifactError(f"{directory} is a file where qeff keeps an artifact directory; move it away, or remove it "
+                            f"with `qeff clean --damaged`")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -413,6 +450,14 @@ def _foreign(entry: Path) -> bool:
     return entry.is_dir() and (entry / MANIFEST).exists()
 
 
+def _recorded_names(directory: Path) -> set[str]:
+    """The top-level names of the files ``directory``'s manifest records (empty when it is
+    missing or unreadable: then nothing there is provably the artifact's)."""
+    record, _ = _load_manifest(directory)
+    files = record.get("files") if isinstance(record, dict) else None
+    return {rel.split("/", 1)[0] for rel in files} if isinstance(files, dict) else set()
+
+
 def _install(tmp: Path, directory: Path) -> None:
     """Put the finished build ``tmp`` at ``directory`` (the caller holds its lock).
 
@@ -425,7 +470,12 @@ def _install(tmp: Path, directory: Path) -> None:
         tmp.rename(directory)
         atomic.fsync_dir(directory.parent)
         return
-    foreign = [e for e in directory.iterdir() if _foreign(e)]
+    new = {e.name for e in tmp.iterdir()} - {MANIFEST}
+    # Only what the old manifest recorded, or what the new build replaces by name, is the
+    # artifact's to remove; anything else in the directory (a user's notes, another tool's
+    # files) stays where it is (issue 19: qeff deletes only what it provably made).
+    owned = _recorded_names(directory) | new | {MANIFEST}
+    foreign = [e for e in directory.iterdir() if _foreign(e) or e.name not in owned]
     trash = directory.parent / f"{TRASH_PREFIX}{directory.name}-{uuid.uuid4().hex[:8]}"
     if not foreign:
         directory.rename(trash)
@@ -436,9 +486,8 @@ def _install(tmp: Path, directory: Path) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
     atomic.fsync_dir(directory)
     trash.mkdir()
-    new = {e.name for e in tmp.iterdir()} - {MANIFEST}
     for old in list(directory.iterdir()):
-        if _foreign(old) or old.name == MANIFEST:
+        if _foreign(old) or old.name not in owned or old.name == MANIFEST:
             continue
         if old.name not in new or old.is_dir() or (tmp / old.name).is_dir():
             old.rename(trash / old.name)  # no longer part of the artifact, or a directory os.replace cannot overwrite

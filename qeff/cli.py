@@ -545,8 +545,10 @@ def cmd_execute(args) -> int:
     else:
         for candidate in (artifact, *artifact.parents[:3]):
             if (candidate / "tokenizer_config.json").is_file():
+                from qeff.artifacts import check_holder
                 from qeff.tokenizer import open_saved_tokenizer
 
+                check_holder(candidate, levels=0)  # the export's tokenizer files against its manifest (issue 19)
                 tokenizer = open_saved_tokenizer(candidate)
                 break
     if tokenizer is None:
@@ -609,7 +611,10 @@ def cmd_list(args) -> int:
     from qeff._system import library_versions
     from qeff.artifacts import owner_of_temporary
     from qeff.atomic import human_bytes
-    from qeff.doctor import scan, superseded_because
+    from qeff.doctor import is_qeff_artifact, scan, superseded_because
+    from qeff.home import require_cache
+
+    require_cache(home, "list")
 
     current = library_versions()
     rows = []
@@ -619,6 +624,8 @@ def cmd_list(args) -> int:
         rel = str(directory.relative_to(home))
         if any(owner_of_temporary(part) for part in directory.relative_to(home).parts):
             continue  # a build in progress (or one a killed run left): not an artifact
+        if directory == home or not is_qeff_artifact(directory):
+            continue  # another tool's manifest.json among the user's files
         try:
             record = read_manifest(directory) or {}
         except ArtifactError:
@@ -632,7 +639,7 @@ def cmd_list(args) -> int:
         if old:
             superseded.append((rel, size))
         rows.append((rel, kind, f"{size / 2**20:.1f} MiB", created, "superseded" if old else ""))
-    stale = scan(home, check=False).stale
+    stale = scan(home, check=False, command="list").stale
     if stale:
         print(f"{len(stale)} stale leftover(s) of killed runs ({human_bytes(sum(x.bytes for x in stale))}): "
               f"`qeff doctor` lists them, `qeff clean` removes them")

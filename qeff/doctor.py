@@ -24,7 +24,9 @@ developers, each edit) leaves the previous exports behind, 0.6 GB and more per m
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,9 +41,11 @@ from qeff.artifacts import (
     read_manifest,
 )
 from qeff.errors import ArtifactError
+from qeff.home import is_qeff_manifest, require_cache
+from qeff.layout import is_artifact_name
 from qeff.locks import PathLock, holder, is_held, remove_if_free
 
-__all__ = ["ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned", "superseded_because",
+__all__ = ["is_qeff_artifact", "ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned", "superseded_because",
            "superseded_hint"]
 
 
@@ -124,18 +128,38 @@ def _lock_user(lock: Path) -> str | None:
     return None
 
 
+#: What :mod:`qeff.locks` writes into a lock file: nothing (released) or ``pid host start-time``.
+_LOCK_TEXT = re.compile(rb"(\d+ \S+ \d+\n)?")
+
+
+def _is_qeff_lock(entry: Path) -> bool:
+    """A lock file qeff made: an artifact's name plus ``.lock`` (issue 19: ``Cargo.lock``,
+    ``yarn.lock`` and ``poetry.lock`` were removed by their suffix alone), holding what
+    :mod:`qeff.locks` writes and nothing else."""
+    if not is_artifact_name(entry.name[: -len(LOCK_SUFFIX)]) or entry.is_symlink() or not entry.is_file():
+        return False
+    try:
+        with open(entry, "rb") as f:
+            text = f.read(256)
+    except OSError:
+        return False
+    return _LOCK_TEXT.fullmatch(text) is not None
+
+
 def _leftover(entry: Path) -> Leftover | None:
+    """What a killed run of qeff left at ``entry``, or None: only names qeff gives (an artifact's
+    name with qeff's prefix or suffix), so a user's look-alike (``.tmp-build/``) is never one."""
     name = entry.name
     owner = owner_of_temporary(name)
-    if owner is not None and entry.is_dir():
+    if owner is not None and is_artifact_name(owner) and entry.is_dir() and not entry.is_symlink():
         kind = "build" if name.startswith(".tmp-") else "trash"
         return Leftover(entry, kind, _size(entry), _lock_user(entry.parent / (owner + LOCK_SUFFIX)))
-    if name.endswith(LOCK_SUFFIX) and entry.is_file():
+    if name.endswith(LOCK_SUFFIX) and _is_qeff_lock(entry):
         return Leftover(entry, "lock", entry.stat().st_size, _lock_user(entry))
-    if atomic.TEMPORARY.match(name) and entry.is_file():
+    if atomic.TEMPORARY.match(name) and entry.is_file() and not entry.is_symlink():
         pid = int(name.rsplit(".", 3)[1])
         return Leftover(entry, "temporary file", entry.stat().st_size, f"pid {pid}" if _pid_alive(pid) else None)
-    if name.endswith(FAILED_LOG_SUFFIX) and entry.is_file():
+    if name.endswith(FAILED_LOG_SUFFIX) and is_artifact_name(name[: -len(FAILED_LOG_SUFFIX)]) and entry.is_file():
         return Leftover(entry, "failed log", entry.stat().st_size, None)
     return None
 
@@ -205,6 +229,29 @@ def _status(directory: Path, full: bool, current: dict[str, str] | None = None) 
                           superseded_because(record, current))
 
 
+def is_qeff_artifact(directory: Path) -> bool:
+    """A directory holding a manifest qeff wrote, or one named as qeff names artifacts (then a
+    manifest that does not parse is damage to report). Another tool's ``manifest.json`` in a
+    directory of the user's is neither, and nothing in it is touched."""
+    if is_artifact_name(directory.name):
+        return True
+    try:
+        return is_qeff_manifest(json.loads((directory / MANIFEST).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False
+
+
+def _in_the_way(path: Path) -> ArtifactStatus:
+    """A file (or link) where qeff keeps an artifact directory (issue 19: an export replaced by a
+    plain file failed every run with "Not a directory" while doctor saw nothing)."""
+    try:
+        size = path.lstat().st_size
+    except OSError:
+        size = 0
+    return ArtifactStatus(path, "?", size, 0.0, f"{path} is a file where qeff keeps an artifact directory; "
+                                                f"`qeff clean --damaged` removes it")
+
+
 def _own_bytes(directory: Path) -> int:
     """Bytes of the artifact's own files (not the artifacts nested in it)."""
     total = 0
@@ -216,12 +263,14 @@ def _own_bytes(directory: Path) -> int:
     return total
 
 
-def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True) -> Scan:
+def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True, command: str = "doctor") -> Scan:
     """Check every artifact under ``home`` and list the leftovers (see the module docstring);
-    ``check=False`` lists only the leftovers."""
+    ``check=False`` lists only the leftovers. UsageError when ``home`` is not a qeff cache
+    (:func:`qeff.home.require_cache`; ``command`` names the command in that sentence)."""
     from qeff._system import library_versions
 
     home = Path(home)
+    require_cache(home, command)
     result = Scan(home)
     if not home.is_dir():
         return result
@@ -232,6 +281,8 @@ def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True) -> 
             found = _leftover(here / name)
             if found is not None:
                 result.leftovers.append(found)
+            elif check and is_artifact_name(name):
+                result.artifacts.append(_in_the_way(here / name))
         keep = []
         for name in sorted(dirs):
             found = _leftover(here / name)
@@ -240,7 +291,7 @@ def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True) -> 
             else:
                 keep.append(name)
         dirs[:] = keep
-        if check and MANIFEST in files and here != home:
+        if check and MANIFEST in files and here != home and is_qeff_artifact(here):
             result.artifacts.append(_status(here, full, current))
     return result
 
@@ -259,8 +310,19 @@ def _remove_unless_in_use(path: Path) -> str | None:
     """Remove the artifact ``path`` holding its lock and every lock inside it (builds nested in
     it); None when removed, else who is using it."""
     held: list[PathLock] = []
+    if path.is_symlink() or not path.is_dir():  # a file in the way (see _in_the_way): nothing nested, no lock inside
+        lock = PathLock(Path(str(path) + LOCK_SUFFIX))
+        if not lock.acquire(blocking=False):
+            return holder(lock.path) or "a running process"
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            lock.release()
+        return None
     try:
-        for lock_path in [Path(str(path) + LOCK_SUFFIX), *sorted(path.rglob("*" + LOCK_SUFFIX))]:
+        # Only qeff's locks: taking one rewrites its text, and a user's Cargo.lock in there is not one.
+        nested = sorted(p for p in path.rglob("*" + LOCK_SUFFIX) if _is_qeff_lock(p))
+        for lock_path in [Path(str(path) + LOCK_SUFFIX), *nested]:
             lock = PathLock(lock_path)
             if not lock.acquire(blocking=False):
                 return holder(lock_path) or "a running process"
@@ -275,7 +337,7 @@ def _remove_unless_in_use(path: Path) -> str | None:
 def clean(home: str | os.PathLike, *, damaged: bool = False, logs: bool = False, superseded: bool = False) -> Cleaned:
     """Remove stale leftovers (and, with ``damaged``, artifacts that fail their check; with
     ``superseded``, artifacts no run of this installation can reuse)."""
-    found = scan(home)
+    found = scan(home, command="clean")
     out = Cleaned()
     # Build directories first (each under its artifact's lock), lock files last.
     order = {"build": 0, "trash": 0, "temporary file": 1, "failed log": 2, "lock": 3}
@@ -314,7 +376,7 @@ def clean(home: str | os.PathLike, *, damaged: bool = False, logs: bool = False,
         else:
             out.kept.append((art, f"in use by {user}"))
     # Locks whose build directories were just removed are free now.
-    for item in scan(home).leftovers:
+    for item in scan(home, check=False, command="clean").leftovers:
         if item.kind == "lock" and remove_if_free(item.path):
             out.removed.append(item)
     return out

@@ -16,12 +16,15 @@ Nothing here touches the disk except :func:`qeff_home` reading the environment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 
 __all__ = [
+    "CACHE_MARKER",
     "MANIFEST",
+    "is_artifact_name",
     "ONNX_FILE",
     "ONNX_DATA",
     "ORT_OPTIMIZED",
@@ -42,6 +45,9 @@ __all__ = [
     "qpc_dir_name",
 ]
 
+#: The file at the root of every cache qeff creates: `qeff doctor` and `qeff clean` look only
+#: inside a directory that holds it (issue 19: they deleted every ``*.lock`` of a source tree).
+CACHE_MARKER = ".qeff-cache"
 #: Every stage directory's record of what produced it.
 MANIFEST = "manifest.json"
 #: The exported retained-state graph and its external weights.
@@ -61,14 +67,45 @@ QAIC_MANIFEST_FILE = "compile.json"
 LOG_FILE = "compile.log"
 
 
+#: The names qeff gives artifact directories (the functions below, the emulated precision tiers'
+#: ``tier-<name>``). A lock file, build directory or kept log is qeff's only when its name is one of
+#: these plus qeff's suffix or prefix; ``Cargo.lock`` or ``.tmp-build/`` never is.
+_ARTIFACT_NAME = re.compile(
+    r"(export|verify)-[0-9a-f]{3,}"
+    r"|ort(-fused[a-z0-9-]*)?_\d+BS\w*"
+    r"|qpc_\d+cores_\w+"
+    r"|tier-[A-Za-z0-9._-]+"
+)
+
+
+def is_artifact_name(name: str) -> bool:
+    """Whether ``name`` is one qeff gives an artifact directory."""
+    return _ARTIFACT_NAME.fullmatch(name) is not None
+
+
 def qeff_home() -> Path:
     """The cache root: ``$QEFF_HOME``, default ``./qeff_models``."""
     return Path(os.environ.get("QEFF_HOME") or "qeff_models").expanduser()
 
 
+#: The longest model directory name kept as it is. File systems cap one name at 255 bytes (eCryptfs
+#: at 143); a model directory at a long path flattened past that could not be cached at all, and
+#: the error advised another --home, which cannot help (issue 19). Names up to this length are
+#: unchanged, so existing caches keep their paths.
+SLUG_MAX = 128
+_SLUG_DIGEST = 16
+
+
 def slug(name: str) -> str:
-    """A directory name for a model name, repo id or path."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip().strip("/")).strip("-") or "model"
+    """A directory name for a model name, repo id or path: the name with every run of other
+    characters turned into ``--``; past :data:`SLUG_MAX` bytes, its readable end (the model's own
+    directory name) and a digest of the whole name, so two long paths never share a directory."""
+    flat = re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip().strip("/")).strip("-") or "model"
+    if len(flat) <= SLUG_MAX:
+        return flat
+    digest = hashlib.blake2b(name.strip().encode("utf-8", "surrogateescape"), digest_size=_SLUG_DIGEST // 2).hexdigest()
+    keep = flat[-(SLUG_MAX - _SLUG_DIGEST - 1):].lstrip("-.") or "model"
+    return f"{keep}-{digest}"
 
 
 def export_dir_name(digest: str) -> str:

@@ -16,7 +16,6 @@ the tests' "tiny" tier.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qeff.errors import ModelNotFoundError, UsageError
+from qeff.source_digest import content_digest
 
 if TYPE_CHECKING:
     import torch
@@ -56,26 +56,20 @@ class ModelSource:
     def display(self) -> str:
         return self.repo_id or (self.path.name if self.path else self.name)
 
-    def identity(self) -> dict[str, str]:
-        """What identifies the weights, for artifact manifests (file sizes + mtimes are cheap and
-        change whenever the weights do; the exported graph itself is hashed separately)."""
+    def identity(self, *, home: str | os.PathLike | None = None, rehash: bool = False) -> dict[str, str]:
+        """What identifies the weights, for artifact manifests: a digest of the content of the
+        source's files (:mod:`qeff.source_digest`; issue 19: sizes and mtimes let weights replaced
+        in place, mtime restored, be served from the old export). ``home``: the cache that keeps
+        each file's digest by its stat key, so a cached run reads no weights; ``rehash``: hash
+        every file again (``--verify-cache``)."""
         ident: dict[str, str] = {"name": self.name, "kind": self.kind}
         if self.repo_id:
             ident["repo_id"] = self.repo_id
             ident["revision"] = self.revision or "main"
         if self.path is not None:
             ident["path"] = str(self.path)
-            ident["files"] = _files_digest(self.path)
+            ident["content"] = content_digest(self.path, home=home, rehash=rehash)
         return ident
-
-
-def _files_digest(path: Path) -> str:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.blake2b(digest_size=12)
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path.parent if path.is_file() else path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:

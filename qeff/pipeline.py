@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qeff.artifacts import Built, build_artifact, manifest_hash
+from qeff.artifacts import Built, build_artifact, manifest_hash, verify_mode
 from qeff.errors import ArtifactError, UsageError
+from qeff.home import mark
 from qeff.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
 from qeff import loading
 from qeff.loading import ModelSource, resolve
@@ -96,7 +97,7 @@ class Pipeline:
         if identity is None:
             if source is None:
                 raise UsageError("Pipeline(model=...) needs identity=: what identifies these weights (e.g. config + seed)")
-            identity = source.identity()
+            identity = source.identity(home=Path(home) if home else qeff_home(), rehash=verify_mode() == "full")
         self.name = name
         self.source = source
         self.identity = identity
@@ -231,6 +232,7 @@ class Pipeline:
                 return None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())
 
+        mark(self.home)  # `qeff doctor` / `qeff clean` look only inside directories qeff marked (issue 19)
         built = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
                                size_hint=size_hint)
         if not built.reused and self.progress:

@@ -80,8 +80,10 @@ def test_doctor_reports_damage_and_leftovers_then_clean_removes_only_stale_ones(
 
 def test_clean_waits_for_nobody_and_a_concurrent_build_is_untouched(tmp_path):
     """A real build in another process, paused inside its builder: clean keeps its directory."""
+    from qeff.home import mark
+
     home = tmp_path / "home"
-    home.mkdir()
+    mark(home)  # a cache qeff made (a bare build_artifact has no cache root to mark)
     flag = tmp_path / "started"
     code = f"""
 import time
@@ -91,7 +93,7 @@ def build(tmp):
     (tmp / "part").write_text("1")
     Path({str(flag)!r}).write_text("x")
     time.sleep(60)
-build_artifact(Path({str(home / "art")!r}), {{"k": 1}}, build)
+build_artifact(Path({str(home / "export-a1b2c3")!r}), {{"k": 1}}, build)
 """
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -100,17 +102,17 @@ build_artifact(Path({str(home / "art")!r}), {{"k": 1}}, build)
                 break
             assert proc.poll() is None
             time.sleep(0.05)
-        tmp = next(home.glob(".tmp-art-*"))
+        tmp = next(home.glob(".tmp-export-a1b2c3-*"))
         done = clean(home)
         assert tmp.is_dir() and (tmp / "part").is_file() and not done.removed
         kept = {item.path: why for item, why in done.kept}
         assert kept[tmp].startswith(f"a build in progress (pid {proc.pid} on ")
-        assert kept[home / "art.lock"].startswith(f"held by pid {proc.pid} on ")
+        assert kept[home / "export-a1b2c3.lock"].startswith(f"held by pid {proc.pid} on ")
     finally:
         proc.kill()
         proc.wait()
     done = clean(home)  # killed: now stale
-    assert not list(home.glob(".tmp-art-*")) and not (home / "art.lock").exists()
+    assert not list(home.glob(".tmp-export-a1b2c3-*")) and not (home / "export-a1b2c3.lock").exists()
 
 
 def _versioned(path: Path, versions: dict, payload: bytes = b"w" * 4000):

@@ -6,6 +6,11 @@ The reference for "no wrong output" is a clean run in a separate cache (same mod
 arguments); every faulted run must either produce exactly the reference tokens and say which file
 it found bad and rebuilt, or fail with one sentence. The number of faults injected is printed
 (``-s``) and asserted, so the suite cannot silently shrink.
+
+Issue 19's cases (user files that look like qeff's leftovers, source weights replaced in place with
+the mtime restored, an edited tokenizer under `qeff execute`, an export replaced by a file, a
+300-byte model path) are classes of ``tests/test_store_faults.py``, which reuses this module's
+micro model.
 """
 
 from __future__ import annotations

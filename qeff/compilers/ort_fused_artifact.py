@@ -17,8 +17,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from qeff.artifacts import Built, build_artifact, read_manifest
+from qeff.artifacts import Built, build_artifact, read_manifest, verify_mode
 from qeff.errors import ArtifactError, QEffError, UsageError
+from qeff.home import find_home
 from qeff.layout import ORT_FUSED, ort_fused_dir_name
 
 __all__ = ["WEIGHTS", "GRAPHS", "compile_fused", "check_cpu_options", "export_config"]
@@ -85,7 +86,7 @@ def compile_fused(
     manifest = {"backend": "ort", "graph": "fused", "weights": weights, "accuracy_level": accuracy_level, "options": options,
                 "onnx": onnx_identity(onnx_path), "versions": library_versions(), "checked": check is not None}
     if weights == "native":
-        manifest["gguf"] = _gguf_source(gguf_path).identity()
+        manifest["gguf"] = _gguf_source(gguf_path).identity(home=find_home(export_dir), rehash=verify_mode() == "full")
     target = Path(out_dir) if out_dir else export_dir / ort_fused_dir_name(**options, weights=weights, int8_activations=int8_activations)
 
     def build(tmp: Path) -> dict:

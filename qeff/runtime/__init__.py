@@ -27,13 +27,14 @@ def open_session(
     when the weights are under ``SPECIALIZE_DECODE_MAX_BYTES``."""
     from pathlib import Path
 
-    from qeff.artifacts import check_artifact, read_manifest
+    from qeff.artifacts import check_holder
     from qeff.errors import ArtifactError
 
     artifact_dir = Path(artifact_dir)
-    manifest = read_manifest(artifact_dir)
-    if manifest is not None:
-        manifest = check_artifact(artifact_dir)  # sizes and digests (free right after a reuse or build)
+    # Sizes and digests of the artifact holding it (free right after a reuse or build); a QPC's
+    # ``qpcs/`` directory is checked through its compile directory's manifest.
+    checked = check_holder(artifact_dir)
+    manifest = checked if (artifact_dir / "manifest.json").is_file() else None
     if manifest is None and ((artifact_dir / "programqpc.bin").is_file() or (artifact_dir / "qpcs").is_dir()):
         manifest = {"inputs": {"backend": "qaic"}}  # a QPC compiled elsewhere (or by hand)
     if manifest is None:
