@@ -21,6 +21,10 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     weight_bytes: int | None = None  # fp32 bytes of the weights once loaded, when the headers say
+    #: fp32 bytes of one vocabulary table (vocab × hidden × 4), when the config says: the export holds
+    #: it more times than a decoder layer's weights (a tied table is traced as two), so
+    #: :mod:`qeff.memory` prices it apart
+    embedding_bytes: int | None = None
 
     def cache_bytes(self, batch_size: int, ctx_len: int) -> int:
         """fp32 K and V of every layer: [batch_size, n_kv, ctx_len, head_dim] × 2 × layers × 4 bytes."""
@@ -57,7 +61,12 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         return None
     layers, n_kv, head_dim = shape
     weights = 4 * sum(h.n_elements for h in headers) if headers else None
-    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights)
+    vocab = _first(config.values, "vocab_size", "n_vocab", "padded_vocab_size")
+    hidden = _first(config.values, "hidden_size", "n_embd", "d_model")
+    table = 4 * vocab * hidden if vocab and hidden else None
+    if table is not None and weights is not None:
+        table = min(table, weights)
+    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights, embedding_bytes=table)
 
 
 def _first(values: dict, *keys: str):

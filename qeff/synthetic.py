@@ -54,8 +54,10 @@ class LlamaShape:
 SHAPES: dict[str, LlamaShape] = {
     "135m": LlamaShape(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True),
     "1b": LlamaShape(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
-    # Llama-3.2-1B's widths and vocabulary with 4 of its 16 layers (0.5B parameters, 2 GB in fp32): the
-    # 1B geometry measured under the 8 GB a process may take on a shared 24 GB machine.
+    # Llama-3.2-1B's widths and vocabulary with 2 (4) of its 16 layers: 0.38B (0.51B) parameters, 1.5 (2.0)
+    # GB in fp32 — the 1B geometry, measured under the 8 GB a process may take on a shared 24 GB machine
+    # (1b-4l's export passed 8 GB: docs/memory.md).
+    "1b-2l": LlamaShape(hidden=2048, layers=2, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "1b-4l": LlamaShape(hidden=2048, layers=4, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "3b": LlamaShape(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "7b": LlamaShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, tied=False),
