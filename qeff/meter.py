@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["StageRecord", "Meter", "metering", "measured", "current_rss", "peak_rss", "reset_peak", "process_peak"]
+__all__ = ["Measurement", "Meter", "metering", "measured", "current_rss", "peak_rss", "reset_peak", "process_peak"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -75,7 +75,7 @@ def process_peak() -> int:
 
 
 @dataclass
-class StageRecord:
+class Measurement:
     """One stage of one run. ``estimate`` is what :mod:`qeff.memory` predicted for it, when known."""
 
     name: str
@@ -93,7 +93,7 @@ class StageRecord:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> StageRecord:
+    def from_dict(cls, data: dict) -> Measurement:
         return cls(name=str(data["name"]), peak_rss=int(data.get("peak_rss", 0)), wall_s=float(data.get("wall_s", 0.0)),
                    rss_before=int(data.get("rss_before", 0)),
                    estimate=None if data.get("estimate") is None else int(data["estimate"]),
@@ -102,16 +102,16 @@ class StageRecord:
 
 @dataclass
 class Meter:
-    records: list[StageRecord] = field(default_factory=list)
+    records: list[Measurement] = field(default_factory=list)
     estimates: dict[str, int] = field(default_factory=dict)  # stage → bytes, from the preflight
-    _open: list[StageRecord] = field(default_factory=list)
+    _open: list[Measurement] = field(default_factory=list)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[StageRecord]:
+    def stage(self, name: str) -> Iterator[Measurement]:
         hwm = peak_rss()
         for outer in self._open:
             outer.peak_rss = max(outer.peak_rss, hwm)
-        record = StageRecord(name, estimate=self.estimates.get(name), rss_before=current_rss(), resettable=reset_peak())
+        record = Measurement(name, estimate=self.estimates.get(name), rss_before=current_rss(), resettable=reset_peak())
         self._open.append(record)
         start = time.perf_counter()
         try:
