@@ -47,6 +47,24 @@ def checkpoint(root: Path, size: str) -> Path:
     return path
 
 
+def refusal(root: Path, size: str, args) -> str | None:
+    """The preflight's sentence for this size, asked on a sparse copy (headers over a hole): a
+    refused 3B or 7B costs no 6–13 GB of writing first."""
+    from qeff.cli import preflight
+    from qeff.errors import UsageError
+
+    path = root / f"headers-{size}"
+    if not (path / "model.safetensors").is_file():
+        write_llama(path, SHAPES[size], tokenizer=False, sparse=True)
+    if args.memory_limit:
+        os.environ["QEFF_MEMORY_LIMIT"] = args.memory_limit
+    try:
+        preflight(["infer", "-m", str(path), "--prompt", args.prompt, "--generation_len", str(args.generation_len)])
+    except UsageError as exc:
+        return f"qeff: error: {exc}"
+    return None
+
+
 def run_chain(model: Path, home: Path, args) -> dict:
     """``qeff infer`` in a child process; its JSON record, exit code, last stderr line and peak RSS."""
     cmd = [sys.executable, "-m", "qeff.cli", "infer", "-m", str(model), "--prompt", args.prompt,
@@ -123,6 +141,11 @@ def main() -> int:
     results = []
     for size in sizes:
         shape = SHAPES[size]
+        refused = refusal(root, size, args)
+        if refused:
+            results.append({"size": size, "parameters": shape.parameters, "fp32_bytes": 4 * shape.parameters, "rc": 2,
+                            "refused": refused, "error": None, "child_peak_rss": 0, "wall_s": 0.0, "stages": []})
+            continue
         model = checkpoint(root, size)
         home = root / f"home-{size}"
         shutil.rmtree(home, ignore_errors=True)  # a fresh cache: every stage runs

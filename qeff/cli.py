@@ -31,7 +31,7 @@ from pathlib import Path
 from qeff._version import __version__
 from qeff.errors import ArtifactError, QEffError, UsageError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "preflight"]
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -800,6 +800,15 @@ def _export_cached(args, source) -> bool:
     except ArtifactError:
         return False
     return record is not None and _canonical(record.get("inputs")) == _canonical(manifest)
+
+
+def preflight(argv: list[str]) -> dict[str, int]:
+    """Every check a command line's run makes before any work, the memory preflight included,
+    without running it: each stage's estimated peak (bytes), or the :class:`UsageError` the run
+    would end with. ``make bench-scale`` asks it before writing a 3B checkpoint's 6 GB."""
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    return dict(getattr(args, "_estimates", {}))
 
 
 def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:

@@ -55,8 +55,10 @@ SHAPES: dict[str, LlamaShape] = {
     "135m": LlamaShape(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True),
     "1b": LlamaShape(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     # Llama-3.2-1B's widths and vocabulary with 2 (4) of its 16 layers: 0.38B (0.51B) parameters, 1.5 (2.0)
-    # GB in fp32 — the 1B geometry, measured under the 8 GB a process may take on a shared 24 GB machine
-    # (1b-4l's export passed 8 GB: docs/memory.md).
+    # GB in fp32. Both exports passed the 8 GB a process may take on this shared machine (docs/memory.md:
+    # the 128256-row table costs the export ~7× its bytes), so the 1B widths are measured with
+    # Llama 2's 32000-row vocabulary and 6 layers (1b-6l-v32k: 0.43B parameters, 1.7 GB).
+    "1b-6l-v32k": LlamaShape(hidden=2048, layers=6, heads=32, kv_heads=8, intermediate=8192, vocab=32000, tied=True),
     "1b-2l": LlamaShape(hidden=2048, layers=2, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "1b-4l": LlamaShape(hidden=2048, layers=4, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
     "3b": LlamaShape(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
