@@ -85,13 +85,14 @@ class Mode:
     ctx_len: int = 128
     export_cached: bool = False
 
-    def describe(self) -> str:
+    def describe(self, than: Mode | None = None) -> str:
+        """The flags that select this mode (those that differ from ``than``'s, when given)."""
         flags = []
-        if self.command == "infer" and not self.verify:
+        if self.command == "infer" and not self.verify and (than is None or than.verify):
             flags.append("--no-verify")
-        if self.graph == "fused" and self.weights != "fp32":
+        if self.graph == "fused" and self.weights != "fp32" and (than is None or than.weights != self.weights):
             flags.append(f"--weights {self.weights}")
-        if self.graph == "portable":
+        if self.graph == "portable" and (than is None or than.graph != "portable"):
             flags.append("--ort-graph portable")
         return " ".join(flags)
 
@@ -254,7 +255,7 @@ def check(shape, mode: Mode, *, available: int | None, what: str = "this run") -
     kv = shape.cache_bytes(mode.batch_size, mode.ctx_len)
     fits = next((alt for alt in _alternatives(mode) if max(e.bytes for e in plan(shape, alt)) <= available), None)
     if fits is not None:
-        hint = f"run with {fits.describe()} (about {human_bytes(max(e.bytes for e in plan(shape, fits)))})"
+        hint = f"run with {fits.describe(mode)} (about {human_bytes(max(e.bytes for e in plan(shape, fits)))})"
     elif kv > 0.25 * worst.bytes and mode.ctx_len > 1:
         hint = "use a smaller --ctx_len or --batch_size"
     elif worst.stage in ("load", "export"):
