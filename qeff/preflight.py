@@ -25,6 +25,7 @@ class ModelShape:
     #: it more times than a decoder layer's weights (a tied table is traced as two), so
     #: :mod:`qeff.memory` prices it apart
     embedding_bytes: int | None = None
+    tied: bool = True  # the output head is the embedding table (unknown: assumed, the costlier export)
 
     def cache_bytes(self, batch_size: int, ctx_len: int) -> int:
         """fp32 K and V of every layer: [batch_size, n_kv, ctx_len, head_dim] × 2 × layers × 4 bytes."""
@@ -66,7 +67,8 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
     table = 4 * vocab * hidden if vocab and hidden else None
     if table is not None and weights is not None:
         table = min(table, weights)
-    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights, embedding_bytes=table)
+    tied = config.values.get("tie_word_embeddings")
+    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights, embedding_bytes=table, tied=tied is not False)
 
 
 def _first(values: dict, *keys: str):
