@@ -733,9 +733,13 @@ def _check_memory(args) -> None:
     available = validation.available_memory()
     if hasattr(args, "ctx_len"):
         # The KV cache alone, with its own arithmetic in the sentence (a typo'd --ctx_len is the
-        # common case); every staged estimate below holds at least this much.
+        # common case). The weights are left to the staged estimates below, which say which stage
+        # cannot fit them: this sentence would blame --ctx_len for a model too large at any context.
+        from dataclasses import replace
+
         verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
-        validation.check_memory(shape, batch_size=rows, ctx_len=ctx_len, copies=2 if verifying else 1, available=available)
+        kv_only = replace(shape, weight_bytes=None) if shape.weight_bytes is not None else shape
+        validation.check_memory(kv_only, batch_size=rows, ctx_len=ctx_len, copies=2 if verifying else 1, available=available)
     if shape.weight_bytes is None:  # headers that do not say
         return
     mode = _memory_mode(args, source, shape, rows, ctx_len)

@@ -277,8 +277,8 @@ def check(shape, mode: Mode, *, available: int | None, what: str = "this run") -
     elif kv > 0.25 * worst.bytes and mode.ctx_len > 1:
         hint = "use a smaller --ctx_len or --batch_size"
     elif worst.stage in ("load", "export"):
-        hint = ("no mode of this qeff fits it: the export holds the whole model in fp32 several times until the "
-                "streaming export lands (DESIGN.md, Memory); use a machine with more memory")
+        hint = ("no mode of this qeff fits it: loading and exporting hold the whole model in fp32 (the export several "
+                "times) until the streaming export lands (DESIGN.md, Memory); use a machine with more memory")
     else:
         hint = "use a machine with more memory"
     raise UsageError(
