@@ -715,7 +715,7 @@ def _reclaim(args) -> None:
 
 def _check_memory(args) -> None:
     """Each stage's peak estimated from the weight files' headers and the mode (:mod:`qeff.memory`);
-    a run whose largest stage cannot fit is refused now, in one sentence, not killed by the kernel
+    a run with a stage that cannot fit is refused now, in one sentence, not killed by the kernel
     mid-export (issue 18: a 3B model's export was, at 23.4 GB, after 6 minutes)."""
     from qeff import memory, validation
     from qeff.loading import resolve

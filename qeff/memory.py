@@ -8,18 +8,19 @@ tensor data), the KV cache bytes of the run and the mode (which graph, which wei
     peak = BASE + MARGIN × (factor × W + fixed) (+ the KV caches the stage holds)
 
 ``BASE`` is the process once torch, transformers and ONNX Runtime are imported. ``factor`` and
-``fixed`` of each stage were fitted to two measurements of today's chain (``make bench-scale``,
+``fixed`` of each stage were fitted to measurements of today's chain (``make bench-scale``,
 :mod:`qeff.meter`'s per-stage peaks; docs/memory.md has the table): SmolLM2-135M's shape and
-Llama-3.2-1B's widths with 4 layers, each ``qeff infer --prompt "My name is" --generation_len 8``
-on a fresh cache, then rounded up (:data:`MARGIN`). The slope (``factor``) is what scales; the
-fixed part is tracing and ONNX Runtime's own arenas.
+Llama-3.2-1B's widths with 6 layers and a 32000-row vocabulary, each ``qeff infer --prompt "My
+name is" --generation_len 8`` on a fresh cache, then rounded up and multiplied by :data:`MARGIN`.
+The export is priced on the bytes it traces instead (:data:`EXPORT_SMALL`), its factor falling
+with size.
 
 One function per stage and mode (:data:`STAGES`): when the streaming export and memory-mapped
 weights land (DESIGN.md "Memory"), :func:`export` and :func:`load` are the two to swap.
 
-:func:`check` refuses a run whose largest stage cannot fit the memory available
+:func:`check` refuses a run with a stage that cannot fit the memory available
 (:func:`qeff.validation.available_memory`: MemAvailable, a cgroup's limit, and ``QEFF_MEMORY_LIMIT``)
-in one sentence that names the stage, the need, what is available and a mode that would fit.
+in one sentence that names the first such stage, its need, what is available and a mode that would fit.
 ``--skip-memory-check`` (or ``QEFF_SKIP_MEMORY_CHECK=1``) runs anyway.
 """
 
@@ -259,7 +260,7 @@ def _alternatives(mode: Mode) -> list[Mode]:
 
 
 def check(shape, mode: Mode, *, available: int | None, what: str = "this run") -> list[Estimate]:
-    """Refuse ``mode`` when its largest stage cannot fit ``available`` bytes (one sentence, exit 2);
+    """Refuse ``mode`` when one of its stages cannot fit ``available`` bytes (one sentence, exit 2);
     return the plan otherwise. ``available`` None (unknown) lets every run through."""
     estimates = plan(shape, mode)
     if available is None or not estimates or shape.weight_bytes is None:
