@@ -171,9 +171,10 @@ def main() -> int:
 def _table(results: list[dict]) -> None:
     gib = 2**30
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    say(f"{'size':<5} {'stage':<12} {'peak RSS':>9} {'×fp32':>6} {'estimate':>9} {'wall s':>8}")
+    width = max([4] + [len(r["size"]) for r in results])
+    say(f"{'size':<{width}} {'stage':<12} {'peak RSS':>9} {'×fp32':>6} {'estimate':>9} {'wall s':>8}")
     for r in results:
-        head = f"{r['size']:<5}"
+        head = f"{r['size']:<{width}}"
         if r["refused"]:
             say(f"{head} refused by the preflight: {r['refused']}")
             continue
@@ -183,7 +184,7 @@ def _table(results: list[dict]) -> None:
         for s in r["stages"]:
             est = f"{s['estimate'] / gib:8.2f}G" if s.get("estimate") else f"{'-':>9}"
             say(f"{head} {s['name']:<12} {s['peak_rss'] / gib:8.2f}G {s['peak_rss'] / r['fp32_bytes']:6.2f} {est} {s['wall_s']:8.1f}")
-            head = " " * 5
+            head = " " * width
         say(f"{head} {'whole run':<12} {r['child_peak_rss'] / gib:8.2f}G {r['child_peak_rss'] / r['fp32_bytes']:6.2f} "
             f"{'':>9} {r['wall_s']:8.1f}   ({r['parameters'] / 1e9:.2f}B parameters, fp32 {r['fp32_bytes'] / gib:.2f} GiB)")
 
