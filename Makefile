@@ -20,7 +20,7 @@ JOBS   ?= 2
 LOCK   := requirements/lock.txt
 PIP    := pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers install clean-cache
+.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers bench-scale install clean-cache
 
 $(STAMP): pyproject.toml $(LOCK) requirements/torch.txt requirements/models.txt requirements/tools.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,17 @@ $(PEERS_STAMP): | $(STAMP)
 # qeff (fused fp32, fused native, portable) beside onnxruntime-genai and llama.cpp: one table, one JSON line.
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/bench_peers.py
+
+# Each stage's peak RSS and wall time of `qeff infer` on synthetic checkpoints of real shapes (issue 18):
+# 135m, 1b, 3b, 7b by default (SIZES=135m,1b selects); what the memory preflight refuses is reported
+# with its sentence. A run whose RSS passes MAX_RSS_GB is killed (a shared machine); MEMORY_LIMIT sets
+# the preflight's budget (QEFF_MEMORY_LIMIT). Checkpoints (up to 13.5 GB for 7b) go under SCALE_ROOT.
+SIZES      ?= 135m,1b,3b,7b
+SCALE_ROOT ?= /tmp/qeff-scale
+MAX_RSS_GB ?= 8
+bench-scale: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_scale.py --sizes $(SIZES) --root $(SCALE_ROOT) --max-rss-gb $(MAX_RSS_GB) \
+		$(if $(MEMORY_LIMIT),--memory-limit $(MEMORY_LIMIT),)
 
 clean-cache:
 	rm -rf qeff_models

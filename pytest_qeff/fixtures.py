@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,14 +47,19 @@ def qeff_pipeline(pytestconfig: pytest.Config, qeff_settings: Settings, tmp_path
 
 
 @pytest.fixture
-def qeff_record(request: pytest.FixtureRequest) -> Callable[[StageRecord], None]:
+def qeff_record(request: pytest.FixtureRequest) -> Iterator[Callable[[StageRecord], None]]:
     """Attach a stage's record to the test's report (as builtin types, so it travels with
     pytest-xdist's reports), for results.json."""
 
-    def record(data: StageRecord) -> None:
-        request.node.user_properties.append(("qeff", data.to_dict()))
+    from qeff.meter import metering
 
-    return record
+    with metering() as meter:  # the chain's stages this test runs, each with its peak RSS and wall time
+
+        def record(data: StageRecord) -> None:
+            data.resources = list(meter.records)
+            request.node.user_properties.append(("qeff", data.to_dict()))
+
+        yield record
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from qeff.meter import Measurement
 from qeff.serialization import from_dict, to_dict
 from qeff.precision.ladder import TierResult
 from qeff.verification import Comparison
@@ -54,6 +55,8 @@ class StageRecord:
     prompt_len: int
     ctx_len: int
     device_group: list[int]
+    #: each chain stage this test ran: peak RSS and wall time (:mod:`qeff.meter`; issue 18)
+    resources: list[Measurement] = field(default_factory=list, kw_only=True)
 
     @property
     def kind(self) -> str:

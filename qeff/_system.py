@@ -74,6 +74,9 @@ def physical_cores() -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process, in MiB."""
+    """Peak resident memory of this process, in MiB (across the per-stage resets of :mod:`qeff.meter`)."""
+    from qeff.meter import process_peak
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    peak = peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    return max(peak, process_peak() / 2**20)

@@ -31,7 +31,7 @@ from pathlib import Path
 from qeff._version import __version__
 from qeff.errors import ArtifactError, QEffError, UsageError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "preflight"]
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -56,6 +56,8 @@ def _model_args(p):
     _flag(p, "--revision", default=None, help="hub revision (branch, tag or commit)")
     _flag(p, "--home", default=None, help="artifact cache directory (default: $QEFF_HOME or ./qeff_models)")
     _cache_args(p)
+    p.add_argument("--skip-memory-check", "--skip_memory_check", action="store_true",
+                   help="run even when the memory preflight estimates a stage will not fit (or QEFF_SKIP_MEMORY_CHECK=1)")
 
 
 def _cache_args(p):
@@ -388,10 +390,16 @@ def _run_serving(session, tokenizer, prompts, args, out: _Out, opts, draft):
     return summary
 
 
-def _emit_json(summary, **extra) -> None:
+def _stages(args) -> list[dict]:
+    """Each stage's peak RSS and wall time this run (:mod:`qeff.meter`): the ``stages`` of --json."""
+    meter = getattr(args, "_meter", None)
+    return meter.to_list() if meter is not None else []
+
+
+def _emit_json(summary, args=None, **extra) -> None:
     from qeff._system import peak_rss_mb
 
-    record = {**summary.to_dict(), **extra, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    record = {**summary.to_dict(), **extra, "peak_rss_mb": round(peak_rss_mb(), 1), "stages": _stages(args)}
     record.pop("messages", None)
     print(json.dumps(record, default=str), flush=True)
 
@@ -408,6 +416,7 @@ def _say_comparisons(out: _Out, report, *, cached: bool) -> None:
 
 def cmd_infer(args) -> int:
     from qeff.inputs import check_prompt_lengths
+    from qeff.meter import measured
     from qeff.pipeline import SMALL_MODEL_PARAMS
     from qeff.serving.options import serving_options
 
@@ -464,15 +473,16 @@ def cmd_infer(args) -> int:
     options = _compile_options(args, backend, out, serving)
     built = _compile(pipe, backend, args, options, force=args.force, variant=variant, out=out)
     _reuse_note(out, f"{backend} artifact", built)
-    session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, variant=variant, out=out),
-                                         **_session_options(args))
-    if rebuilt:
-        out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
-    draft = _open_draft(args, serving, out, backend) if serving.draft_model_name else None
-    summary = _run(session, tokenizer, prompts, args, out, draft=draft)
+    with measured("run"):
+        session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, variant=variant, out=out),
+                                             **_session_options(args))
+        if rebuilt:
+            out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
+        draft = _open_draft(args, serving, out, backend) if serving.draft_model_name else None
+        summary = _run(session, tokenizer, prompts, args, out, draft=draft)
     _print_figures(out, summary, show_texts=not args.stream or len(prompts) > 1)
     if args.json:
-        _emit_json(summary, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
+        _emit_json(summary, args, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
                    artifact=str(built.path), reused={"export": exported.reused, "compile": built.reused and not rebuilt},
                    repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
                    verify=verify_summary, wall_s=round(time.perf_counter() - start, 3))
@@ -557,7 +567,7 @@ def cmd_execute(args) -> int:
     summary = _run(session, tokenizer, _prompts(args), args, out)
     _print_figures(out, summary, show_texts=not args.stream or len(summary.prompts) > 1)
     if args.json:
-        _emit_json(summary, backend=session.backend, artifact=str(artifact), load_s=0.0)
+        _emit_json(summary, args, backend=session.backend, artifact=str(artifact), load_s=0.0)
     return 0
 
 
@@ -579,7 +589,7 @@ def cmd_verify(args) -> int:
         if c.first_divergence:
             out.say(f"  {c.first_divergence.describe()}")
     if args.json:
-        print(json.dumps(report.to_dict()), flush=True)
+        print(json.dumps({**report.to_dict(), "stages": _stages(args)}), flush=True)
     return 0 if report.passed else 1
 
 
@@ -712,23 +722,135 @@ def _check_args(args) -> None:
         from qeff.precision.commands import check_precision_args
 
         check_precision_args(args)  # the tiers are arguments too: named before the model is looked at
-    if getattr(args, "model_name", None) and hasattr(args, "ctx_len") and not getattr(args, "onnx_path", None):
-        from qeff.loading import resolve
-        from qeff.preflight import model_shape
+    if getattr(args, "model_name", None) and hasattr(args, "skip_memory_check"):
+        _reclaim(args)
+        if not getattr(args, "onnx_path", None):
+            _check_memory(args)
 
-        cache_dir = getattr(args, "cache_dir", None)
-        shape = model_shape(resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir), cache_dir=cache_dir)
-        if getattr(args, "draft_model_name", None):
-            from qeff.preflight import check_draft
 
-            check_draft(resolve(args.draft_model_name, cache_dir=cache_dir), cache_dir=cache_dir)
-        if shape is not None:
-            verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
-            rows = getattr(args, "full_batch_size", None) or getattr(args, "batch_size", 1)
-            k = serving_options(args).num_speculative_tokens if hasattr(args, "batch_size") else None
-            chunk = max(args.prompt_len, (k or 0) + 1)  # a speculative target's verify step runs K + 1 tokens
-            validation.check_memory(shape, batch_size=rows, ctx_len=args.ctx_len, prompt_len=chunk,
-                                    copies=2 if verifying else 1)
+def _reclaim(args) -> None:
+    """Free what killed runs of this model left in the cache, before this run is even checked:
+    a run the memory preflight refuses must not leave a killed one's 12 GB behind (issue 18)."""
+    from qeff.atomic import human_bytes
+    from qeff.doctor import reclaim
+    from qeff.layout import qeff_home, slug
+
+    done = reclaim((_home(args) or qeff_home()) / slug(args.model_name))
+    if done.removed:
+        print(f"[qeff] reclaimed {human_bytes(done.freed)} that killed runs left: "
+              + ", ".join(str(x.path) for x in done.removed), file=sys.stderr, flush=True)
+
+
+def _check_memory(args) -> None:
+    """Each stage's peak estimated from the weight files' headers and the mode (:mod:`qeff.memory`);
+    a run with a stage that cannot fit is refused now, in one sentence, not killed by the kernel
+    mid-export (issue 18: a 3B model's export was, at 23.4 GB, after 6 minutes)."""
+    from qeff import memory, validation
+    from qeff.loading import resolve
+    from qeff.preflight import model_shape
+
+    cache_dir = getattr(args, "cache_dir", None)
+    source = resolve(args.model_name, revision=getattr(args, "revision", None), cache_dir=cache_dir)
+    shape = model_shape(source, cache_dir=cache_dir)
+    if getattr(args, "draft_model_name", None):
+        from qeff.preflight import check_draft
+
+        check_draft(resolve(args.draft_model_name, cache_dir=cache_dir), cache_dir=cache_dir)
+    if shape is None:
+        return
+    rows = getattr(args, "full_batch_size", None) or getattr(args, "batch_size", 1) or 1
+    ctx_len = getattr(args, "ctx_len", 1)
+    if memory.skip_requested(args.skip_memory_check):
+        return
+    available = validation.available_memory()
+    if hasattr(args, "ctx_len"):
+        # The KV cache alone, with its own arithmetic in the sentence (a typo'd --ctx_len is the
+        # common case). The weights are left to the staged estimates below, which say which stage
+        # cannot fit them: this sentence would blame --ctx_len for a model too large at any context.
+        from dataclasses import replace
+
+        # The run's buffers too (logits, attention, activations: issue 19's --batch_size 100000).
+        from qeff.serving.options import serving_options
+
+        verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
+        kv_only = replace(shape, weight_bytes=None) if shape.weight_bytes is not None else shape
+        k = serving_options(args).num_speculative_tokens if hasattr(args, "batch_size") else None
+        chunk = max(args.prompt_len, (k or 0) + 1)  # a speculative target's verify step runs K + 1 tokens
+        validation.check_memory(kv_only, batch_size=rows, ctx_len=ctx_len, prompt_len=chunk,
+                                copies=2 if verifying else 1, available=available)
+    if shape.weight_bytes is None:  # headers that do not say
+        return
+    mode = _memory_mode(args, source, shape, rows, ctx_len)
+    estimates = memory.check(shape, mode, available=available, what=f"qeff {args.command} of {args.model_name}")
+    args._estimates = {e.stage: e.bytes for e in estimates}
+
+
+def _memory_mode(args, source, shape, rows: int, ctx_len: int):
+    """The :class:`qeff.memory.Mode` these options run: which stages, which graph, which weights."""
+    from qeff.memory import Mode
+
+    command = args.command
+    if command == "infer":
+        verify = args.verify if args.verify is not None else (shape.weight_bytes or 0) // 4 <= _small_model_params()
+    else:
+        verify = command == "verify"
+    graph = "portable"
+    if command in ("infer", "compile"):
+        backend = _resolve_backend(args.backend)
+        serving = getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None)
+        if backend == "qaic":
+            graph = "qaic"
+        elif not (serving or args.mxfp6 or args.mxint8 or args.ort_graph == "portable") and _fused_covers(source):
+            graph = "fused"
+    return Mode(command=command, verify=verify, graph=graph, weights=getattr(args, "weights", "fp32"), batch_size=rows,
+                ctx_len=ctx_len, export_cached=_export_cached(args, source))
+
+
+def _small_model_params() -> int:
+    from qeff.pipeline import SMALL_MODEL_PARAMS
+
+    return SMALL_MODEL_PARAMS
+
+
+def _fused_covers(source) -> bool:
+    """Whether ``--ort-graph auto`` will pick the fused graph for this model (from its config)."""
+    from types import SimpleNamespace
+
+    from qeff.compilers.ort_fused import unsupported_reason
+    from qeff.configs import read_config
+
+    try:
+        values = read_config(source).values
+    except QEffError:
+        return False
+    return unsupported_reason(SimpleNamespace(**values)) is None
+
+
+def _export_cached(args, source) -> bool:
+    """Whether the export this run needs is in the cache already (then the export stage, and the
+    load when nothing else needs the model, do not run). Manifests only: no file is digested."""
+    from qeff.artifacts import _canonical, manifest_hash, read_manifest
+    from qeff.layout import export_dir_name, qeff_home, slug
+    from qeff.pipeline import export_manifest
+
+    if getattr(args, "force", False):
+        return False
+    manifest = export_manifest(source.identity())
+    target = (_home(args) or qeff_home()) / slug(args.model_name) / export_dir_name(manifest_hash(manifest))
+    try:
+        record = read_manifest(target)
+    except ArtifactError:
+        return False
+    return record is not None and _canonical(record.get("inputs")) == _canonical(manifest)
+
+
+def preflight(argv: list[str]) -> dict[str, int]:
+    """Every check a command line's run makes before any work, the memory preflight included,
+    without running it: each stage's estimated peak (bytes), or the :class:`UsageError` the run
+    would end with. ``make bench-scale`` asks it before writing a 3B checkpoint's 6 GB."""
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    return dict(getattr(args, "_estimates", {}))
 
 
 def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:
@@ -743,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qeff.artifacts import verify_cache
     from qeff.atomic import is_disk_full
+    from qeff.meter import metering
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("QEFF_DEBUG", "") not in ("", "0")
@@ -752,7 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with verify_cache("full") if getattr(args, "verify_cache", False) else nullcontext():
             _check_args(args)
-            return args.func(args)
+            with metering(getattr(args, "_estimates", None)) as args._meter:
+                return args.func(args)
     except UsageError as exc:
         return _fail(f"qeff: error: {exc}", exc, debug, 2)
     except QEffError as exc:

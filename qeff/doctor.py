@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,9 +44,10 @@ from qeff.artifacts import (
 from qeff.errors import ArtifactError
 from qeff.home import is_qeff_manifest, require_cache
 from qeff.layout import is_artifact_name
-from qeff.locks import PathLock, holder, is_held, remove_if_free
+from qeff.locks import PathLock, holder, holder_pid, is_held, remove_if_free
 
-__all__ = ["is_qeff_artifact", "ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned", "superseded_because",
+__all__ = ["is_qeff_artifact", "ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned", "reclaim",
+           "superseded_because",
            "superseded_hint"]
 
 
@@ -379,6 +381,60 @@ def clean(home: str | os.PathLike, *, damaged: bool = False, logs: bool = False,
     for item in scan(home, check=False, command="clean").leftovers:
         if item.kind == "lock" and remove_if_free(item.path):
             out.removed.append(item)
+    return out
+
+
+def _owner_alive(lock_path: Path) -> str | None:
+    """Who may still own the build that ``lock_path`` guards: None only when that is provably no
+    one — the lock is free (the kernel drops a dead holder's flock) and the pid the last holder
+    stamped in it is gone from this host. A holder on another host cannot be checked from here."""
+    stamp = holder_pid(lock_path)  # read first: testing the lock re-stamps it, and releasing clears it
+    if is_held(lock_path):
+        return holder(lock_path) or "a running process"
+    if stamp is None:
+        return None
+    pid, host = stamp
+    if host != socket.gethostname():
+        return f"pid {pid} on {host} (another host: `qeff clean` there removes it)"
+    return f"pid {pid}" if _pid_alive(pid) and pid != os.getpid() else None
+
+
+def reclaim(root: str | os.PathLike) -> Cleaned:
+    """Remove the build and trash directories under ``root`` that killed runs left (issue 18: a
+    3B export killed by the kernel left 12 GB in ``.tmp-export-…``). Run at the start of each
+    command on its model's directory, so a run the preflight then refuses still frees them. Only
+    qeff's own temporaries (``.tmp-<artifact>-<8 hex>``, ``.trash-…``) whose artifact's lock is free
+    and whose last holder's pid is dead; each removed while holding that lock."""
+    out = Cleaned()
+    root = Path(root)
+    if not root.is_dir():
+        return out
+    found = []
+    for here, dirs, _ in os.walk(root):
+        ours = [d for d in dirs if is_artifact_name(owner_of_temporary(d) or "") and not (Path(here) / d).is_symlink()]
+        found += [Path(here) / d for d in sorted(ours)]
+        dirs[:] = [d for d in dirs if d not in ours]  # not walked into
+    for path in found:
+        # Not through scan(): testing a lock (is_held) re-stamps it, erasing the dead holder's pid.
+        item = Leftover(path, "build" if path.name.startswith(".tmp-") else "trash", _size(path), None)
+        lock_path = path.parent / (owner_of_temporary(path.name) + LOCK_SUFFIX)
+        user = _owner_alive(lock_path)
+        if user is not None:
+            out.kept.append((item, f"its builder may be running ({user})"))
+            continue
+        lock = PathLock(lock_path)
+        try:
+            if not lock.acquire(blocking=False):
+                out.kept.append((item, "a build in progress"))
+                continue
+        except OSError:
+            continue  # a read-only cache: `qeff clean` by its owner
+        try:
+            shutil.rmtree(item.path, ignore_errors=True)
+        finally:
+            lock.release()
+            remove_if_free(lock_path)
+        out.removed.append(item)
     return out
 
 

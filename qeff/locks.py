@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: fall back to the filelock package
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PathLock", "is_held", "holder", "remove_if_free"]
+__all__ = ["PathLock", "is_held", "holder", "holder_pid", "remove_if_free"]
 
 
 class PathLock:
@@ -122,6 +122,16 @@ def holder(path: str | os.PathLike) -> str:
     except (OSError, ValueError, IndexError):
         return ""
     return f"pid {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
+
+
+def holder_pid(path: str | os.PathLike) -> tuple[int, str] | None:
+    """(pid, host) the last holder of the lock at ``path`` wrote, or None. A holder that exits
+    normally truncates it; one the kernel killed leaves its stamp."""
+    try:
+        text = Path(path).read_text().split()
+        return int(text[0]), text[1]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def is_held(path: str | os.PathLike) -> bool:

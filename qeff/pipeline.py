@@ -35,7 +35,8 @@ from qeff.home import mark
 from qeff.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
 from qeff import loading
 from qeff.loading import ModelSource, resolve
-from qeff.progress import stage
+from qeff.meter import measured
+from qeff.progress import layer_progress, stage
 
 __all__ = [
     "Pipeline",
@@ -130,7 +131,8 @@ class Pipeline:
             if self.source is None:
                 raise UsageError(f"{self.name}: the model object was not kept and has no source to reload it from")
             start = time.perf_counter()
-            self._model, tokenizer = loading.load_source(self.source)  # looked up at call time (tests patch it)
+            with measured("load"):
+                self._model, tokenizer = loading.load_source(self.source)  # looked up at call time (tests patch it)
             self._tokenizer = self._tokenizer or tokenizer
             self.load_s += time.perf_counter() - start
         return self._model
@@ -141,7 +143,9 @@ class Pipeline:
         if self._qmodel is None:
             from qeff.transforms import transform
 
-            self._qmodel = transform(self.model)
+            model = self.model
+            with measured("transform"):
+                self._qmodel = transform(model)
         return self._qmodel
 
     @property
@@ -207,8 +211,9 @@ class Pipeline:
             if validate is not None and self.tokenizer is not None:
                 validate(self.tokenizer)
             model = self.model  # loads when not given
-            with stage(f"Transforming and exporting {self.name} to ONNX", enabled=self.progress):
-                qmodel = self.qmodel
+            qmodel = self.qmodel
+            with measured("export"), stage(f"Exporting {self.name} to ONNX", enabled=self.progress), \
+                    layer_progress("Export: tracing", qmodel, enabled=self.progress):
                 result = export(qmodel, tmp, model_id=self.name, variant=variant)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
@@ -257,7 +262,10 @@ class Pipeline:
 
         key = repr(([list(map(int, p)) for p in prompt_token_ids], steps))
         if key not in self._references:
-            trace, tokens = hf_trace(self.model, prompt_token_ids, steps)
+            model = self.model
+            with measured("reference"), layer_progress("Verify: HF reference", model, passes=len(prompt_token_ids) * steps,
+                                                       enabled=self.progress):
+                trace, tokens = hf_trace(model, prompt_token_ids, steps)
             margins = [[top2_margin(step) for step in row] for row in trace.logits]
             self._references[key] = Reference(tokens, margins, trace)
         return self._references[key]
@@ -309,8 +317,12 @@ class Pipeline:
         }
 
         def build(tmp: Path) -> dict:
-            _ = self.model  # loading has its own progress bars
-            with stage("Verifying HF vs PyTorch vs ONNX Runtime", enabled=self.progress):
+            _ = self.qmodel  # loading has its own progress bars
+            self.reference(prompt_token_ids, steps)  # a stage of its own: HF eager is most of verification's time
+            longest = max(len(p) for p in prompt_token_ids)
+            passes = -(-longest // prompt_len) + steps - 1  # prefill chunks, then one pass per fed token
+            with measured("verify"), stage("Verifying HF vs PyTorch vs ONNX Runtime", enabled=self.progress), \
+                    layer_progress("Verify: transformed PyTorch", self.qmodel, passes=passes, enabled=self.progress):
                 session = OrtSession(self.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
                 report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
                                      tolerances=tol, session=session)

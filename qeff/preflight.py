@@ -25,6 +25,11 @@ class ModelShape:
     hidden_size: int = 0
     num_heads: int = 0
     intermediate_size: int = 0
+    #: fp32 bytes of one vocabulary table (vocab × hidden × 4), when the config says: the export holds
+    #: it more times than a decoder layer's weights (a tied table is traced as two), so
+    #: :mod:`qeff.memory` prices it apart
+    embedding_bytes: int | None = None
+    tied: bool = True  # the output head is the embedding table (unknown: assumed, the costlier export)
 
     def cache_bytes(self, batch_size: int, ctx_len: int) -> int:
         """fp32 K and V of every layer: [batch_size, n_kv, ctx_len, head_dim] × 2 × layers × 4 bytes."""
@@ -85,7 +90,14 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         return None
     layers, n_kv, head_dim = shape
     weights = 4 * sum(h.n_elements for h in headers) if headers else None
-    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights, **_buffer_dims(config.values))
+    vocab = _first(config.values, "vocab_size", "n_vocab", "padded_vocab_size")
+    hidden = _first(config.values, "hidden_size", "n_embd", "d_model")
+    table = 4 * vocab * hidden if vocab and hidden else None
+    if table is not None and weights is not None:
+        table = min(table, weights)
+    tied = config.values.get("tie_word_embeddings")
+    return ModelShape(layers, n_kv, head_dim, weight_bytes=weights, embedding_bytes=table, tied=tied is not False,
+                      **_buffer_dims(config.values))
 
 
 def _buffer_dims(values: dict) -> dict[str, int]:

@@ -34,6 +34,7 @@ __all__ = [
     "check_threads",
     "available_cpus",
     "available_memory",
+    "memory_sources",
     "check_memory",
     "decode_argument",
     "read_text_file",
@@ -129,10 +130,42 @@ def _cgroup_room() -> int | None:
         return None
 
 
+def _user_limit() -> int | None:
+    """``QEFF_MEMORY_LIMIT`` (bytes, or with a K/M/G/T suffix): a budget the user sets for qeff's
+    runs below what the machine has (a shared machine's share; ``make bench-scale`` uses it)."""
+    text = os.environ.get("QEFF_MEMORY_LIMIT", "").strip()
+    if not text:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        scale = units.get(text[-1].upper(), 1)
+        value = float(text[:-1] if text[-1].upper() in units else text) * scale
+        if value <= 0:
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise UsageError(f"QEFF_MEMORY_LIMIT={text!r} is not a size; write bytes or e.g. 8G") from None
+
+
 def available_memory() -> int | None:
-    """Bytes of memory a new allocation can get: the smaller of MemAvailable and the cgroup's room."""
-    found = [v for v in (_meminfo("MemAvailable"), _cgroup_room()) if v is not None]
+    """Bytes of memory a new allocation can get: the smallest of MemAvailable, the cgroup's room
+    and ``QEFF_MEMORY_LIMIT``."""
+    found = [v for v in (_meminfo("MemAvailable"), _cgroup_room(), _user_limit()) if v is not None]
     return min(found) if found else None
+
+
+def memory_sources() -> str:
+    """Where :func:`available_memory`'s figure comes from, for a refusal's sentence."""
+    parts = []
+    mem = _meminfo("MemAvailable")
+    if mem is not None:
+        parts.append(f"MemAvailable {human_bytes(mem)}")
+    room = _cgroup_room()
+    parts.append(f"cgroup room {human_bytes(room)}" if room is not None else "no cgroup memory limit")
+    user = _user_limit()
+    if user is not None:
+        parts.append(f"QEFF_MEMORY_LIMIT {human_bytes(user)}")
+    return ", ".join(parts)
 
 
 def check_memory(shape, *, batch_size: int, ctx_len: int, copies: int = 1, available: int | None = None,

@@ -41,8 +41,13 @@ def test_infer_json_then_reuse_then_rebuild_on_change(tiny_model_dir, tmp_path, 
     assert first["reused"] == {"export": False, "compile": False}
     assert first["verify"]["pytorch_vs_ort"]["passed"] and first["verify"]["hf_vs_pytorch"]["passed"]
     assert "built export" in err and "ort-fused_2BS_8PL_64CL" in err and "fused graph vs portable graph" in err
+    # Each stage's peak RSS and wall time (issue 18), in the order they ran, with the preflight's estimate.
+    assert [st["name"] for st in first["stages"]] == ["load", "transform", "export", "reference", "verify",
+                                                      "fused-build", "fused-check", "run"]
+    assert all(st["peak_rss"] > 0 and st["estimate"] for st in first["stages"])
     second, err = infer_json(capsys, *args)
     assert second["reused"] == {"export": True, "compile": True}
+    assert [st["name"] for st in second["stages"]] == ["run"]  # every other stage was cached
     assert "reused cached export" in err and "saved" in err and "(cached)" in err
     assert second["token_ids"] == first["token_ids"]
     third, err = infer_json(capsys, *args[:-4], "--ctx_len", "96", "--generation_len", "12", "--backend", "ort")

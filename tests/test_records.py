@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from qeff.meter import Measurement
 from pytest_qeff.records import (
     KINDS,
     ArtifactFacts,
@@ -48,7 +49,8 @@ def _one_of_each() -> list[StageRecord]:
     return [
         TransformRecord(**BASE, comparison=comp, reference_tokens=[[1, 2], [3, 4]], model=ModelFacts(2, 2, 16, 256, 12345),
                         config_mismatches=["config.x is 1 in the card but 2 in the loaded model"]),
-        ExportRecord(**BASE, comparison=comp, onnx=OnnxFacts("/x/model.onnx", 1024, True, 0.25, None)),
+        ExportRecord(**BASE, comparison=comp, onnx=OnnxFacts("/x/model.onnx", 1024, True, 0.25, None),
+                     resources=[Measurement("export", peak_rss=3 * 2**30, wall_s=1.5, rss_before=2**30, estimate=4 * 2**30)]),
         CompileRecord(**BASE, artifact=ArtifactFacts("/x/ort_1BS", "ort_1BS", False, 1.5, 99), compile_options={"mxfp6": True, "mos": 1},
                       session={"batch_size": 2, "ctx_len": 32, "num_layers": 2}),
         GenerationRecord(**BASE, rows=[GenerationRow(0, [1, 2, 3], [1, 2, 4], 2, 0.5, False, "ab", None)], tokens_matched=2,
@@ -114,3 +116,6 @@ def test_records_of_a_real_run_round_trip(pytester: pytest.Pytester):
         kinds.append(typed.KIND)
     # tiny-qwen2 declares no [serving]: tests/test_plugin_serving.py reads a real run's serving records back.
     assert sorted(kinds) == sorted(set(KINDS) - {"serving"})
+    # Each chain stage a test ran, with its peak RSS and wall time (issue 18): the export test built the graph.
+    measured = {m["name"]: m for rec in data["records"] for m in rec["data"].get("resources", [])}
+    assert measured["export"]["peak_rss"] >= measured["export"]["rss_before"] > 0

@@ -506,7 +506,17 @@ def _stage(rec: dict) -> StageView:
         emulation = stage.result.emulation
         view.facts = [Pair("corpus", f"{stage.rows} x {stage.window} tokens ({stage.corpus})")] + [
             Pair(k.replace("_", " "), fmt(v)) for k, v in emulation.items() if v and k not in ("tier", "notes")]
+    if stage is not None:
+        view.facts += _resources(stage)
     return view
+
+
+def _resources(stage: StageRecord) -> list[Pair]:
+    """Each chain stage the test ran (issue 18): its peak RSS and wall time, and the preflight's
+    estimate when it made one."""
+    return [Pair(f"{m.name}: peak RSS, wall time", f"{m.peak_rss / 2**20:,.0f} MiB, {m.wall_s:.1f} s"
+                 + (f" (estimated {m.estimate / 2**20:,.0f} MiB)" if m.estimate else ""))
+            for m in stage.resources]
 
 
 def _prompts(stage: StageRecord | None) -> list[Pair]:

@@ -44,11 +44,12 @@ def _qaic_build(qaic, onnx_path: Path, tmp: Path, qopts, compiler, target: Path)
         raise CompileError(message, command=exc.command, returncode=exc.returncode, stderr=exc.stderr) from exc
 
 
-def _with_progress(builder, description: str, enabled: bool):
+def _with_progress(builder, description: str, enabled: bool, stage_name: str = "compile"):
+    from qeff.meter import measured
     from qeff.progress import stage
 
     def run(tmp: Path):
-        with stage(description, enabled=enabled):
+        with measured(stage_name), stage(description, enabled=enabled):
             return builder(tmp)
 
     return run

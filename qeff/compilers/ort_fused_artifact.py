@@ -91,10 +91,12 @@ def compile_fused(
 
     def build(tmp: Path) -> dict:
         from qeff.compilers.ort_fused import write_fused_graph
+        from qeff.meter import measured
         from qeff.progress import stage
         from qeff.runtime.ort_fused import FusedOrtSession
 
-        with stage(f"Building the fused ONNX Runtime graph ({weights} weights)", enabled=progress):
+        model = load_model() if weights != "native" else None  # its load is a stage of its own
+        with measured("fused-build"), stage(f"Building the fused ONNX Runtime graph ({weights} weights)", enabled=progress):
             if weights == "native":
                 from qeff.compilers.ort_fused_weights import from_gguf
 
@@ -102,7 +104,7 @@ def compile_fused(
             else:
                 from qeff.compilers.ort_fused_weights import from_hf
 
-                decoder = from_hf(load_model(), ctx_len, weights=weights)
+                decoder = from_hf(model, ctx_len, weights=weights)
             # gate|up as one MatMul + Split is faster for one row, two MatMuls for several
             # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds); the
             # vocabulary projection in one MatMul rather than 4 column slices is faster for several
@@ -111,9 +113,11 @@ def compile_fused(
                                       slice_lm_head=batch_size == 1)
             del decoder
         if check is not None:
-            session = FusedOrtSession(tmp / ORT_FUSED, batch_size=batch_size, ctx_len=ctx_len, prompt_len=prompt_len, threads=threads)
-            facts["check"] = check(session, weights in ("fp32", "native") and not int8_activations)
-            session.close()
+            with measured("fused-check"):
+                session = FusedOrtSession(tmp / ORT_FUSED, batch_size=batch_size, ctx_len=ctx_len, prompt_len=prompt_len,
+                                          threads=threads)
+                facts["check"] = check(session, weights in ("fp32", "native") and not int8_activations)
+                session.close()
         return facts
 
     def size_hint() -> int | None:

@@ -1,0 +1,296 @@
+"""How much memory each stage of a run will hold, estimated before anything loads (issue 18).
+
+The chain runs in one process and keeps the model it loaded until it exits, so a stage's peak is
+what it allocates on top of what earlier stages still hold. Each stage's estimate is one function
+of the model's fp32 weight bytes ``W`` (read from the file headers by :mod:`qeff.preflight`, no
+tensor data), the KV cache bytes of the run and the mode (which graph, which weights):
+
+    peak = BASE + MARGIN × (factor × W + fixed) (+ the KV caches the stage holds)
+
+``BASE`` is the process once torch, transformers and ONNX Runtime are imported. ``factor`` and
+``fixed`` of each stage were fitted to measurements of today's chain (``make bench-scale``,
+:mod:`qeff.meter`'s per-stage peaks; docs/memory.md has the table): SmolLM2-135M's shape and
+Llama-3.2-1B's widths with 6 layers and a 32000-row vocabulary, each ``qeff infer --prompt "My
+name is" --generation_len 8`` on a fresh cache, then rounded up and multiplied by :data:`MARGIN`.
+The export is priced on the bytes it traces instead (:data:`EXPORT_SMALL`), its factor falling
+with size.
+
+One function per stage and mode (:data:`STAGES`): when the streaming export and memory-mapped
+weights land (DESIGN.md "Memory"), :func:`export` and :func:`load` are the two to swap.
+
+:func:`check` refuses a run with a stage that cannot fit the memory available
+(:func:`qeff.validation.available_memory`: MemAvailable, a cgroup's limit, and ``QEFF_MEMORY_LIMIT``)
+in one sentence that names the first such stage, its need, what is available and a mode that would fit.
+``--skip-memory-check`` (or ``QEFF_SKIP_MEMORY_CHECK=1``) runs anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from qeff.atomic import human_bytes
+from qeff.errors import UsageError
+
+__all__ = ["Mode", "Sizes", "Estimate", "Factor", "STAGES", "FACTORS", "plan", "sizes", "stages_for", "check",
+           "skip_requested", "MARGIN", "BASE", "WEIGHT_SHARE"]
+
+GiB = 2**30
+#: The process with torch, transformers, onnx and ONNX Runtime imported (measured: 0.55–0.65 GiB).
+BASE = int(0.7 * GiB)
+#: Every fitted factor and fixed part is multiplied by this: the measurements were taken on a shared
+#: machine, and an estimate that is short by 10 % lets the kernel kill the run it should have refused.
+MARGIN = 1.15
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A stage's peak above :data:`BASE`: ``weights × W + fixed`` bytes (before :data:`MARGIN`),
+    ``W`` the model's fp32 weight bytes."""
+
+    weights: float
+    fixed: int = 0
+
+
+#: Fitted per stage to ``make bench-scale``'s measurements of two shapes (docs/memory.md
+#: "Calibration": SmolLM2-135M's, W = 0.54 GB, and 1b-6l-v32k, W = 1.72 GB), as the line through
+#: both, the slope rounded up and never below 1 for a stage that holds the loaded model.
+#: ``compile`` (the portable graph's optimiser) was not measured at scale: it is priced like
+#: ``fused-check`` (the model, the graph it reads and the graph it writes).
+FACTORS: dict[str, Factor] = {
+    "load": Factor(1.5, int(0.1 * GiB)),  # measured 1.50 W: the fp32 model and the bf16 file's pages
+    "transform": Factor(1.2, int(0.1 * GiB)),  # 1.14 W
+    "reference": Factor(1.0, int(0.3 * GiB)),  # 0.75 W + 0.25 GB: the model (1 W) at least
+    "verify": Factor(2.1, int(0.1 * GiB)),  # 2.08 W
+    "compile": Factor(3.1, int(0.1 * GiB)),  # not measured: as fused-check
+    "fused-build": Factor(2.3, int(0.1 * GiB)),  # 2.25 W
+    "fused-check": Factor(3.1, int(0.1 * GiB)),  # 3.05 W
+    "run": Factor(1.7, int(0.55 * GiB)),  # 1.61 W + 0.53 GB
+}
+#: The export, priced on the bytes it traces ``T`` (a tied vocabulary table twice): measured 3.59 T
+#: (135M) and 3.79 T (1b-6l-v32k) below 2 GiB, where the graph is one protobuf in memory; above it
+#: the factor falls — issue 18's 1B peaked at 2.2 T (13.9 GB), while 1b-2l (T = 2.6 GB) and 1b-4l
+#: (3.1 GB) passed 8.6 GB before this machine's 8 GB cap killed them. ``max(small, large)``
+#: covers every one of these, and the 3B export the kernel killed at 23.4 GB (T = 14.4 GB).
+EXPORT_SMALL = 3.8  # × T, for T below EXPORT_BOUNDARY
+EXPORT_LARGE = (2.2, int(2.5e9))  # × T + bytes, above it
+EXPORT_BOUNDARY = 2 * GiB
+#: What the fused graph keeps of its fp32 weights' bytes per --weights: int8 blocks of 32 with an
+#: fp32 scale are ~0.28 of them, 4-bit ~0.16 (not measured here: derived from the block layout, with
+#: the vocabulary table's gather kept in fp32 — so the table term is not scaled).
+WEIGHT_SHARE = {"fp32": 1.0, "native": 0.3, "int8": 0.3, "int4": 0.2}
+#: The stages whose peak holds a fused graph's weights beyond the loaded model's (1 × W).
+_FUSED = ("fused-build", "fused-check", "run")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a run will do, from its options (normalised once, before any work)."""
+
+    command: str = "infer"  # infer | verify | export | compile
+    verify: bool = True
+    graph: str = "fused"  # fused | portable | qaic (the graph the run compiles)
+    weights: str = "fp32"
+    batch_size: int = 1
+    ctx_len: int = 128
+    export_cached: bool = False
+
+    def describe(self, than: Mode | None = None) -> str:
+        """The flags that select this mode (those that differ from ``than``'s, when given)."""
+        flags = []
+        if self.command == "infer" and not self.verify and (than is None or than.verify):
+            flags.append("--no-verify")
+        if self.graph == "fused" and self.weights != "fp32" and (than is None or than.weights != self.weights):
+            flags.append(f"--weights {self.weights}")
+        if self.graph == "portable" and (than is None or than.graph != "portable"):
+            flags.append("--ort-graph portable")
+        return " ".join(flags)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The bytes a stage's estimate is made of (from :class:`qeff.preflight.ModelShape`)."""
+
+    weights: int  # W: fp32 bytes of every weight
+    table: int  # E: fp32 bytes of one vocabulary table (0 when the config does not say)
+    kv: int  # one fp32 KV cache of the run's batch and context
+    tied: bool = True  # the table is also the output head (traced as two initializers)
+
+    @property
+    def traced(self) -> int:
+        """T: the bytes the export traces (a tied table twice)."""
+        return self.weights + (self.table if self.tied else 0)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stage: str
+    bytes: int
+
+
+def _fit(stage: str, s: Sizes, *, share: float = 1.0) -> int:
+    """:data:`BASE` + the stage's factor over W. ``share`` (a quantized fused graph) scales what the
+    stage holds beyond the loaded model's 1 × W."""
+    f = FACTORS[stage]
+    factor = f.weights if share == 1.0 else 1.0 + (f.weights - 1.0) * share
+    return int(BASE + MARGIN * (factor * s.weights + f.fixed))
+
+
+# --- one function per stage and mode: Sizes, Mode -> peak bytes ---------------------------------
+# When the streaming export and memory-mapped weights land (DESIGN.md, Memory), `load` and
+# `export` are the ones to replace; the others keep the loaded model's 1 × W until then.
+
+
+def load(s: Sizes, mode: Mode) -> int:
+    """from_pretrained in fp32: the model and the file pages it reads through."""
+    return _fit("load", s)
+
+
+def transform(s: Sizes, mode: Mode) -> int:
+    """The retained-state wrapper shares the model's weights: nothing more than the load."""
+    return _fit("transform", s)
+
+
+def export(s: Sizes, mode: Mode) -> int:
+    """TorchScript's export: the model, the traced graph's constants, the raw ONNX graph read back
+    and the passes over it (see :data:`EXPORT_SMALL`)."""
+    t = s.traced
+    small = EXPORT_SMALL * min(t, EXPORT_BOUNDARY)
+    large = EXPORT_LARGE[0] * t + EXPORT_LARGE[1] if t > EXPORT_BOUNDARY else 0
+    return int(BASE + MARGIN * max(small, large))
+
+
+def reference(s: Sizes, mode: Mode) -> int:
+    """HF eager's greedy trace: the model and its cache."""
+    return _fit("reference", s) + s.kv
+
+
+def verify(s: Sizes, mode: Mode) -> int:
+    """The model, the transformed model (sharing its weights) and an ONNX Runtime session of the
+    portable graph, with both retained caches."""
+    return _fit("verify", s) + 2 * s.kv
+
+
+def compile_portable(s: Sizes, mode: Mode) -> int:
+    """ONNX Runtime's optimiser over the portable graph, beside the loaded model."""
+    return _fit("compile", s)
+
+
+def fused_build(s: Sizes, mode: Mode) -> int:
+    """The fused graph's weights laid out (transposed, packed or quantized) beside the model.
+    Quantizing works through an fp32 copy of each tensor: measured on 135M, the int8 build holds
+    0.72 W beyond the model against fp32's 1.25 W, so a share below 0.6 is not believed."""
+    return _fit("fused-build", s, share=max(0.6, WEIGHT_SHARE[mode.weights]))
+
+
+def fused_check(s: Sizes, mode: Mode) -> int:
+    """The fused session and a portable session side by side (the build's check), beside the model:
+    of its 3.1 W, 1 W is the model and 1 W the portable session, fp32 whatever --weights says
+    (135M int8: 2.33 W measured; scaling the whole 2.1 W by the share under-estimated it)."""
+    f = FACTORS["fused-check"]
+    factor = 2.0 + (f.weights - 2.0) * WEIGHT_SHARE[mode.weights]
+    return int(BASE + MARGIN * (factor * s.weights + f.fixed)) + 2 * s.kv
+
+
+def run(s: Sizes, mode: Mode) -> int:
+    """The session that generates and its cache, beside the model when this process loaded it."""
+    share = WEIGHT_SHARE[mode.weights] if mode.graph == "fused" else 1.0
+    return _fit("run", s, share=share) + s.kv
+
+
+STAGES: dict[str, Callable[[Sizes, Mode], int]] = {
+    "load": load,
+    "transform": transform,
+    "export": export,
+    "reference": reference,
+    "verify": verify,
+    "compile": compile_portable,
+    "fused-build": fused_build,
+    "fused-check": fused_check,
+    "run": run,
+}
+
+
+def stages_for(mode: Mode) -> list[str]:
+    """The stages a run of ``mode`` goes through on a cache that holds only what ``mode`` says."""
+    loads = not mode.export_cached or mode.verify or (mode.graph == "fused" and mode.weights != "native")
+    names = ["load", "transform"] if loads else []
+    if not mode.export_cached:
+        names.append("export")
+    if mode.verify:
+        names += ["reference", "verify"]
+    if mode.command == "verify" or mode.command == "export":
+        return names
+    if mode.graph == "fused":
+        names += ["fused-build", "fused-check"]
+    elif mode.graph == "portable":
+        names.append("compile")
+    if mode.command == "infer" and mode.graph != "qaic":
+        names.append("run")
+    return names
+
+
+def sizes(shape, mode: Mode) -> Sizes:
+    w = int(shape.weight_bytes or 0)
+    return Sizes(w, int(getattr(shape, "embedding_bytes", 0) or 0), shape.cache_bytes(mode.batch_size, mode.ctx_len),
+                 tied=bool(getattr(shape, "tied", True)))
+
+
+def plan(shape, mode: Mode) -> list[Estimate]:
+    """Each stage's estimated peak for ``shape`` (a :class:`qeff.preflight.ModelShape` that knows
+    its weight bytes) run as ``mode``."""
+    s = sizes(shape, mode)
+    return [Estimate(name, STAGES[name](s, mode)) for name in stages_for(mode)]
+
+
+def skip_requested(flag: bool = False) -> bool:
+    return flag or os.environ.get("QEFF_SKIP_MEMORY_CHECK", "") not in ("", "0")
+
+
+def _alternatives(mode: Mode) -> list[Mode]:
+    """Modes that do the same job in less memory, most faithful first."""
+    out: list[Mode] = []
+    if mode.command != "infer":
+        return out
+    if mode.graph == "fused" and mode.weights == "fp32":
+        out.append(replace(mode, weights="int8"))
+    if mode.verify:
+        out.append(replace(mode, verify=False))
+        if mode.graph == "fused" and mode.weights == "fp32":
+            out.append(replace(mode, verify=False, weights="int8"))
+            out.append(replace(mode, verify=False, weights="int4"))
+    if mode.graph == "fused" and mode.weights == "fp32":
+        out.append(replace(mode, weights="int4"))
+    return out
+
+
+def check(shape, mode: Mode, *, available: int | None, what: str = "this run") -> list[Estimate]:
+    """Refuse ``mode`` when one of its stages cannot fit ``available`` bytes (one sentence, exit 2);
+    return the plan otherwise. ``available`` None (unknown) lets every run through."""
+    estimates = plan(shape, mode)
+    if available is None or not estimates or shape.weight_bytes is None:
+        return estimates
+    over = [e for e in estimates if e.bytes > available]
+    if not over:
+        return estimates
+    worst = over[0]  # the first stage, in the chain's order, that the kernel would kill
+    from qeff.validation import memory_sources
+
+    kv = shape.cache_bytes(mode.batch_size, mode.ctx_len)
+    fits = next((alt for alt in _alternatives(mode) if max(e.bytes for e in plan(shape, alt)) <= available), None)
+    if fits is not None:
+        hint = f"run with {fits.describe(mode)} (about {human_bytes(max(e.bytes for e in plan(shape, fits)))})"
+    elif kv > 0.25 * worst.bytes and mode.ctx_len > 1:
+        hint = "use a smaller --ctx_len or --batch_size"
+    elif worst.stage in ("load", "export"):
+        hint = ("no mode of this qeff fits it: loading and exporting hold the whole model in fp32 (the export several "
+                "times) until the streaming export lands (DESIGN.md, Memory); use a machine with more memory")
+    else:
+        hint = "use a machine with more memory"
+    raise UsageError(
+        f"{what} would need about {human_bytes(worst.bytes)} at its {worst.stage} stage "
+        f"({human_bytes(shape.weight_bytes)} of fp32 weights, {human_bytes(kv)} of KV cache), but only "
+        f"{human_bytes(available)} of memory is available ({memory_sources()}); {hint}, or pass "
+        f"--skip-memory-check if you know better"
+    )
