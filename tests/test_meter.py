@@ -41,7 +41,8 @@ def test_every_stage_is_measured_with_its_estimate(chain):
     for s in stages.values():
         assert s["peak_rss"] >= s["rss_before"] > 0 and s["resettable"]
         assert s["estimate"] and s["peak_rss"] <= s["estimate"], f"{s['name']}: measured above its estimate"
-    assert record["peak_rss_mb"] * 2**20 >= max(s["peak_rss"] for s in stages.values())  # resets lose no peak
+    # Resets lose no peak (the record rounds to 0.1 MiB, so within half of that).
+    assert (record["peak_rss_mb"] + 0.05) * 2**20 >= max(s["peak_rss"] for s in stages.values())
 
 
 def test_peaks_are_per_stage_ratios_of_the_model_bytes(chain):

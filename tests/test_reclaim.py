@@ -38,8 +38,11 @@ build_artifact(target, {"stage": "export", "test": 1}, build)
 
 
 def _killed_build(home: Path, model: str) -> Path:
-    """Start a child building <home>/<slug>/export-test, SIGKILL it mid-build; its leftover."""
-    target = home / slug(model) / "export-test"
+    """Start a child building <home>/<slug>/export-0face5, SIGKILL it mid-build; its leftover."""
+    from qeff.home import mark
+
+    target = home / slug(model) / "export-0face5"
+    mark(home)  # as a real run does before it builds (its source digest is written first)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(target)], stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert proc.stdout.readline().strip() == b"building"
@@ -48,9 +51,9 @@ def _killed_build(home: Path, model: str) -> Path:
         proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    leftovers = list(target.parent.glob(".tmp-export-test-*"))
+    leftovers = list(target.parent.glob(".tmp-export-0face5-*"))
     assert len(leftovers) == 1 and (leftovers[0] / "raw.onnx").stat().st_size == 4 << 20
-    assert (target.parent / "export-test.lock").read_text().split()[0] == str(proc.pid)  # the dead builder's stamp
+    assert (target.parent / "export-0face5.lock").read_text().split()[0] == str(proc.pid)  # the dead builder's stamp
     return leftovers[0]
 
 
@@ -70,7 +73,7 @@ def test_the_next_run_reclaims_a_killed_build_even_when_it_is_refused(tmp_path, 
     err = capsys.readouterr().err
     assert "reclaimed 4.0 MiB that killed runs left" in err and str(leftover) in err
     assert not leftover.exists()  # … and still frees what the killed one left
-    assert not (leftover.parent / "export-test.lock").exists()
+    assert not (leftover.parent / "export-0face5.lock").exists()
 
 
 def test_qeff_clean_reclaims_a_killed_build(tmp_path, model, capsys):
@@ -89,14 +92,14 @@ def test_a_build_whose_builder_is_alive_is_kept(tmp_path, model):
     from qeff.doctor import reclaim
 
     root = tmp_path / "home" / slug(str(model))
-    build = root / ".tmp-export-test-0123abcd"
+    build = root / ".tmp-export-0face5-0123abcd"
     build.mkdir(parents=True)
     (build / "raw.onnx").write_bytes(b"x")
-    (root / "export-test.lock").write_text(f"{os.getppid()} {socket.gethostname()} {time.time():.0f}\n")
+    (root / "export-0face5.lock").write_text(f"{os.getppid()} {socket.gethostname()} {time.time():.0f}\n")
     done = reclaim(root)
     assert not done.removed and build.exists()
     assert "may be running" in done.kept[0][1]
-    (root / "export-test.lock").write_text(f"999999999 {socket.gethostname()} {time.time():.0f}\n")  # no such pid
+    (root / "export-0face5.lock").write_text(f"999999999 {socket.gethostname()} {time.time():.0f}\n")  # no such pid
     assert [x.path for x in reclaim(root).removed] == [build] and not build.exists()
 
 
@@ -104,7 +107,7 @@ def test_something_not_made_by_qeff_is_never_reclaimed(tmp_path):
     from qeff.doctor import reclaim
 
     root = tmp_path / "model"
-    for name in (".tmp-export-test", ".tmp-notours-XYZ12345", "export-test-0123abcd"):
+    for name in (".tmp-export-0face5", ".tmp-notours-XYZ12345", "export-0face5-0123abcd"):
         (root / name).mkdir(parents=True)
     assert not reclaim(root).removed
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-export-test", ".tmp-notours-XYZ12345", "export-test-0123abcd"]
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-export-0face5", ".tmp-notours-XYZ12345", "export-0face5-0123abcd"]
