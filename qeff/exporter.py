@@ -22,7 +22,7 @@ import torch
 from onnx import numpy_helper
 
 from qeff._system import OPSET, library_versions
-from qeff.errors import QEffError
+from qeff.errors import NotStreamableError, QEffError
 from qeff.layout import ONNX_DATA, ONNX_FILE
 from qeff.transforms import QEffCausalLM
 
@@ -170,7 +170,7 @@ def _is_transpose(weight: onnx.TensorProto, table: onnx.TensorProto, lazy: dict)
     """Is ``weight`` bit for bit the transpose of the 2-D ``table``?"""
     if weight.name in lazy:
         w, t = lazy[weight.name], lazy[table.name]
-        return w.source == t.source and w.perm == tuple(reversed(t.perm))
+        return w.source == t.source and w.perm == tuple(reversed(t.perm)) and len(w.perm) == 2
     return np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(table).T)
 
 
@@ -267,7 +267,7 @@ def export(
         # transformers' models in well under a second with plain ops, so its deprecation notice is
         # dropped. Tracer warnings are kept: each one marks a value that may be frozen in the graph.
         warnings.simplefilter("always")
-        with torch.no_grad(), (_capture_initializers(captured, placeholders) if streamed else contextlib.nullcontext()):
+        with torch.no_grad(), (_capture_initializers(captured, placeholders, weights) if streamed else contextlib.nullcontext()):
             torch.onnx.export(
                 graph,
                 args,
@@ -351,11 +351,15 @@ _CHUNK_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
-def _capture_initializers(into: dict, placeholders):
+def _capture_initializers(into: dict, placeholders, weights):
     """Keep the initializers TorchScript's exporter computes (it drops them under
-    ``export_params=False``). Placeholders are kept out of its value deduplication: they are never
-    equal to anything (NaN), and comparing them would cost a pass over every same-shaped pair."""
+    ``export_params=False``), and deduplicate the placeholder views as its value deduplication
+    would the real tensors: views of equal sources (by their float32 digests) with the same
+    permutation and shape go through the pass again as stand-ins that are equal exactly then
+    (a random model's zero-initialised expert biases are such twins)."""
     from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+
+    from qeff.weights import view_of
 
     real = ts_utils._C
 
@@ -368,6 +372,20 @@ def _capture_initializers(into: dict, placeholders):
             held = {k: v for k, v in params.items() if placeholders.owns(v)}
             kept = real._jit_pass_onnx_deduplicate_initializers(
                 graph, {k: v for k, v in params.items() if k not in held}, training)
+            classes: dict = {}
+            for k, v in held.items():
+                try:
+                    view = view_of(placeholders, v)
+                except ValueError:
+                    continue  # refused when the initializers are restored
+                key = (placeholders.digest(view.source, weights), view.perm, view.shape)
+                classes.setdefault(key, []).append(k)
+            twins = [k for names in classes.values() if len(names) > 1 for k in names]
+            if twins:
+                code = {k: float(i) for i, names in enumerate(classes.values()) for k in names}
+                stand_ins = {k: torch.tensor(code[k]).expand(held[k].shape) for k in twins}
+                survivors = real._jit_pass_onnx_deduplicate_initializers(graph, stand_ins, training)
+                held = {k: v for k, v in held.items() if k not in stand_ins or k in survivors}
             into.update(kept)
             into.update(held)
             return kept
@@ -388,7 +406,7 @@ def _restore_initializers(model: onnx.ModelProto, captured: dict, placeholders) 
     graph = model.graph
     order = [i.name for i in graph.input if i.name in captured]  # TorchScript's initializer order
     if len(order) != len(captured):
-        raise QEffError(f"the streamed export lost track of initializers {sorted(set(captured) - set(order))[:5]}")
+        raise NotStreamableError(f"the streamed export lost track of initializers {sorted(set(captured) - set(order))[:5]}")
     kept = [i for i in graph.input if i.name not in captured]
     del graph.input[:]
     graph.input.extend(kept)
@@ -398,13 +416,13 @@ def _restore_initializers(model: onnx.ModelProto, captured: dict, placeholders) 
         try:
             view = view_of(placeholders, tensor)
         except ValueError as exc:
-            raise QEffError(f"the streamed export cannot write initializer {name!r}: {exc}") from None
+            raise NotStreamableError(f"the streamed export cannot write initializer {name!r}: {exc}") from None
         if view is not None:
             lazy[name] = view
             init = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=onnx.TensorProto.FLOAT)
         else:
             if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
-                raise QEffError(f"the streamed export cannot write initializer {name!r}: it was computed from a "
+                raise NotStreamableError(f"the streamed export cannot write initializer {name!r}: it was computed from a "
                                 f"weight that is not in memory; export this model in memory")
             init = numpy_helper.from_array(tensor.detach().contiguous().numpy(), name)
         graph.initializer.append(init)
@@ -430,9 +448,9 @@ def _write_external_data(model: onnx.ModelProto, lazy: dict, weights, path: Path
         for init in _get_initializer_tensors(model):
             if init.name in lazy:
                 view = lazy[init.name]
-                source = weights.get(view.source).permute(view.perm)  # stored dtype, a view
+                source = view.of(weights.get(view.source))  # stored dtype, a view where it can be
                 if not source.is_floating_point():
-                    raise QEffError(f"weight {view.source} is {source.dtype}, not a float tensor")
+                    raise NotStreamableError(f"weight {view.source} is {source.dtype}, not a float tensor")
                 nbytes = source.numel() * 4
                 if not _external(nbytes):
                     arr, n = _clip_array(source.to(torch.float32).contiguous().numpy())

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qeff.errors import UsageError
+from qeff.errors import NotStreamableError, UsageError
 
 __all__ = ["Weights", "SafetensorsWeights", "ModuleWeights", "Placeholders", "View", "skeleton", "view_of",
            "safetensors_dir"]
@@ -55,21 +55,28 @@ class Weights:
 
 
 class SafetensorsWeights(Weights):
-    """The ``*.safetensors`` files of a checkpoint directory, memory-mapped (safetensors' own
-    ``safe_open``); a tensor is copied out of the map only by :meth:`get`."""
+    """The ``*.safetensors`` files of a checkpoint directory. Only their headers are held
+    (:func:`qeff.headers.read_safetensors_header`); :meth:`get` reads one tensor's bytes in its
+    stored dtype with a positioned read. Not a memory map: mapped pages count in the process's
+    resident set and stay there while the map is open (a 1B model's bf16 file would be 2.5 GB of
+    "RSS" by the end of an export), while read pages go to the page cache, which the kernel frees."""
+
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
+        from qeff.headers import read_safetensors_header
 
         self.directory = Path(directory)
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise UsageError(f"{str(self.directory)!r} holds no .safetensors file to stream weights from")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
-        self._where: dict[str, Path] = {}
-        for f, handle in self._handles.items():
-            for key in handle.keys():
-                self._where.setdefault(key, f)
+        self._where: dict[str, tuple] = {}  # name -> (header, info)
+        for f in files:
+            header = read_safetensors_header(f)
+            for key, info in header.tensors.items():
+                self._where.setdefault(key, (header, info))
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -78,13 +85,23 @@ class SafetensorsWeights(Weights):
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return tuple(int(d) for d in self._where[name][1]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        header, info = self._where[name]
+        dtype = self._DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise NotStreamableError(f"weight {name} is stored as {info['dtype']}, which the streamed export does not read")
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(header.path, "rb") as f:
+            f.seek(header.data_offset + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise UsageError(f"{header.path.name} is truncated: tensor {name} is cut short")
+        return buf.view(dtype).reshape(self.shape(name))
 
     def stored_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self._handles)
+        return sum({h.path: h.file_size for h, _ in self._where.values()}.values())
 
 
 class ModuleWeights(Weights):
@@ -124,10 +141,15 @@ def safetensors_dir(path: Path | None) -> bool:
 
 @dataclass(frozen=True)
 class View:
-    """A folded tensor that is a permutation of a source tensor: ``source.permute(perm)``."""
+    """A folded tensor that is a view of a source tensor: ``source.permute(perm).reshape(shape)``
+    (a transpose, possibly with size-1 dims added or dropped, as ``bias[:, None, :]`` does)."""
 
     source: str  # the state-dict name the values come from
     perm: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.permute(self.perm).reshape(self.shape)
 
 
 class Placeholders:
@@ -135,6 +157,8 @@ class Placeholders:
 
     def __init__(self):
         self._by_storage: dict[int, tuple[str, tuple[int, ...]]] = {}  # data_ptr -> (name, strides)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.digests: dict[str, str] = {}  # source name -> blake2b of its float32 bytes, once read
 
     def make(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         n = len(shape)
@@ -142,7 +166,14 @@ class Placeholders:
         size = 1 + sum((d - 1) * s for d, s in zip(shape, strides))
         t = torch.full((size,), float("nan")).as_strided(shape, strides)
         self._by_storage[t.untyped_storage().data_ptr()] = (name, strides)
+        self._shapes[name] = tuple(shape)
         return t
+
+    def digest(self, name: str, weights: Weights) -> str:
+        """blake2b of the float32 bytes of source ``name`` (read once, a chunk of rows at a time)."""
+        if name not in self.digests:
+            self.digests[name] = _fp32_digest(weights.get(name))
+        return self.digests[name]
 
     def owns(self, tensor: torch.Tensor) -> bool:
         return tensor.untyped_storage().data_ptr() in self._by_storage
@@ -153,15 +184,21 @@ class Placeholders:
 
 def view_of(placeholders: Placeholders, tensor: torch.Tensor) -> View | None:
     """The source view ``tensor`` is, or None when it shares no placeholder's storage. Raises
-    ValueError when it does but is not a plain permutation (a slice, a reshape of a placeholder)."""
+    ValueError when it does but is not a permutation of the source's dims (size-1 dims aside):
+    a slice, a broadcast or a reshape that regroups elements."""
     found = placeholders._by_storage.get(tensor.untyped_storage().data_ptr())
     if found is None:
         return None
     name, strides = found
-    perm = tuple(strides.index(s) if s in strides else -1 for s in tensor.stride())
-    if tensor.storage_offset() != 0 or sorted(perm) != list(range(len(strides))):
+    source_dims = {s: i for i, s in enumerate(strides)}  # stride -> source dim (distinct by construction)
+    shape = placeholders._shapes[name]
+    order = [source_dims.get(st, -1) for size, st in zip(tensor.shape, tensor.stride()) if size != 1]
+    wanted = sorted(i for i, d in enumerate(shape) if d != 1)
+    if (tensor.storage_offset() != 0 or sorted(order) != wanted
+            or any(tensor.shape[k] != shape[order[j]] for j, k in enumerate(k for k, n in enumerate(tensor.shape) if n != 1))):
         raise ValueError(f"a folded tensor of shape {tuple(tensor.shape)} is a view of {name} other than a permutation")
-    return View(name, perm)
+    perm = tuple(order) + tuple(i for i, d in enumerate(shape) if d == 1)
+    return View(name, perm, tuple(tensor.shape))
 
 
 @contextmanager
@@ -185,7 +222,7 @@ def _parameters_on_meta() -> Iterator[None]:
 def skeleton(config, weights: Weights) -> tuple[nn.Module, Placeholders]:
     """An HF causal LM of ``config`` whose 2+-dim parameters are placeholders (see the module doc)
     and whose other parameters and persistent buffers are read from ``weights`` as float32. Ties
-    are kept (a tied ``lm_head.weight`` is the embedding's placeholder). Raises :class:`UsageError`
+    are kept (a tied ``lm_head.weight`` is the embedding's placeholder). Raises :class:`NotStreamableError`
     when a parameter has no tensor of its shape in ``weights`` (a checkpoint whose names
     transformers converts on load: it takes the in-memory path)."""
     from transformers import AutoModelForCausalLM
@@ -210,7 +247,7 @@ def skeleton(config, weights: Weights) -> tuple[nn.Module, Placeholders]:
                 group = names_of[id(p)]
                 source = next((n for n in group if n in weights), None)
                 if source is None or weights.shape(source) != tuple(p.shape):
-                    raise UsageError(f"the checkpoint holds no tensor {group[0]} of shape {tuple(p.shape)}")
+                    raise NotStreamableError(f"the checkpoint holds no tensor {group[0]} of shape {tuple(p.shape)}")
                 value = placeholders.make(source, tuple(p.shape)) if p.dim() >= 2 else weights.get(source).to(torch.float32)
                 made[id(p)] = nn.Parameter(value, requires_grad=False)
             module._parameters[pname] = made[id(p)]
@@ -235,11 +272,19 @@ def fingerprint(model: nn.Module, weights: Weights, placeholders: Placeholders) 
         found = placeholders._by_storage.get(tensor.untyped_storage().data_ptr())
         if found is None:
             h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest = h.hexdigest()
         else:
-            source = weights.get(found[0])
-            rows = max(1, (64 << 20) // max(1, 4 * source[0].numel()))
-            for start in range(0, source.shape[0], rows):
-                h.update(source[start:start + rows].to(torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy())
-            del source
-        out[name] = (tuple(tensor.shape), str(tensor.dtype), h.hexdigest())
+            digest = placeholders.digest(found[0], weights)
+        out[name] = (tuple(tensor.shape), str(tensor.dtype), digest)
     return fingerprint_digest(out)
+
+
+def _fp32_digest(source: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    rows = max(1, (64 << 20) // max(1, 4 * source[0].numel())) if source.dim() else 1
+    for start in range(0, max(1, source.shape[0] if source.dim() else 1), rows):
+        chunk = source[start:start + rows] if source.dim() else source
+        h.update(chunk.to(torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
