@@ -201,3 +201,39 @@ def test_streamed_export_peak_memory_is_a_fraction_of_the_weights(tmp_path):
     fp32 = _synthetic_llama(ckpt)
     ratio = _peak_over_weights(ckpt, tmp_path / "streamed", "streamed", fp32)
     assert ratio < 0.35, f"streamed export peak was {ratio:.2f}x the fp32 weights above the baseline"
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+
+def _pipeline_export(tmp_path, name):
+    from qeff.pipeline import Pipeline
+    from tests.word_tokenizer import word_tokenizer
+
+    ckpt = _checkpoint(tmp_path, name)
+    word_tokenizer(TINY[name].config["vocab_size"]).save_pretrained(ckpt)
+    streamed = Pipeline.open(str(ckpt), home=tmp_path / "home", progress=False).export()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
+    memory = Pipeline(str(ckpt), model=model, identity={"test": name}, home=tmp_path / "home-memory", progress=False).export()
+    return streamed, memory
+
+
+def test_pipeline_streams_a_safetensors_directory(tmp_path, monkeypatch):
+    import qeff.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the streamed export must not load the model")
+
+    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    streamed, memory = _pipeline_export(tmp_path, "smollm2-135m")
+    assert _same_files(memory.path, streamed.path) == {"model.onnx": True, "model.onnx.data": True}
+    outputs = dict(streamed.manifest["outputs"])
+    assert {k: v for k, v in outputs.items() if k != "onnx_bytes"} == {
+        k: v for k, v in memory.manifest["outputs"].items() if k != "onnx_bytes"}
+
+
+def test_pipeline_falls_back_to_the_in_memory_export(tmp_path, capsys):
+    streamed, memory = _pipeline_export(tmp_path, "mixtral-8x7b")
+    assert _same_files(memory.path, streamed.path) == {"model.onnx": True, "model.onnx.data": True}
