@@ -136,7 +136,7 @@ class ModuleWeights(Weights):
 def safetensors_dir(path: Path | None) -> bool:
     """True when ``path`` is a checkpoint directory whose weights are all safetensors."""
     return path is not None and path.is_dir() and any(path.glob("*.safetensors")) and not any(
-        path.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth", "*.gguf"))
+        any(path.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth", "*.gguf"))
 
 
 @dataclass(frozen=True)
