@@ -93,11 +93,13 @@ def _child(ckpt: Path, mode: str, out: Path) -> None:
 
         result = export(qmodel, out, model_id=str(ckpt), weights=weights, placeholders=placeholders)
     else:
+        from transformers import AutoModelForCausalLM
+
         from qeff.exporter import export
-        from qeff.loading import load_source, resolve
         from qeff.transforms import transform
 
-        model, _ = load_source(resolve(str(ckpt)))
+        # What qeff.loading.load_source does for the weights (the synthetic checkpoints have no tokenizer).
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
         result = export(transform(model), out, model_id=str(ckpt))
     print(json.dumps({"export_s": time.perf_counter() - t0, "streamed": result.streamed}))
 

@@ -299,6 +299,8 @@ def export(
         if leftover.is_file() and leftover.name not in (ONNX_FILE, DATA_FILE):
             leftover.unlink()
     lazy = _restore_initializers(model, captured, placeholders) if streamed else {}
+    if streamed:
+        _match_torch_external_format(model, captured)
     if variant is None or not variant.speculative:
         _fix_logits_shape(model)
     check_portable(model)
@@ -436,6 +438,39 @@ def _restore_initializers(model: onnx.ModelProto, captured: dict, placeholders) 
             init = numpy_helper.from_array(tensor.detach().contiguous().numpy(), name)
         graph.initializer.append(init)
     return lazy
+
+
+def _match_torch_external_format(model: onnx.ModelProto, captured: dict) -> bool:
+    """Give the graph what TorchScript's encoder gives one it writes in its external data format,
+    which it picks when its size estimate passes 2 GiB (``GraphEncoder::GetGraphProtoSize`` in
+    torch/csrc/jit/serialization/export.cpp: each initializer's dims + bytes, each ``Constant``
+    node with its tensor): every node attribute tensor is named ``<node>_attr::<attr>``, and one
+    of more than 1024 elements comes back from its external file with ``data_location`` DEFAULT
+    set. The streamed export, which hands the encoder no weights, never passes the limit itself.
+    Returns whether the format applies."""
+    size = sum(onnx.TensorProto(dims=list(t.shape), data_type=onnx.TensorProto.FLOAT).ByteSize()
+               + t.element_size() * t.numel() for t in captured.values())
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    size += node.ByteSize() + len(attr.t.raw_data)
+    if size <= 2**31 - 1:
+        return False
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                for t in ([attr.t] if attr.type == onnx.AttributeProto.TENSOR else list(attr.tensors)):
+                    if not t.name and node.name:
+                        t.name = f"{node.name}_attr::{attr.name}"
+                    if int(np.prod(t.dims)) > 1024:
+                        t.data_location = onnx.TensorProto.DEFAULT
+                for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    visit(g)
+
+    visit(model.graph)
+    return True
 
 
 def _external(nbytes: int) -> bool:
