@@ -349,7 +349,7 @@ def export(
 # order and with the offsets ``onnx.save_model`` would give them.
 
 #: Rows converted to float32 at a time while a tensor is written (bounds the conversion's memory).
-_CHUNK_BYTES = 64 << 20
+_CHUNK_BYTES = 16 << 20
 
 
 @contextlib.contextmanager

@@ -283,7 +283,7 @@ def _fp32_digest(source: torch.Tensor) -> str:
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
-    rows = max(1, (64 << 20) // max(1, 4 * source[0].numel())) if source.dim() else 1
+    rows = max(1, (16 << 20) // max(1, 4 * source[0].numel())) if source.dim() else 1
     for start in range(0, max(1, source.shape[0] if source.dim() else 1), rows):
         chunk = source[start:start + rows] if source.dim() else source
         h.update(chunk.to(torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy())
