@@ -234,7 +234,12 @@ class Pipeline:
             tied embedding twice, as TorchScript's raw file (the build's peak) holds it; the final
             graph stores it once."""
             if self._model is None:
-                return None
+                if self.source is None or self.source.kind != "local":
+                    return None
+                from qeff.preflight import model_shape
+
+                shape = model_shape(self.source)  # the weight files' headers: their fp32 bytes (streamed export)
+                return shape.weight_bytes if shape is not None else None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())
 
         built = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
