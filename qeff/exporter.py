@@ -298,6 +298,10 @@ def export(
         # The TorchScript exporter may spill large weights next to the raw file; they are now loaded.
         if leftover.is_file() and leftover.name not in (ONNX_FILE, DATA_FILE):
             leftover.unlink()
+    if streamed and not captured:
+        # The hook is on a private module of torch's TorchScript exporter: a release that moves it
+        # would leave every weight a graph input. Refuse; the pipeline exports in memory instead.
+        raise NotStreamableError(f"torch {torch.__version__}'s ONNX exporter did not hand over its initializers")
     lazy = _restore_initializers(model, captured, placeholders) if streamed else {}
     if streamed:
         _match_torch_external_format(model, captured)

@@ -139,6 +139,18 @@ def test_a_fold_that_computes_from_a_placeholder_is_refused(tmp_path, monkeypatc
         _streamed(_checkpoint(tmp_path, "smollm2-135m"), tmp_path / "streamed")
 
 
+def test_an_exporter_that_hands_over_no_initializers_is_refused(tmp_path, monkeypatch):
+    """The capture hooks a private module of torch's exporter; if a release moves it, every weight
+    would become a graph input. Refused instead (the pipeline then exports in memory)."""
+    import contextlib
+
+    import qeff.exporter
+
+    monkeypatch.setattr(qeff.exporter, "_capture_initializers", lambda *a: contextlib.nullcontext())
+    with pytest.raises(NotStreamableError, match="did not hand over"):
+        _streamed(_checkpoint(tmp_path, "smollm2-135m"), tmp_path / "streamed")
+
+
 def test_names_transformers_converts_are_not_streamable(tmp_path):
     """Mixtral's checkpoint holds one tensor per expert; transformers fuses them on load."""
     with pytest.raises(NotStreamableError, match="holds no tensor"):
