@@ -34,8 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: One card per family shape the exporter folds differently: Llama (tied, GQA), GPT-2 (Conv1D, no
 #: transpose), Gemma (scaled embedding, 1 + weight norms), Phi (partial rotary, biases), Qwen2
-#: (per-layer windows), Falcon (fused QKV), Gemma 3 (sliding + global, q/k norms).
-FAMILIES = ["smollm2-135m", "gpt2", "tiny-gemma", "tiny-phi", "tiny-qwen2", "tiny-falcon-sequential", "gemma3-270m"]
+#: (per-layer windows), Falcon (fused QKV), Gemma 3 (sliding + global, q/k norms), GPT-OSS (3-D
+#: expert weights, and zero-initialised expert biases that TorchScript deduplicates by value).
+FAMILIES = ["smollm2-135m", "gpt2", "tiny-gemma", "tiny-phi", "tiny-qwen2", "tiny-falcon-sequential", "gemma3-270m",
+            "gpt-oss-20b"]
 
 
 def _checkpoint(root: Path, name: str, *, big: bool = False) -> Path:
