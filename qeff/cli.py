@@ -803,7 +803,16 @@ def _memory_mode(args, source, shape, rows: int, ctx_len: int):
         elif not (serving or args.mxfp6 or args.mxint8 or args.ort_graph == "portable") and _fused_covers(source):
             graph = "fused"
     return Mode(command=command, verify=verify, graph=graph, weights=getattr(args, "weights", "fp32"), batch_size=rows,
-                ctx_len=ctx_len, export_cached=_export_cached(args, source))
+                ctx_len=ctx_len, export_cached=_export_cached(args, source), streamed=_streamed(args, source))
+
+
+def _streamed(args, source) -> bool:
+    """Whether the export will be written from the weight files (qeff.pipeline's rule: a local
+    safetensors directory and the base graph; the serving flags export another graph)."""
+    from qeff.weights import safetensors_dir
+
+    serving = getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None)
+    return source.kind == "local" and not serving and bool(safetensors_dir(source.path))
 
 
 def _small_model_params() -> int:

@@ -8,6 +8,7 @@
     │   └── UnsupportedArchitectureError  refused from the config alone, before loading (also an UnsupportedModelError)
     ├── UnsupportedModelError       an architecture or module type the transform cannot handle
     ├── WeightsChangedError         a transform changed a parameter (name, shape or value)
+    ├── NotStreamableError          a model the streamed export cannot write from its files (the in-memory one can)
     ├── ArtifactError               a cached artifact that is missing, corrupt or does not match
     ├── DiskFullError               a write that ran out of disk space (names the directory and the need)
     ├── CompileError                a compiler run failed (carries the command, exit code, stderr)
@@ -25,6 +26,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedModelError",
     "WeightsChangedError",
+    "NotStreamableError",
     "ArtifactError",
     "DiskFullError",
     "CompileError",
@@ -68,6 +70,12 @@ class UnsupportedArchitectureError(UsageError, UnsupportedModelError):
 
 class WeightsChangedError(QEffError):
     pass
+
+
+class NotStreamableError(QEffError):
+    """The streamed export (:mod:`qeff.weights`) cannot build this model from its weight files: a
+    parameter name the checkpoint does not hold as is, or a weight the exporter folds into a new
+    value. The pipeline exports such a model in memory instead."""
 
 
 class ArtifactError(QEffError):

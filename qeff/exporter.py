@@ -8,6 +8,7 @@ what produced the file is stamped into its metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 from onnx import numpy_helper
 
 from qeff._system import OPSET, library_versions
-from qeff.errors import QEffError
+from qeff.errors import NotStreamableError, QEffError
 from qeff.layout import ONNX_DATA, ONNX_FILE
 from qeff.transforms import QEffCausalLM
 
@@ -46,6 +47,8 @@ class ExportResult:
     #: bytes of the tied embedding's transposed copy that :func:`share_tied_embedding` dropped
     #: (0: no tied embedding). The export's build still writes them once, in TorchScript's raw file.
     tied_embedding_bytes: int = 0
+    #: True when the weights were streamed from their source (:mod:`qeff.weights`), not held in memory.
+    streamed: bool = False
 
 
 def _clip_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
@@ -58,13 +61,16 @@ def _clip_array(arr: np.ndarray) -> tuple[np.ndarray, int]:
     return arr, count
 
 
-def fp16_clip(model: onnx.ModelProto) -> int:
+def fp16_clip(model: onnx.ModelProto, skip=()) -> int:
     """Clip every finite float constant (initializers, ``Constant`` nodes, ``ConstantOfShape``
     fills) into ``[-65504, 65504]`` in place; ``±inf``, NaN and integer tensors are left alone.
-    Returns how many values were clipped."""
+    Initializers named in ``skip`` (the streamed export's, clipped as they are written) are left
+    out. Returns how many values were clipped."""
     total = 0
 
     def clip_tensor(tensor: onnx.TensorProto) -> int:
+        if tensor.name in skip:
+            return 0
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise QEffError("fp16_clip needs tensors loaded in memory, not external data")
         arr = numpy_helper.to_array(tensor)
@@ -91,7 +97,7 @@ def fp16_clip(model: onnx.ModelProto) -> int:
     return total
 
 
-def share_tied_embedding(model: onnx.ModelProto) -> int:
+def share_tied_embedding(model: onnx.ModelProto, lazy: dict | None = None) -> int:
     """Store a tied embedding once; returns the bytes saved (0 when the model has none).
 
     TorchScript exports ``lm_head(x) = x @ E.T`` with ``E.T`` folded into a second initializer
@@ -99,7 +105,10 @@ def share_tied_embedding(model: onnx.ModelProto) -> int:
     of 651; Gemma 3 270M: 671 MB of 1.74 GB), and again in every compiled copy. Where a ``MatMul``
     weight is bit for bit the transpose of a ``Gather``'s table, the MatMul becomes
     ``Reshape → Gemm(transB=1) on E → Reshape`` (standard ONNX; ORT and Cloud AI read ``E`` in
-    place) and the transposed copy is dropped. Tensors must be in memory (not external data)."""
+    place) and the transposed copy is dropped. Tensors must be in memory (not external data), or
+    be ``lazy`` (name → :class:`qeff.weights.View`, the streamed export): a lazy MatMul weight is the
+    table's transpose when both are views of the same source tensor with reversed permutations."""
+    lazy = lazy or {}
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     users: dict[str, int] = {}
@@ -110,21 +119,20 @@ def share_tied_embedding(model: onnx.ModelProto) -> int:
     for node in graph.node:
         init = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if init is not None and len(init.dims) == 2 and axis == 0 and init.data_location != onnx.TensorProto.EXTERNAL:
+        if init is not None and len(init.dims) == 2 and axis == 0 and (init.name in lazy or init.data_location != onnx.TensorProto.EXTERNAL):
             tables.setdefault((int(init.dims[1]), int(init.dims[0])), init)  # keyed by the transpose's shape
     saved, nodes, dropped = 0, [], []
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         table = tables.get((int(weight.dims[0]), int(weight.dims[1]))) if weight is not None and len(weight.dims) == 2 else None
-        values = (
-            None
-            if table is None
+        if (
+            table is None
             or users.get(weight.name) != 1
             or table.data_type != weight.data_type
-            or weight.data_location == onnx.TensorProto.EXTERNAL
-            else numpy_helper.to_array(weight)
-        )
-        if values is None or not np.array_equal(values, numpy_helper.to_array(table).T):
+            or (weight.name in lazy) != (table.name in lazy)
+            or (weight.name not in lazy and weight.data_location == onnx.TensorProto.EXTERNAL)
+            or not _is_transpose(weight, table, lazy)
+        ):
             nodes.append(node)
             continue
         hidden, vocab = (int(d) for d in weight.dims)
@@ -147,7 +155,7 @@ def share_tied_embedding(model: onnx.ModelProto) -> int:
             onnx.helper.make_node("Reshape", [f"{base}/y2d", f"{base}/y_shape"], [y], name=f"{base}/Reshape_out"),
         ]
         nodes.extend(new)
-        saved += values.nbytes
+        saved += int(np.prod(weight.dims)) * onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).itemsize
         dropped.append(weight.name)
     if dropped:
         del graph.node[:]
@@ -156,6 +164,14 @@ def share_tied_embedding(model: onnx.ModelProto) -> int:
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return saved
+
+
+def _is_transpose(weight: onnx.TensorProto, table: onnx.TensorProto, lazy: dict) -> bool:
+    """Is ``weight`` bit for bit the transpose of the 2-D ``table``?"""
+    if weight.name in lazy:
+        w, t = lazy[weight.name], lazy[table.name]
+        return w.source == t.source and w.perm == tuple(reversed(t.perm)) and len(w.perm) == 2
+    return np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(table).T)
 
 
 def check_portable(model: onnx.ModelProto) -> None:
@@ -215,12 +231,18 @@ def export(
     model_id: str = "",
     extra_metadata: dict[str, str] | None = None,
     variant=None,
+    weights=None,
+    placeholders=None,
 ) -> ExportResult:
     """Export ``qmodel`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``) and run the passes.
 
     The example inputs only fix the graph's structure: every dim that varies is symbolic.
     ``variant`` (a :class:`qeff.serving.graph.GraphVariant`) adds the serving inputs
     ``batch_index`` / ``num_logits_to_keep``; None or the base variant exports the base graph.
+
+    ``placeholders`` + ``weights``: ``qmodel`` wraps a :func:`qeff.weights.skeleton` and the data
+    file is written from ``weights`` one tensor at a time (the streamed export, below); the files
+    are byte for byte the in-memory export's.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,15 +257,17 @@ def export(
         input_ids = torch.zeros((batch, seq), dtype=torch.int64)
         position_ids = torch.arange(seq, dtype=torch.int64)[None].repeat(batch, 1)
         args, axes = (input_ids, position_ids, *qmodel.empty_cache(batch, ctx)), _dynamic_axes(qmodel)
+    streamed = placeholders is not None
     raw = out_dir / "raw.onnx"
     for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
         stale.unlink(missing_ok=True)  # onnx appends to an existing external data file
+    captured: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings(record=True) as caught:
         # The TorchScript exporter is deprecated in favour of dynamo; it is the one that exports
         # transformers' models in well under a second with plain ops, so its deprecation notice is
         # dropped. Tracer warnings are kept: each one marks a value that may be frozen in the graph.
         warnings.simplefilter("always")
-        with torch.no_grad():
+        with torch.no_grad(), (_capture_initializers(captured, placeholders, weights) if streamed else contextlib.nullcontext()):
             torch.onnx.export(
                 graph,
                 args,
@@ -254,6 +278,7 @@ def export(
                 opset_version=OPSET,
                 dynamo=False,
                 do_constant_folding=True,
+                export_params=not streamed,
             )
     trace_warnings = tuple(
         sorted(
@@ -273,11 +298,20 @@ def export(
         # The TorchScript exporter may spill large weights next to the raw file; they are now loaded.
         if leftover.is_file() and leftover.name not in (ONNX_FILE, DATA_FILE):
             leftover.unlink()
+    if streamed and not captured:
+        # The hook is on a private module of torch's TorchScript exporter: a release that moves it
+        # would leave every weight a graph input. Refuse; the pipeline exports in memory instead.
+        raise NotStreamableError(f"torch {torch.__version__}'s ONNX exporter did not hand over its initializers")
+    lazy = _restore_initializers(model, captured, placeholders) if streamed else {}
+    if streamed:
+        _match_torch_external_format(model, captured)
     if variant is None or not variant.speculative:
         _fix_logits_shape(model)
     check_portable(model)
-    shared = share_tied_embedding(model)
-    clipped = fp16_clip(model)
+    shared = share_tied_embedding(model, lazy)
+    clipped = fp16_clip(model, skip=lazy)
+    if streamed:
+        clipped += _write_external_data(model, lazy, weights, out_dir / DATA_FILE)
     metadata = {
         "qeff.model_id": model_id,
         "qeff.transforms": ",".join(transforms),
@@ -294,13 +328,199 @@ def export(
     }
     stamp_metadata(model, metadata)
     path = out_dir / ONNX_FILE
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=EXTERNAL_THRESHOLD,
-    )
+    if streamed:
+        onnx.save_model(model, str(path))  # every large tensor is already in DATA_FILE
+    else:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=EXTERNAL_THRESHOLD,
+        )
     return ExportResult(path=path, clipped_values=clipped, metadata=metadata, trace_warnings=trace_warnings,
-                        tied_embedding_bytes=shared)
+                        tied_embedding_bytes=shared, streamed=streamed)
+
+
+# --- the streamed export (issue 18) ------------------------------------------------------------
+#
+# The graph is traced from a :func:`qeff.weights.skeleton`, whose large weights are placeholders,
+# with ``export_params=False``; TorchScript's own passes still run on them (the eval peephole,
+# constant folding, deduplication), so the graph is the one the in-memory export builds. What those
+# passes left as initializers is captured, each placeholder view is recorded as (source tensor,
+# permutation), and the data file is written from the weight source one tensor at a time, in the
+# order and with the offsets ``onnx.save_model`` would give them.
+
+#: Rows converted to float32 at a time while a tensor is written (bounds the conversion's memory).
+_CHUNK_BYTES = 16 << 20
+
+
+@contextlib.contextmanager
+def _capture_initializers(into: dict, placeholders, weights):
+    """Keep the initializers TorchScript's exporter computes (it drops them under
+    ``export_params=False``), and deduplicate the placeholder views as its value deduplication
+    would the real tensors: views of equal sources (by their float32 digests) with the same
+    permutation and shape go through the pass again as stand-ins that are equal exactly then
+    (a random model's zero-initialised expert biases are such twins)."""
+    from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+
+    from qeff.weights import view_of
+
+    real = ts_utils._C
+
+    class _Capturing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def _jit_pass_onnx_graph_shape_type_inference(graph, params, opset):
+            # Handed the placeholders, ONNX shape inference copies each weight into a one-node
+            # model per node that reads it (element by element: its strides overlap): 87 s and
+            # +2 GB for a 2-layer Llama-3.2-1B shape. Without them it types those inputs from the
+            # traced values' types; only a weight's shape matters to it, and that is the same.
+            return real._jit_pass_onnx_graph_shape_type_inference(
+                graph, {k: v for k, v in params.items() if not placeholders.owns(v)}, opset)
+
+        @staticmethod
+        def _jit_pass_onnx_deduplicate_initializers(graph, params, training):
+            held = {k: v for k, v in params.items() if placeholders.owns(v)}
+            kept = real._jit_pass_onnx_deduplicate_initializers(
+                graph, {k: v for k, v in params.items() if k not in held}, training)
+            classes: dict = {}
+            for k, v in held.items():
+                try:
+                    view = view_of(placeholders, v)
+                except ValueError:
+                    continue  # refused when the initializers are restored
+                key = (placeholders.digest(view.source, weights), view.perm, view.shape)
+                classes.setdefault(key, []).append(k)
+            twins = [k for names in classes.values() if len(names) > 1 for k in names]
+            if twins:
+                code = {k: float(i) for i, names in enumerate(classes.values()) for k in names}
+                stand_ins = {k: torch.tensor(code[k]).expand(held[k].shape) for k in twins}
+                survivors = real._jit_pass_onnx_deduplicate_initializers(graph, stand_ins, training)
+                held = {k: v for k, v in held.items() if k not in stand_ins or k in survivors}
+            into.update(kept)
+            into.update(held)
+            return kept
+
+    ts_utils._C = _Capturing()
+    try:
+        yield
+    finally:
+        ts_utils._C = real
+
+
+def _restore_initializers(model: onnx.ModelProto, captured: dict, placeholders) -> dict:
+    """Turn the parameter inputs of a graph exported with ``export_params=False`` back into the
+    initializers the in-memory export has (same names, same order): in-memory tensors for the real
+    ones, empty float tensors for the placeholder views. Returns name → :class:`qeff.weights.View`."""
+    from qeff.weights import view_of
+
+    graph = model.graph
+    order = [i.name for i in graph.input if i.name in captured]  # TorchScript's initializer order
+    if len(order) != len(captured):
+        raise NotStreamableError(f"the streamed export lost track of initializers {sorted(set(captured) - set(order))[:5]}")
+    kept = [i for i in graph.input if i.name not in captured]
+    del graph.input[:]
+    graph.input.extend(kept)
+    lazy = {}
+    for name in order:
+        tensor = captured[name]
+        try:
+            view = view_of(placeholders, tensor)
+        except ValueError as exc:
+            raise NotStreamableError(f"the streamed export cannot write initializer {name!r}: {exc}") from None
+        if view is not None:
+            lazy[name] = view
+            init = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=onnx.TensorProto.FLOAT)
+        else:
+            if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+                raise NotStreamableError(f"the streamed export cannot write initializer {name!r}: it was computed from a "
+                                f"weight that is not in memory; export this model in memory")
+            init = numpy_helper.from_array(tensor.detach().contiguous().numpy(), name)
+        graph.initializer.append(init)
+    return lazy
+
+
+def _match_torch_external_format(model: onnx.ModelProto, captured: dict) -> bool:
+    """Give the graph what TorchScript's encoder gives one it writes in its external data format,
+    which it picks when its size estimate passes 2 GiB (``GraphEncoder::GetGraphProtoSize`` in
+    torch/csrc/jit/serialization/export.cpp: each initializer's dims + bytes, each ``Constant``
+    node with its tensor): every node attribute tensor is named ``<node>_attr::<attr>``, and one
+    of more than 1024 elements comes back from its external file with ``data_location`` DEFAULT
+    set. The streamed export, which hands the encoder no weights, never passes the limit itself.
+    Returns whether the format applies."""
+    size = sum(onnx.TensorProto(dims=list(t.shape), data_type=onnx.TensorProto.FLOAT).ByteSize()
+               + t.element_size() * t.numel() for t in captured.values())
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    size += node.ByteSize() + len(attr.t.raw_data)
+    if size <= 2**31 - 1:
+        return False
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                for t in ([attr.t] if attr.type == onnx.AttributeProto.TENSOR else list(attr.tensors)):
+                    if not t.name and node.name:
+                        t.name = f"{node.name}_attr::{attr.name}"
+                    if int(np.prod(t.dims)) > 1024:
+                        t.data_location = onnx.TensorProto.DEFAULT
+                for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    visit(g)
+
+    visit(model.graph)
+    return True
+
+
+def _external(nbytes: int) -> bool:
+    """Does ``onnx.save_model`` move a tensor of ``nbytes`` raw bytes to the data file? (It
+    compares ``sys.getsizeof(raw_data)``, the bytes object's size, with the threshold.)"""
+    import sys
+
+    return nbytes + sys.getsizeof(b"") >= EXTERNAL_THRESHOLD
+
+
+def _write_external_data(model: onnx.ModelProto, lazy: dict, weights, path: Path) -> int:
+    """Write ``path`` as ``onnx.save_model(..., location=DATA_FILE)`` would: every initializer of
+    at least the threshold, in order, end to end; the lazy ones read from ``weights``, converted
+    to float32 and fp16-clipped a chunk of rows at a time. Returns the values clipped."""
+    from onnx.external_data_helper import _get_initializer_tensors
+
+    clipped, offset = 0, 0
+    with open(path, "wb") as out:
+        for init in _get_initializer_tensors(model):
+            if init.name in lazy:
+                view = lazy[init.name]
+                source = view.of(weights.get(view.source))  # stored dtype, a view where it can be
+                if not source.is_floating_point():
+                    raise NotStreamableError(f"weight {view.source} is {source.dtype}, not a float tensor")
+                nbytes = source.numel() * 4
+                if not _external(nbytes):
+                    arr, n = _clip_array(source.to(torch.float32).contiguous().numpy())
+                    init.raw_data = arr.tobytes()
+                    clipped += n
+                    continue
+                rows = max(1, _CHUNK_BYTES // max(1, nbytes // max(1, source.shape[0])))
+                for start in range(0, source.shape[0], rows):
+                    arr, n = _clip_array(source[start:start + rows].to(torch.float32).contiguous().numpy())
+                    out.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+                    clipped += n
+                del source
+            elif init.HasField("raw_data") and _external(len(init.raw_data)):
+                nbytes = len(init.raw_data)
+                out.write(init.raw_data)
+            else:
+                continue
+            init.ClearField("raw_data")
+            del init.external_data[:]  # what onnx's set_external_data writes, in its order
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(nbytes))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            offset += nbytes
+    return clipped

@@ -46,6 +46,7 @@ __all__ = [
     "verify_cached",
     "export_manifest",
     "SMALL_MODEL_PARAMS",
+    "streamed_model",
 ]
 
 #: Verification runs by default for models up to this many parameters (it runs HF on the CPU).
@@ -210,11 +211,19 @@ class Pipeline:
                 require_supported(self.source, cache_dir=self.cache_dir)
             if validate is not None and self.tokenizer is not None:
                 validate(self.tokenizer)
-            model = self.model  # loads when not given
-            qmodel = self.qmodel
-            with measured("export"), stage(f"Exporting {self.name} to ONNX", enabled=self.progress), \
-                    layer_progress("Export: tracing", qmodel, enabled=self.progress):
-                result = export(qmodel, tmp, model_id=self.name, variant=variant)
+            streamed = None
+            if self._streamable(variant):
+                with measured("export"):
+                    streamed = self._export_streamed(tmp, variant)
+            if streamed is None:
+                model = self.model  # loads when not given
+                qmodel = self.qmodel
+                with measured("export"), stage(f"Exporting {self.name} to ONNX", enabled=self.progress), \
+                        layer_progress("Export: tracing", qmodel, enabled=self.progress):
+                    result = export(qmodel, tmp, model_id=self.name, variant=variant)
+            else:
+                result, qmodel = streamed
+                model = qmodel.model
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             config = model.config
@@ -234,7 +243,12 @@ class Pipeline:
             tied embedding twice, as TorchScript's raw file (the build's peak) holds it; the final
             graph stores it once."""
             if self._model is None:
-                return None
+                if self.source is None or self.source.kind != "local":
+                    return None
+                from qeff.preflight import model_shape
+
+                shape = model_shape(self.source)  # the weight files' headers: their fp32 bytes (streamed export)
+                return shape.weight_bytes if shape is not None else None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())
 
         mark(self.home)  # `qeff doctor` / `qeff clean` look only inside directories qeff marked (issue 19)
@@ -253,6 +267,34 @@ class Pipeline:
         if built.reused and validate is not None and self.tokenizer is not None:
             validate(self.tokenizer)
         return built
+
+    def _streamable(self, variant) -> bool:
+        """Export from the weight files, never holding the model (issue 18)? For a local directory
+        of safetensors whose model is not loaded yet, and the base graph: its files are byte for
+        byte the in-memory export's (tests/test_streamed_export.py), so it is always taken there."""
+        from qeff.weights import safetensors_dir
+
+        return (self._model is None and self.source is not None and self.source.kind == "local"
+                and (variant is None or variant.is_base) and safetensors_dir(self.source.path))
+
+    def _export_streamed(self, tmp: Path, variant):
+        """``(ExportResult, skeleton qmodel)``, or None when the streamed export cannot write this
+        model (then it is exported in memory, as before)."""
+        from qeff.errors import NotStreamableError
+        from qeff.exporter import export
+
+        try:
+            with stage(f"Exporting {self.name} to ONNX from its weight files", enabled=self.progress):
+                qmodel, weights, placeholders = streamed_model(self.source.path)
+                return export(qmodel, tmp, model_id=self.name, variant=variant, weights=weights,
+                              placeholders=placeholders), qmodel
+        except NotStreamableError as exc:
+            if self.progress:
+                print(f"note: exporting {self.name} in memory: {exc}", file=sys.stderr, flush=True)
+            for leftover in tmp.iterdir():
+                if leftover.is_file():
+                    leftover.unlink()
+            return None
 
     # --- reference and verification ----------------------------------------------------------
 
@@ -361,6 +403,22 @@ class Pipeline:
                 raise
             shutil.rmtree(built.path, ignore_errors=True)
             return open_session(rebuild().path, **options), True
+
+
+def streamed_model(path: Path):
+    """``(qmodel, weights, placeholders)`` for the streamed export of the safetensors checkpoint
+    at ``path``: the retained-state wrapper of a :func:`qeff.weights.skeleton` (no weight memory;
+    never run it) whose ``weights_digest`` is the loaded model's, read a tensor at a time."""
+    from transformers import AutoConfig
+
+    from qeff.transforms import transform
+    from qeff.weights import SafetensorsWeights, fingerprint, skeleton
+
+    weights = SafetensorsWeights(path)
+    model, placeholders = skeleton(AutoConfig.from_pretrained(str(path)), weights)
+    qmodel = transform(model, check_weights=False)
+    qmodel.weights_digest = fingerprint(qmodel.model, weights, placeholders)
+    return qmodel, weights, placeholders
 
 
 # --- compatibility: the function forms used before the Pipeline class -------------------------
