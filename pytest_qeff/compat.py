@@ -35,6 +35,10 @@ __all__ = ["CardVerdict", "Run", "Row", "card_verdicts", "compare", "render", "m
 #: multi-GB CUDA download).
 TRIED = ("transformers", "onnx", "onnxruntime")
 _FAILED = frozenset({"failed", "error", "xpassed"})
+#: Stages whose failure is a speed measured against a baseline, not a wrong answer: on a shared
+#: machine they move with its load, so a compatibility run reports them apart ("slower") and does
+#: not count them as a card that breaks.
+TIMED_STAGES = frozenset({"benchmark"})
 
 
 @dataclass(frozen=True)
@@ -45,30 +49,38 @@ class CardVerdict:
     skipped: int
     failed_stages: tuple[str, ...] = ()
     first_failure: str = ""
+    slower_stages: tuple[str, ...] = ()  # failed timed stages (TIMED_STAGES): speed, not correctness
 
     def describe(self) -> str:
+        slower = f"; slower: {', '.join(self.slower_stages)}" if self.slower_stages else ""
         if self.outcome == "failed":
-            return f"FAILED {', '.join(self.failed_stages)} ({self.passed} passed)"
+            return f"FAILED {', '.join(self.failed_stages)} ({self.passed} passed{slower})"
         if self.outcome == "skipped":
             return f"skipped ({self.skipped})"
-        return f"passed {self.passed}" + (f", {self.skipped} skipped" if self.skipped else "")
+        return f"passed {self.passed}" + (f", {self.skipped} skipped" if self.skipped else "") + slower
 
 
 def card_verdicts(results: dict) -> dict[str, CardVerdict]:
     """One verdict per card of a ``results.json``: failed when any of its stage tests failed or
-    errored (or a strict xfail passed), passed when at least one passed, else skipped."""
+    errored (or a strict xfail passed), passed when at least one passed, else skipped. A failed
+    timed stage (a benchmark below its baseline) is listed as slower, not as a failure."""
     by_card: dict[str, list[dict]] = {}
     for rec in results.get("records", []):
         by_card.setdefault(rec["card"], []).append(rec)
     out = {}
     for card, records in sorted(by_card.items()):
-        failed = [r for r in records if r["outcome"] in _FAILED]
+        timed = [r for r in records if r["outcome"] in _FAILED and r["stage"] in TIMED_STAGES]
+        failed = [r for r in records if r["outcome"] in _FAILED and r["stage"] not in TIMED_STAGES]
         passed = sum(r["outcome"] in ("passed", "xfailed") for r in records)
         skipped = sum(r["outcome"] == "skipped" for r in records)
-        stages = tuple(dict.fromkeys(r["stage"] + (f"[{r['backend']}]" if r.get("backend") else "") for r in failed))
+        def names(recs: list[dict]) -> tuple[str, ...]:
+            return tuple(dict.fromkeys(r["stage"] + (f"[{r['backend']}]" if r.get("backend") else "") for r in recs))
+
+        stages = names(failed)
         outcome = "failed" if failed else ("passed" if passed else "skipped")
         first = failed[0].get("message", "") if failed else ""
-        out[card] = CardVerdict(outcome, passed, len(failed), skipped, stages, first.splitlines()[0][:300] if first else "")
+        out[card] = CardVerdict(outcome, passed, len(failed), skipped, stages, first.splitlines()[0][:300] if first else "",
+                                names(timed))
     return out
 
 
@@ -98,6 +110,7 @@ class Row:
     verdicts: tuple[CardVerdict | None, ...]  # one per run, None where the run has no such card
     breaks: bool  # passes in the first run, fails in a later one
     fixed: bool = False  # fails in the first run, passes in every later one
+    slower: bool = False  # a timed stage fails in a later run and not in the first
 
 
 @dataclass
@@ -115,6 +128,7 @@ class Comparison:
             "runs": [{"label": r.label, "versions": r.versions, "report": r.report, "exit_status": r.exit_status,
                       "note": r.note} for r in self.runs],
             "cards": [{"card": row.card, "architecture": row.architecture, "breaks": row.breaks, "fixed": row.fixed,
+                       "slower": row.slower,
                        "verdicts": [asdict(v) if v else None for v in row.verdicts]} for row in self.rows],
             "broken": [row.card for row in self.broken],
         }
@@ -130,7 +144,8 @@ def compare(runs: list[Run], architectures: dict[str, str] | None = None) -> Com
         base, later = verdicts[0], verdicts[1:]
         breaks = base is not None and base.outcome == "passed" and any(v is None or v.outcome == "failed" for v in later)
         fixed = base is not None and base.outcome == "failed" and all(v is not None and v.outcome == "passed" for v in later)
-        rows.append(Row(card, architectures.get(card, ""), verdicts, breaks, fixed))
+        slower = base is not None and not base.slower_stages and any(v is not None and v.slower_stages for v in later)
+        rows.append(Row(card, architectures.get(card, ""), verdicts, breaks, fixed, slower))
     return Comparison(runs, rows)
 
 
@@ -151,7 +166,7 @@ def table(comparison: Comparison) -> list[str]:
     lines.append(f"{'card':<{width}}  " + "  ".join(f"{c:<34}" for c in cols))
     for row in comparison.rows:
         cells = [(v.describe() if v else "absent") for v in row.verdicts]
-        flag = "  <- breaks" if row.breaks else ("  <- fixed" if row.fixed else "")
+        flag = "  <- breaks" if row.breaks else ("  <- fixed" if row.fixed else ("  <- slower (timed stage)" if row.slower else ""))
         lines.append(f"{row.card:<{width}}  " + "  ".join(f"{c:<34}" for c in cells) + flag)
     broken = comparison.broken
     if broken:
@@ -160,6 +175,10 @@ def table(comparison: Comparison) -> list[str]:
                      f"{', '.join(r.card for r in broken)} (families: {', '.join(families)})")
     else:
         lines.append("no card that passes locked fails under the tried releases")
+    slower = [r.card for r in comparison.rows if r.slower]
+    if slower:  # said before the verdict line, which stays last
+        lines.insert(-1, f"{len(slower)} card(s) slower than their baseline only under the tried releases (a timed "
+                         f"stage; rerun on a quiet machine before reading it as the release's): {', '.join(slower)}")
     return lines
 
 
@@ -175,6 +194,7 @@ def render(comparison: Comparison, out_dir: Path) -> Path:
         "runs": [{"n": i + 1, "label": r.label, "versions": r.versions, "report": r.report, "note": r.note}
                  for i, r in enumerate(comparison.runs)],
         "rows": [{"card": row.card, "architecture": row.architecture, "breaks": row.breaks, "fixed": row.fixed,
+                  "slower": row.slower,
                   "cells": [{"text": v.describe() if v else "absent", "status": v.outcome if v else "absent",
                              "why": v.first_failure if v else "",
                              "href": f"{comparison.runs[i].report}/cards/{row.card}.html" if v else ""}

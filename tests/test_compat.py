@@ -122,3 +122,23 @@ def test_report_pages_say_when_a_library_is_not_the_locked_release():
     pairs = {p.label: p.value for p in _environment({"environment": env})}
     assert pairs["transformers"] == "5.0.0 (not the locked 5.25.0)"
     assert pairs["onnx"] == "1.23.2" and pairs["torch"] == "2.13.0+cpu"
+
+
+def test_a_benchmark_below_its_baseline_is_slower_not_broken():
+    """A timed stage moves with the machine's load (a compatibility run beside a busy CI once read a
+    -92 % decode as a break): it is reported apart, and only a wrong answer breaks a card."""
+    locked = compat.Run.from_results("locked", _results(LOCKED, {
+        "llama-x": [("transform", "passed"), ("benchmark", "passed")],
+        "gpt2-y": [("transform", "passed"), ("benchmark", "passed")],
+    }), "locked")
+    tried = compat.Run.from_results("tried", _results(TRIED, {
+        "llama-x": [("transform", "passed"), ("benchmark", "failed")],
+        "gpt2-y": [("transform", "failed"), ("benchmark", "failed")],
+    }), "tried")
+    comparison = compat.compare([locked, tried])
+    rows = {r.card: r for r in comparison.rows}
+    assert not rows["llama-x"].breaks and rows["llama-x"].slower
+    assert rows["gpt2-y"].breaks and rows["gpt2-y"].verdicts[1].failed_stages == ("transform",)
+    assert rows["llama-x"].verdicts[1].describe() == "passed 1; slower: benchmark"
+    lines = compat.table(comparison)
+    assert lines[-1].startswith("1 card(s) pass locked and fail") and "llama-x" in lines[-2]
