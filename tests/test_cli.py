@@ -42,7 +42,8 @@ def test_infer_json_then_reuse_then_rebuild_on_change(tiny_model_dir, tmp_path, 
     assert first["verify"]["pytorch_vs_ort"]["passed"] and first["verify"]["hf_vs_pytorch"]["passed"]
     assert "built export" in err and "ort-fused_2BS_8PL_64CL" in err and "fused graph vs portable graph" in err
     # Each stage's peak RSS and wall time (issue 18), in the order they ran, with the preflight's estimate.
-    assert [st["name"] for st in first["stages"]] == ["load", "transform", "export", "reference", "verify",
+    # The export streams from the safetensors files first; verification then loads the model.
+    assert [st["name"] for st in first["stages"]] == ["export", "load", "transform", "reference", "verify",
                                                       "fused-build", "fused-check", "run"]
     assert all(st["peak_rss"] > 0 and st["estimate"] for st in first["stages"])
     second, err = infer_json(capsys, *args)

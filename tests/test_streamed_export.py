@@ -218,8 +218,16 @@ def test_streamed_export_peak_memory_is_a_fraction_of_the_weights(tmp_path):
     times over, and any one full fp32 copy alone would make the ratio at least 1."""
     ckpt = tmp_path / "ckpt"
     fp32 = _synthetic_llama(ckpt)
-    ratio = _peak_over_weights(ckpt, tmp_path / "streamed", "streamed", fp32)
-    assert ratio < 0.85, f"streamed export peak was {ratio:.2f}x the fp32 weights above the baseline"
+    # Under memory pressure (a full `make test` beside another job) the libraries' file pages can be
+    # out of memory when the baseline is read and faulted back in during the export, which counts
+    # them in the peak and not in the baseline: one such run read 1.98x. Paging only ever inflates
+    # the ratio, so the smaller of two runs is the export's own; a real regression fails both.
+    ratios = []
+    for attempt in range(2):
+        ratios.append(_peak_over_weights(ckpt, tmp_path / f"streamed-{attempt}", "streamed", fp32))
+        if ratios[-1] < 0.85:
+            break
+    assert min(ratios) < 0.85, f"streamed export peak was {min(ratios):.2f}x the fp32 weights above the baseline"
 
 
 # --- the pipeline ----------------------------------------------------------------------------
