@@ -170,9 +170,21 @@ _CHILD = textwrap.dedent("""
     import torch.onnx._internal.torchscript_exporter.utils
     import transformers.models.llama.modeling_llama
     torch.set_num_threads(1)
+    import threading, time
     def rss():
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        # Anonymous resident memory only: the libraries' file pages, which the kernel may have
+        # evicted before the baseline and fault back in during the export when the machine is
+        # busy (a full `make test` read 1.79x-1.98x that way), are not the export's memory.
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    top = [0]
+    def sample():
+        while True:
+            top[0] = max(top[0], rss())
+            time.sleep(0.002)
     base = rss()
+    threading.Thread(target=sample, daemon=True).start()
     ckpt, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     if mode == "streamed":
         qmodel, weights, ph = qeff.pipeline.streamed_model(ckpt)
@@ -181,8 +193,9 @@ _CHILD = textwrap.dedent("""
         from qeff.transforms import transform
         model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
         qeff.exporter.export(transform(model), out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base": base, "peak": peak}))
+    time.sleep(0.01)
+    peak = max(top[0], rss())  # sampled every 2 ms: the export holds its peak for seconds, not ms
+    print(json.dumps({"base": base, "peak": peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """)
 
 
@@ -218,16 +231,8 @@ def test_streamed_export_peak_memory_is_a_fraction_of_the_weights(tmp_path):
     times over, and any one full fp32 copy alone would make the ratio at least 1."""
     ckpt = tmp_path / "ckpt"
     fp32 = _synthetic_llama(ckpt)
-    # Under memory pressure (a full `make test` beside another job) the libraries' file pages can be
-    # out of memory when the baseline is read and faulted back in during the export, which counts
-    # them in the peak and not in the baseline: one such run read 1.98x. Paging only ever inflates
-    # the ratio, so the smaller of two runs is the export's own; a real regression fails both.
-    ratios = []
-    for attempt in range(2):
-        ratios.append(_peak_over_weights(ckpt, tmp_path / f"streamed-{attempt}", "streamed", fp32))
-        if ratios[-1] < 0.85:
-            break
-    assert min(ratios) < 0.85, f"streamed export peak was {min(ratios):.2f}x the fp32 weights above the baseline"
+    ratio = _peak_over_weights(ckpt, tmp_path / "streamed", "streamed", fp32)
+    assert ratio < 0.85, f"streamed export peak was {ratio:.2f}x the fp32 weights above the baseline"
 
 
 # --- the pipeline ----------------------------------------------------------------------------
