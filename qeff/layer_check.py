@@ -442,6 +442,14 @@ def _hidden_diff(ref: np.ndarray, got: np.ndarray, valid: np.ndarray) -> tuple[f
     return float(d.max()), float(np.abs(a).max()), float((d / scale).max())
 
 
+def _cache_diff(ref: np.ndarray, got: np.ndarray, n_slots: int) -> tuple[np.ndarray, float]:
+    """(max-abs per slot, MSE) of one row's (heads, slots, head_dim) cache over its written slots."""
+    d = np.asarray(ref[:, :n_slots, :], np.float64) - np.asarray(got[:, :n_slots, :], np.float64)
+    if not d.size:
+        return np.zeros(0), 0.0
+    return np.abs(d).max(axis=(0, 2)), float((d * d).mean())
+
+
 def _when(step: int) -> str:
     return "step 0 (prefill)" if step == 0 else f"step {step} (decode)"
 
@@ -474,6 +482,7 @@ def check_layers(
     threads: int | None = None,
     candidate: str = "ort",
     stats: list[LayerStat] | None = None,
+    traces: list[Trace] | None = None,
 ) -> Comparison:
     """Transformed PyTorch vs the exported graph at ``onnx_path``, one decoder layer's sub-graph
     at a time (see the module docstring): a :class:`~qeff.verification.Comparison` named
@@ -481,7 +490,8 @@ def check_layers(
     (prefill), row 1") and whose ``first_divergence`` is filled when it fails.
 
     ``tokens[r]`` are the reference's greedy tokens of row ``r`` (one per step; all but the last
-    are fed). ``stats``, when given, receives one :class:`LayerStat` per layer."""
+    are fed). ``stats``, when given, receives one :class:`LayerStat` per layer; ``traces`` the two
+    :class:`~qeff.verification.Trace` s compared (PyTorch's, then the parts')."""
     prompts = [list(map(int, p)) for p in prompts]
     tokens = [list(map(int, t)) for t in tokens]
     if not prompts or any(not p for p in prompts):
@@ -501,7 +511,7 @@ def check_layers(
     try:
         steps = _torch_steps(qmodel, schedule, batch, ctx_len, spill)
         return _check(part, steps, schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate, spill,
-                      stats if stats is not None else [])
+                      stats if stats is not None else [], traces if traces is not None else [])
     finally:
         spill.close()
 
@@ -522,7 +532,7 @@ def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray]) -> dict[s
 
 
 def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate,
-           spill: _Spill, stats: list[LayerStat]) -> Comparison:
+           spill: _Spill, stats: list[LayerStat], traces: list[Trace]) -> Comparison:
     num_layers = part.num_layers
     hits: list[_Hit] = []
     per_layer: dict[tuple[int, int], list[dict]] = {}  # (step index, row) -> per-layer hidden entries
@@ -582,16 +592,13 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
                                      f"layer {i} of {num_layers} ({part.scope}.{i})"))
                 for j, got in enumerate((key, value)):
                     ref = _Spill.get(s.retained[2 * i + j])
-                    n_slots = int(written_after[k][r])
-                    d = ref[r, :, :n_slots, :].astype(np.float64) - got[r, :, :n_slots, :].astype(np.float64)
                     if ref.shape[1:] != got.shape[1:]:
                         hits.append(_Hit(step_no[k], r, i, f"cache shape ({'past_key' if j == 0 else 'past_value'}.{i})",
                                          float(got.shape[1]), float(ref.shape[1]), i, f"layer {i} of {num_layers} (its cache)"))
                         continue
-                    if not d.size:
+                    per_slot, mse = _cache_diff(ref[r], got[r], int(written_after[k][r]))
+                    if not per_slot.size:
                         continue
-                    per_slot = np.abs(d).max(axis=(0, 2))
-                    mse = float((d * d).mean())
                     stat.cache_max_abs = max(stat.cache_max_abs, float(per_slot.max()))
                     stat.cache_mse = max(stat.cache_mse, mse)
                     name = f"{'past_key' if j == 0 else 'past_value'}.{i}"
@@ -626,6 +633,7 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     got_cache = [[c[r, :, : written[r], :] for c in final_cache] for r in range(n_rows)]
     pt = Trace("pytorch", [np.stack(rows) for rows in ref_rows], ref_cache)
     ort = Trace(candidate, [np.stack(rows) for rows in logit_rows], got_cache)
+    traces += [pt, ort]
     comparison = compare(pt, ort, tol)
 
     # Logits of each (step, row) the suffix computed: a difference there with every layer within
