@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qeff.divergence import LAYER_RTOL, FirstDivergence, decoder_layers, layer_output_names
-from qeff.errors import UsageError
+from qeff.errors import UnsupportedModelError, UsageError
 from qeff.generation import prefill_chunks
 from qeff.verification import Comparison, Tolerances, Trace, compare
 
@@ -184,10 +184,19 @@ def partition(model_path: str | os.PathLike) -> Partition:
       depends on a layer's output, else to the prefix.
 
     A layer may then take from other layers only the previous layer's output (its hidden state):
-    anything else is refused with :class:`LookupError`."""
+    anything else is refused with :class:`~qeff.errors.UnsupportedModelError` (one sentence)."""
+    source = Path(model_path)
+    if not source.is_file():
+        raise UsageError(f"{source}: no exported graph there")
+    try:
+        return _partition(source)
+    except LookupError as exc:
+        raise UnsupportedModelError(f"{source}: this graph cannot be checked layer by layer ({exc})") from None
+
+
+def _partition(source: Path) -> Partition:
     import onnx
 
-    source = Path(model_path)
     model = onnx.load(str(source), load_external_data=False)
     graph = model.graph
     inits = {t.name for t in graph.initializer}
@@ -248,9 +257,6 @@ def partition(model_path: str | os.PathLike) -> Partition:
             home[n] = -1
 
     parts = [Part("prefix", None)] + [Part(f"layer {i}", i) for i in range(num_layers)] + [Part("suffix", None)]
-
-    def part_of(index: int) -> Part:
-        return parts[index + 1]
 
     # Static nodes each part needs, copied in (their whole static cone).
     static_needed: list[set[int]] = [set() for _ in parts]
@@ -483,6 +489,7 @@ def check_layers(
     candidate: str = "ort",
     stats: list[LayerStat] | None = None,
     traces: list[Trace] | None = None,
+    progress: bool = False,
 ) -> Comparison:
     """Transformed PyTorch vs the exported graph at ``onnx_path``, one decoder layer's sub-graph
     at a time (see the module docstring): a :class:`~qeff.verification.Comparison` named
@@ -504,8 +511,17 @@ def check_layers(
     if max(len(p) for p in prompts) + len(tokens[0]) - 1 > ctx_len:
         raise UsageError(f"the prompts plus {len(tokens[0])} steps do not fit ctx_len={ctx_len}")
     tol = tolerances or Tolerances()
+    from qeff.progress import stage
+
+    with stage("Checking ONNX Runtime one decoder layer at a time", enabled=progress):
+        return _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len, tol, layer_rtol, threads,
+                             candidate, stats, traces)
+
+
+def _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len, tol, layer_rtol, threads, candidate,
+                  stats, traces) -> Comparison:
     part = partition(onnx_path)
-    n_rows, num_layers = len(prompts), part.num_layers
+    n_rows = len(prompts)
     schedule = list(_schedule(prompts, tokens, batch, prompt_len))
     spill = _Spill()
     try:

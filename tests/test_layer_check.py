@@ -141,6 +141,41 @@ def test_partition_covers_the_graph_once(card, tmp_path):
     assert max(sizes) <= 1.6 * min(sizes), sizes
 
 
+def test_hooks_compose_with_weights_present_only_during_a_layers_forward(tmp_path):
+    """Layer-streamed verification gives each decoder layer its weights in a forward pre-hook and
+    drops them after: the check reads only the layers' arguments and outputs, so it runs the same
+    on such a model (a read of a parameter outside the forward would meet an empty tensor)."""
+    from qeff.divergence import decoder_layers
+
+    case = Case(TINY["smollm2-135m"], tmp_path / "export")
+    tokens = case.verify().reference_tokens
+    _, layers = decoder_layers(case.qmodel.model, case.qmodel.spec.decoder(case.qmodel.model))
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def drop(module, *_):
+        kept[id(module)] = {name: p.data for name, p in module.named_parameters()}
+        for p in module.parameters():
+            p.data = torch.empty(0)
+
+    def load(module, *_):
+        for name, p in module.named_parameters():
+            p.data = kept[id(module)][name]
+
+    handles = []
+    try:
+        for layer in layers:
+            drop(layer)
+            handles += [layer.register_forward_pre_hook(load), layer.register_forward_hook(drop)]
+        comparison = case.check(tokens)
+        assert all(p.numel() == 0 for layer in layers for p in layer.parameters())
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            load(layer)
+    assert comparison.passed, comparison.failures
+
+
 # --- 2. graph faults are caught and named ----------------------------------------------------------
 
 
@@ -244,6 +279,21 @@ def test_a_wrong_cache_output_is_named_by_its_layer(deep, deep_tokens, tmp_path)
     assert_named(comparison, 1, where="its cache")
     assert "cache" in comparison.first_divergence.measure
     assert [f for f in comparison.failures if f.startswith("layer 1:")][0].startswith("layer 1: cache max-abs")
+
+
+def test_a_graph_without_layer_scopes_is_refused_in_one_sentence(deep, tmp_path):
+    from qeff.errors import UnsupportedModelError
+
+    case = _copy(deep, tmp_path)
+
+    def unscope(graph):
+        for n, node in enumerate(graph.node):
+            node.name = f"node_{n}"
+
+    _edit_graph(case.path, unscope)
+    with pytest.raises(UnsupportedModelError, match="cannot be checked layer by layer") as info:
+        partition(case.path)
+    assert "\n" not in str(info.value)
 
 
 # --- 3. seeded faults in the check itself break the proofs -----------------------------------------
