@@ -14,8 +14,8 @@ checks the same graph one part at a time, so that the peak holds about one decod
 - the transformed PyTorch model is driven teacher-forced over the schedule
   :func:`qeff.verification.session_trace` uses (one right-padded batch, prefill chunks of
   ``prompt_len``, then each reference token), with forward hooks keeping each decoder layer's input
-  and output; its cache before and after each step is kept too (spilled to a temporary folder,
-  which is deleted at the end);
+  and output; the slots each step changes in its cache are kept too (spilled to a temporary
+  folder, deleted at the end) and replayed per layer;
 - each layer's part runs on the PyTorch layer's input, the prefix's outputs (run in ONNX Runtime
   on the step's real graph inputs) and the layer's PyTorch cache before the step, and its hidden
   output and its retained cache are compared with PyTorch's; the suffix runs on PyTorch's last
@@ -349,8 +349,7 @@ class _Step:
 
     input_ids: np.ndarray
     position_ids: np.ndarray
-    past: list[Path]  # the cache before the step (2 per layer)
-    retained: list[Path]  # the cache after it
+    changes: list[tuple[Path, Path] | None]  # per cache tensor: (slots, their values after the step), None: unchanged
     hidden_in: list[Path]  # per layer, its input (B, S, H)
     hidden_out: list[Path]  # per layer, its output (B, S, H)
     logits: np.ndarray  # (B, V)
@@ -372,7 +371,41 @@ def _schedule(prompts: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]],
         yield ids, pos, list(range(n_rows))
 
 
-def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> list[_Step]:
+def _change(before: np.ndarray, after: np.ndarray, spill: _Spill) -> tuple[Path, Path] | None:
+    """The slots a step changed in one (B, heads, ctx_len, head_dim) cache tensor, and their new
+    values: whatever the step wrote (a valid token's keys, or a pad's write anywhere), found by
+    comparison, not assumed. Only these are kept: a whole cache per step of a 7B at ctx_len 2048
+    would take 64 GB of disk over 32 steps."""
+    slots = np.flatnonzero((before != after).any(axis=(0, 1, 3)))
+    if not slots.size:
+        return None
+    return spill.put(slots), spill.put(after[:, :, slots, :])
+
+
+class _Replay:
+    """Some cache tensors (by index: 2i key, 2i + 1 value of layer i) replayed from empty through
+    the steps' changes: ``current`` is PyTorch's cache before the next step, then after it."""
+
+    def __init__(self, steps: list[_Step], shapes: Sequence[tuple[int, ...]], indices: Sequence[int]):
+        self.steps = steps
+        self.current = {i: np.zeros(shapes[i], np.float32) for i in indices}
+
+    def advance(self, k: int) -> None:
+        for i, array in self.current.items():
+            change = self.steps[k].changes[i]
+            if change is not None:
+                slots, values = (_Spill.get(p) for p in change)
+                array[:, :, np.asarray(slots), :] = values
+
+
+def _cache_indices(layer: int) -> tuple[int, int]:
+    """The cache tensors of ``layer`` in the graph's order (its key, its value)."""
+    return 2 * layer, 2 * layer + 1
+
+
+def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> tuple[list[_Step], list[tuple[int, ...]]]:
+    """PyTorch over the schedule: each step's layer inputs and outputs, cache changes and logits;
+    and the cache tensors' shapes."""
     import torch
 
     _, layers = decoder_layers(qmodel.model, qmodel.spec.decoder(qmodel.model))
@@ -397,7 +430,7 @@ def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> l
     handles = [layer.register_forward_pre_hook(keep_in(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(keep_out(i)) for i, layer in enumerate(layers)]
     cache = qmodel.empty_cache(batch, ctx_len)
-    past = [spill.put(c.numpy()) for c in cache]
+    shapes = [tuple(c.shape) for c in cache]
     steps = []
     try:
         for ids, pos, _ in schedule:
@@ -407,15 +440,14 @@ def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> l
                 out = qmodel(torch.from_numpy(ids), torch.from_numpy(pos), *cache)
             if any(h is None for h in (*seen_in, *seen_out)):
                 raise LookupError("a decoder layer did not run (its hooks saw nothing)")
+            changes = [_change(before.numpy(), after.numpy(), spill) for before, after in zip(cache, out[1:])]
             cache = list(out[1:])
-            retained = [spill.put(c.numpy()) for c in cache]
-            steps.append(_Step(ids, pos, past, retained, [spill.put(h.numpy()) for h in seen_in],
+            steps.append(_Step(ids, pos, changes, [spill.put(h.numpy()) for h in seen_in],
                                [spill.put(h.numpy()) for h in seen_out], out[0][:, 0, :].float().numpy().copy()))
-            past = retained
     finally:
         for h in handles:
             h.remove()
-    return steps
+    return steps, shapes
 
 
 # --- comparing -------------------------------------------------------------------------------------
@@ -525,14 +557,17 @@ def _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len
     schedule = list(_schedule(prompts, tokens, batch, prompt_len))
     spill = _Spill()
     try:
-        steps = _torch_steps(qmodel, schedule, batch, ctx_len, spill)
+        steps, shapes = _torch_steps(qmodel, schedule, batch, ctx_len, spill)
         return _check(part, steps, schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate, spill,
-                      stats if stats is not None else [], traces if traces is not None else [])
+                      stats if stats is not None else [], traces if traces is not None else [],
+                      shapes)
     finally:
         spill.close()
 
 
-def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray], past: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """What ``part`` reads: the prefix's outputs, the step's graph inputs, the cache tensors
+    ``past`` holds (by index) before the step."""
     feeds = {}
     for name in part.inputs:
         if name in prefix_out:
@@ -543,12 +578,22 @@ def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray]) -> dict[s
             feeds[name] = step.position_ids
         elif name.startswith("past_"):
             kind, index = name.split(".")
-            feeds[name] = np.asarray(_Spill.get(step.past[2 * int(index) + (kind == "past_value")]))
+            feeds[name] = past[2 * int(index) + (kind == "past_value")]
     return feeds
 
 
+def _past_read(part: Part) -> list[int]:
+    """The cache tensors (by index) ``part`` reads as graph inputs."""
+    out = []
+    for name in part.inputs:
+        if name.startswith(("past_key.", "past_value.")):
+            kind, index = name.split(".")
+            out.append(2 * int(index) + (kind == "past_value"))
+    return out
+
+
 def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate,
-           spill: _Spill, stats: list[LayerStat], traces: list[Trace]) -> Comparison:
+           spill: _Spill, stats: list[LayerStat], traces: list[Trace], cache_shape: list[tuple[int, ...]]) -> Comparison:
     num_layers = part.num_layers
     hits: list[_Hit] = []
     per_layer: dict[tuple[int, int], list[dict]] = {}  # (step index, row) -> per-layer hidden entries
@@ -567,8 +612,10 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     # The prefix, on each step's real graph inputs: its outputs are fed to every later part.
     prefix_dir = []
     session = part.session(part.prefix, threads=threads)
+    replay = _Replay(steps, cache_shape, _past_read(part.prefix))
     for k, s in enumerate(steps):
-        outs = session.run(part.prefix.outputs, _feeds(part.prefix, s, {}))
+        outs = session.run(part.prefix.outputs, _feeds(part.prefix, s, {}, replay.current))
+        replay.advance(k)
         named = dict(zip(part.prefix.outputs, outs))
         prefix_dir.append({name: spill.put(value) for name, value in named.items()})
         embedded = named[part.hidden_in[0]]
@@ -583,7 +630,9 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     def prefix_outputs(k: int, names) -> dict[str, np.ndarray]:
         return {n: np.asarray(_Spill.get(prefix_dir[k][n])) for n in names if n in prefix_dir[k]}
 
-    final_cache: list[np.ndarray] = []
+    written = written_after[-1]
+    ref_cache: list[list[np.ndarray]] = [[] for _ in range(n_rows)]  # per row, its written slots
+    got_cache: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
     for i, layer in enumerate(part.layers):
         stat = LayerStat(i)
         start = time.perf_counter()
@@ -593,10 +642,16 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
         missing = [n for n in retained_names if n not in layer.outputs]
         if missing:
             raise LookupError(f"layer {i}'s sub-graph does not produce {missing}")
+        own = _cache_indices(i)
+        replay = _Replay(steps, cache_shape, sorted({*own, *_past_read(layer)}))
         for k, s in enumerate(steps):
-            feeds = _feeds(layer, s, prefix_outputs(k, layer.inputs))
+            feeds = _feeds(layer, s, prefix_outputs(k, layer.inputs), replay.current)
+            for name, index in zip((f"past_key.{i}", f"past_value.{i}"), own):
+                if name in feeds:
+                    feeds[name] = replay.current[index]
             feeds[part.hidden_in[i]] = np.asarray(_Spill.get(s.hidden_in[i]))
             hidden, key, value = session.run(outputs, feeds)
+            replay.advance(k)  # PyTorch's cache after the step
             ref_out = _Spill.get(s.hidden_out[i])
             for r in range(n_rows):
                 max_abs, scale, relative = _hidden_diff(ref_out[r], hidden[r], s.position_ids[r] >= 0)
@@ -607,7 +662,7 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
                     hits.append(_Hit(step_no[k], r, i, "layer output max-abs (relative)", relative, layer_rtol, i,
                                      f"layer {i} of {num_layers} ({part.scope}.{i})"))
                 for j, got in enumerate((key, value)):
-                    ref = _Spill.get(s.retained[2 * i + j])
+                    ref = replay.current[own[j]]
                     if ref.shape[1:] != got.shape[1:]:
                         hits.append(_Hit(step_no[k], r, i, f"cache shape ({'past_key' if j == 0 else 'past_value'}.{i})",
                                          float(got.shape[1]), float(ref.shape[1]), i, f"layer {i} of {num_layers} (its cache)"))
@@ -626,7 +681,9 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
                         hits.append(_Hit(step_no[k], r, i, f"cache MSE ({name})", mse, tol.cache_mse, i,
                                          f"layer {i} of {num_layers} (its cache)"))
             if k == len(steps) - 1:
-                final_cache += [key, value]
+                for r in range(n_rows):
+                    ref_cache[r] += [replay.current[own[j]][r, :, : written[r], :].copy() for j in (0, 1)]
+                    got_cache[r] += [c[r, :, : written[r], :].copy() for c in (key, value)]
         del session
         stat.seconds = time.perf_counter() - start
         stats.append(stat)
@@ -635,8 +692,10 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     session = part.session(part.suffix, threads=threads)
     logit_rows: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
     ref_rows: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
+    replay = _Replay(steps, cache_shape, _past_read(part.suffix))
     for k, (s, (_, _, rows)) in enumerate(zip(steps, schedule)):
-        feeds = _feeds(part.suffix, s, prefix_outputs(k, part.suffix.inputs))
+        feeds = _feeds(part.suffix, s, prefix_outputs(k, part.suffix.inputs), replay.current)
+        replay.advance(k)
         feeds[part.hidden_out[-1]] = np.asarray(_Spill.get(s.hidden_out[-1]))
         (logits,) = session.run(["logits"], feeds)
         for r in rows:
@@ -644,9 +703,6 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
             ref_rows[r].append(s.logits[r])
     del session
 
-    written = written_after[-1]
-    ref_cache = [[np.asarray(_Spill.get(p))[r, :, : written[r], :] for p in steps[-1].retained] for r in range(n_rows)]
-    got_cache = [[c[r, :, : written[r], :] for c in final_cache] for r in range(n_rows)]
     pt = Trace("pytorch", [np.stack(rows) for rows in ref_rows], ref_cache)
     ort = Trace(candidate, [np.stack(rows) for rows in logit_rows], got_cache)
     traces += [pt, ort]
