@@ -281,6 +281,38 @@ def test_a_wrong_cache_output_is_named_by_its_layer(deep, deep_tokens, tmp_path)
     assert [f for f in comparison.failures if f.startswith("layer 1:")][0].startswith("layer 1: cache max-abs")
 
 
+def test_a_wrong_mask_in_the_prefix_is_named_by_the_first_layer_reading_it(deep, deep_tokens, tmp_path):
+    """The causal mask (built once, outside every layer) lets a query see one slot too few: the
+    prefix has no PyTorch counterpart to compare, so the first layer that reads it is named."""
+    case = _copy(deep, tmp_path)
+
+    def strict_mask(graph):
+        node = next(n for n in graph.node if n.op_type == "LessOrEqual" and not layer_check._SCOPE.match(n.name))
+        node.op_type = "Less"
+
+    _edit_graph(case.path, strict_mask)
+    comparison = case.check(deep_tokens)
+    assert not comparison.passed
+    assert comparison.first_divergence.layer == 0, comparison.first_divergence
+    assert _layer_failures(comparison)[0] == 0
+
+
+def test_a_wrong_embedding_is_named_before_the_first_layer(deep, deep_tokens, tmp_path):
+    case = _copy(deep, tmp_path)
+    model = onnx.load(str(case.path))  # weights loaded: a tiny model
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.name.endswith("embed_tokens/Gather"))
+    init = next(t for t in model.graph.initializer if t.name == gather.input[0])
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * np.float32(1.05), init.name))
+    data = case.path.with_name(case.path.name + ".data")
+    data.unlink()
+    onnx.save(model, str(case.path), save_as_external_data=True, location=data.name, size_threshold=1024)
+    comparison = case.check(deep_tokens)
+    assert any(f.startswith("embedding: embedding max-abs") for f in comparison.failures), comparison.failures
+    divergence = comparison.first_divergence
+    assert divergence.layer is None and "before the first decoder layer" in divergence.where, divergence
+    assert not _layer_failures(comparison), comparison.failures  # each layer still computes right on PyTorch's input
+
+
 def test_a_graph_without_layer_scopes_is_refused_in_one_sentence(deep, tmp_path):
     from qeff.errors import UnsupportedModelError
 
