@@ -657,8 +657,13 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
                 max_abs, scale, relative = _hidden_diff(ref_out[r], hidden[r], s.position_ids[r] >= 0)
                 stat.hidden_max_abs = max(stat.hidden_max_abs, max_abs)
                 stat.hidden_relative = max(stat.hidden_relative, relative)
-                per_layer.setdefault((k, r), []).append({"layer": i, "max_abs": max_abs, "scale": scale, "relative": relative})
-                if not relative <= layer_rtol:
+                finite = ref_out[r].shape == hidden[r].shape  # else None, as qeff.divergence records it (plain JSON)
+                per_layer.setdefault((k, r), []).append({"layer": i, "max_abs": max_abs if finite else None, "scale": scale,
+                                                         "relative": relative if finite else None})
+                if not finite:
+                    hits.append(_Hit(step_no[k], r, i, "layer output shape (hidden size)", float(hidden.shape[-1]),
+                                     float(ref_out.shape[-1]), i, f"layer {i} of {num_layers} ({part.scope}.{i})"))
+                elif not relative <= layer_rtol:
                     hits.append(_Hit(step_no[k], r, i, "layer output max-abs (relative)", relative, layer_rtol, i,
                                      f"layer {i} of {num_layers} ({part.scope}.{i})"))
                 for j, got in enumerate((key, value)):
@@ -752,7 +757,7 @@ def _first_divergence(hits, per_layer, step_no, steps, prompts, num_layers, laye
             if not (steps[k].position_ids[first.row] >= 0).any():
                 continue
             old = entries.get(e["layer"])
-            if old is None or (e["relative"] or 0) > (old["relative"] or 0):
+            if old is None or e["relative"] is None or (old["relative"] is not None and e["relative"] > old["relative"]):
                 entries[e["layer"]] = dict(e)
     result.layers = [entries[i] for i in sorted(entries)]
     return result

@@ -188,8 +188,11 @@ def assert_named(comparison, layer: int, *, step: int = 0, where: str = "") -> N
     assert divergence.step == step, divergence
     assert f"layer {layer} of" in divergence.describe()
     assert where in divergence.where
-    with pytest.raises(qeff.QEffError):
+    with pytest.raises(qeff.QEffError) as info:
         qeff.VerifyReport([comparison], [], [], 0, 0, 0).raise_for_failure()
+    assert f"layer {layer}:" in str(info.value) and divergence.describe() in str(info.value)
+    record = json.loads(json.dumps(comparison.to_dict(), allow_nan=False))  # plain JSON, as results.json keeps it
+    assert type(comparison).from_dict(record).first_divergence == divergence
 
 
 @pytest.fixture(scope="module")
