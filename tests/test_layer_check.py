@@ -454,3 +454,14 @@ def test_per_layer_check_peaks_well_below_a_whole_graph_session(tmp_path):
     # About one part: here the largest is the prefix's (or suffix's) 192 MB tied embedding; a 7B's
     # 0.5 GB embedding is smaller than its 0.8 GB layers. 64 MB of activations, caches and spill.
     assert grew_layers < 1.25 * layers["part_bytes"] + 64 * 2**20, (grew_layers, layers["part_bytes"])
+
+
+def test_user_mistakes_are_one_sentence_usage_errors(deep, deep_tokens, tmp_path):
+    from qeff.errors import UsageError
+
+    with pytest.raises(UsageError, match="do not fit ctx_len"):
+        check_layers(deep.path, deep.qmodel, deep.prompts, deep_tokens, prompt_len=8, ctx_len=12)
+    with pytest.raises(UsageError, match="reference tokens"):
+        check_layers(deep.path, deep.qmodel, deep.prompts, deep_tokens[:1], prompt_len=8, ctx_len=32)
+    with pytest.raises(UsageError, match="no exported graph"):
+        check_layers(tmp_path / "missing.onnx", deep.qmodel, deep.prompts, deep_tokens, prompt_len=8, ctx_len=32)
