@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qeff.compilers",),
     ("qeff.generation", "qeff.serving.result", "qeff.serving.continuous", "qeff.serving.speculative", "qeff.serving.options",
      "qeff.serving.dispatch"),
-    ("qeff.divergence", "qeff.verification", "qeff.precision"),
+    ("qeff.divergence", "qeff.verification", "qeff.precision", "qeff.layer_check"),
     ("qeff.pipeline", "qeff.cpu_graph"),
     ("qeff.cli", "qeff.cloud", "qeff.__main__", "qeff"),
 ]
