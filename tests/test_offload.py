@@ -226,3 +226,93 @@ def test_streamed_verification_holds_a_fraction_of_the_weights(tmp_path):
     m_ratio = (memory["peak"] - memory["base"]) / fp32
     assert s_ratio < 0.4, f"streamed verification held {s_ratio:.2f}x the fp32 weights above the baseline"
     assert m_ratio > 1.0, f"in-memory verification held {m_ratio:.2f}x: the test's model is too small to tell"
+
+
+# --- the pipeline ----------------------------------------------------------------------------------
+
+PIPE_SHAPE = LlamaShape(hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128, vocab=49152, tied=True)
+PIPE_PROMPTS = [[1, 400, 7000, 9, 11, 3, 40, 2, 77, 5, 12], [4, 2, 8, 900, 31]]
+
+
+def _pipe(tmp_path, home: str, **kwargs):
+    from qeff.pipeline import Pipeline
+
+    ckpt = tmp_path / "ckpt"
+    if not ckpt.exists():
+        write_llama(ckpt, PIPE_SHAPE, seed=0)
+    return Pipeline.open(str(ckpt), home=tmp_path / home, progress=False, **kwargs)
+
+
+def test_pipeline_streamed_verify_never_loads_the_model_and_reports_the_same(tmp_path, monkeypatch):
+    """Asked for (``verify_layers=True``), verification builds its models from the weight files and
+    never loads :attr:`Pipeline.model`; its report is the in-memory one's, every number."""
+    import qeff.loading
+
+    load = qeff.loading.load_source
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("streamed verification must not load the model")
+
+    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    pipe = _pipe(tmp_path, "streamed", verify_layers=True)
+    _, report = pipe.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
+    assert pipe.streams_verification() and pipe._model is None and pipe._qmodel is None
+    assert [c.name for c in report.comparisons] == ["hf_vs_pytorch", "pytorch_vs_ort"]
+    monkeypatch.setattr(qeff.loading, "load_source", load)
+    memory = _pipe(tmp_path, "memory", verify_layers=False)
+    _, expected = memory.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
+    assert not memory.streams_verification() and memory._model is not None
+    assert report.passed and report.to_dict() == expected.to_dict()
+
+
+def test_pipeline_chooses_streamed_verify_when_memory_says_so(tmp_path, monkeypatch):
+    """No flag: the preflight's estimates decide. A budget below the in-memory verification's
+    estimate but above the streamed one's streams; a roomy machine does not. (A sparse checkpoint
+    of 16 wide layers: its headers are what the choice reads; nothing runs.)"""
+    from qeff import memory
+    from qeff.pipeline import Pipeline
+    from qeff.preflight import model_shape
+
+    monkeypatch.delenv("QEFF_STREAMED_VERIFY", raising=False)
+    ckpt = write_llama(tmp_path / "wide", LlamaShape(hidden=1024, layers=16, heads=16, kv_heads=4, intermediate=4096,
+                                                     vocab=8000, tied=True), seed=0, tokenizer=False, sparse=True)
+
+    def pipe(home):
+        return Pipeline.open(str(ckpt), home=tmp_path / home, progress=False)
+
+    mode = memory.Mode(command="verify", streamed=True)
+    s = memory.sizes(model_shape(pipe("x").source), mode)
+    in_memory = max(memory.STAGES[n](s, mode) for n in ("load", "transform", "reference", "verify"))
+    layered = memory.Mode(command="verify", streamed=True, verify_layers=True)
+    streamed = max(memory.reference(s, layered), memory.verify(s, layered))
+    assert streamed < in_memory
+    monkeypatch.setattr("qeff.validation.available_memory", lambda: (streamed + in_memory) // 2)
+    assert pipe("tight").streams_verification()
+    monkeypatch.setattr("qeff.validation.available_memory", lambda: in_memory + 2**30)
+    assert not pipe("roomy").streams_verification()
+    monkeypatch.setenv("QEFF_STREAMED_VERIFY", "1")
+    assert pipe("env").streams_verification()
+
+
+def _per_layer(tmp_path, home):
+    from qeff.memory import Mode
+
+    pipe = _pipe(tmp_path, home)
+    pipe.verify_mode = Mode(command="verify", streamed=True, verify_layers=True, ort_layers=True)
+    return pipe.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)[1]
+
+
+def test_pipeline_checks_onnx_runtime_per_layer_when_the_whole_session_does_not_fit(tmp_path):
+    report = _per_layer(tmp_path, "layers")
+    assert [c.name for c in report.comparisons] == ["hf_vs_pytorch", "pytorch_vs_ort"]
+    assert report.passed, report.describe()
+
+
+def test_a_graph_weight_fault_fails_the_per_layer_check_at_its_layer(tmp_path, monkeypatch):
+    from tests.faults import FAULTS
+
+    FAULTS["exported-weight-layer1"].inject(monkeypatch)  # the exported graph's layer 1 drifts from PyTorch
+    report = _per_layer(tmp_path, "fault")
+    assert report["hf_vs_pytorch"].passed
+    failed = report["pytorch_vs_ort"]
+    assert not failed.passed and failed.first_divergence is not None and failed.first_divergence.layer == 1, failed
