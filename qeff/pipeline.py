@@ -373,9 +373,8 @@ class Pipeline:
             longest = max(len(p) for p in prompt_token_ids)
             passes = -(-longest // prompt_len) + steps - 1  # prefill chunks, then one pass per fed token
             per_layer = streamed and self._verification_mode().ort_layers
-            what = "layer-streamed " if streamed else ""
-            with measured("verify"), stage(f"Verifying HF vs PyTorch vs ONNX Runtime ({what}{'per layer' if per_layer else 'whole graph'})"
-                                           if streamed else "Verifying HF vs PyTorch vs ONNX Runtime", enabled=self.progress), \
+            how = "" if not streamed else " (layer-streamed; ONNX Runtime per layer)" if per_layer else " (layer-streamed)"
+            with measured("verify"), stage(f"Verifying HF vs PyTorch vs ONNX Runtime{how}", enabled=self.progress), \
                     layer_progress("Verify: transformed PyTorch", qmodel, passes=passes * (2 if per_layer else 1),
                                    enabled=self.progress):
                 if per_layer:
@@ -419,7 +418,7 @@ class Pipeline:
 
             streamable = self._can_stream_verification()
             want = memory.streamed_verify_setting(self.verify_layers) if self.verify_layers is not False else False
-            mode = memory.Mode(command="verify", verify=True, streamed=streamable)
+            mode = memory.Mode(command="verify", verify=True, graph="portable", streamed=streamable)
             shape = model_shape(self.source) if streamable else None
             if shape is not None:
                 mode = memory.choose_verification(shape, mode, available=available_memory(), want=want)
