@@ -18,6 +18,13 @@ saved beside the graph); it is loaded only if a stage that needs it has no match
 
 The reference is always traced from the model as loaded: :func:`qeff.transforms.transform` works
 on a weight-sharing copy and never changes the model it is given (issue 9).
+
+A model larger than memory (a local safetensors directory) is verified layer-streamed
+(:mod:`qeff.offload`, :meth:`Pipeline.streams_verification`): the untouched HF model and the
+transformed one are built from the weight files with one decoder layer's weights in memory at a
+time, and :attr:`Pipeline.model` is never loaded. Asked for with ``verify_layers=True``
+(``--verify-layers``, ``QEFF_STREAMED_VERIFY=1``) or chosen by the memory preflight
+(:func:`qeff.memory.choose_verification`); the report is the in-memory one's.
 """
 
 from __future__ import annotations

@@ -318,3 +318,17 @@ def test_a_graph_weight_fault_fails_the_per_layer_check_at_its_layer(tmp_path, m
     assert report["hf_vs_pytorch"].passed
     failed = report["pytorch_vs_ort"]
     assert not failed.passed and failed.first_divergence is not None and failed.first_divergence.layer == 1, failed
+
+
+def test_per_layer_progress_ticks_on_the_offloaded_models(tmp_path, capsys):
+    """The progress hooks compose with the fill-and-drop hooks: each layer's forward ticks once."""
+    from qeff.progress import layer_progress
+
+    hf, qmodel = offloaded_pair(_checkpoint(tmp_path, "llama-tied"))
+    layers = hf.config.num_hidden_layers
+    with layer_progress("Verify: HF reference", hf, passes=len(PROMPTS) * STEPS):
+        hf_trace(hf, PROMPTS, STEPS)
+    err = capsys.readouterr().err
+    total = layers * len(PROMPTS) * STEPS
+    assert f"Verify: HF reference: {total}/{total} layer passes" in err, err
+    assert hf.offload.loads == [len(PROMPTS) * STEPS] * layers
