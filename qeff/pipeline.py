@@ -391,6 +391,8 @@ class Pipeline:
                     session = OrtSession(self.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
                     report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
                                          tolerances=tol, session=session)
+            if streamed:
+                self._offloaded = None  # their tables are freed before a later stage loads what it needs
             return {"report": report.to_dict()}
 
         built = build_artifact(self.export_dir / verify_dir_name(manifest_hash(manifest)), manifest, build, force=force)
