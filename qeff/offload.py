@@ -133,20 +133,21 @@ def _skeleton(config, weights: Weights) -> nn.Module:
 
 def _attach(model: nn.Module, weights: Weights, decoder: nn.Module | None = None) -> Offloaded:
     """Fill-and-drop hooks on each decoder layer of ``model`` (which holds meta parameters there)."""
-    prefix, layers = layer_list(model, decoder)
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    _, layers = layer_list(model, decoder)
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
     slots: list[list[_Slot]] = []
-    for i, layer in enumerate(layers):
+    for layer in layers:
         mine = []
-        for module_name, module in layer.named_modules(remove_duplicate=False):
+        for module in layer.modules():
             for pname, p in module._parameters.items():
                 if p is None or p.device.type != "meta":
                     continue
-                mine.append(_Slot(module, pname, names[id(p)] if names[id(p)] in weights
-                                  else f"{prefix}.{i}.{module_name + '.' if module_name else ''}{pname}", p))
-        for slot in mine:
-            if slot.source not in weights:
-                raise NotStreamableError(f"the checkpoint holds no tensor {slot.source}")
+                source = next((n for n in names_of[id(p)] if n in weights), None)
+                if source is None:
+                    raise NotStreamableError(f"the checkpoint holds no tensor {names_of[id(p)][0]}")
+                mine.append(_Slot(module, pname, source, p))
         slots.append(mine)
     off = Offloaded(list(layers), slots, weights, loads=[0] * len(layers))
     for i, layer in enumerate(layers):
@@ -159,19 +160,17 @@ def _weights(source) -> Weights:
     return source if isinstance(source, Weights) else SafetensorsWeights(Path(source))
 
 
-def _config(source, weights: Weights):
+def _config(path: str | Path):
     from transformers import AutoConfig
 
-    if isinstance(source, Weights):
-        raise TypeError("pass the config with a Weights source")
-    return AutoConfig.from_pretrained(str(source))
+    return AutoConfig.from_pretrained(str(path))
 
 
 def offloaded_hf(path: str | Path, *, config=None, weights: Weights | None = None) -> nn.Module:
     """The untouched HF model of the checkpoint at ``path``, eager attention, in eval mode, its
     decoder layers filled from the files one at a time. ``model.offload`` holds the hooks."""
     weights = weights if weights is not None else _weights(path)
-    config = config if config is not None else _config(path, weights)
+    config = config if config is not None else _config(path)
     model = _skeleton(config, weights)
     model.offload = _attach(model, weights)
     return model
@@ -183,7 +182,7 @@ def offloaded_transformed(path: str | Path, *, config=None, weights: Weights | N
     from qeff.transforms import transform
 
     weights = weights if weights is not None else _weights(path)
-    config = config if config is not None else _config(path, weights)
+    config = config if config is not None else _config(path)
     qmodel = transform(_skeleton(config, weights), check_weights=False)
     # The hooks go on the wrapper's own copy of the modules (transform works on a shared copy).
     qmodel.offload = _attach(qmodel.model, weights, qmodel.spec.decoder(qmodel.model))
@@ -193,5 +192,5 @@ def offloaded_transformed(path: str | Path, *, config=None, weights: Weights | N
 def offloaded_pair(path: str | Path):
     """``(hf_model, qmodel)``: both offloaded, one weight reader, two module trees."""
     weights = _weights(path)
-    config = _config(path, weights)
+    config = _config(path)
     return offloaded_hf(path, config=config, weights=weights), offloaded_transformed(path, config=config, weights=weights)
