@@ -14,8 +14,8 @@ checks the same graph one part at a time, so that the peak holds about one decod
 - the transformed PyTorch model is driven teacher-forced over the schedule
   :func:`qeff.verification.session_trace` uses (one right-padded batch, prefill chunks of
   ``prompt_len``, then each reference token), with forward hooks keeping each decoder layer's input
-  and output; its cache before and after each step is kept too (spilled to a temporary folder,
-  which is deleted at the end);
+  and output; the slots each step changes in its cache are kept too (spilled to a temporary
+  folder, deleted at the end) and replayed per layer;
 - each layer's part runs on the PyTorch layer's input, the prefix's outputs (run in ONNX Runtime
   on the step's real graph inputs) and the layer's PyTorch cache before the step, and its hidden
   output and its retained cache are compared with PyTorch's; the suffix runs on PyTorch's last
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qeff.divergence import LAYER_RTOL, FirstDivergence, decoder_layers, layer_output_names
-from qeff.errors import UsageError
+from qeff.errors import UnsupportedModelError, UsageError
 from qeff.generation import prefill_chunks
 from qeff.verification import Comparison, Tolerances, Trace, compare
 
@@ -184,10 +184,19 @@ def partition(model_path: str | os.PathLike) -> Partition:
       depends on a layer's output, else to the prefix.
 
     A layer may then take from other layers only the previous layer's output (its hidden state):
-    anything else is refused with :class:`LookupError`."""
+    anything else is refused with :class:`~qeff.errors.UnsupportedModelError` (one sentence)."""
+    source = Path(model_path)
+    if not source.is_file():
+        raise UsageError(f"{source}: no exported graph there")
+    try:
+        return _partition(source)
+    except LookupError as exc:
+        raise UnsupportedModelError(f"{source}: this graph cannot be checked layer by layer ({exc})") from None
+
+
+def _partition(source: Path) -> Partition:
     import onnx
 
-    source = Path(model_path)
     model = onnx.load(str(source), load_external_data=False)
     graph = model.graph
     inits = {t.name for t in graph.initializer}
@@ -248,9 +257,6 @@ def partition(model_path: str | os.PathLike) -> Partition:
             home[n] = -1
 
     parts = [Part("prefix", None)] + [Part(f"layer {i}", i) for i in range(num_layers)] + [Part("suffix", None)]
-
-    def part_of(index: int) -> Part:
-        return parts[index + 1]
 
     # Static nodes each part needs, copied in (their whole static cone).
     static_needed: list[set[int]] = [set() for _ in parts]
@@ -343,8 +349,7 @@ class _Step:
 
     input_ids: np.ndarray
     position_ids: np.ndarray
-    past: list[Path]  # the cache before the step (2 per layer)
-    retained: list[Path]  # the cache after it
+    changes: list[tuple[Path, Path] | None]  # per cache tensor: (slots, their values after the step), None: unchanged
     hidden_in: list[Path]  # per layer, its input (B, S, H)
     hidden_out: list[Path]  # per layer, its output (B, S, H)
     logits: np.ndarray  # (B, V)
@@ -366,7 +371,41 @@ def _schedule(prompts: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]],
         yield ids, pos, list(range(n_rows))
 
 
-def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> list[_Step]:
+def _change(before: np.ndarray, after: np.ndarray, spill: _Spill) -> tuple[Path, Path] | None:
+    """The slots a step changed in one (B, heads, ctx_len, head_dim) cache tensor, and their new
+    values: whatever the step wrote (a valid token's keys, or a pad's write anywhere), found by
+    comparison, not assumed. Only these are kept: a whole cache per step of a 7B at ctx_len 2048
+    would take 64 GB of disk over 32 steps."""
+    slots = np.flatnonzero((before != after).any(axis=(0, 1, 3)))
+    if not slots.size:
+        return None
+    return spill.put(slots), spill.put(after[:, :, slots, :])
+
+
+class _Replay:
+    """Some cache tensors (by index: 2i key, 2i + 1 value of layer i) replayed from empty through
+    the steps' changes: ``current`` is PyTorch's cache before the next step, then after it."""
+
+    def __init__(self, steps: list[_Step], shapes: Sequence[tuple[int, ...]], indices: Sequence[int]):
+        self.steps = steps
+        self.current = {i: np.zeros(shapes[i], np.float32) for i in indices}
+
+    def advance(self, k: int) -> None:
+        for i, array in self.current.items():
+            change = self.steps[k].changes[i]
+            if change is not None:
+                slots, values = (_Spill.get(p) for p in change)
+                array[:, :, np.asarray(slots), :] = values
+
+
+def _cache_indices(layer: int) -> tuple[int, int]:
+    """The cache tensors of ``layer`` in the graph's order (its key, its value)."""
+    return 2 * layer, 2 * layer + 1
+
+
+def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> tuple[list[_Step], list[tuple[int, ...]]]:
+    """PyTorch over the schedule: each step's layer inputs and outputs, cache changes and logits;
+    and the cache tensors' shapes."""
     import torch
 
     _, layers = decoder_layers(qmodel.model, qmodel.spec.decoder(qmodel.model))
@@ -391,7 +430,7 @@ def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> l
     handles = [layer.register_forward_pre_hook(keep_in(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(keep_out(i)) for i, layer in enumerate(layers)]
     cache = qmodel.empty_cache(batch, ctx_len)
-    past = [spill.put(c.numpy()) for c in cache]
+    shapes = [tuple(c.shape) for c in cache]
     steps = []
     try:
         for ids, pos, _ in schedule:
@@ -401,15 +440,14 @@ def _torch_steps(qmodel, schedule, batch: int, ctx_len: int, spill: _Spill) -> l
                 out = qmodel(torch.from_numpy(ids), torch.from_numpy(pos), *cache)
             if any(h is None for h in (*seen_in, *seen_out)):
                 raise LookupError("a decoder layer did not run (its hooks saw nothing)")
+            changes = [_change(before.numpy(), after.numpy(), spill) for before, after in zip(cache, out[1:])]
             cache = list(out[1:])
-            retained = [spill.put(c.numpy()) for c in cache]
-            steps.append(_Step(ids, pos, past, retained, [spill.put(h.numpy()) for h in seen_in],
+            steps.append(_Step(ids, pos, changes, [spill.put(h.numpy()) for h in seen_in],
                                [spill.put(h.numpy()) for h in seen_out], out[0][:, 0, :].float().numpy().copy()))
-            past = retained
     finally:
         for h in handles:
             h.remove()
-    return steps
+    return steps, shapes
 
 
 # --- comparing -------------------------------------------------------------------------------------
@@ -440,6 +478,14 @@ def _hidden_diff(ref: np.ndarray, got: np.ndarray, valid: np.ndarray) -> tuple[f
     d = np.abs(a - b).max(axis=-1)
     scale = np.maximum(np.abs(a).max(axis=-1), 1e-30)
     return float(d.max()), float(np.abs(a).max()), float((d / scale).max())
+
+
+def _cache_diff(ref: np.ndarray, got: np.ndarray, n_slots: int) -> tuple[np.ndarray, float]:
+    """(max-abs per slot, MSE) of one row's (heads, slots, head_dim) cache over its written slots."""
+    d = np.asarray(ref[:, :n_slots, :], np.float64) - np.asarray(got[:, :n_slots, :], np.float64)
+    if not d.size:
+        return np.zeros(0), 0.0
+    return np.abs(d).max(axis=(0, 2)), float((d * d).mean())
 
 
 def _when(step: int) -> str:
@@ -474,6 +520,8 @@ def check_layers(
     threads: int | None = None,
     candidate: str = "ort",
     stats: list[LayerStat] | None = None,
+    traces: list[Trace] | None = None,
+    progress: bool = False,
 ) -> Comparison:
     """Transformed PyTorch vs the exported graph at ``onnx_path``, one decoder layer's sub-graph
     at a time (see the module docstring): a :class:`~qeff.verification.Comparison` named
@@ -481,7 +529,8 @@ def check_layers(
     (prefill), row 1") and whose ``first_divergence`` is filled when it fails.
 
     ``tokens[r]`` are the reference's greedy tokens of row ``r`` (one per step; all but the last
-    are fed). ``stats``, when given, receives one :class:`LayerStat` per layer."""
+    are fed). ``stats``, when given, receives one :class:`LayerStat` per layer; ``traces`` the two
+    :class:`~qeff.verification.Trace` s compared (PyTorch's, then the parts')."""
     prompts = [list(map(int, p)) for p in prompts]
     tokens = [list(map(int, t)) for t in tokens]
     if not prompts or any(not p for p in prompts):
@@ -494,19 +543,31 @@ def check_layers(
     if max(len(p) for p in prompts) + len(tokens[0]) - 1 > ctx_len:
         raise UsageError(f"the prompts plus {len(tokens[0])} steps do not fit ctx_len={ctx_len}")
     tol = tolerances or Tolerances()
+    from qeff.progress import stage
+
+    with stage("Checking ONNX Runtime one decoder layer at a time", enabled=progress):
+        return _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len, tol, layer_rtol, threads,
+                             candidate, stats, traces)
+
+
+def _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len, tol, layer_rtol, threads, candidate,
+                  stats, traces) -> Comparison:
     part = partition(onnx_path)
-    n_rows, num_layers = len(prompts), part.num_layers
+    n_rows = len(prompts)
     schedule = list(_schedule(prompts, tokens, batch, prompt_len))
     spill = _Spill()
     try:
-        steps = _torch_steps(qmodel, schedule, batch, ctx_len, spill)
+        steps, shapes = _torch_steps(qmodel, schedule, batch, ctx_len, spill)
         return _check(part, steps, schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate, spill,
-                      stats if stats is not None else [])
+                      stats if stats is not None else [], traces if traces is not None else [],
+                      shapes)
     finally:
         spill.close()
 
 
-def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray], past: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """What ``part`` reads: the prefix's outputs, the step's graph inputs, the cache tensors
+    ``past`` holds (by index) before the step."""
     feeds = {}
     for name in part.inputs:
         if name in prefix_out:
@@ -517,12 +578,22 @@ def _feeds(part: Part, step: _Step, prefix_out: dict[str, np.ndarray]) -> dict[s
             feeds[name] = step.position_ids
         elif name.startswith("past_"):
             kind, index = name.split(".")
-            feeds[name] = np.asarray(_Spill.get(step.past[2 * int(index) + (kind == "past_value")]))
+            feeds[name] = past[2 * int(index) + (kind == "past_value")]
     return feeds
 
 
+def _past_read(part: Part) -> list[int]:
+    """The cache tensors (by index) ``part`` reads as graph inputs."""
+    out = []
+    for name in part.inputs:
+        if name.startswith(("past_key.", "past_value.")):
+            kind, index = name.split(".")
+            out.append(2 * int(index) + (kind == "past_value"))
+    return out
+
+
 def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate,
-           spill: _Spill, stats: list[LayerStat]) -> Comparison:
+           spill: _Spill, stats: list[LayerStat], traces: list[Trace], cache_shape: list[tuple[int, ...]]) -> Comparison:
     num_layers = part.num_layers
     hits: list[_Hit] = []
     per_layer: dict[tuple[int, int], list[dict]] = {}  # (step index, row) -> per-layer hidden entries
@@ -541,8 +612,10 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     # The prefix, on each step's real graph inputs: its outputs are fed to every later part.
     prefix_dir = []
     session = part.session(part.prefix, threads=threads)
+    replay = _Replay(steps, cache_shape, _past_read(part.prefix))
     for k, s in enumerate(steps):
-        outs = session.run(part.prefix.outputs, _feeds(part.prefix, s, {}))
+        outs = session.run(part.prefix.outputs, _feeds(part.prefix, s, {}, replay.current))
+        replay.advance(k)
         named = dict(zip(part.prefix.outputs, outs))
         prefix_dir.append({name: spill.put(value) for name, value in named.items()})
         embedded = named[part.hidden_in[0]]
@@ -557,7 +630,9 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     def prefix_outputs(k: int, names) -> dict[str, np.ndarray]:
         return {n: np.asarray(_Spill.get(prefix_dir[k][n])) for n in names if n in prefix_dir[k]}
 
-    final_cache: list[np.ndarray] = []
+    written = written_after[-1]
+    ref_cache: list[list[np.ndarray]] = [[] for _ in range(n_rows)]  # per row, its written slots
+    got_cache: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
     for i, layer in enumerate(part.layers):
         stat = LayerStat(i)
         start = time.perf_counter()
@@ -567,31 +642,39 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
         missing = [n for n in retained_names if n not in layer.outputs]
         if missing:
             raise LookupError(f"layer {i}'s sub-graph does not produce {missing}")
+        own = _cache_indices(i)
+        replay = _Replay(steps, cache_shape, sorted({*own, *_past_read(layer)}))
         for k, s in enumerate(steps):
-            feeds = _feeds(layer, s, prefix_outputs(k, layer.inputs))
+            feeds = _feeds(layer, s, prefix_outputs(k, layer.inputs), replay.current)
+            for name, index in zip((f"past_key.{i}", f"past_value.{i}"), own):
+                if name in feeds:
+                    feeds[name] = replay.current[index]
             feeds[part.hidden_in[i]] = np.asarray(_Spill.get(s.hidden_in[i]))
             hidden, key, value = session.run(outputs, feeds)
+            replay.advance(k)  # PyTorch's cache after the step
             ref_out = _Spill.get(s.hidden_out[i])
             for r in range(n_rows):
                 max_abs, scale, relative = _hidden_diff(ref_out[r], hidden[r], s.position_ids[r] >= 0)
                 stat.hidden_max_abs = max(stat.hidden_max_abs, max_abs)
                 stat.hidden_relative = max(stat.hidden_relative, relative)
-                per_layer.setdefault((k, r), []).append({"layer": i, "max_abs": max_abs, "scale": scale, "relative": relative})
-                if not relative <= layer_rtol:
+                finite = ref_out[r].shape == hidden[r].shape  # else None, as qeff.divergence records it (plain JSON)
+                per_layer.setdefault((k, r), []).append({"layer": i, "max_abs": max_abs if finite else None, "scale": scale,
+                                                         "relative": relative if finite else None})
+                if not finite:
+                    hits.append(_Hit(step_no[k], r, i, "layer output shape (hidden size)", float(hidden.shape[-1]),
+                                     float(ref_out.shape[-1]), i, f"layer {i} of {num_layers} ({part.scope}.{i})"))
+                elif not relative <= layer_rtol:
                     hits.append(_Hit(step_no[k], r, i, "layer output max-abs (relative)", relative, layer_rtol, i,
                                      f"layer {i} of {num_layers} ({part.scope}.{i})"))
                 for j, got in enumerate((key, value)):
-                    ref = _Spill.get(s.retained[2 * i + j])
-                    n_slots = int(written_after[k][r])
-                    d = ref[r, :, :n_slots, :].astype(np.float64) - got[r, :, :n_slots, :].astype(np.float64)
+                    ref = replay.current[own[j]]
                     if ref.shape[1:] != got.shape[1:]:
                         hits.append(_Hit(step_no[k], r, i, f"cache shape ({'past_key' if j == 0 else 'past_value'}.{i})",
                                          float(got.shape[1]), float(ref.shape[1]), i, f"layer {i} of {num_layers} (its cache)"))
                         continue
-                    if not d.size:
+                    per_slot, mse = _cache_diff(ref[r], got[r], int(written_after[k][r]))
+                    if not per_slot.size:
                         continue
-                    per_slot = np.abs(d).max(axis=(0, 2))
-                    mse = float((d * d).mean())
                     stat.cache_max_abs = max(stat.cache_max_abs, float(per_slot.max()))
                     stat.cache_mse = max(stat.cache_mse, mse)
                     name = f"{'past_key' if j == 0 else 'past_value'}.{i}"
@@ -603,7 +686,9 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
                         hits.append(_Hit(step_no[k], r, i, f"cache MSE ({name})", mse, tol.cache_mse, i,
                                          f"layer {i} of {num_layers} (its cache)"))
             if k == len(steps) - 1:
-                final_cache += [key, value]
+                for r in range(n_rows):
+                    ref_cache[r] += [replay.current[own[j]][r, :, : written[r], :].copy() for j in (0, 1)]
+                    got_cache[r] += [c[r, :, : written[r], :].copy() for c in (key, value)]
         del session
         stat.seconds = time.perf_counter() - start
         stats.append(stat)
@@ -612,8 +697,10 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
     session = part.session(part.suffix, threads=threads)
     logit_rows: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
     ref_rows: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
+    replay = _Replay(steps, cache_shape, _past_read(part.suffix))
     for k, (s, (_, _, rows)) in enumerate(zip(steps, schedule)):
-        feeds = _feeds(part.suffix, s, prefix_outputs(k, part.suffix.inputs))
+        feeds = _feeds(part.suffix, s, prefix_outputs(k, part.suffix.inputs), replay.current)
+        replay.advance(k)
         feeds[part.hidden_out[-1]] = np.asarray(_Spill.get(s.hidden_out[-1]))
         (logits,) = session.run(["logits"], feeds)
         for r in rows:
@@ -621,11 +708,9 @@ def _check(part: Partition, steps: list[_Step], schedule, prompts, tokens, n_row
             ref_rows[r].append(s.logits[r])
     del session
 
-    written = written_after[-1]
-    ref_cache = [[np.asarray(_Spill.get(p))[r, :, : written[r], :] for p in steps[-1].retained] for r in range(n_rows)]
-    got_cache = [[c[r, :, : written[r], :] for c in final_cache] for r in range(n_rows)]
     pt = Trace("pytorch", [np.stack(rows) for rows in ref_rows], ref_cache)
     ort = Trace(candidate, [np.stack(rows) for rows in logit_rows], got_cache)
+    traces += [pt, ort]
     comparison = compare(pt, ort, tol)
 
     # Logits of each (step, row) the suffix computed: a difference there with every layer within
@@ -672,7 +757,7 @@ def _first_divergence(hits, per_layer, step_no, steps, prompts, num_layers, laye
             if not (steps[k].position_ids[first.row] >= 0).any():
                 continue
             old = entries.get(e["layer"])
-            if old is None or (e["relative"] or 0) > (old["relative"] or 0):
+            if old is None or e["relative"] is None or (old["relative"] is not None and e["relative"] > old["relative"]):
                 entries[e["layer"]] = dict(e)
     result.layers = [entries[i] for i in sorted(entries)]
     return result
