@@ -408,7 +408,7 @@ class Pipeline:
         ref = self.reference(prompt_token_ids, steps)
         report.comparisons.append(check_layers(
             self.onnx_path, self.offloaded[1], report.prompt_token_ids, ref.tokens, prompt_len=prompt_len,
-            ctx_len=ctx_len, batch_size=len(prompt_token_ids), tolerances=tolerances))
+            ctx_len=ctx_len, batch_size=len(prompt_token_ids), tolerances=tolerances, progress=self.progress))
         return report
 
     # --- layer-streamed verification (issue 18) -----------------------------------------------
