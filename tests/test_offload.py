@@ -332,3 +332,15 @@ def test_per_layer_progress_ticks_on_the_offloaded_models(tmp_path, capsys):
     total = layers * len(PROMPTS) * STEPS
     assert f"Verify: HF reference: {total}/{total} layer passes" in err, err
     assert hf.offload.loads == [len(PROMPTS) * STEPS] * layers
+
+
+def test_a_source_that_cannot_stream_is_verified_in_memory_even_when_asked(tmp_path, capsys):
+    """A model object (like a GGUF or a .bin checkpoint) has no safetensors files to read layers from."""
+    from qeff.pipeline import Pipeline
+    from tests.arch_configs import TINY
+
+    arch = TINY["smollm2-135m"]
+    model = qeff.from_config(arch.model_type, arch.config, seed=0)
+    pipe = Pipeline("tiny", model=model, identity={"test": "tiny"}, home=tmp_path / "home", verify_layers=True)
+    assert not pipe.streams_verification()
+    assert "is verified in memory: only a local directory of safetensors streams its layers" in capsys.readouterr().err
