@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
      "qeff.home", "qeff.source_digest"),
     ("qeff.loading", "qeff.configs", "qeff.doctor", "qeff.tokenizer", "qeff.consistency", "qeff.memory"),
     ("qeff.transforms", "qeff.support", "qeff.serving.graph", "qeff.weights", "qeff.synthetic"),
-    ("qeff.exporter", "qeff.preflight"),
+    ("qeff.exporter", "qeff.preflight", "qeff.offload"),
     ("qeff.runtime", "qeff.serving.session"),
     ("qeff.compilers",),
     ("qeff.generation", "qeff.serving.result", "qeff.serving.continuous", "qeff.serving.speculative", "qeff.serving.options",
