@@ -807,12 +807,14 @@ def _memory_mode(args, source, shape, rows: int, ctx_len: int):
 
 
 def _streamed(args, source) -> bool:
-    """Whether the export will be written from the weight files (qeff.pipeline's rule: a local
-    safetensors directory and the base graph; the serving flags export another graph)."""
+    """Whether the export will be written from the weight files (qeff.pipeline's rule: a
+    safetensors directory, local or a hub repo's cached snapshot, and the base graph; the serving
+    flags export another graph)."""
+    from qeff.loading import files_dir
     from qeff.weights import safetensors_dir
 
     serving = getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None)
-    return source.kind == "local" and not serving and bool(safetensors_dir(source.path))
+    return not serving and bool(safetensors_dir(files_dir(source, cache_dir=getattr(args, "cache_dir", None))))
 
 
 def _small_model_params() -> int:
