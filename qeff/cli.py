@@ -864,6 +864,20 @@ def preflight(argv: list[str]) -> dict[str, int]:
     return dict(getattr(args, "_estimates", {}))
 
 
+def memory_preflight(argv: list[str]) -> dict[str, int]:
+    """The memory preflight alone of a command line (no cache clean-up, no other check): each
+    stage's estimated peak (bytes), or the one-sentence :class:`UsageError` the run would be
+    refused with. The pytest plugin's full tier asks it before a stage that may not fit, so that
+    a stage runs exactly when the same command would (the streamed modes included)."""
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "batch_size"):
+        from qeff.serving.options import serving_options
+
+        serving_options(args)  # settles --batch_size (None → 1)
+    _check_memory(args)
+    return dict(getattr(args, "_estimates", {}))
+
+
 def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:
     if debug:
         traceback.print_exception(exc)

@@ -140,6 +140,11 @@ class Pipeline:
         return self._model
 
     @property
+    def model_loaded(self) -> bool:
+        """Whether the model is in memory (given, or loaded by a stage that needed it)."""
+        return self._model is not None
+
+    @property
     def qmodel(self):
         """The retained-state wrapper (a weight-sharing copy; :attr:`model` is left as it was)."""
         if self._qmodel is None:
