@@ -182,3 +182,27 @@ def test_full_tier_of_a_model_that_does_not_fit_never_loads_it(tmp_path):
     ratio = (rss["peak"] - rss["base"]) / fp32
     print(f"full tier, {LIMIT} budget: peak {ratio:.2f}x the fp32 weights above the imports")
     assert ratio < 0.85, f"the full tier peaked at {ratio:.2f}x the fp32 weights: something held them"
+
+
+def test_facts_from_the_files_equal_the_loaded_models(tmp_path, monkeypatch):
+    """What the full tier records while the model is not in memory (config.json and the weight
+    headers) is what it records from the loaded model."""
+    from pytest_qeff.cards import load_cards
+    from pytest_qeff.stages import Workspace
+    from qeff.pipeline import Pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cards, hub = _setup(tmp_path, SMALL)
+    card = load_cards(cards)[_card_id(SMALL)]
+    ws = Workspace(root=tmp_path / "ws", tier="full", device_group=(0, 1), baseline_dir=tmp_path, default_baseline_dir=tmp_path)
+    pipe = Pipeline.open(REPO_ID, cache_dir=str(hub), home=tmp_path / "ws", progress=False)
+    ws._pipelines[card.id] = pipe
+    config, facts = ws.facts(card)
+    assert not pipe.model_loaded
+    _ = pipe.model
+    loaded_config, loaded_facts = ws.facts(card)
+    assert facts == loaded_facts and facts.parameters == SMALL.parameters
+    # The same config but for what loading sets (the dtype it loaded in, the name it was given).
+    drop = ("dtype", "_name_or_path")
+    assert ({k: v for k, v in config.to_dict().items() if k not in drop}
+            == {k: v for k, v in loaded_config.to_dict().items() if k not in drop})
