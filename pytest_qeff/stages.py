@@ -313,8 +313,9 @@ def transform(ws: Workspace, target: Target, record: Record) -> None:
 def export(ws: Workspace, target: Target, record: Record) -> None:
     card, case = target.card, target.case
     exported = ws.pipeline(card).export()
-    ws.require_memory(card, case, f"the exported graph ({exported.path}) against transformed PyTorch in ONNX Runtime",
-                      "verify")
+    what = f"the exported graph ({exported.path}) against transformed PyTorch in ONNX Runtime"
+    ws.require_memory(card, case, what, "compile")  # the session opens the portable graph's ORT artifact
+    ws.require_memory(card, case, what, "verify")
     report = _verify(ws, target, session=ws.session(card, case, "ort"))
     comparison = report["pytorch_vs_ort"]
     # ORT is judged against the untouched HF model through the chain: a fault in the transform is

@@ -169,8 +169,14 @@ def test_full_tier_from_a_hub_cache_runs_every_stage(tmp_path):
 def test_full_tier_of_a_model_that_does_not_fit_never_loads_it(tmp_path):
     rss, by = _run(tmp_path, LARGE, env={"QEFF_MEMORY_LIMIT": LIMIT}, trap=True)
     outcomes = {key: r["outcome"] for key, r in by.items()}
-    assert outcomes == {key: "skipped" for key in outcomes} and len(outcomes) == 8, rss["stdout"][-3000:]
+    # HF vs transformed PyTorch may run once verification streams layer by layer (Pipeline.verify
+    # chooses, and the preflight prices it); every stage that runs the whole portable graph in
+    # ONNX Runtime (~3.1x the weights for its optimiser) cannot fit 2 GB and skips.
+    assert outcomes.pop(("transform", None)) in ("skipped", "passed"), rss["stdout"][-3000:]
+    assert outcomes == {key: "skipped" for key in outcomes} and len(outcomes) == 7, rss["stdout"][-3000:]
     for key in (("transform", None), ("export", None), ("compile", "ort"), ("generation", "ort"), ("benchmark", "ort")):
+        if by[key]["outcome"] == "passed":
+            continue
         message = by[key]["message"]
         assert "cannot run in the memory available here" in message and "would need about" in message, (key, message)
         assert "QEFF_MEMORY_LIMIT" in message or "2.0 GiB" in message, message
