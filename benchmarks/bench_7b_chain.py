@@ -13,8 +13,9 @@ write one under ``--work``) is laid out as that repo in a Hugging Face cache und
   (Llama 2's RoPE theta and context, against the synthetic writer's Llama 3 ones); a shape key that
   differs is an error: the weights are not the card's model;
 - the tokenizer is kept when its ids fit ``vocab_size``; otherwise (SmolLM2's 49152 ids against
-  Llama 2's 32000 rows) a word-level tokenizer of ``vocab_size`` ids replaces it, since qeff refuses
-  a tokenizer whose ids the embedding has no row for.
+  Llama 2's 32000 rows, in a checkpoint written before ``write_llama`` cut it) it is cut with
+  :func:`qeff.synthetic.truncate_tokenizer`, or replaced by a word-level tokenizer of ``vocab_size``
+  ids when it is not a BPE, since qeff refuses a tokenizer whose ids the embedding has no row for.
 
 Without ``--card`` a card is written from the checkpoint's own config (for small shapes: testing
 this script). Both commands run in child processes, each on its own fresh artifact cache (so each
@@ -80,14 +81,24 @@ def stage_checkpoint(src: Path, dst: Path, card_config: dict | None) -> list[str
     from qeff.consistency import tokenizer_id_count
 
     count = tokenizer_id_count(dst) if files else None
-    if count is None or count > config["vocab_size"]:
+    vocab = config["vocab_size"]
+    if count is not None and count > vocab and (dst / "tokenizer.json").is_file():
+        from qeff.synthetic import truncate_tokenizer
+
+        try:  # what write_llama does now (a checkpoint written before it kept SmolLM2's 49152 ids)
+            truncate_tokenizer(dst / "tokenizer.json", vocab)
+            notes.append(f"tokenizer: {count} ids cut to the embedding's {vocab} rows (qeff.synthetic.truncate_tokenizer)")
+            count = tokenizer_id_count(dst)
+        except ValueError:
+            pass
+    if count is None or count > vocab:
         for path in files:
-            (dst / path.name).unlink()
+            (dst / path.name).unlink(missing_ok=True)
         from tests.word_tokenizer import word_tokenizer
 
-        word_tokenizer(config["vocab_size"]).save_pretrained(str(dst))
-        notes.append(f"tokenizer: {count} ids do not fit vocab_size {config['vocab_size']}: a word-level tokenizer of "
-                     f"{config['vocab_size']} ids replaces it")
+        word_tokenizer(vocab).save_pretrained(str(dst))
+        notes.append(f"tokenizer: {count} ids do not fit vocab_size {vocab}: a word-level tokenizer of {vocab} ids "
+                     f"replaces it")
     return notes
 
 

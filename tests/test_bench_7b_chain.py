@@ -1,7 +1,7 @@
 """benchmarks/bench_7b_chain.py's staging: a synthetic checkpoint becomes one that the card's full
-tier and ``qeff compile`` accept, without copying its weights (the 7B run depends on it: the
-synthetic writer's SmolLM2 tokenizer has 49152 ids, Llama 2's embedding 32000 rows, and its RoPE
-theta is Llama 3's)."""
+tier and ``qeff compile`` accept, without copying its weights (the 7B run depends on it: a
+checkpoint written before write_llama cut its tokenizer has SmolLM2's 49152 ids against Llama 2's
+32000 rows, and the writer's RoPE theta is Llama 3's)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,12 @@ SHAPE = LlamaShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, v
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_llama(tmp_path_factory.mktemp("bench") / "ckpt", SHAPE, seed=0)
+    """A checkpoint as write_llama wrote them before it cut the tokenizer: SmolLM2's 49152 ids."""
+    from qeff.loading import DEFAULT_MODEL, load_tokenizer
+
+    path = write_llama(tmp_path_factory.mktemp("bench") / "ckpt", SHAPE, seed=0)
+    load_tokenizer(resolve(DEFAULT_MODEL)).save_pretrained(str(path))
+    return path
 
 
 def _card_config(**changes) -> dict:
@@ -45,7 +50,11 @@ def test_staging_makes_a_checkpoint_qeff_accepts(ckpt, tmp_path):
     notes = stage_checkpoint(ckpt, tmp_path / "staged", _card_config())
     staged = tmp_path / "staged"
     check_tokenizer(read_config(resolve(str(staged))))  # accepted
-    assert tokenizer_id_count(staged) == SHAPE.vocab
+    assert tokenizer_id_count(staged) <= SHAPE.vocab
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(staged))("The capital of France is")["input_ids"]
+    assert ids and max(ids) < SHAPE.vocab  # the card's prompt still tokenizes
     assert os.path.samefile(staged / "model.safetensors", ckpt / "model.safetensors")  # linked, not copied
     config = read_config(resolve(str(staged))).values
     assert config["rope_theta"] == 10000.0 and config["max_position_embeddings"] == 4096  # Llama 2's, from the card

@@ -178,3 +178,22 @@ def test_the_streamed_export_of_the_3b_and_7b_shapes_passes_the_preflight(sparse
         estimates = preflight(["export", "-m", str(sparse[size])])
         assert list(estimates) == ["export"], estimates
         assert estimates["export"] < 6e9, (size, estimates)
+
+
+def test_a_synthetic_checkpoint_s_tokenizer_fits_its_vocabulary(tmp_path):
+    """A Llama-2-7B shape has 32000 rows, SmolLM2's tokenizer 49152 ids: the synthetic checkpoint's
+    tokenizer is cut to the shape's vocabulary, or qeff's consistency check refuses the checkpoint
+    (it did, for the 7B shape). Text still round-trips through the smaller BPE."""
+    from transformers import AutoTokenizer
+
+    from qeff.consistency import tokenizer_id_count
+    from qeff.synthetic import LlamaShape
+
+    path = write_llama(tmp_path / "v1k", LlamaShape(hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128,
+                                                    vocab=1000, tied=True))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    text = "My name is Zoë, 東京 is far; def f(x): return x**2"
+    ids = tok(text)["input_ids"]
+    assert len(tok) <= 1000 and max(ids) < 1000
+    assert tok.decode(ids) == text
+    assert tokenizer_id_count(path) <= 1000  # what the consistency check reads
