@@ -20,7 +20,7 @@ JOBS   ?= 2
 LOCK   := requirements/lock.txt
 PIP    := pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers bench-scale install clean-cache
+.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers bench-scale bench-7b-chain install clean-cache
 
 $(STAMP): pyproject.toml $(LOCK) requirements/torch.txt requirements/models.txt requirements/tools.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -105,6 +105,15 @@ MAX_RSS_GB ?= 8
 bench-scale: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_scale.py --sizes $(SIZES) --root $(SCALE_ROOT) --max-rss-gb $(MAX_RSS_GB) \
 		$(if $(MEMORY_LIMIT),--memory-limit $(MEMORY_LIMIT),)
+
+# The design's two commands on a 7B-shaped checkpoint laid out as the card's hub repo (offline):
+# make bench-7b-chain CHECKPOINT=/path/to/llama-7b [CARD=llama-2-7b] [WORK=/tmp/qeff-7b-chain] [MEMORY_LIMIT=6G]
+CARD ?= llama-2-7b
+WORK ?= /tmp/qeff-7b-chain
+bench-7b-chain: $(STAMP)
+	test -n "$(CHECKPOINT)" || { echo "give CHECKPOINT=DIR (a safetensors checkpoint directory)"; exit 2; }
+	$(BIN)/python benchmarks/bench_7b_chain.py --checkpoint $(CHECKPOINT) --card $(CARD) --work $(WORK) \
+		--max-rss-gb $(MAX_RSS_GB) $(if $(MEMORY_LIMIT),--memory-limit $(MEMORY_LIMIT),)
 
 clean-cache:
 	rm -rf qeff_models

@@ -90,7 +90,6 @@ class Workspace:
 
     def _open(self, card: Card):
         import qeff
-        from qeff.loading import load_source
         from qeff.pipeline import Pipeline
 
         reason = remote.skip_reason(card, self.trust_remote_code)
@@ -109,11 +108,67 @@ class Workspace:
             source, reason = weights.locate(card)
             if source is None:
                 pytest.skip(reason)
-            model, tokenizer = remote.full_model(card, self.trust_remote_code) if trusted else load_source(source)
             identity = {"card": card.id, "tier": "full", "source": source.identity(home=self.root / self.tier)}
+            if not trusted:
+                from qeff.support import require_supported
+
+                # Nothing is loaded here: the pipeline loads the model only for a stage that needs
+                # it, and exports a safetensors checkpoint (a local directory or a cached hub repo)
+                # from its files. An architecture qeff cannot run is refused from its config, for
+                # every stage alike, as the transform's refusal was when the model loaded first.
+                require_supported(source)
+                return Pipeline(card.id, source=source, identity=identity, home=self.root / self.tier, progress=False)
+            model, tokenizer = remote.full_model(card, self.trust_remote_code)
         pipe = Pipeline(card.id, model=model, tokenizer=tokenizer, identity=identity, home=self.root / self.tier, progress=False)
         _ = pipe.qmodel  # an architecture the transform refuses fails every stage the same way
         return pipe
+
+    def facts(self, card: Card) -> tuple[Any, ModelFacts]:
+        """The model's config and shape: from the model when it is in memory, else from its files
+        (config.json and the weight files' headers, :mod:`qeff.preflight`), so that a model larger
+        than memory is never loaded for them."""
+        pipe = self.pipeline(card)
+        shape = None
+        if not pipe.model_loaded and pipe.files_dir is not None:
+            from qeff.preflight import model_shape
+
+            shape = model_shape(pipe.source, cache_dir=pipe.cache_dir)
+        if shape is None or shape.weight_bytes is None:
+            cache = pipe.qmodel.shape
+            return pipe.model.config, ModelFacts(cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.vocab_size,
+                                                 sum(p.numel() for p in pipe.model.parameters()))
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(pipe.files_dir))
+        return config, ModelFacts(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
+                                  shape.weight_bytes // 4)
+
+    def require_memory(self, card: Card, case: Case, what: str, command: str, *flags: str) -> None:
+        """Skip ``what`` (a stage) when the memory preflight refuses the qeff command that does the
+        same work (``qeff verify`` for the comparisons, ``qeff compile``/``infer`` on the portable
+        graph), with its one sentence: the stage cannot run on this machine. The full tier only,
+        and only while the model is not in memory (the preflight prices a fresh process; one that
+        loaded the model has shown it fits). Whatever mode the command would take (a streamed
+        export; streamed verification where the pipeline has it) the stage takes too."""
+        pipe = self.pipeline(card)
+        if self.tier != "full" or pipe.source is None or pipe.model_loaded:
+            return
+        from qeff.cli import memory_preflight
+        from qeff.errors import UsageError
+
+        src = pipe.source
+        argv = [command, "-m", src.repo_id if src.kind == "hub" else str(src.path), "--home", str(self.root / self.tier),
+                "--prompt_len", str(case.prompt_len), "--ctx_len", str(case.ctx_len)]
+        if command != "verify":
+            argv += ["--batch_size", str(case.batch_size), "--backend", "ort", "--ort-graph", "portable"]
+        if src.revision:
+            argv += ["--revision", src.revision]
+        if pipe.cache_dir:
+            argv += ["--cache_dir", pipe.cache_dir]
+        try:
+            memory_preflight([*argv, *flags])
+        except UsageError as exc:
+            pytest.skip(f"{card.id}: {what} cannot run in the memory available here: {exc}")
 
     def prompts(self, card: Card, case: Case) -> list[list[int]]:
         """One prompt per batch row: seeded random ids (tiny) or the card's texts, tokenized (full)."""
@@ -237,15 +292,18 @@ def _verify(ws: Workspace, target: Target, session=None):
 
 def transform(ws: Workspace, target: Target, record: Record) -> None:
     card = target.card
-    pipe = ws.pipeline(card)
+    mismatches = _config_mismatches(card, ws.facts(card)[0]) if target.tier == "full" else []
+    try:
+        ws.require_memory(card, target.case, "HF vs transformed PyTorch", "verify")
+    except pytest.skip.Exception:
+        if mismatches:  # read from the files: judged even where the comparison cannot run
+            pytest.fail(f"{target.id}: " + "; ".join(mismatches), pytrace=False)
+        raise
     report = _verify(ws, target)
     comparison = report["hf_vs_pytorch"]
-    mismatches = _config_mismatches(card, pipe.model.config) if target.tier == "full" else []
-    shape = pipe.qmodel.shape
+    facts = ws.facts(card)[1]
     record(TransformRecord(
-        **_base(ws, target), comparison=comparison, reference_tokens=report.reference_tokens,
-        model=ModelFacts(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
-                         sum(p.numel() for p in pipe.model.parameters())),
+        **_base(ws, target), comparison=comparison, reference_tokens=report.reference_tokens, model=facts,
         config_mismatches=mismatches,
     ))
     if comparison.failures or mismatches:
@@ -255,6 +313,9 @@ def transform(ws: Workspace, target: Target, record: Record) -> None:
 def export(ws: Workspace, target: Target, record: Record) -> None:
     card, case = target.card, target.case
     exported = ws.pipeline(card).export()
+    what = f"the exported graph ({exported.path}) against transformed PyTorch in ONNX Runtime"
+    ws.require_memory(card, case, what, "compile")  # the session opens the portable graph's ORT artifact
+    ws.require_memory(card, case, what, "verify")
     report = _verify(ws, target, session=ws.session(card, case, "ort"))
     comparison = report["pytorch_vs_ort"]
     # ORT is judged against the untouched HF model through the chain: a fault in the transform is
@@ -273,11 +334,15 @@ def export(ws: Workspace, target: Target, record: Record) -> None:
 
 
 def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None:
-    _require(backend)
     card, case = target.card, target.case
+    if backend != "ort" and ws.tier == "full":
+        _dry_run_without_sdk(ws, card, case, backend)
+    _require(backend)
+    if backend == "ort":
+        ws.require_memory(card, case, "compiling the portable graph for ONNX Runtime", "compile")
     built = ws.compiled(card, case, backend)
     session = ws.session(card, case, backend)
-    want = {"batch_size": case.batch_size, "ctx_len": case.ctx_len, "num_layers": ws.pipeline(card).qmodel.shape.num_layers}
+    want = {"batch_size": case.batch_size, "ctx_len": case.ctx_len, "num_layers": ws.facts(card)[1].num_layers}
     got = {k: getattr(session, k, None) for k in want}
     record(CompileRecord(
         **_base(ws, target),
@@ -290,6 +355,23 @@ def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None
         pytest.fail(f"{target.id}: the {backend} artifact {built.path} opens with " + ", ".join(wrong), pytrace=False)
 
 
+def _dry_run_without_sdk(ws: Workspace, card: Card, case: Case, backend: str) -> None:
+    """Full tier, no Cloud AI SDK: write the compiler's files for the card's options over the
+    worker's device group (:func:`qeff.compile` with ``dry_run``: the export, streamed where it can
+    be, then the command, specializations, custom IO and partition files), then skip — nothing was
+    compiled, so nothing passes. With the SDK the stage compiles and opens the QPC as before."""
+    from qeff import sdk
+
+    status = sdk.status()
+    if status.available:
+        return
+    options = card.compile.model_dump(exclude={"batch_size", "prompt_len", "ctx_len"})
+    result = ws.pipeline(card).compile(backend, batch_size=case.batch_size, prompt_len=case.prompt_len,
+                                       ctx_len=case.ctx_len, **options, num_devices=len(ws.device_group), dry_run=True)
+    pytest.skip(f"{backend}: {status.reason}; dry run: the compiler's files are in {result.out_dir} "
+                f"(run its compile.sh where the SDK is installed)")
+
+
 def generation(ws: Workspace, target: Target, backend: str, record: Record) -> None:
     """Free-running greedy generation on the backend against HF's greedy tokens. The first
     divergence of a row ends its comparison (what follows is another continuation); it fails
@@ -299,6 +381,8 @@ def generation(ws: Workspace, target: Target, backend: str, record: Record) -> N
 
     _require(backend)
     card, case = target.card, target.case
+    if backend == "ort":
+        ws.require_memory(card, case, "greedy generation on the portable graph beside HF's reference", "infer", "--verify")
     ref = ws.reference(card, case)
     session = ws.session(card, case, backend)
     result = qeff.generate(session, prompt_token_ids=ws.prompts(card, case), generation_len=card.prompts.generation_len, eos_token_id=[])
@@ -337,6 +421,8 @@ def benchmark(ws: Workspace, target: Target, backend: str, record: Record, timer
 
     _require(backend)
     card, case, bench = target.card, target.case, target.card.benchmark
+    if backend == "ort":
+        ws.require_memory(card, case, "the benchmark on the portable graph", "infer", "--no-verify")
     prompts = ws.prompts(card, case)
     gen_len = min(bench.generation_len, case.ctx_len - max(len(p) for p in prompts))
     session = ws.session(card, case, backend, threads=bench.threads)

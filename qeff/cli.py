@@ -823,12 +823,14 @@ def _memory_mode(args, source, shape, rows: int, ctx_len: int):
 
 
 def _streamed(args, source) -> bool:
-    """Whether the export will be written from the weight files (qeff.pipeline's rule: a local
-    safetensors directory and the base graph; the serving flags export another graph)."""
+    """Whether the export will be written from the weight files (qeff.pipeline's rule: a
+    safetensors directory, local or a hub repo's cached snapshot, and the base graph; the serving
+    flags export another graph)."""
+    from qeff.loading import files_dir
     from qeff.weights import safetensors_dir
 
     serving = getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None)
-    return source.kind == "local" and not serving and bool(safetensors_dir(source.path))
+    return not serving and bool(safetensors_dir(files_dir(source, cache_dir=getattr(args, "cache_dir", None))))
 
 
 def _small_model_params() -> int:
@@ -875,6 +877,20 @@ def preflight(argv: list[str]) -> dict[str, int]:
     would end with. ``make bench-scale`` asks it before writing a 3B checkpoint's 6 GB."""
     args = build_parser().parse_args(argv)
     _check_args(args)
+    return dict(getattr(args, "_estimates", {}))
+
+
+def memory_preflight(argv: list[str]) -> dict[str, int]:
+    """The memory preflight alone of a command line (no cache clean-up, no other check): each
+    stage's estimated peak (bytes), or the one-sentence :class:`UsageError` the run would be
+    refused with. The pytest plugin's full tier asks it before a stage that may not fit, so that
+    a stage runs exactly when the same command would (the streamed modes included)."""
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "batch_size"):
+        from qeff.serving.options import serving_options
+
+        serving_options(args)  # settles --batch_size (None → 1)
+    _check_memory(args)
     return dict(getattr(args, "_estimates", {}))
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ModelSource", "resolve", "load", "load_source", "load_tokenizer", "from_config", "embedded_gguf",
-           "embedded_for_distribution", "DEFAULT_MODEL"]
+           "embedded_for_distribution", "files_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 #: alias → (module, distribution, stem of the .gguf inside it, or of the one its chunks assemble to).
@@ -141,6 +141,35 @@ def resolve(name: str, *, revision: str | None = None, cache_dir: str | None = N
             f"and not in the Hugging Face cache (offline mode is on, so nothing is downloaded)"
         )
     return ModelSource(name, "hub", repo_id=name, revision=revision)
+
+
+def files_dir(source: ModelSource, *, cache_dir: str | None = None) -> Path | None:
+    """The directory holding the source's checkpoint files on this machine, or None: a local
+    directory itself; for a hub repo id, its snapshot directory in the local Hugging Face cache
+    (``models--org--name/snapshots/<commit>/``, the revision's ref followed) when the config and
+    every weight file the index names are there. Nothing is downloaded: this is what lets a hub
+    model be read like a local directory (the streamed export, the preflight) without loading it."""
+    if source.kind == "local":
+        return source.path
+    if source.kind != "hub" or source.repo_id is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source.repo_id, "config.json", cache_dir=cache_dir, revision=source.revision)
+    if not isinstance(found, str):
+        return None
+    snapshot = Path(found).parent
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not all((snapshot / shard).is_file() for shard in shards):
+            return None  # a partly fetched snapshot: the loader says what is missing
+    return snapshot
 
 
 def _pretrained_args(source: ModelSource, cache_dir: str | None) -> tuple[str, dict[str, Any]]:

@@ -147,10 +147,16 @@ class Pipeline:
                 raise UsageError(f"{self.name}: the model object was not kept and has no source to reload it from")
             start = time.perf_counter()
             with measured("load"):
-                self._model, tokenizer = loading.load_source(self.source)  # looked up at call time (tests patch it)
+                where = {"cache_dir": self.cache_dir} if self.cache_dir else {}
+                self._model, tokenizer = loading.load_source(self.source, **where)  # looked up at call time (tests patch it)
             self._tokenizer = self._tokenizer or tokenizer
             self.load_s += time.perf_counter() - start
         return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether the model is in memory (given, or loaded by a stage that needed it)."""
+        return self._model is not None
 
     @property
     def qmodel(self):
@@ -173,7 +179,7 @@ class Pipeline:
             elif self.source is not None:
                 from qeff.loading import load_tokenizer
 
-                self._tokenizer = load_tokenizer(self.source)  # seconds, not the model's load
+                self._tokenizer = load_tokenizer(self.source, cache_dir=self.cache_dir)  # seconds, not the model's load
         return self._tokenizer
 
     # --- export ------------------------------------------------------------------------------
@@ -257,11 +263,11 @@ class Pipeline:
             tied embedding twice, as TorchScript's raw file (the build's peak) holds it; the final
             graph stores it once."""
             if self._model is None:
-                if self.source is None or self.source.kind != "local":
+                if self.source is None or self.files_dir is None:
                     return None
                 from qeff.preflight import model_shape
 
-                shape = model_shape(self.source)  # the weight files' headers: their fp32 bytes (streamed export)
+                shape = model_shape(self.source, cache_dir=self.cache_dir)  # the files' headers: their fp32 bytes
                 return shape.weight_bytes if shape is not None else None
             return sum(t.numel() * 4 for t in self._model.state_dict().values())
 
@@ -282,14 +288,24 @@ class Pipeline:
             validate(self.tokenizer)
         return built
 
+    @property
+    def files_dir(self) -> Path | None:
+        """The directory of the source's checkpoint files on this machine: a local directory, or a
+        hub repo's snapshot in the local Hugging Face cache (:func:`qeff.loading.files_dir`); None
+        for a GGUF file, a model object or a hub repo that is not cached."""
+        if self.source is None:
+            return None
+        return loading.files_dir(self.source, cache_dir=self.cache_dir)
+
     def _streamable(self, variant) -> bool:
-        """Export from the weight files, never holding the model (issue 18)? For a local directory
-        of safetensors whose model is not loaded yet, and the base graph: its files are byte for
-        byte the in-memory export's (tests/test_streamed_export.py), so it is always taken there."""
+        """Export from the weight files, never holding the model (issue 18)? For a directory of
+        safetensors (local, or a hub repo's cached snapshot) whose model is not loaded yet, and the
+        base graph: its files are byte for byte the in-memory export's
+        (tests/test_streamed_export.py), so it is always taken there."""
         from qeff.weights import safetensors_dir
 
-        return (self._model is None and self.source is not None and self.source.kind == "local"
-                and (variant is None or variant.is_base) and safetensors_dir(self.source.path))
+        return (self._model is None and (variant is None or variant.is_base)
+                and safetensors_dir(self.files_dir))
 
     def _export_streamed(self, tmp: Path, variant):
         """``(ExportResult, skeleton qmodel)``, or None when the streamed export cannot write this
@@ -299,7 +315,7 @@ class Pipeline:
 
         try:
             with stage(f"Exporting {self.name} to ONNX from its weight files", enabled=self.progress):
-                qmodel, weights, placeholders = streamed_model(self.source.path)
+                qmodel, weights, placeholders = streamed_model(self.files_dir)
                 return export(qmodel, tmp, model_id=self.name, variant=variant, weights=weights,
                               placeholders=placeholders), qmodel
         except NotStreamableError as exc:
@@ -414,7 +430,7 @@ class Pipeline:
     # --- layer-streamed verification (issue 18) -----------------------------------------------
 
     def _can_stream_verification(self) -> bool:
-        """A local directory of safetensors whose model is not loaded (a loaded one is verified as it is)."""
+        """A directory of safetensors (local, or a cached hub snapshot) whose model is not loaded (a loaded one is verified as it is)."""
         return self._streamable(None)
 
     def _verification_mode(self):
@@ -428,12 +444,12 @@ class Pipeline:
             streamable = self._can_stream_verification()
             want = memory.streamed_verify_setting(self.verify_layers) if self.verify_layers is not False else False
             mode = memory.Mode(command="verify", verify=True, graph="portable", streamed=streamable)
-            shape = model_shape(self.source) if streamable else None
+            shape = model_shape(self.source, cache_dir=self.cache_dir) if streamable else None
             if shape is not None:
                 mode = memory.choose_verification(shape, mode, available=available_memory(), want=want)
             self.verify_mode = mode
             if want and not streamable and self.progress:
-                print(f"note: {self.name} is verified in memory: only a local directory of safetensors streams its layers",
+                print(f"note: {self.name} is verified in memory: only a directory of safetensors (local, or a cached hub snapshot) streams its layers",
                       file=sys.stderr, flush=True)
         return self.verify_mode
 
@@ -464,7 +480,7 @@ class Pipeline:
             from qeff.offload import offloaded_pair
 
             with stage(f"Building {self.name}'s layer-streamed models from its weight files", enabled=self.progress):
-                self._offloaded = offloaded_pair(self.source.path)
+                self._offloaded = offloaded_pair(self.files_dir)
         return self._offloaded
 
     # --- compile and run ---------------------------------------------------------------------

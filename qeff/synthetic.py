@@ -12,14 +12,16 @@ tokenizer's (Llama 3's 128256 rows against SmolLM2's 49152 tokens): ids stay bel
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LlamaShape", "SHAPES", "write_llama", "tensor_shapes", "truncate_tokenizer", "CHUNK_ELEMENTS"]
+__all__ = ["LlamaShape", "SHAPES", "write_llama", "tensor_shapes", "truncate_tokenizer", "hub_cache", "CHUNK_ELEMENTS"]
 
 #: values generated and written at once (×4 bytes of float32 while converting): bounds the writer's memory.
 CHUNK_ELEMENTS = 16 * 2**20
@@ -159,3 +161,60 @@ def truncate_tokenizer(path: Path, vocab: int) -> None:
     model["vocab"], model["merges"] = kept, merges
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab]
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def _blob_name(path: Path) -> str:
+    """The name the hub gives a file's blob: the sha256 of an LFS file's content (the weights,
+    anything of 10 MB or more here), the git blob sha1 of a small one. Read in 8 MB blocks: a 13 GB
+    file costs a pass over the disk, not memory."""
+    size = path.stat().st_size
+    digest = hashlib.sha256() if size >= 10 * 2**20 else hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while block := f.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _place(blob: Path, source: Path) -> None:
+    """``blob`` as a hard link to ``source`` (no data copied), or a symbolic link to it across
+    file systems. An existing blob of that name already holds these bytes."""
+    if blob.exists():
+        return
+    try:
+        os.link(source, blob)
+    except OSError:
+        blob.symlink_to(source.resolve())
+
+
+def hub_cache(src_dir: str | Path, repo_id: str, cache_dir: str | Path, *, revision: str = "main") -> Path:
+    """Make the checkpoint directory ``src_dir`` appear as hub repo ``repo_id`` in the Hugging Face
+    cache ``cache_dir`` (what ``HF_HUB_CACHE`` names), without copying its data::
+
+        models--org--name/blobs/<sha256 or git sha1>   hard links to src_dir's files
+        models--org--name/refs/<revision>              the snapshot's commit
+        models--org--name/snapshots/<commit>/<file>    relative symlinks to ../../blobs/<hash>
+
+    the layout ``huggingface_hub`` writes when it downloads (its offline lookups,
+    ``try_to_load_from_cache`` and ``from_pretrained(..., local_files_only=True)``, read it as
+    they read a real download). The commit is a digest of the files' names and blobs, so the same
+    files give the same snapshot. Returns the snapshot directory. For tests and for measuring a
+    real-size run of hub ids offline: nothing is downloaded."""
+    src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} holds no config.json: not a checkpoint directory")
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    blobs = {p.relative_to(src).as_posix(): _blob_name(p) for p in files}
+    commit = hashlib.sha1(json.dumps(blobs, sort_keys=True).encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for (name, blob), path in zip(blobs.items(), files):
+        _place(repo / "blobs" / blob, path)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
