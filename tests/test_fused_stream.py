@@ -151,3 +151,68 @@ def test_a_checkpoint_without_the_names_is_not_streamable(checkpoints, tmp_path)
     assert "model.layers.3." in (fw.streamable_reason(path) or "")
     with pytest.raises(NotStreamableError, match="model.layers.3"):
         fw.from_safetensors(path, CTX, weights="int4")
+
+
+# -- qeff infer on a safetensors directory ------------------------------------------------------
+
+SMALL = LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=49152, tied=True)
+INFER = ["--weights", "int4", "--no-verify", "--prompt", "My name is", "--generation_len", "4", "--json"]
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch):
+    """A SmolLM2-tokenizer checkpoint, a fresh cache, and no model load allowed anywhere."""
+    import transformers
+
+    import qeff.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QEFF_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.delenv("QEFF_MEMORY_LIMIT", raising=False)
+    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    return write_llama(tmp_path / "ckpt", SMALL, seed=5)
+
+
+def _json(out: str) -> dict:
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_infer_with_int4_builds_from_the_files_and_never_loads_the_model(cli_env, capsys):
+    from qeff.cli import main
+
+    assert main(["infer", "-m", str(cli_env), *INFER]) == 0, capsys.readouterr().err
+    record = _json(capsys.readouterr().out)
+    assert [s["name"] for s in record["stages"]] == ["export", "fused-build", "fused-check", "run"]
+    assert record["fused_check"]["ran"] is True and record["fused_check"]["tokens_total"] > 0
+    assert "ort-fused-int4" in record["artifact"]
+
+
+def test_the_guard_trips_when_the_build_takes_the_loaded_model(cli_env, capsys, monkeypatch):
+    """The seeded fault for the test above: routed to from_hf, the run must load, and the trap fires."""
+    from qeff.cli import main
+
+    monkeypatch.setattr("qeff.cpu_graph.weights_files", lambda pipe, weights: None)
+    assert main(["infer", "-m", str(cli_env), *INFER]) == 1
+    assert "the model was loaded" in capsys.readouterr().err
+
+
+def test_a_check_that_cannot_fit_is_said_not_skipped_silently(cli_env, capsys, monkeypatch):
+    from qeff.artifacts import read_manifest
+    from qeff.cli import main
+
+    monkeypatch.setattr("qeff.validation.available_memory", lambda: 64 * 2**20)
+    assert main(["infer", "-m", str(cli_env), *INFER, "--skip-memory-check"]) == 0
+    captured = capsys.readouterr()
+    record = _json(captured.out)
+    lines = [x for x in captured.err.splitlines() if "not checked against the portable graph" in x]
+    assert len(lines) == 1 and "64.0 MiB is available" in lines[0]
+    assert record["fused_check"] == {"ran": False, "reason": lines[0].split("portable graph: ", 1)[1]}
+    assert "fused-check" not in [s["name"] for s in record["stages"]]
+    manifest = read_manifest(Path(record["artifact"]))
+    assert manifest["inputs"]["checked"] is False and manifest["outputs"]["check"]["ran"] is False

@@ -267,7 +267,7 @@ class _Builder:
         outputs = [vi("logits", TensorProto.FLOAT, [batch, w.vocab])]
         cos = g.const("cos_cache", w.cos.astype(np.float32))
         sin = g.const("sin_cache", w.sin.astype(np.float32))
-        (h,) = g.node("Gather", [g.const("embed_tokens", w.embed.astype(np.float32)), "input_ids"], hint="embed")  # (B, S, H)
+        (h,) = g.node("Gather", [g.const("embed_tokens", np.asarray(w.embed, dtype=np.float32)), "input_ids"], hint="embed")  # (B, S, H)
         (x,) = g.node("SimplifiedLayerNormalization", [h, g.const("norm_in.0", w.layers[0].input_norm)],
                       hint="input_norm.0", axis=-1, epsilon=w.eps, stash_type=1)
         for i, layer in enumerate(w.layers):
