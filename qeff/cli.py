@@ -111,6 +111,13 @@ def _run_args(p):
     add_run_args(p)
 
 
+def _verify_layers_arg(p) -> None:
+    _flag(p, "--verify-layers", "--verify_layers", action="store_true",
+          help="verify with one decoder layer's weights in memory at a time, read from the safetensors files "
+               "(default: when the memory preflight says the in-memory verification does not fit; "
+               "QEFF_STREAMED_VERIFY=1 always, =0 never; docs/memory.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qeff", description="Run and verify HF causal LMs on static-shape accelerators (ONNX Runtime, Cloud AI 100).")
     parser.add_argument("--version", action="version", version=f"qeff {__version__}")
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="check HF vs PyTorch vs ONNX Runtime before compiling (default: on for models up to 2B parameters)")
+    _verify_layers_arg(p)
     p.add_argument("--force", action="store_true", help="rebuild every stage even when a cached artifact matches")
     from qeff.serving.options import add_draft_args
 
@@ -154,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--prompt_len", type=int, default=32)
     _flag(p, "--ctx_len", type=int, default=128)
     _flag(p, "--steps", type=int, default=16, help="generated tokens compared per prompt (default 16)")
+    _verify_layers_arg(p)
     _flag(p, "--precision", default=None, metavar="TIERS",
           help="precision tiers to emulate and judge against HF fp32, e.g. fp32,fp16,mxfp6,mxint8,mxfp6+mxint8 (docs/precision.md)")
     _flag(p, "--backend", choices=["ort", "qaic", "torch"], default="ort", help="where --precision tiers run (default ort: emulated on the CPU)")
@@ -323,7 +332,10 @@ def _prompts(args) -> list[str]:
 def _pipeline(args):
     from qeff.pipeline import Pipeline
 
-    return Pipeline.open(args.model_name, revision=args.revision, cache_dir=args.cache_dir, home=_home(args))
+    pipe = Pipeline.open(args.model_name, revision=args.revision, cache_dir=args.cache_dir, home=_home(args),
+                         verify_layers=True if getattr(args, "verify_layers", False) else None)
+    pipe.verify_mode = getattr(args, "_verify_mode", None)  # the memory preflight's choice, when it made one
+    return pipe
 
 
 def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
@@ -796,6 +808,10 @@ def _check_memory(args) -> None:
     if shape.weight_bytes is None:  # headers that do not say
         return
     mode = _memory_mode(args, source, shape, rows, ctx_len)
+    mode = memory.choose_verification(shape, mode, available=available,
+                                      want=memory.streamed_verify_setting(getattr(args, "verify_layers", False)))
+    if mode.verify:
+        args._verify_mode = mode  # the pipeline verifies as the preflight priced it
     if mode.graph == "fused":  # the build's check runs where its two sessions fit (qeff.cpu_graph says so when not)
         from dataclasses import replace
 

@@ -34,7 +34,8 @@ from qeff.atomic import human_bytes
 from qeff.errors import UsageError
 
 __all__ = ["Mode", "Sizes", "Estimate", "Factor", "STAGES", "FACTORS", "plan", "sizes", "stages_for", "check",
-           "skip_requested", "MARGIN", "BASE", "WEIGHT_SHARE", "fused_check_fits", "STREAMED_BUILD"]
+           "skip_requested", "MARGIN", "BASE", "WEIGHT_SHARE", "streamed_verify_setting", "choose_verification",
+           "fused_check_fits", "STREAMED_BUILD"]
 
 GiB = 2**30
 #: The process with torch, transformers, onnx and ONNX Runtime imported (measured: 0.55–0.65 GiB).
@@ -99,6 +100,12 @@ class Mode:
     #: it never loads the model (qeff.pipeline.Pipeline._streamable); with ``--weights
     #: fp32|int8|int4`` the fused graph is built from the same files (``from_safetensors``)
     streamed: bool = False
+    #: verification runs the HF and transformed models a decoder layer at a time from the weight
+    #: files (qeff.offload): it never loads the model. Only where ``streamed`` (the same files)
+    verify_layers: bool = False
+    #: ...and checks ONNX Runtime one decoder layer's sub-graph at a time (qeff.layer_check) instead
+    #: of one session of the whole graph, when that session does not fit either
+    ort_layers: bool = False
     #: the fused build's check against the portable graph runs (False: its two sessions would not
     #: fit, and the run says so instead: :func:`fused_check_fits`)
     fused_check: bool = True
@@ -110,6 +117,8 @@ class Mode:
             flags.append("--no-verify")
         if self.graph == "fused" and self.weights != "fp32" and (than is None or than.weights != self.weights):
             flags.append(f"--weights {self.weights}")
+        if self.verify and self.verify_layers and (than is None or not than.verify_layers):
+            flags.append("--verify-layers")
         if self.graph == "portable" and (than is None or than.graph != "portable"):
             flags.append("--ort-graph portable")
         return " ".join(flags)
@@ -123,6 +132,17 @@ class Sizes:
     table: int  # E: fp32 bytes of one vocabulary table (0 when the config does not say)
     kv: int  # one fp32 KV cache of the run's batch and context
     tied: bool = True  # the table is also the output head (traced as two initializers)
+    layers: int = 0  # decoder layers (0: unknown, then one layer is priced as the whole model)
+
+    @property
+    def outer(self) -> int:
+        """fp32 bytes outside the decoder layers: the vocabulary table, and the output head when untied."""
+        return min(self.weights, self.table * (1 if self.tied else 2))
+
+    @property
+    def layer(self) -> int:
+        """fp32 bytes of one decoder layer (the layers are alike in the families that stream)."""
+        return (self.weights - self.outer) // self.layers if self.layers else self.weights
 
     @property
     def traced(self) -> int:
@@ -173,14 +193,33 @@ def export(s: Sizes, mode: Mode) -> int:
     return int(BASE + MARGIN * max(small, large))
 
 
+#: Layer-streamed verification (qeff.offload), measured on Llama-3.2-1B's widths with 4 layers and a
+#: 49152-row tied table (docs/memory.md, W 1.29 GiB, E 0.37 GiB, one layer 0.23 GiB): reference 1.55 GiB,
+#: verify 3.15 GiB with the whole graph's ORT session (estimated 2.4 and 4.0 GiB). Priced as what each holds — the tables outside the layers, one layer in fp32 plus the tensor
+#: being read, ``fixed`` for activations and logits — and, for the whole-graph ONNX Runtime session,
+#: the portable graph's weights (its share of the in-memory verify stage's 2.1 W: 1.1 W).
+STREAMED_FIXED = int(0.3 * GiB)
+ORT_SESSION = 1.1  # × W: ONNX Runtime's session of the whole portable graph
+ORT_LAYER = 3.0  # × one layer: a layer's sub-graph session, its inputs and outputs (qeff.layer_check)
+
+
 def reference(s: Sizes, mode: Mode) -> int:
-    """HF eager's greedy trace: the model and its cache."""
+    """HF eager's greedy trace: the model and its cache. Layer-streamed: the tables outside the
+    layers of both models (the pipeline builds the pair before the reference runs), one layer in
+    fp32 and the tensor being read, and the cache."""
+    if mode.verify_layers:
+        return int(BASE + MARGIN * (2 * s.outer + 2 * s.layer + STREAMED_FIXED)) + s.kv
     return _fit("reference", s) + s.kv
 
 
 def verify(s: Sizes, mode: Mode) -> int:
     """The model, the transformed model (sharing its weights) and an ONNX Runtime session of the
-    portable graph, with both retained caches."""
+    portable graph, with both retained caches. Layer-streamed: two models' tables (the reference
+    and the candidate are separate trees), one layer, both caches, and either the whole graph's
+    session or one layer's sub-graph at a time (``mode.ort_layers``)."""
+    if mode.verify_layers:
+        ort = ORT_LAYER * s.layer if mode.ort_layers else ORT_SESSION * s.weights
+        return int(BASE + MARGIN * (2 * s.outer + 2 * s.layer + ort + STREAMED_FIXED)) + 2 * s.kv
     return _fit("verify", s) + 2 * s.kv
 
 
@@ -190,8 +229,10 @@ def compile_portable(s: Sizes, mode: Mode) -> int:
 
 
 def _from_files(mode: Mode) -> bool:
-    """The fused graph is built from the weight files, and no stage holds the loaded model."""
-    return mode.graph == "fused" and mode.streamed and mode.weights != "native" and not mode.verify
+    """The fused graph is built from the weight files, and no stage holds the loaded model (no
+    verification, or the layer-streamed one)."""
+    return (mode.graph == "fused" and mode.streamed and mode.weights != "native"
+            and (not mode.verify or mode.verify_layers))
 
 
 #: The fused build from files (``from_safetensors``): one vocabulary table in float32 (the gathered
@@ -267,8 +308,10 @@ STAGES: dict[str, Callable[[Sizes, Mode], int]] = {
 
 def stages_for(mode: Mode) -> list[str]:
     """The stages a run of ``mode`` goes through on a cache that holds only what ``mode`` says."""
-    loads = ((not mode.export_cached and not mode.streamed) or mode.verify
-             or (mode.graph == "fused" and mode.weights != "native" and not _from_files(mode)))
+    verify_loads = mode.verify and not mode.verify_layers
+    fused_build = (mode.command in ("infer", "compile") and mode.graph == "fused" and mode.weights != "native"
+                   and not _from_files(mode))
+    loads = (not mode.export_cached and not mode.streamed) or verify_loads or fused_build
     names = ["load", "transform"] if loads else []
     if not mode.export_cached:
         names.append("export")
@@ -288,7 +331,7 @@ def stages_for(mode: Mode) -> list[str]:
 def sizes(shape, mode: Mode) -> Sizes:
     w = int(shape.weight_bytes or 0)
     return Sizes(w, int(getattr(shape, "embedding_bytes", 0) or 0), shape.cache_bytes(mode.batch_size, mode.ctx_len),
-                 tied=bool(getattr(shape, "tied", True)))
+                 tied=bool(getattr(shape, "tied", True)), layers=int(getattr(shape, "num_layers", 0) or 0))
 
 
 def plan(shape, mode: Mode) -> list[Estimate]:
@@ -302,9 +345,50 @@ def skip_requested(flag: bool = False) -> bool:
     return flag or os.environ.get("QEFF_SKIP_MEMORY_CHECK", "") not in ("", "0")
 
 
+def streamed_verify_setting(flag: bool | None = None) -> bool | None:
+    """Layer-streamed verification asked for: True (``--verify-layers`` or
+    ``QEFF_STREAMED_VERIFY=1``), False (``QEFF_STREAMED_VERIFY=0``: never), None (chosen by memory)."""
+    if flag:
+        return True
+    value = os.environ.get("QEFF_STREAMED_VERIFY", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    return value not in ("0", "false", "no", "off")
+
+
+_VERIFY_IN_MEMORY = ("load", "transform", "reference", "verify")
+
+
+def choose_verification(shape, mode: Mode, *, available: int | None, want: bool | None = None) -> Mode:
+    """How ``mode`` verifies: in memory (today's path) unless layer streaming is asked for
+    (``want`` True) or the in-memory verification stages would not fit ``available`` bytes while
+    the streamed ones do; streamed, ONNX Runtime is checked a layer at a time only when the whole
+    graph's session does not fit. Only a run whose export streams (``mode.streamed``: a local
+    safetensors directory) can stream its verification; ``want`` False never does."""
+    if not mode.verify or not mode.streamed or want is False or shape.weight_bytes is None:
+        return mode
+    s = sizes(shape, mode)
+    whole = replace(mode, verify_layers=True, ort_layers=False)
+    if want is not True:
+        if available is None:
+            return mode
+        in_memory = max(STAGES[name](s, mode) for name in _VERIFY_IN_MEMORY)
+        if in_memory <= available:
+            return mode
+        if max(reference(s, whole), verify(s, whole)) > available:  # the whole graph's session does not fit
+            layered = replace(whole, ort_layers=True)
+            return layered if max(reference(s, layered), verify(s, layered)) <= available else mode
+        return whole
+    if available is not None and verify(s, whole) > available:
+        return replace(whole, ort_layers=True)
+    return whole
+
+
 def _alternatives(mode: Mode) -> list[Mode]:
     """Modes that do the same job in less memory, most faithful first."""
     out: list[Mode] = []
+    if mode.verify and mode.streamed and not mode.verify_layers:  # the same verdict, a layer at a time
+        out += [replace(mode, verify_layers=True), replace(mode, verify_layers=True, ort_layers=True)]
     if mode.command != "infer":
         return out
     if mode.graph == "fused" and mode.weights == "fp32":

@@ -18,6 +18,13 @@ saved beside the graph); it is loaded only if a stage that needs it has no match
 
 The reference is always traced from the model as loaded: :func:`qeff.transforms.transform` works
 on a weight-sharing copy and never changes the model it is given (issue 9).
+
+A model larger than memory (a local safetensors directory) is verified layer-streamed
+(:mod:`qeff.offload`, :meth:`Pipeline.streams_verification`): the untouched HF model and the
+transformed one are built from the weight files with one decoder layer's weights in memory at a
+time, and :attr:`Pipeline.model` is never loaded. Asked for with ``verify_layers=True``
+(``--verify-layers``, ``QEFF_STREAMED_VERIFY=1``) or chosen by the memory preflight
+(:func:`qeff.memory.choose_verification`); the report is the in-memory one's.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ class Pipeline:
         identity: dict | None = None,
         home: str | Path | None = None,
         progress: bool = True,
+        verify_layers: bool | None = None,
     ):
         if source is None and model is None:
             raise UsageError("a Pipeline needs a model source or a model object")
@@ -113,6 +121,12 @@ class Pipeline:
         self._references: dict[str, Reference] = {}
         self.load_s = 0.0
         self.cache_dir: str | None = None  # the Hugging Face cache the source was resolved in
+        #: Layer-streamed verification (qeff.offload): True asks for it, False never, None lets the
+        #: memory preflight choose (qeff.memory.choose_verification; QEFF_STREAMED_VERIFY overrides None).
+        self.verify_layers = verify_layers
+        #: the qeff.memory.Mode the CLI's preflight chose for this run (its verify_layers, ort_layers)
+        self.verify_mode = None
+        self._offloaded = None  # (hf_model, qmodel) streamed from the weight files
 
     @classmethod
     def open(cls, name: str, *, revision: str | None = None, cache_dir: str | None = None, **kwargs) -> Pipeline:
@@ -304,7 +318,7 @@ class Pipeline:
 
         key = repr(([list(map(int, p)) for p in prompt_token_ids], steps))
         if key not in self._references:
-            model = self.model
+            model = self.offloaded[0] if self.streams_verification() else self.model
             with measured("reference"), layer_progress("Verify: HF reference", model, passes=len(prompt_token_ids) * steps,
                                                        enabled=self.progress):
                 trace, tokens = hf_trace(model, prompt_token_ids, steps)
@@ -327,8 +341,9 @@ class Pipeline:
         from qeff.verification import verify
 
         ref = self.reference(prompt_token_ids, steps)
+        hf, qmodel = self.offloaded if self.streams_verification() else (self.model, self.qmodel)
         return verify(
-            self.model, qmodel=self.qmodel, session=session, prompt_token_ids=prompt_token_ids, prompt_len=prompt_len,
+            hf, qmodel=qmodel, session=session, prompt_token_ids=prompt_token_ids, prompt_len=prompt_len,
             ctx_len=ctx_len, steps=steps, tolerances=tolerances, reference=(ref.trace, ref.tokens),
         )
 
@@ -359,19 +374,98 @@ class Pipeline:
         }
 
         def build(tmp: Path) -> dict:
-            _ = self.qmodel  # loading has its own progress bars
+            streamed = self.streams_verification()
+            qmodel = self.offloaded[1] if streamed else self.qmodel  # loading has its own progress bars
             self.reference(prompt_token_ids, steps)  # a stage of its own: HF eager is most of verification's time
             longest = max(len(p) for p in prompt_token_ids)
             passes = -(-longest // prompt_len) + steps - 1  # prefill chunks, then one pass per fed token
-            with measured("verify"), stage("Verifying HF vs PyTorch vs ONNX Runtime", enabled=self.progress), \
-                    layer_progress("Verify: transformed PyTorch", self.qmodel, passes=passes, enabled=self.progress):
-                session = OrtSession(self.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
-                report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
-                                     tolerances=tol, session=session)
+            per_layer = streamed and self._verification_mode().ort_layers
+            how = "" if not streamed else " (layer-streamed; ONNX Runtime per layer)" if per_layer else " (layer-streamed)"
+            with measured("verify"), stage(f"Verifying HF vs PyTorch vs ONNX Runtime{how}", enabled=self.progress), \
+                    layer_progress("Verify: transformed PyTorch", qmodel, passes=passes * (2 if per_layer else 1),
+                                   enabled=self.progress):
+                if per_layer:
+                    report = self._verify_per_layer(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
+                                                    tolerances=tol)
+                else:
+                    session = OrtSession(self.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
+                    report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
+                                         tolerances=tol, session=session)
+            if streamed:
+                self._offloaded = None  # their tables are freed before a later stage loads what it needs
             return {"report": report.to_dict()}
 
         built = build_artifact(self.export_dir / verify_dir_name(manifest_hash(manifest)), manifest, build, force=force)
         return built, VerifyReport.from_dict(built.manifest["outputs"]["report"])
+
+    def _verify_per_layer(self, prompt_token_ids, *, prompt_len: int, ctx_len: int, steps: int, tolerances):
+        """HF vs transformed PyTorch (layer-streamed), then PyTorch vs ONNX Runtime one decoder
+        layer's sub-graph at a time (:func:`qeff.layer_check.check_layers`): for a graph whose whole
+        ONNX Runtime session does not fit in memory."""
+        from qeff.layer_check import check_layers
+
+        report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps, tolerances=tolerances)
+        ref = self.reference(prompt_token_ids, steps)
+        report.comparisons.append(check_layers(
+            self.onnx_path, self.offloaded[1], report.prompt_token_ids, ref.tokens, prompt_len=prompt_len,
+            ctx_len=ctx_len, batch_size=len(prompt_token_ids), tolerances=tolerances, progress=self.progress))
+        return report
+
+    # --- layer-streamed verification (issue 18) -----------------------------------------------
+
+    def _can_stream_verification(self) -> bool:
+        """A local directory of safetensors whose model is not loaded (a loaded one is verified as it is)."""
+        return self._streamable(None)
+
+    def _verification_mode(self):
+        """The :class:`qeff.memory.Mode` verification runs in: the CLI's preflight's choice when it
+        made one, else :func:`qeff.memory.choose_verification` from the weight files' headers."""
+        if self.verify_mode is None:
+            from qeff import memory
+            from qeff.preflight import model_shape
+            from qeff.validation import available_memory
+
+            streamable = self._can_stream_verification()
+            want = memory.streamed_verify_setting(self.verify_layers) if self.verify_layers is not False else False
+            mode = memory.Mode(command="verify", verify=True, graph="portable", streamed=streamable)
+            shape = model_shape(self.source) if streamable else None
+            if shape is not None:
+                mode = memory.choose_verification(shape, mode, available=available_memory(), want=want)
+            self.verify_mode = mode
+            if want and not streamable and self.progress:
+                print(f"note: {self.name} is verified in memory: only a local directory of safetensors streams its layers",
+                      file=sys.stderr, flush=True)
+        return self.verify_mode
+
+    def streams_verification(self) -> bool:
+        """Whether :meth:`reference`, :meth:`verify` and :meth:`verify_cached` run the layer-streamed
+        models (:mod:`qeff.offload`) instead of :attr:`model` and :attr:`qmodel`."""
+        if not (self._verification_mode().verify_layers and (self._offloaded is not None or self._can_stream_verification())):
+            return False
+        if self._offloaded is None:
+            from dataclasses import replace
+
+            from qeff.errors import NotStreamableError
+
+            try:
+                _ = self.offloaded
+            except NotStreamableError as exc:  # names transformers converts on load: the in-memory path
+                if self.progress:
+                    print(f"note: verifying {self.name} in memory: {exc}", file=sys.stderr, flush=True)
+                self.verify_mode = replace(self.verify_mode, verify_layers=False, ort_layers=False)
+                return False
+        return True
+
+    @property
+    def offloaded(self):
+        """``(hf_model, qmodel)`` built from the weight files with one decoder layer's weights in
+        memory at a time; :attr:`model` is never loaded for them."""
+        if self._offloaded is None:
+            from qeff.offload import offloaded_pair
+
+            with stage(f"Building {self.name}'s layer-streamed models from its weight files", enabled=self.progress):
+                self._offloaded = offloaded_pair(self.source.path)
+        return self._offloaded
 
     # --- compile and run ---------------------------------------------------------------------
 

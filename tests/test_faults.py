@@ -39,6 +39,27 @@ def _verify(fault: Fault, monkeypatch: pytest.MonkeyPatch, tmp_path) -> qeff.Ver
                        ctx_len=g["ctx_len"], steps=g["steps"])
 
 
+def _verify_streamed(fault: Fault, monkeypatch: pytest.MonkeyPatch, tmp_path) -> qeff.VerifyReport:
+    """As :func:`_verify`, on the layer-streamed models (:mod:`qeff.offload`) of the same seeded
+    model saved as safetensors: the reference and the candidate each fill one decoder layer at a time."""
+    from qeff.errors import NotStreamableError
+    from qeff.offload import offloaded_hf, offloaded_transformed
+
+    arch = tiny_arch(fault.card)
+    model = qeff.from_config(arch.model_type, arch.config, seed=0)
+    g = FAULT_GEOMETRY[fault.geometry]
+    prompts = _prompts(g["lengths"], model.config.vocab_size)
+    model.save_pretrained(tmp_path / "ckpt")  # fp32: the offloaded reference is this very model
+    try:
+        hf = offloaded_hf(tmp_path / "ckpt")
+    except NotStreamableError as exc:
+        pytest.skip(f"{fault.card} cannot stream (it verifies in memory): {exc}")
+    fault.inject(monkeypatch)
+    qmodel = offloaded_transformed(tmp_path / "ckpt")
+    return qeff.verify(hf, qmodel=qmodel, prompt_token_ids=prompts, prompt_len=g["prompt_len"],
+                       ctx_len=g["ctx_len"], steps=g["steps"])
+
+
 def labels(comparison) -> set[str]:
     """The measures a comparison failed on: 'logits MSE', 'cache shape', 'greedy token', …"""
     out = set()
@@ -82,6 +103,35 @@ def test_fault_fails_verify_by_its_measures_and_names_its_layer(fault: Fault, mo
     assert record["layer"] == fault.layer
     # Where the cache parts first it names the layer itself; otherwise every layer was compared.
     assert len(record["layers"]) == (0 if record["measure"].startswith("cache") else 2)
+
+
+STREAMED_FAULTS = [f for f in FAULTS.values() if f.comparison == "hf_vs_pytorch"]
+
+
+@pytest.mark.parametrize("fault", STREAMED_FAULTS, ids=[f.id for f in STREAMED_FAULTS])
+def test_fault_fails_streamed_verify_by_its_measures_and_names_its_layer(fault: Fault, monkeypatch, tmp_path):
+    """Layer-streamed verification (models larger than memory) catches each fault by the same
+    measures and finds the same first divergence as the in-memory one."""
+    report = _verify_streamed(fault, monkeypatch, tmp_path)
+    assert not report.passed
+    comparison = report[fault.comparison]
+    caught = labels(comparison)
+    assert set(fault.measures) <= caught, comparison.failures
+    assert not caught & set(fault.absent), comparison.failures
+    divergence = comparison.first_divergence
+    assert divergence is not None and divergence.layer == fault.layer, divergence
+    assert (divergence.step, divergence.row) == fault.at
+    assert not divergence.note
+
+
+def test_streamed_verify_of_an_unchanged_model_passes(monkeypatch, tmp_path):
+    """And measures what the in-memory verification measures, to the bit: same weights, same arithmetic."""
+    report = _verify_streamed(NON_FAULT, monkeypatch, tmp_path)
+    assert report.passed, report.describe()
+    memory = _verify(NON_FAULT, monkeypatch, tmp_path)
+    a, b = report["hf_vs_pytorch"], memory["hf_vs_pytorch"]
+    assert (a.logits_mse, a.logits_max_abs, a.cache_mse, a.cache_max_abs) == (b.logits_mse, b.logits_max_abs, b.cache_mse, b.cache_max_abs)
+    assert report.reference_tokens == memory.reference_tokens
 
 
 def test_a_change_no_valid_token_can_see_is_not_a_fault(monkeypatch, tmp_path):

@@ -223,3 +223,68 @@ def test_the_estimates_cover_the_fused_graph_built_from_files(tmp_path):
         assert "load" not in plan and "transform" not in plan
         for stage, measured in stages.items():
             assert plan[stage] >= measured, f"{weights} {stage}: estimate {plan[stage] / GiB:.2f} GiB < measured {measured / GiB:.2f} GiB"
+
+
+def test_a_synthetic_checkpoint_s_tokenizer_fits_its_vocabulary(tmp_path):
+    """A Llama-2-7B shape has 32000 rows, SmolLM2's tokenizer 49152 ids: the synthetic checkpoint's
+    tokenizer is cut to the shape's vocabulary, or qeff's consistency check refuses the checkpoint
+    (it did, for the 7B shape). Text still round-trips through the smaller BPE."""
+    from transformers import AutoTokenizer
+
+    from qeff.consistency import tokenizer_id_count
+    from qeff.synthetic import LlamaShape
+
+    path = write_llama(tmp_path / "v1k", LlamaShape(hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128,
+                                                    vocab=1000, tied=True))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    text = "My name is Zoë, 東京 is far; def f(x): return x**2"
+    ids = tok(text)["input_ids"]
+    assert len(tok) <= 1000 and max(ids) < 1000
+    assert tok.decode(ids) == text
+    assert tokenizer_id_count(path) <= 1000  # what the consistency check reads
+
+# --- layer-streamed verification (qeff.offload) --------------------------------------------------
+
+
+def test_verify_of_the_7b_shape_streams_its_layers_and_passes_the_preflight(sparse, monkeypatch, home):
+    """In memory, verification holds the model (and an ORT session of it): the 7B shape's 25 GiB does
+    not fit this box. Layer-streamed it never loads the model, and ONNX Runtime is checked a layer
+    at a time when the whole graph's session does not fit either."""
+    from qeff.cli import preflight
+
+    _box(monkeypatch)
+    monkeypatch.delenv("QEFF_STREAMED_VERIFY", raising=False)
+    estimates = preflight(["verify", "-m", str(sparse["7b"])])
+    assert list(estimates) == ["export", "reference", "verify"], estimates
+    assert max(estimates.values()) < 10e9, estimates  # about 7.9 GiB: two tables, one layer, one layer's ORT part
+    shape = _shape(sparse["7b"])
+    mode = memory.choose_verification(shape, memory.Mode(command="verify", streamed=True), available=BOX)
+    assert mode.verify_layers and mode.ort_layers
+    # The 3B shape's whole-graph session fits beside the streamed models: ORT keeps its full session.
+    mode = memory.choose_verification(_shape(sparse["3b"]), memory.Mode(command="verify", streamed=True), available=BOX)
+    assert mode.verify_layers and not mode.ort_layers
+
+
+def test_a_model_that_fits_verifies_in_memory_as_before(sparse, monkeypatch, home):
+    from qeff.cli import preflight
+
+    _box(monkeypatch)
+    monkeypatch.delenv("QEFF_STREAMED_VERIFY", raising=False)
+    estimates = preflight(["verify", "-m", str(sparse["135m"])])
+    assert list(estimates) == ["load", "transform", "export", "reference", "verify"], estimates
+    # Asked for, it streams whatever the size.
+    estimates = preflight(["verify", "-m", str(sparse["135m"]), "--verify-layers"])
+    assert list(estimates) == ["export", "reference", "verify"], estimates
+
+
+def test_streamed_verify_switched_off_is_refused_naming_it(sparse, monkeypatch, home, capsys, no_work):
+    _box(monkeypatch)
+    monkeypatch.setenv("QEFF_STREAMED_VERIFY", "0")
+    line = _refusal(capsys, main(["verify", "-m", str(sparse["7b"])]))
+    assert "at its load stage" in line and "run with --verify-layers (about" in line, line
+
+
+def test_only_a_streamable_run_streams_its_verification(sparse):
+    shape = _shape(sparse["7b"])
+    mode = memory.Mode(command="verify", streamed=False)  # a hub id, a GGUF: no weight files to read layers from
+    assert memory.choose_verification(shape, mode, available=BOX, want=True) == mode
