@@ -497,8 +497,23 @@ def cmd_infer(args) -> int:
         _emit_json(summary, args, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
                    artifact=str(built.path), reused={"export": exported.reused, "compile": built.reused and not rebuilt},
                    repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
-                   verify=verify_summary, wall_s=round(time.perf_counter() - start, 3))
+                   verify=verify_summary, fused_check=_fused_check_record(built), wall_s=round(time.perf_counter() - start, 3))
     return 0
+
+
+def _fused_check_record(built) -> dict | None:
+    """The fused graph's check against the portable graph for --json: whether it ran, and its
+    figures, or why it did not (None for an artifact that is not the fused graph)."""
+    from qeff.layout import ORT_FUSED
+
+    outputs = built.manifest.get("outputs") or {}
+    check = outputs.get("check") if outputs.get("model") == ORT_FUSED else None
+    if not isinstance(check, dict):
+        return None
+    if check.get("ran") is False:
+        return {"ran": False, "reason": check.get("reason")}
+    keys = ("passed", "gated", "logits_max_abs", "logits_mse", "kld_mean", "top1_agree", "tokens_matched", "tokens_total")
+    return {"ran": True, **{k: check.get(k) for k in keys}}
 
 
 def _check_draft_tokenizer(args, serving, target_tokenizer) -> None:
@@ -797,6 +812,10 @@ def _check_memory(args) -> None:
                                       want=memory.streamed_verify_setting(getattr(args, "verify_layers", False)))
     if mode.verify:
         args._verify_mode = mode  # the pipeline verifies as the preflight priced it
+    if mode.graph == "fused":  # the build's check runs where its two sessions fit (qeff.cpu_graph says so when not)
+        from dataclasses import replace
+
+        mode = replace(mode, fused_check=memory.fused_check_fits(memory.sizes(shape, mode), mode, available))
     estimates = memory.check(shape, mode, available=available, what=f"qeff {args.command} of {args.model_name}")
     args._estimates = {e.stage: e.bytes for e in estimates}
 

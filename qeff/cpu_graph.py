@@ -12,6 +12,7 @@ re-quantized weights (int8/int4, or int8 activations) it is measured and reporte
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from qeff.errors import UsageError, VerificationError
 
-__all__ = ["compile_cpu", "check_against_portable", "CHECK_TOLERANCES"]
+__all__ = ["compile_cpu", "check_against_portable", "CHECK_TOLERANCES", "weights_files", "check_unfit_reason"]
 
 #: fp32 / native fused vs portable graph: the same weights, different kernels and summation order —
 #: the project's default fp32 tolerances (``qeff.verification.Tolerances``).
@@ -88,6 +89,7 @@ def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activa
         return None
     source = pipe.source
     gguf = source.path if source is not None and source.kind == "gguf" else None
+    files = weights_files(pipe, weights)
     onnx_path = pipe.onnx_path
 
     def check(session, gate: bool) -> dict:
@@ -96,13 +98,68 @@ def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activa
         with stage("Checking the fused graph against the portable graph", enabled=pipe.progress):
             return check_against_portable(session, onnx_path, prompt_len=prompt_len, gate=gate)
 
+    unchecked = check_unfit_reason(pipe, config, weights=weights, from_files=files is not None, batch_size=batch_size,
+                                   ctx_len=ctx_len)
     built = compile_fused(pipe.export_dir, batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len, weights=weights,
-                          load_model=lambda: pipe.model, gguf_path=gguf, int8_activations=int8_activations,
-                          threads=threads, check=check, force=force, progress=pipe.progress)
+                          load_model=lambda: pipe.model, gguf_path=gguf, weights_dir=files,
+                          int8_activations=int8_activations, threads=threads, check=None if unchecked else check,
+                          unchecked=unchecked, force=force, progress=pipe.progress)
     result = (built.manifest.get("outputs") or {}).get("check")
-    if result:
+    if result and result.get("ran") is False:
+        # Not silent: one line on stderr whatever --json says (the JSON line carries it too).
+        print(f"[qeff] the fused graph was not checked against the portable graph: {result['reason']}"
+              + (" (cached)" if built.reused else ""), file=sys.stderr, flush=True)
+    elif result:
         say(f"[qeff] fused graph vs portable graph: logits max-abs {result['logits_max_abs']:.2e}, MSE {result['logits_mse']:.2e}, "
             f"KL mean {result.get('kld_mean', 0.0):.2e}, top-1 {result.get('top1_agree', 1.0):.0%}, "
             f"tokens {result['tokens_matched']}/{result['tokens_total']}"
             + ("" if result["gated"] else " (weights re-quantized: reported, not gated)") + (" (cached)" if built.reused else ""))
     return built
+
+
+def weights_files(pipe, weights: str) -> Path | None:
+    """The safetensors directory the fused graph is built from without loading the model
+    (:func:`qeff.compilers.ort_fused_weights.from_safetensors`: the same bytes as from the loaded
+    model), or None: a GGUF's native blocks, a model this process holds already (loaded for the
+    verification, or handed over as an object), a source that is not a safetensors checkpoint on
+    this machine (a local directory or a cached hub snapshot: :attr:`Pipeline.files_dir`), or files
+    whose names/dtypes it does not read — those build from the model."""
+    from qeff.weights import safetensors_dir
+
+    if weights == "native" or pipe._model is not None or pipe.source is None:
+        return None
+    directory = pipe.files_dir
+    if directory is None or not safetensors_dir(directory):
+        return None
+    from qeff.compilers.ort_fused_weights import streamable_reason
+
+    return None if streamable_reason(directory) else directory
+
+
+def check_unfit_reason(pipe, config: dict, *, weights: str, from_files: bool, batch_size: int, ctx_len: int) -> str | None:
+    """Why the build's check (a portable fp32 session beside the fused one) will not run, or None
+    when it fits the memory available (:func:`qeff.memory.fused_check_fits`, the preflight's own
+    arithmetic). ``QEFF_SKIP_MEMORY_CHECK``/``--skip-memory-check`` runs it regardless."""
+    from qeff import memory, validation
+    from qeff.atomic import human_bytes
+
+    if memory.skip_requested():
+        return None
+    weight_bytes = 4 * pipe.num_parameters
+    if weight_bytes <= 0:
+        return None
+    layers = int(config.get("num_hidden_layers") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
+    table = int(config.get("vocab_size") or 0) * int(config.get("hidden_size") or 0) * 4
+    kv = 2 * layers * batch_size * kv_heads * ctx_len * head_dim * 4
+    sizes = memory.Sizes(weight_bytes, table, kv, tied=bool(config.get("tie_word_embeddings", False)))
+    mode = memory.Mode(command="infer", verify=pipe._model is not None, graph="fused", weights=weights,
+                       batch_size=batch_size, ctx_len=ctx_len, streamed=from_files)
+    available = validation.available_memory()
+    if memory.fused_check_fits(sizes, mode, available):
+        return None
+    need = memory.fused_check(sizes, mode)
+    return (f"its portable float32 session beside the fused one would need about {human_bytes(need)}, "
+            f"{human_bytes(available)} is available")

@@ -34,7 +34,8 @@ from qeff.atomic import human_bytes
 from qeff.errors import UsageError
 
 __all__ = ["Mode", "Sizes", "Estimate", "Factor", "STAGES", "FACTORS", "plan", "sizes", "stages_for", "check",
-           "skip_requested", "MARGIN", "BASE", "WEIGHT_SHARE", "streamed_verify_setting", "choose_verification"]
+           "skip_requested", "MARGIN", "BASE", "WEIGHT_SHARE", "streamed_verify_setting", "choose_verification",
+           "fused_check_fits", "STREAMED_BUILD"]
 
 GiB = 2**30
 #: The process with torch, transformers, onnx and ONNX Runtime imported (measured: 0.55–0.65 GiB).
@@ -96,7 +97,8 @@ class Mode:
     ctx_len: int = 128
     export_cached: bool = False
     #: the export is written from the weight files (a local safetensors directory, the base graph):
-    #: it never loads the model (qeff.pipeline.Pipeline._streamable)
+    #: it never loads the model (qeff.pipeline.Pipeline._streamable); with ``--weights
+    #: fp32|int8|int4`` the fused graph is built from the same files (``from_safetensors``)
     streamed: bool = False
     #: verification runs the HF and transformed models a decoder layer at a time from the weight
     #: files (qeff.offload): it never loads the model. Only where ``streamed`` (the same files)
@@ -104,6 +106,9 @@ class Mode:
     #: ...and checks ONNX Runtime one decoder layer's sub-graph at a time (qeff.layer_check) instead
     #: of one session of the whole graph, when that session does not fit either
     ort_layers: bool = False
+    #: the fused build's check against the portable graph runs (False: its two sessions would not
+    #: fit, and the run says so instead: :func:`fused_check_fits`)
+    fused_check: bool = True
 
     def describe(self, than: Mode | None = None) -> str:
         """The flags that select this mode (those that differ from ``than``'s, when given)."""
@@ -223,24 +228,67 @@ def compile_portable(s: Sizes, mode: Mode) -> int:
     return _fit("compile", s)
 
 
+def _from_files(mode: Mode) -> bool:
+    """The fused graph is built from the weight files, and no stage holds the loaded model (no
+    verification, or the layer-streamed one)."""
+    return (mode.graph == "fused" and mode.streamed and mode.weights != "native"
+            and (not mode.verify or mode.verify_layers))
+
+
+#: The fused build from files (``from_safetensors``): one vocabulary table in float32 (the gathered
+#: embedding, and the head while it is quantized), two decoder layers quantized plus one tensor in
+#: float32 and its bf16 read, and the graph's node list — a fixed share of W per layer count would
+#: need the layer count, so it is priced on W with the fraction two layers of a 16-layer model
+#: take, and measured (docs/memory.md, "The fused graph from files").
+STREAMED_BUILD = (0.12, int(0.3 * GiB))  # × W + bytes, plus 2 E
+
+
 def fused_build(s: Sizes, mode: Mode) -> int:
     """The fused graph's weights laid out (transposed, packed or quantized) beside the model.
     Quantizing works through an fp32 copy of each tensor: measured on 135M, the int8 build holds
-    0.72 W beyond the model against fp32's 1.25 W, so a share below 0.6 is not believed."""
+    0.72 W beyond the model against fp32's 1.25 W, so a share below 0.6 is not believed. Built from
+    the weight files there is no model, and the graph's constants go to its data file as they are
+    made: :data:`STREAMED_BUILD`."""
+    if _from_files(mode):
+        return int(BASE + MARGIN * (STREAMED_BUILD[0] * s.weights + 2 * s.table + STREAMED_BUILD[1]))
     return _fit("fused-build", s, share=max(0.6, WEIGHT_SHARE[mode.weights]))
+
+
+def _session_share(s: Sizes, weights: str) -> float:
+    """The fused graph's bytes over W: its linear layers at the format's share, its gathered
+    vocabulary table in float32 whatever the format."""
+    share = WEIGHT_SHARE[weights]
+    if s.weights <= 0:
+        return share
+    return min(1.0, share + (1 - share) * s.table / s.weights)
 
 
 def fused_check(s: Sizes, mode: Mode) -> int:
     """The fused session and a portable session side by side (the build's check), beside the model:
     of its 3.1 W, 1 W is the model and 1 W the portable session, fp32 whatever --weights says
-    (135M int8: 2.33 W measured; scaling the whole 2.1 W by the share under-estimated it)."""
+    (135M int8: 2.33 W measured; scaling the whole 2.1 W by the share under-estimated it). Built
+    from files there is no model: the portable session and the fused one."""
     f = FACTORS["fused-check"]
-    factor = 2.0 + (f.weights - 2.0) * WEIGHT_SHARE[mode.weights]
+    model = 0.0 if _from_files(mode) else 1.0
+    if not mode.fused_check:  # the check does not run; the fused session opens in `run`
+        return BASE
+    factor = model + 1.0 + (f.weights - 2.0) * (_session_share(s, mode.weights) if model == 0.0 else WEIGHT_SHARE[mode.weights])
     return int(BASE + MARGIN * (factor * s.weights + f.fixed)) + 2 * s.kv
 
 
+def fused_check_fits(s: Sizes, mode: Mode, available: int | None) -> bool:
+    """Whether the fused build's check (the portable graph's session beside the fused one) fits
+    ``available`` bytes; unknown memory lets it run."""
+    return available is None or fused_check(s, replace(mode, fused_check=True)) <= available
+
+
 def run(s: Sizes, mode: Mode) -> int:
-    """The session that generates and its cache, beside the model when this process loaded it."""
+    """The session that generates and its cache, beside the model when this process loaded it.
+    A fused graph built from files: the session alone, which holds every byte of its graph (a
+    generation touches every weight; measured fp32 on 1.28 GiB of weights: 1.75 GiB with the
+    process, docs/memory.md) — so a float32 7B (25 GiB) is refused on 24 GB, its int4 graph is not."""
+    if _from_files(mode):
+        return int(BASE + MARGIN * (_session_share(s, mode.weights) * s.weights + FACTORS["run"].fixed)) + s.kv
     share = WEIGHT_SHARE[mode.weights] if mode.graph == "fused" else 1.0
     return _fit("run", s, share=share) + s.kv
 
@@ -261,7 +309,8 @@ STAGES: dict[str, Callable[[Sizes, Mode], int]] = {
 def stages_for(mode: Mode) -> list[str]:
     """The stages a run of ``mode`` goes through on a cache that holds only what ``mode`` says."""
     verify_loads = mode.verify and not mode.verify_layers
-    fused_build = mode.command in ("infer", "compile") and mode.graph == "fused" and mode.weights != "native"
+    fused_build = (mode.command in ("infer", "compile") and mode.graph == "fused" and mode.weights != "native"
+                   and not _from_files(mode))
     loads = (not mode.export_cached and not mode.streamed) or verify_loads or fused_build
     names = ["load", "transform"] if loads else []
     if not mode.export_cached:
@@ -271,7 +320,7 @@ def stages_for(mode: Mode) -> list[str]:
     if mode.command == "verify" or mode.command == "export":
         return names
     if mode.graph == "fused":
-        names += ["fused-build", "fused-check"]
+        names += ["fused-build"] + (["fused-check"] if mode.fused_check else [])
     elif mode.graph == "portable":
         names.append("compile")
     if mode.command == "infer" and mode.graph != "qaic":
@@ -367,9 +416,14 @@ def check(shape, mode: Mode, *, available: int | None, what: str = "this run") -
     from qeff.validation import memory_sources
 
     kv = shape.cache_bytes(mode.batch_size, mode.ctx_len)
-    fits = next((alt for alt in _alternatives(mode) if max(e.bytes for e in plan(shape, alt)) <= available), None)
+    peak = lambda m: max(e.bytes for e in plan(shape, m))  # noqa: E731
+    alternatives = [replace(alt, fused_check=fused_check_fits(sizes(shape, alt), alt, available)) for alt in _alternatives(mode)]
+    fitting = [alt for alt in alternatives if peak(alt) <= available]
+    fits = fitting[0] if fitting else None
     if fits is not None:
-        hint = f"run with {fits.describe(mode)} (about {human_bytes(max(e.bytes for e in plan(shape, fits)))})"
+        # The other weight formats that fit with the same verification, so the choice is the user's.
+        same = [alt for alt in fitting if alt.verify == fits.verify and alt.graph == fits.graph]
+        hint = "run with " + " or ".join(f"{alt.describe(mode)} (about {human_bytes(peak(alt))})" for alt in same)
     elif kv > 0.25 * worst.bytes and mode.ctx_len > 1:
         hint = "use a smaller --ctx_len or --batch_size"
     elif worst.stage in ("load", "export"):

@@ -13,7 +13,7 @@ import pytest
 
 from qeff import memory
 from qeff.cli import main
-from qeff.synthetic import SHAPES, write_llama
+from qeff.synthetic import SHAPES, LlamaShape, write_llama
 
 GiB = 2**30
 #: What this shared 24 GB machine offers an idle process (MemAvailable measured at 22 GiB).
@@ -85,15 +85,37 @@ def _shape(path: Path):
     return model_shape(resolve(str(path)))
 
 
-def test_the_3b_shape_is_refused_in_one_sentence_before_anything_loads(sparse, home, capsys, monkeypatch, no_work):
+def test_the_7b_shape_without_weights_is_refused_naming_int8_and_int4(sparse, home, capsys, monkeypatch, no_work):
+    """The export and the fused build stream from the files; a float32 fused session of the 7B shape
+    (25 GiB of weights) cannot run on 22 GiB: refused before anything loads, the two formats that
+    fit named with their estimates."""
     _box(monkeypatch)
-    line = _refusal(capsys, main(["infer", "-m", str(sparse["3b"]), "--prompt", "My name is", "--generation_len", "8"]))
-    # The export streams from the files now; the fused CPU graph's build still loads the model.
-    assert "at its fused-build stage" in line and "of fp32 weights" in line
+    line = _refusal(capsys, main(["infer", "-m", str(sparse["7b"]), "--prompt", "My name is", "--generation_len", "8"]))
+    assert "at its run stage" in line and "of fp32 weights" in line
+    assert "run with --weights int8 (about " in line and " or --weights int4 (about " in line
     assert "20.0 GiB of memory is available" not in line and "22.0 GiB of memory is available" in line
     assert "MemAvailable" not in line or "cgroup" in line  # the sources of the figure are named
     assert "--skip-memory-check" in line
     assert not home.exists() or not any(home.rglob("*")), "nothing may be written before the refusal"
+
+
+def test_the_7b_shape_with_int4_passes_the_preflight_without_loading(tmp_path, home, monkeypatch):
+    """``--weights int4`` from the files: no load stage, no fused check (its portable float32
+    session cannot fit), every stage under the box; a seeded fault (the build priced as if it
+    loaded the model) is refused."""
+    from qeff.cli import preflight
+
+    _box(monkeypatch)
+    ckpt = write_llama(tmp_path / "7b", SHAPES["7b"], tokenizer=True, sparse=True)
+    argv = ["infer", "-m", str(ckpt), "--weights", "int4", "--no-verify", "--prompt", "My name is", "--generation_len", "8"]
+    estimates = preflight(argv)
+    assert list(estimates) == ["export", "fused-build", "run"], estimates
+    assert max(estimates.values()) < 8 * GiB, estimates
+    int8 = preflight([*argv[:3], "--weights", "int8", *argv[5:]])
+    assert estimates["run"] < int8["run"] < BOX
+    monkeypatch.setattr(memory, "_from_files", lambda mode: False)  # seeded fault: the fp32 model in memory
+    with pytest.raises(memory.UsageError, match="at its load stage"):
+        preflight(argv)
 
 
 def test_the_7b_shape_is_refused_and_the_135m_and_1b_shapes_are_let_through(sparse, home, capsys, monkeypatch):
@@ -127,7 +149,9 @@ def test_a_mode_that_fits_is_named(sparse, home, capsys, monkeypatch, no_work):
     graph's need and the int8 one's, the sentence names --weights int8."""
     monkeypatch.setattr("qeff.cli._export_cached", lambda args, source: True)
     shape = _shape(sparse["1b"])
-    need = {m: max(e.bytes for e in memory.plan(shape, memory.Mode(weights=m, verify=False, export_cached=True)))
+    # As the CLI plans it: built from the files, the check not run where it cannot fit.
+    need = {m: max(e.bytes for e in memory.plan(shape, memory.Mode(weights=m, verify=False, export_cached=True,
+                                                                    streamed=True, fused_check=False)))
             for m in ("fp32", "int8")}
     assert need["int8"] < need["fp32"]
     _box(monkeypatch, (need["int8"] + need["fp32"]) // 2)
@@ -178,6 +202,27 @@ def test_the_streamed_export_of_the_3b_and_7b_shapes_passes_the_preflight(sparse
         estimates = preflight(["export", "-m", str(sparse[size])])
         assert list(estimates) == ["export"], estimates
         assert estimates["export"] < 6e9, (size, estimates)
+
+
+#: `qeff infer -m DIR --weights W --no-verify --json` on a synthetic checkpoint of Llama-3.2-1B's
+#: widths, 4 layers, SmolLM2's 49152-row vocabulary (W = 1.28 GiB), the fused graph built from the
+#: files (docs/memory.md, "The fused graph from the files"): the meter's per-stage peaks.
+MID = LlamaShape(hidden=2048, layers=4, heads=32, kv_heads=8, intermediate=8192, vocab=49152, tied=True)
+MEASURED_FROM_FILES = {
+    "int8": {"fused-build": 1511956480, "fused-check": 2707410944, "run": 1010130944},
+    "int4": {"fused-build": 1369235456, "fused-check": 2485297152, "run": 801783808},
+    "fp32": {"fused-build": 1762672640, "fused-check": 3640487936, "run": 1878609920},
+}
+
+
+def test_the_estimates_cover_the_fused_graph_built_from_files(tmp_path):
+    shape = _shape(write_llama(tmp_path / "mid", MID, tokenizer=False, sparse=True))
+    for weights, stages in MEASURED_FROM_FILES.items():
+        mode = memory.Mode(command="infer", verify=False, graph="fused", weights=weights, streamed=True, export_cached=True)
+        plan = {e.stage: e.bytes for e in memory.plan(shape, mode)}
+        assert "load" not in plan and "transform" not in plan
+        for stage, measured in stages.items():
+            assert plan[stage] >= measured, f"{weights} {stage}: estimate {plan[stage] / GiB:.2f} GiB < measured {measured / GiB:.2f} GiB"
 
 
 def test_a_synthetic_checkpoint_s_tokenizer_fits_its_vocabulary(tmp_path):

@@ -112,15 +112,22 @@ def unsupported_reason(config) -> str | None:
 
 
 class _Graph:
-    """Collects nodes and initializers; writes the model with its weights in one aligned file."""
+    """Collects nodes and initializers for ``path``. A constant of 1 KiB or more is written to
+    ``path.data`` (4 KiB aligned) the moment it is made and only its reference is kept, so a graph
+    built a layer at a time never holds its weights' bytes all at once (a 7B's int4 graph is
+    3.5 GB); smaller ones stay inline. :meth:`save` writes the model file."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
         from onnx import helper
 
         self.helper = helper
+        self.path = Path(path)
         self.nodes: list = []
-        self.tensors: dict[str, np.ndarray] = {}
+        self.initializers: list = []
         self._count = 0
+        self._data_name = self.path.name + ".data"
+        self._data = open(self.path.parent / self._data_name, "wb")
+        self._offset = 0
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -128,8 +135,25 @@ class _Graph:
 
     def const(self, hint: str, array: np.ndarray) -> str:
         name = self.name(hint)
-        self.tensors[name] = np.ascontiguousarray(array)
+        self.initializers.append(self._tensor(name, np.ascontiguousarray(array)))
         return name
+
+    def _tensor(self, name: str, array: np.ndarray):
+        from onnx import TensorProto, numpy_helper
+
+        if array.nbytes < 1024:  # small constants stay inline
+            return numpy_helper.from_array(array, name)
+        pad = -self._offset % _ALIGN
+        self._data.write(b"\0" * pad)
+        self._offset += pad
+        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))  # C-order bytes, no copy
+        tensor = TensorProto(name=name, data_type=numpy_helper.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self._data_name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._offset += array.nbytes
+        return tensor
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, *, hint: str | None = None, domain: str = "", **attrs) -> list[str]:
         base = self.name(hint or op)
@@ -137,32 +161,15 @@ class _Graph:
         self.nodes.append(self.helper.make_node(op, inputs, outputs, name=base, domain=domain or None, **attrs))
         return outputs
 
-    def save(self, path: Path, inputs: list, outputs: list, metadata: dict[str, str]) -> int:
-        """Write ``path`` and ``path.data``; returns the data file's size."""
-        import onnx
-        from onnx import TensorProto, numpy_helper
+    def close(self) -> None:
+        self._data.close()
 
-        data_name = path.name + ".data"
-        initializers = []
-        offset = 0
-        with open(path.parent / data_name, "wb") as data:
-            for name, array in self.tensors.items():
-                if array.nbytes < 1024:  # small constants stay inline
-                    initializers.append(numpy_helper.from_array(array, name))
-                    continue
-                pad = -offset % _ALIGN
-                data.write(b"\0" * pad)
-                offset += pad
-                raw = array.tobytes()
-                data.write(raw)
-                tensor = TensorProto(name=name, data_type=numpy_helper.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-                tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                initializers.append(tensor)
-                offset += len(raw)
-        graph = self.helper.make_graph(self.nodes, "qeff_fused_decoder", inputs, outputs, initializers)
+    def save(self, inputs: list, outputs: list, metadata: dict[str, str]) -> int:
+        """Close ``path.data`` and write ``path``; returns the data file's size."""
+        import onnx
+
+        self._data.close()
+        graph = self.helper.make_graph(self.nodes, "qeff_fused_decoder", inputs, outputs, self.initializers)
         model = self.helper.make_model(
             graph, opset_imports=[self.helper.make_opsetid("", _OPSET), self.helper.make_opsetid("com.microsoft", 1)],
             producer_name="qeff",
@@ -170,8 +177,8 @@ class _Graph:
         model.ir_version = 8
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)
-        onnx.save_model(model, str(path))
-        return offset
+        onnx.save_model(model, str(self.path))
+        return self._offset
 
 
 @dataclass
@@ -189,8 +196,8 @@ class _Lowering:
 
 
 class _Builder:
-    def __init__(self, w: DecoderWeights, lowering: _Lowering):
-        self.w, self.g, self.low = w, _Graph(), lowering
+    def __init__(self, w: DecoderWeights, lowering: _Lowering, path: Path):
+        self.w, self.g, self.low = w, _Graph(path), lowering
         self._blocksums: dict[tuple[str, int], str] = {}
 
     # -- linear layers ---------------------------------------------------------------------
@@ -260,7 +267,7 @@ class _Builder:
         outputs = [vi("logits", TensorProto.FLOAT, [batch, w.vocab])]
         cos = g.const("cos_cache", w.cos.astype(np.float32))
         sin = g.const("sin_cache", w.sin.astype(np.float32))
-        (h,) = g.node("Gather", [g.const("embed_tokens", w.embed.astype(np.float32)), "input_ids"], hint="embed")  # (B, S, H)
+        (h,) = g.node("Gather", [g.const("embed_tokens", np.asarray(w.embed, dtype=np.float32)), "input_ids"], hint="embed")  # (B, S, H)
         (x,) = g.node("SimplifiedLayerNormalization", [h, g.const("norm_in.0", w.layers[0].input_norm)],
                       hint="input_norm.0", axis=-1, epsilon=w.eps, stash_type=1)
         for i, layer in enumerate(w.layers):
@@ -331,13 +338,17 @@ def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, ac
                       metadata: dict[str, str] | None = None, pack_gate_up: bool = True,
                       slice_lm_head: bool = True) -> dict:
     """Write ``FUSED_GRAPH`` (+ ``.data``) into ``out_dir``; returns facts for the manifest."""
-    builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up,
-                                          slice_lm_head=slice_lm_head))
-    inputs, outputs = builder.build()
     out_dir = Path(out_dir)
+    builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up,
+                                          slice_lm_head=slice_lm_head), out_dir / FUSED_GRAPH)
+    try:
+        inputs, outputs = builder.build()
+    except BaseException:
+        builder.g.close()
+        raise
     meta = {"qeff.graph": "fused", "qeff.num_layers": str(len(weights.layers)), "qeff.num_kv_heads": str(weights.n_kv),
             "qeff.head_dim": str(weights.head_dim), "qeff.vocab_size": str(weights.vocab), **(metadata or {})}
-    data_bytes = builder.g.save(out_dir / FUSED_GRAPH, inputs, outputs, meta)
+    data_bytes = builder.g.save(inputs, outputs, meta)
     ops: dict[str, int] = {}
     for node in builder.g.nodes:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -351,10 +362,10 @@ def write_linear_graph(weight, path: str | os.PathLike, *, accuracy_level: int =
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
 
-    builder = _Builder(None, _Lowering(accuracy_level=accuracy_level))  # type: ignore[arg-type]
+    path = Path(path)
+    builder = _Builder(None, _Lowering(accuracy_level=accuracy_level), path)  # type: ignore[arg-type]
     n, k = weight.shape
     builder.linear("X", weight, "linear")
     builder.g.nodes[-1].output[0] = "Y"
-    path = Path(path)
-    builder.g.save(path, [vi("X", TensorProto.FLOAT, ["B", "S", k])], [vi("Y", TensorProto.FLOAT, ["B", "S", n])], {})
+    builder.g.save([vi("X", TensorProto.FLOAT, ["B", "S", k])], [vi("Y", TensorProto.FLOAT, ["B", "S", n])], {})
     return path

@@ -54,9 +54,11 @@ def compile_fused(
     weights: str = "fp32",
     load_model: Callable[[], object] | None = None,
     gguf_path: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
     int8_activations: bool = False,
     threads: int | None = None,
     check: Callable[[object, bool], dict] | None = None,
+    unchecked: str | None = None,
     out_dir: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = False,
@@ -64,17 +66,20 @@ def compile_fused(
     """Build (or reuse) the fused graph of the export in ``export_dir``.
 
     ``load_model()`` returns the HF model (needed for ``fp32``/``int8``/``int4``, called only when
-    the artifact must be built); ``gguf_path`` is the source file for ``native``.
+    the artifact must be built) unless ``weights_dir`` is given: a safetensors checkpoint the graph
+    is built from one tensor at a time, without the model (``from_safetensors``: the same bytes);
+    ``gguf_path`` is the source file for ``native``.
     ``int8_activations`` lets MatMulNBits quantize activations to int8 (faster, no longer exact).
     ``check(session, gate)`` runs on the new graph before it is cached (``gate``: whether the
     weights are exact, so that a difference must fail the build); its dict goes to the manifest.
+    ``unchecked``: why there is no ``check`` (recorded in the manifest as the check that did not run).
     """
     from qeff._system import library_versions
     from qeff.compilers import check_shape, onnx_identity
 
     check_cpu_options(None if gguf_path is None else _gguf_source(gguf_path), graph="fused", weights=weights,
                       int8_activations=int8_activations)
-    if weights != "native" and load_model is None:
+    if weights != "native" and load_model is None and weights_dir is None:
         raise UsageError(f"--weights {weights} needs the model's weights (load_model)")
     check_shape(batch_size, prompt_len, ctx_len)
     export_dir = Path(export_dir)
@@ -95,16 +100,22 @@ def compile_fused(
         from qeff.progress import stage
         from qeff.runtime.ort_fused import FusedOrtSession
 
-        model = load_model() if weights != "native" else None  # its load is a stage of its own
+        from_files = weights != "native" and weights_dir is not None
+        model = load_model() if weights != "native" and not from_files else None  # its load is a stage of its own
         with measured("fused-build"), stage(f"Building the fused ONNX Runtime graph ({weights} weights)", enabled=progress):
             if weights == "native":
                 from qeff.compilers.ort_fused_weights import from_gguf
 
                 decoder = from_gguf(Path(gguf_path), export_config(export_dir), ctx_len)
+            elif from_files:
+                from qeff.compilers.ort_fused_weights import from_safetensors
+
+                decoder = from_safetensors(Path(weights_dir), ctx_len, weights=weights)
             else:
                 from qeff.compilers.ort_fused_weights import from_hf
 
                 decoder = from_hf(model, ctx_len, weights=weights)
+                del model
             # gate|up as one MatMul + Split is faster for one row, two MatMuls for several
             # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds); the
             # vocabulary projection in one MatMul rather than 4 column slices is faster for several
@@ -118,6 +129,8 @@ def compile_fused(
                                           threads=threads)
                 facts["check"] = check(session, weights in ("fp32", "native") and not int8_activations)
                 session.close()
+        elif unchecked:
+            facts["check"] = {"ran": False, "reason": unchecked}
         return facts
 
     def size_hint() -> int | None:

@@ -5,15 +5,16 @@ round-to-nearest), or — for ``--weights native`` — the GGUF file's own block
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from qeff.compilers.ort_fused import DecoderWeights, LayerWeights, unsupported_reason
-from qeff.errors import UnsupportedModelError
-from qeff.quant.blocks import rtn_quantize
+from qeff.errors import NotStreamableError, UnsupportedModelError
+from qeff.quant.blocks import NBitsWeight, rtn_quantize
 
-__all__ = ["from_hf", "from_gguf", "rotary_tables", "layer_windows", "dims"]
+__all__ = ["from_hf", "from_safetensors", "streamable_reason", "LazyLayers", "from_gguf", "rotary_tables", "layer_windows", "dims"]
 
 
 def dims(config) -> tuple[int, int, int, int]:
@@ -57,11 +58,94 @@ def rotary_tables(config, max_positions: int, rotary_module=None) -> tuple[np.nd
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-def _quantizer(weights: str, block_size: int):
+#: Rows quantized at a time: rtn_quantize holds a few float32 temporaries of its input's size,
+#: which for a 128256-row vocabulary projection would be GBs; rows are independent, so the
+#: result is the same bytes.
+_QUANT_CHUNK_BYTES = 64 * 2**20
+
+
+def _quantizer(weights: str, block_size: int) -> Callable[[np.ndarray], np.ndarray | NBitsWeight]:
     if weights == "fp32":
         return lambda w: w
     bits = {"int8": 8, "int4": 4}[weights]
-    return lambda w: rtn_quantize(w, bits, block_size)
+
+    def quantize(w: np.ndarray) -> NBitsWeight:
+        rows = max(1, _QUANT_CHUNK_BYTES // max(1, 4 * w.shape[1]))
+        if w.shape[0] <= rows:
+            return rtn_quantize(w, bits, block_size)
+        return NBitsWeight.concat([rtn_quantize(w[i:i + rows], bits, block_size) for i in range(0, w.shape[0], rows)])
+
+    return quantize
+
+
+class LazyLayers(Sequence):
+    """The decoder layers, each built (read and quantized) when the graph builder reaches it and
+    dropped soon after: the builder looks one layer ahead (the next layer's input norm), so the
+    last two are kept. A fused build from files holds two layers' weights, never the model's."""
+
+    def __init__(self, count: int, make: Callable[[int], LayerWeights]):
+        self._count, self._make = count, make
+        self._recent: dict[int, LayerWeights] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        if i not in self._recent:
+            self._recent[i] = self._make(i)
+            for old in sorted(self._recent)[:-2]:
+                del self._recent[old]
+        return self._recent[i]
+
+
+def _decoder(config, tensor: Callable[[str], np.ndarray], has: Callable[[str], bool], max_positions: int, *,
+             weights: str, block_size: int, quantize_lm_head: bool, rotary_module, source: str) -> DecoderWeights:
+    """What :func:`from_hf` and :func:`from_safetensors` share: ``tensor(name)`` is the float32
+    value a loaded model holds under that state-dict name (read when asked), ``has(name)`` whether
+    it exists. Layers are :class:`LazyLayers`: read and quantized one at a time."""
+    reason = unsupported_reason(config)
+    if reason:
+        raise UnsupportedModelError(reason)
+    hidden, n_heads, n_kv, head_dim = dims(config)
+    quant = _quantizer(weights, block_size)
+    prefix = "model."
+    windows = layer_windows(config)
+
+    def layer(i: int) -> LayerWeights:
+        p = f"{prefix}layers.{i}."
+        get = lambda name: tensor(p + name)  # noqa: E731
+        qkv_bias = None
+        if has(p + "self_attn.q_proj.bias"):
+            qkv_bias = np.concatenate([get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")])
+        mlp_bias = None
+        if has(p + "mlp.gate_proj.bias"):
+            mlp_bias = (get("mlp.gate_proj.bias"), get("mlp.up_proj.bias"), get("mlp.down_proj.bias"))
+        return LayerWeights(
+            input_norm=get("input_layernorm.weight"), post_norm=get("post_attention_layernorm.weight"),
+            q=quant(get("self_attn.q_proj.weight")), k=quant(get("self_attn.k_proj.weight")),
+            v=quant(get("self_attn.v_proj.weight")), o=quant(get("self_attn.o_proj.weight")),
+            gate=quant(get("mlp.gate_proj.weight")), up=quant(get("mlp.up_proj.weight")), down=quant(get("mlp.down_proj.weight")),
+            qkv_bias=qkv_bias, o_bias=get("self_attn.o_proj.bias") if has(p + "self_attn.o_proj.bias") else None,
+            mlp_bias=mlp_bias, window=windows[i],
+        )
+
+    embed = tensor(prefix + "embed_tokens.weight")
+    head = embed if not has("lm_head.weight") else tensor("lm_head.weight")
+    lm_head = quant(head) if quantize_lm_head else head
+    del head
+    cos, sin = rotary_tables(config, max_positions, rotary_module)
+    return DecoderWeights(
+        hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=float(config.rms_norm_eps),
+        vocab=embed.shape[0], embed=embed, layers=LazyLayers(config.num_hidden_layers, layer),  # type: ignore[arg-type]
+        norm=tensor(prefix + "norm.weight"), lm_head=lm_head, cos=cos, sin=sin,
+        facts={"weights": weights, "block_size": block_size if weights != "fp32" else None, "source": source},
+    )
 
 
 def from_hf(model, max_positions: int, *, weights: str = "fp32", block_size: int = 32,
@@ -72,41 +156,74 @@ def from_hf(model, max_positions: int, *, weights: str = "fp32", block_size: int
     (``block_size`` values per scale) for every linear layer — the embedding table stays float32
     (it is gathered a row at a time, so it costs no bandwidth), the LM head is quantized unless
     ``quantize_lm_head`` is False."""
-    config = model.config
+    state = model.state_dict()
+    return _decoder(model.config, lambda name: state[name].detach().float().numpy(), state.__contains__, max_positions,
+                    weights=weights, block_size=block_size, quantize_lm_head=quantize_lm_head,
+                    rotary_module=getattr(model.model, "rotary_emb", None), source="hf")
+
+
+#: The state-dict names the fused graph reads from a checkpoint (per layer, and once).
+_LAYER_NAMES = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def streamable_reason(directory: Path, config=None) -> str | None:
+    """Why :func:`from_safetensors` cannot build from ``directory``'s files (a name transformers
+    would convert on load, a tensor in a dtype it does not read, an untied head that is not
+    there), or None when it can. Headers only."""
+    from qeff.weights import SafetensorsWeights, safetensors_dir
+
+    if not safetensors_dir(Path(directory)):
+        return f"{directory} is not a directory of safetensors files"
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(directory))
     reason = unsupported_reason(config)
     if reason:
-        raise UnsupportedModelError(reason)
-    hidden, n_heads, n_kv, head_dim = dims(config)
-    quant = _quantizer(weights, block_size)
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    prefix = "model."
-    windows = layer_windows(config)
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"{prefix}layers.{i}."
-        get = lambda name: state[p + name]  # noqa: E731
-        qkv_bias = None
-        if p + "self_attn.q_proj.bias" in state:
-            qkv_bias = np.concatenate([get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")])
-        mlp_bias = None
-        if p + "mlp.gate_proj.bias" in state:
-            mlp_bias = (get("mlp.gate_proj.bias"), get("mlp.up_proj.bias"), get("mlp.down_proj.bias"))
-        layers.append(LayerWeights(
-            input_norm=get("input_layernorm.weight"), post_norm=get("post_attention_layernorm.weight"),
-            q=quant(get("self_attn.q_proj.weight")), k=quant(get("self_attn.k_proj.weight")),
-            v=quant(get("self_attn.v_proj.weight")), o=quant(get("self_attn.o_proj.weight")),
-            gate=quant(get("mlp.gate_proj.weight")), up=quant(get("mlp.up_proj.weight")), down=quant(get("mlp.down_proj.weight")),
-            qkv_bias=qkv_bias, o_bias=state.get(p + "self_attn.o_proj.bias"), mlp_bias=mlp_bias, window=windows[i],
-        ))
-    embed = state[prefix + "embed_tokens.weight"]
-    lm_head = state.get("lm_head.weight", embed)
-    cos, sin = rotary_tables(config, max_positions, getattr(model.model, "rotary_emb", None))
-    return DecoderWeights(
-        hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=float(config.rms_norm_eps),
-        vocab=embed.shape[0], embed=embed, layers=layers, norm=state[prefix + "norm.weight"],
-        lm_head=quant(lm_head) if quantize_lm_head else lm_head, cos=cos, sin=sin,
-        facts={"weights": weights, "block_size": block_size if weights != "fp32" else None, "source": "hf"},
-    )
+        return reason
+    files = SafetensorsWeights(directory)
+    wanted = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in _LAYER_NAMES]
+    if "lm_head.weight" not in files and not getattr(config, "tie_word_embeddings", False):
+        wanted.append("lm_head.weight")
+    missing = [n for n in wanted if n not in files]
+    if missing:
+        return f"the checkpoint holds no tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    unread = sorted({files._where[n][1]["dtype"] for n in files.names()} - {"F32", "F16", "BF16"})
+    if unread:
+        return f"weights stored as {', '.join(unread)}"
+    return None
+
+
+def from_safetensors(directory: str | Path, max_positions: int, *, weights: str = "fp32", block_size: int = 32,
+                     quantize_lm_head: bool = True, config=None) -> DecoderWeights:
+    """The fused graph's weights read from a safetensors checkpoint one tensor at a time
+    (:class:`qeff.weights.SafetensorsWeights`), never loading the model: each tensor is converted
+    to float32 as ``from_pretrained(dtype=float32)`` converts it, quantized at once for int8/int4,
+    and its float32 copy dropped. Same values as :func:`from_hf` on the loaded model, so the same
+    graph bytes (tests/test_fused_stream.py); the config (``AutoConfig`` of the directory unless
+    given) says the rotary and the windows."""
+    import torch
+
+    from qeff.weights import SafetensorsWeights
+
+    directory = Path(directory)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(directory))
+    reason = streamable_reason(directory, config)
+    if reason:
+        raise NotStreamableError(f"the fused graph cannot be built from {directory}'s files: {reason}")
+    files = SafetensorsWeights(directory)
+
+    def tensor(name: str) -> np.ndarray:
+        return files.get(name).to(torch.float32).numpy()
+
+    return _decoder(config, tensor, files.__contains__, max_positions, weights=weights, block_size=block_size,
+                    quantize_lm_head=quantize_lm_head, rotary_module=None, source="safetensors")
 
 
 def from_gguf(path: Path, config, max_positions: int):
