@@ -343,4 +343,4 @@ def test_a_source_that_cannot_stream_is_verified_in_memory_even_when_asked(tmp_p
     model = qeff.from_config(arch.model_type, arch.config, seed=0)
     pipe = Pipeline("tiny", model=model, identity={"test": "tiny"}, home=tmp_path / "home", verify_layers=True)
     assert not pipe.streams_verification()
-    assert "is verified in memory: only a local directory of safetensors streams its layers" in capsys.readouterr().err
+    assert "is verified in memory: only a directory of safetensors (local, or a cached hub snapshot) streams its layers" in capsys.readouterr().err
