@@ -150,9 +150,16 @@ class Workspace:
         and only while the model is not in memory (the preflight prices a fresh process; one that
         loaded the model has shown it fits). Whatever mode the command would take (a streamed
         export; streamed verification where the pipeline has it) the stage takes too."""
+        refused = self.memory_refusal(card, case, command, *flags)
+        if refused:
+            pytest.skip(f"{card.id}: {what} cannot run in the memory available here: {refused}")
+
+    def memory_refusal(self, card: Card, case: Case, command: str, *flags: str) -> str | None:
+        """The memory preflight's sentence refusing ``qeff COMMAND`` on this card and case, or None
+        when it fits (or is not asked: the tiny tier, a model already in memory)."""
         pipe = self.pipeline(card)
         if self.tier != "full" or pipe.source is None or pipe.model_loaded:
-            return
+            return None
         from qeff.cli import memory_preflight
         from qeff.errors import UsageError
 
@@ -168,7 +175,8 @@ class Workspace:
         try:
             memory_preflight([*argv, *flags])
         except UsageError as exc:
-            pytest.skip(f"{card.id}: {what} cannot run in the memory available here: {exc}")
+            return str(exc)
+        return None
 
     def prompts(self, card: Card, case: Case) -> list[list[int]]:
         """One prompt per batch row: seeded random ids (tiny) or the card's texts, tokenized (full)."""
@@ -312,11 +320,15 @@ def transform(ws: Workspace, target: Target, record: Record) -> None:
 
 def export(ws: Workspace, target: Target, record: Record) -> None:
     card, case = target.card, target.case
-    exported = ws.pipeline(card).export()
+    pipe = ws.pipeline(card)
+    exported = pipe.export()
     what = f"the exported graph ({exported.path}) against transformed PyTorch in ONNX Runtime"
-    ws.require_memory(card, case, what, "compile")  # the session opens the portable graph's ORT artifact
     ws.require_memory(card, case, what, "verify")
-    report = _verify(ws, target, session=ws.session(card, case, "ort"))
+    if ws.memory_refusal(card, case, "compile") is None:  # the session opens the portable graph's ORT artifact
+        report = _verify(ws, target, session=ws.session(card, case, "ort"))
+    else:  # the whole graph's session does not fit: ONNX Runtime checked one decoder layer's sub-graph at a time
+        report = pipe.verify_per_layer(ws.prompts(card, case), prompt_len=case.prompt_len, ctx_len=case.ctx_len,
+                                       steps=card.prompts.generation_len, tolerances=_tolerances(target))
     comparison = report["pytorch_vs_ort"]
     # ORT is judged against the untouched HF model through the chain: a fault in the transform is
     # traced into the graph too, so ORT agreeing with the transformed PyTorch alone proves nothing.
@@ -324,7 +336,7 @@ def export(ws: Workspace, target: Target, record: Record) -> None:
     outputs = exported.manifest.get("outputs", {})
     record(ExportRecord(
         **_base(ws, target), comparison=comparison, hf_vs_pytorch=upstream if upstream.failures else None,
-        onnx=OnnxFacts(path=str(ws.pipeline(card).onnx_path), bytes=outputs.get("onnx_bytes"), reused=exported.reused,
+        onnx=OnnxFacts(path=str(pipe.onnx_path), bytes=outputs.get("onnx_bytes"), reused=exported.reused,
                        build_s=exported.build_seconds, fp16_clipped_values=outputs.get("fp16_clipped_values")),
     ))
     problems = [_failure("transformed PyTorch vs ONNX Runtime", c) for c in (comparison,) if c.failures]

@@ -401,7 +401,7 @@ class Pipeline:
                     layer_progress("Verify: transformed PyTorch", qmodel, passes=passes * (2 if per_layer else 1),
                                    enabled=self.progress):
                 if per_layer:
-                    report = self._verify_per_layer(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
+                    report = self.verify_per_layer(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps,
                                                     tolerances=tol)
                 else:
                     session = OrtSession(self.onnx_path, batch_size=len(prompt_token_ids), ctx_len=ctx_len)
@@ -414,16 +414,18 @@ class Pipeline:
         built = build_artifact(self.export_dir / verify_dir_name(manifest_hash(manifest)), manifest, build, force=force)
         return built, VerifyReport.from_dict(built.manifest["outputs"]["report"])
 
-    def _verify_per_layer(self, prompt_token_ids, *, prompt_len: int, ctx_len: int, steps: int, tolerances):
-        """HF vs transformed PyTorch (layer-streamed), then PyTorch vs ONNX Runtime one decoder
-        layer's sub-graph at a time (:func:`qeff.layer_check.check_layers`): for a graph whose whole
-        ONNX Runtime session does not fit in memory."""
+    def verify_per_layer(self, prompt_token_ids, *, prompt_len: int, ctx_len: int, steps: int, tolerances=None):
+        """HF vs transformed PyTorch (layer-streamed when verification streams), then PyTorch vs
+        ONNX Runtime one decoder layer's sub-graph at a time (:func:`qeff.layer_check.check_layers`):
+        for a graph whose whole ONNX Runtime session does not fit in memory. The same
+        :class:`qeff.verification.VerifyReport` as :meth:`verify` with a session."""
         from qeff.layer_check import check_layers
 
         report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps, tolerances=tolerances)
         ref = self.reference(prompt_token_ids, steps)
+        qmodel = self.offloaded[1] if self.streams_verification() else self.qmodel
         report.comparisons.append(check_layers(
-            self.onnx_path, self.offloaded[1], report.prompt_token_ids, ref.tokens, prompt_len=prompt_len,
+            self.onnx_path, qmodel, report.prompt_token_ids, ref.tokens, prompt_len=prompt_len,
             ctx_len=ctx_len, batch_size=len(prompt_token_ids), tolerances=tolerances, progress=self.progress))
         return report
 

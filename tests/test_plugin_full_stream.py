@@ -190,6 +190,29 @@ def test_full_tier_of_a_model_that_does_not_fit_never_loads_it(tmp_path):
     assert ratio < 0.85, f"the full tier peaked at {ratio:.2f}x the fp32 weights: something held them"
 
 
+def test_full_tier_checks_onnx_runtime_layer_by_layer_when_the_whole_graph_does_not_fit(tmp_path):
+    """A budget that holds the layer-streamed verification (asked for: QEFF_STREAMED_VERIFY=1) but
+    not ONNX Runtime's session over the whole portable graph: the transform stage verifies layer
+    by layer and the export stage checks the exported graph one decoder layer's sub-graph at a
+    time (qeff.layer_check) instead of skipping; the model is never loaded (the loader is a trap)."""
+    rss, by = _run(tmp_path, LARGE, env={"QEFF_MEMORY_LIMIT": "2.6G", "QEFF_STREAMED_VERIFY": "1"}, trap=True)
+    outcomes = {key: r["outcome"] for key, r in by.items()}
+    assert outcomes[("transform", None)] == "passed" and outcomes[("export", None)] == "passed", rss["stdout"][-3000:]
+    assert {outcomes[("compile", "ort")], outcomes[("generation", "ort")], outcomes[("benchmark", "ort")]} == {"skipped"}
+    comparison = by[("export", None)]["data"]["comparison"]
+    assert comparison["failures"] == [] and comparison["tokens_total"] > 0
+    assert comparison["reference"] == "pytorch" and comparison["candidate"] == "ort"
+    # This shape's two vocabulary tables are 46 % of its weights (a 7B's: 4 %), and the reference
+    # and the transformed model each hold their own (they share no tensor): 0.92x the weights. The
+    # bound is those, four decoder layers and 300 MB; the layers held whole would pass it.
+    table = 4 * LARGE.vocab * LARGE.hidden
+    layer = (4 * LARGE.parameters - 2 * table) / LARGE.layers
+    held = rss["peak"] - rss["base"]
+    print(f"full tier, per-layer ONNX Runtime: peak {held / 2**30:.2f} GiB above the imports "
+          f"({held / (4 * LARGE.parameters):.2f}x the fp32 weights; tables {2 * table / 2**30:.2f} GiB)")
+    assert held < 2 * 2 * table + 4 * layer + 300e6, f"the full tier held {held / 2**30:.2f} GiB: more than a layer at a time"
+
+
 def test_facts_from_the_files_equal_the_loaded_models(tmp_path, monkeypatch):
     """What the full tier records while the model is not in memory (config.json and the weight
     headers) is what it records from the loaded model."""
