@@ -30,7 +30,11 @@ PASSAGE = (
     "the dark water toward the ships that passed the rocky point. In winter the storms came from the north, and "
     "the waves broke over the lower gallery, but the light never failed while he kept it."
 )
-PROMPT = f"Repeat the following text exactly:\n\n{PASSAGE}\n\nRepeated text:\n"
+PROMPTS = {
+    "copy": f"Repeat the following text exactly:\n\n{PASSAGE}\n\nRepeated text:\n",
+    # Free writing: little to look up, so the cost of steps whose drafts are rejected shows.
+    "free": "Write a short story about a dragon who learns to bake bread.",
+}
 
 
 def log(*parts) -> None:
@@ -39,7 +43,7 @@ def log(*parts) -> None:
 
 def qeff_run(args, lookup: int | None) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "qeff"), "infer", "--json", "--no-stream", "--no-verify", "--backend", "ort",
-           "--prompt", PROMPT, "--prompt_len", "32", "--ctx_len", str(args.ctx_len), "--generation_len", str(args.new_tokens),
+           "--prompt", PROMPTS[args.prompt], "--prompt_len", "32", "--ctx_len", str(args.ctx_len), "--generation_len", str(args.new_tokens),
            "--threads", str(args.threads)]
     if lookup:
         cmd += ["--prompt_lookup", str(lookup)]
@@ -70,7 +74,7 @@ print(json.dumps({"decode_tok_s": (len(tokens) - 1) / (end - first), "token_ids"
 
 
 def llama_run(python: Path, gguf: Path, args, lookup: int) -> dict:
-    done = subprocess.run([str(python), "-c", LLAMA_SCRIPT, str(gguf), PROMPT, str(lookup), str(args.new_tokens), str(args.threads)],
+    done = subprocess.run([str(python), "-c", LLAMA_SCRIPT, str(gguf), PROMPTS[args.prompt], str(lookup), str(args.new_tokens), str(args.threads)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"llama-cpp-python failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -89,6 +93,7 @@ def peers_llama(peers: Path) -> tuple[Path, Path] | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompt", choices=sorted(PROMPTS), default="copy", help="copy-heavy (default) or free writing")
     p.add_argument("--k", type=int, default=5, help="draft tokens per step")
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--ctx-len", type=int, default=512)
@@ -111,7 +116,7 @@ def main() -> int:
     med = {name: statistics.median(x["decode_tok_s"] for x in rs) for name, rs in runs.items()}
     look = runs["qeff-lookup"]
     record = {
-        "new_tokens": look[0]["new_tokens"], "k": args.k, "rounds": args.rounds,
+        "prompt": args.prompt, "new_tokens": look[0]["new_tokens"], "k": args.k, "rounds": args.rounds,
         "decode_tok_s_median": {k: round(v, 2) for k, v in med.items()},
         "qeff_speedup": round(med["qeff-lookup"] / med["qeff-plain"], 3),
         "qeff_mean_accepted_tokens": look[0]["mean_accepted_tokens"],

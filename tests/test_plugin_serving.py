@@ -26,7 +26,7 @@ from pytest_qeff.records import ServingRecord, StageRecord
 
 pytest_plugins = ("pytester",)
 
-FEATURES = ["continuous_batching", "prefix_caching", "sampling", "speculative"]
+FEATURES = ["continuous_batching", "prefix_caching", "sampling", "speculative", "prompt_lookup"]
 
 
 def run_suite(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -46,7 +46,7 @@ def test_the_serving_stages_run_and_the_report_shows_them(pytester: pytest.Pytes
     report = tmp_path / "report"
     result = run_suite(pytester, "--qeff-model", "smollm2-135m", "-m", "qeff_serving", "--qeff-report", str(report))
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     records = [r for r in json.loads((report / "results.json").read_text())["records"] if r["stage"] == "serving"]
     assert sorted(r["feature"] for r in records) == FEATURES
     for rec in records:
@@ -54,7 +54,8 @@ def test_the_serving_stages_run_and_the_report_shows_them(pytester: pytest.Pytes
         assert isinstance(data, ServingRecord) and data.feature == rec["feature"]
         assert data.logits_max_abs is not None and data.logits_max_abs < 1e-5
     html = (report / "cards" / "smollm2-135m.html").read_text()
-    for title in ("continuous batching vs HF eager", "prefix caching vs HF eager", "sampling vs HF eager", "speculative vs HF eager"):
+    for title in ("continuous batching vs HF eager", "prefix caching vs HF eager", "sampling vs HF eager", "speculative vs HF eager",
+                  "prompt lookup vs HF eager"):
         assert title in html
     assert "logits max-abs vs HF" in html and "self-draft tokens accepted" in html
 

@@ -186,6 +186,9 @@ def test_the_fused_graphs_verify_logits_equal_the_portable_targets(tiny):
     assert a.shape == b.shape == (2, 5, 256)
     np.testing.assert_allclose(a[0], b[0], atol=1e-4)
     np.testing.assert_allclose(a[1, :3], b[1, :3], atol=1e-4)  # the padded columns are never read
+    # Fewer kept positions than a row's tokens: each row's own last ones (row 1: columns 1 and 2).
+    a, b = target(tiny, "fused", 2).run(ids, pos, keep=2), target(tiny, "portable", 2).run(ids, pos, keep=2)
+    np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_bad_uses(tiny):
