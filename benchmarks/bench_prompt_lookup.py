@@ -33,7 +33,7 @@ PASSAGE = (
 PROMPTS = {
     "copy": f"Repeat the following text exactly:\n\n{PASSAGE}\n\nRepeated text:\n",
     # Free writing: little to look up, so the cost of steps whose drafts are rejected shows.
-    "free": "Write a short story about a dragon who learns to bake bread.",
+    "free": "Once upon a time, in a small village at the edge of a forest, there lived",
 }
 
 
@@ -47,6 +47,8 @@ def qeff_run(args, lookup: int | None) -> dict:
            "--threads", str(args.threads)]
     if lookup:
         cmd += ["--prompt_lookup", str(lookup)]
+    if args.prompt == "free":  # the instruct model may end it at once: a fixed length, as benchmarks run
+        cmd += ["--ignore_eos"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise SystemExit(f"qeff infer failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
