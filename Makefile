@@ -94,6 +94,7 @@ $(PEERS_STAMP): | $(STAMP)
 # qeff (fused fp32, fused native, portable) beside onnxruntime-genai and llama.cpp: one table, one JSON line.
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/bench_peers.py
+	$(BIN)/python benchmarks/bench_prompt_lookup.py --peers $(PEERS)
 
 # Each stage's peak RSS and wall time of `qeff infer` on synthetic checkpoints of real shapes (issue 18):
 # 135m, 1b, 3b, 7b by default (SIZES=135m,1b selects); what the memory preflight refuses is reported

@@ -55,12 +55,12 @@ __all__ = [
 #: ``serving`` once per feature the card's ``[serving]`` declares (ONNX Runtime).
 STAGES = ("transform", "export", "compile", "generation", "benchmark", "precision", "serving")
 #: The serving features a card may declare (issue 13, ``docs/serving.md``).
-FEATURES = ("continuous_batching", "prefix_caching", "sampling", "speculative")
+FEATURES = ("continuous_batching", "prefix_caching", "sampling", "speculative", "prompt_lookup")
 TIERS = ("tiny", "full")
 BACKENDS = ("ort", "qaic")
 
 Stage = Literal["transform", "export", "compile", "generation", "benchmark", "precision", "serving"]
-Feature = Literal["continuous_batching", "prefix_caching", "sampling", "speculative"]
+Feature = Literal["continuous_batching", "prefix_caching", "sampling", "speculative", "prompt_lookup"]
 Tier = Literal["tiny", "full"]
 Backend = Literal["ort", "qaic"]
 Positive = Annotated[int, Field(gt=0)]

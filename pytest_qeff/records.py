@@ -196,7 +196,7 @@ class ServingRecord(StageRecord):
 
     KIND: ClassVar[str] = "serving"
 
-    feature: str  # continuous_batching | prefix_caching | sampling | speculative
+    feature: str  # continuous_batching | prefix_caching | sampling | speculative | prompt_lookup
     checks: list[ServingCheck]
     rows: list[GenerationRow]
     logits_max_abs: float | None  # vs HF's logits, over the steps before any divergence

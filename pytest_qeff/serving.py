@@ -10,6 +10,8 @@ One test per declared feature (``[serving] features``) and case, on ONNX Runtime
                          index): independent of batch composition; two runs agree
     speculative          the target verifies K drafted tokens per step, drafted by the model itself
                          (its base graph): every draft is accepted
+    prompt_lookup        the same target verifies up to K tokens per step drafted from the text
+                         itself (qeff.serving.ngram): no draft model
 
 The verdict, for every prompt, is HF eager's: one forward of HF over the prompt and the tokens the
 feature produced gives the logits HF would have chosen each token from. Greedy features must choose
@@ -39,7 +41,7 @@ def workload(ws, target) -> tuple[list[list[int]], list[str | None]]:
     """``[serving] prompts`` prompts of mixed lengths that fit the case with the generation."""
     card, case = target.card, target.case
     n, steps = card.serving.prompts, card.prompts.generation_len
-    room = case.ctx_len - steps - (card.serving.num_speculative_tokens if target.feature == "speculative" else 0)
+    room = case.ctx_len - steps - (card.serving.num_speculative_tokens if target.feature in ("speculative", "prompt_lookup") else 0)
     if ws.tier == "tiny":
         rng = random.Random(f"{card.id}/{card.tiny.seed}/serving")
         vocab = card.tiny_config().vocab_size
@@ -163,15 +165,17 @@ def run(ws, target, record) -> None:
                 extra_checks.append(ServingCheck(f"sampled tokens = {label}", "equal" if same else "differ", "equal", same))
                 if not same:
                     extra_problems.append(f"sampled tokens differ from {label} with the same seed")
-    elif feature == "speculative":
+    elif feature in ("speculative", "prompt_lookup"):
         from qeff.inputs import batches
+        from qeff.serving.ngram import NgramDrafter
         from qeff.serving.speculative import generate_speculative
 
         k = cfg.num_speculative_tokens
         target_session = _serving_session(ws, target, GraphVariant(speculative=True), batch_size=case.batch_size, num_speculative_tokens=k)
         tokens, logits, rates, means = [], [], [], []
         for rows, real in batches(prompts, case.batch_size):
-            draft = ws.session(card, case, "ort")  # the model itself, base graph: a fresh cache
+            # The model itself, base graph, a fresh cache; or the text's own n-grams.
+            draft = ws.session(card, case, "ort") if feature == "speculative" else NgramDrafter()
             r = generate_speculative(target_session, draft, prompt_token_ids=rows, prompt_len=case.prompt_len, generation_len=steps,
                                      eos_token_id=[], num_speculative_tokens=k, return_logits=True)
             tokens += r.token_ids[:real]
@@ -180,10 +184,13 @@ def run(ws, target, record) -> None:
             means.append(r.mean_accepted_tokens)
         rate = min(rates)
         figures = {"mean_accepted_tokens": float(np.mean(means)), "acceptance_rate": rate}
-        settings = {"num_speculative_tokens": k, "draft": "the model itself (base graph)"}
-        extra_checks.append(ServingCheck("self-draft tokens accepted", f"{rate:.0%}", ">= 95%", rate >= 0.95))
-        if rate < 0.95:
-            extra_problems.append(f"the model drafting for itself had only {rate:.0%} of its tokens accepted")
+        if feature == "speculative":
+            settings = {"num_speculative_tokens": k, "draft": "the model itself (base graph)"}
+            extra_checks.append(ServingCheck("self-draft tokens accepted", f"{rate:.0%}", ">= 95%", rate >= 0.95))
+            if rate < 0.95:
+                extra_problems.append(f"the model drafting for itself had only {rate:.0%} of its tokens accepted")
+        else:  # what the lookup proposes depends on the text: reported, the tokens are judged by HF
+            settings = {"num_speculative_tokens": k, "draft": "prompt lookup (n-grams of the text itself)"}
     else:  # pragma: no cover - the card schema admits only the features above
         raise AssertionError(feature)
 

@@ -396,7 +396,8 @@ def _run_serving(session, tokenizer, prompts, args, out: _Out, opts, draft):
     if streamer:
         out.human.write(f"\n{prompts[0]}")
     on_text = (lambda i, token: streamer(np.array([token]), np.array([True])) if i == 0 else None) if streamer else None
-    summary = run_serving(session, tokenizer, prompts, opts, generation_len=args.generation_len, draft=draft, on_text=on_text)
+    summary = run_serving(session, tokenizer, prompts, opts, generation_len=args.generation_len, draft=draft, on_text=on_text,
+                          ignore_eos=getattr(args, "ignore_eos", False))
     if streamer:
         streamer.end()
     return summary
@@ -445,6 +446,9 @@ def cmd_infer(args) -> int:
             "continuous batching and speculative decoding run on the ort backend here; for Cloud AI 100, compile with "
             "`qeff compile --backend qaic --full_batch_size N` (or --num_speculative_tokens K): qeff has no runtime for those QPCs yet"
         )
+    if serving.prompt_lookup and (backend == "qaic" or args.mxfp6 or args.mxint8):
+        raise UsageError("prompt-lookup decoding runs on the ort backend's fp32/int8/int4 graphs here; drop --prompt_lookup, "
+                         "or --backend qaic / --mxfp6 / --mxint8")
     if backend == "qaic":
         from qeff import sdk
 
@@ -485,12 +489,29 @@ def cmd_infer(args) -> int:
     options = _compile_options(args, backend, out, serving)
     built = _compile(pipe, backend, args, options, force=args.force, variant=variant, out=out)
     _reuse_note(out, f"{backend} artifact", built)
+    if serving.prompt_lookup and not _is_fused(built):
+        # The portable graph verifies several positions only in its num_logits_to_keep variant.
+        from qeff.serving.variant import GraphVariant
+
+        variant = GraphVariant(speculative=True)
+        options = dict(options, num_speculative_tokens=serving.prompt_lookup)
+        _reuse_note(out, f"{variant.describe()} export", pipe.export(force=args.force, variant=variant))
+        built = _compile(pipe, backend, args, options, force=args.force, variant=variant, out=out)
+        _reuse_note(out, f"{backend} artifact", built)
     with measured("run"):
         session, rebuilt = pipe.open_session(built, rebuild=lambda: _compile(pipe, backend, args, options, variant=variant, out=out),
                                              **_session_options(args))
         if rebuilt:
             out.say(f"[qeff] the cached artifact {built.path} could not be opened; rebuilt it")
         draft = _open_draft(args, serving, out, backend) if serving.draft_model_name else None
+        if serving.prompt_lookup:
+            from qeff.serving.ngram import NgramDrafter
+            from qeff.serving.speculative import can_verify
+
+            if not can_verify(session):  # a fused graph cached before it could return several positions
+                raise UsageError(f"the cached artifact {built.path} returns one position's logits per step; "
+                                 "rerun with --force to rebuild it for --prompt_lookup")
+            draft = NgramDrafter(serving.prompt_lookup_ngram)
         summary = _run(session, tokenizer, prompts, args, out, draft=draft)
     _print_figures(out, summary, show_texts=not args.stream or len(prompts) > 1)
     if args.json:
@@ -499,6 +520,12 @@ def cmd_infer(args) -> int:
                    repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
                    verify=verify_summary, fused_check=_fused_check_record(built), wall_s=round(time.perf_counter() - start, 3))
     return 0
+
+
+def _is_fused(built) -> bool:
+    from qeff.layout import ORT_FUSED
+
+    return (built.manifest.get("outputs") or {}).get("model") == ORT_FUSED
 
 
 def _fused_check_record(built) -> dict | None:
@@ -739,6 +766,8 @@ def _check_args(args) -> None:
                                generation_len=getattr(args, "generation_len", None), num_cores=getattr(args, "num_cores", None),
                                steps=getattr(args, "steps", None),
                                num_speculative_tokens=serving_options(args).num_speculative_tokens if hasattr(args, "batch_size") else None)
+        validation.check_fits("--prompt_lookup", serving_options(args).prompt_lookup if hasattr(args, "batch_size") else None,
+                              args.ctx_len, "drafted token", extra=1)
     elif hasattr(args, "generation_len"):
         validation.check_positive("--generation_len", args.generation_len, optional=True)
     if hasattr(args, "threads"):
@@ -801,7 +830,7 @@ def _check_memory(args) -> None:
 
         verifying = args.command == "verify" or (args.command == "infer" and args.verify is not False)
         kv_only = replace(shape, weight_bytes=None) if shape.weight_bytes is not None else shape
-        k = serving_options(args).num_speculative_tokens if hasattr(args, "batch_size") else None
+        k = (serving_options(args).num_speculative_tokens or serving_options(args).prompt_lookup) if hasattr(args, "batch_size") else None
         chunk = max(args.prompt_len, (k or 0) + 1)  # a speculative target's verify step runs K + 1 tokens
         validation.check_memory(kv_only, batch_size=rows, ctx_len=ctx_len, prompt_len=chunk,
                                 copies=2 if verifying else 1, available=available)

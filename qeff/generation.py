@@ -164,6 +164,32 @@ def full_cache_messages(who: str, reasons: Sequence[str], prompt_lens: Sequence[
         if reason == "ctx_len"
     ]
 
+def _generate_prompt_lookup(session, prompts, *, tokenizer, prompt_token_ids, prompt_len, generation_len, eos_token_id,
+                            ignore_eos: bool, on_token, sampling, k, ngram_max):
+    """:func:`generate` with ``prompt_lookup``: the speculative loop with the n-gram drafter."""
+    from qeff.serving.ngram import DEFAULT_NGRAM_MAX, NgramDrafter
+    from qeff.serving.speculative import generate_speculative
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"prompt_lookup must be at least 1 draft token per step (got {k!r})")
+    if ngram_max is not None and (isinstance(ngram_max, bool) or not isinstance(ngram_max, int) or ngram_max < 1):
+        raise UsageError(f"ngram_max must be at least 1 (got {ngram_max!r})")
+    if sampling is not None and not getattr(sampling, "plain_greedy", True):
+        raise UsageError("prompt-lookup decoding is greedy only: drop the sampling settings, or prompt_lookup")
+    step = None
+    if on_token is not None:
+        batch = session.batch_size
+
+        def step(r: int, token: int) -> None:  # the speculative loop's (row, token) as a TokenCallback
+            tokens, mask = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=bool)
+            tokens[r], mask[r] = token, True
+            on_token(tokens, mask)
+
+    return generate_speculative(session, NgramDrafter(ngram_max or DEFAULT_NGRAM_MAX), prompts, tokenizer=tokenizer,
+                                prompt_token_ids=prompt_token_ids, prompt_len=prompt_len, generation_len=generation_len,
+                                eos_token_id=[] if ignore_eos else eos_token_id, on_token=step, num_speculative_tokens=k)
+
+
 def generate(
     session: Session,
     prompts: Sequence[str] | None = None,
@@ -177,14 +203,28 @@ def generate(
     on_token: TokenCallback | None = None,
     sampling=None,
     sample_keys: Sequence[int] | None = None,
+    prompt_lookup: int | None = None,
+    ngram_max: int | None = None,
 ) -> GenerationResult:
     """Generation for up to ``session.batch_size`` prompts (text, or token ids): greedy, or as
     ``sampling`` (a :class:`qeff.serving.sampling.SamplingParams`) says. ``sample_keys``: each
     prompt's index in the whole input (default 0, 1, …), which picks its random stream.
 
+    ``prompt_lookup=N``: prompt-lookup decoding (greedy only): each step drafts up to N tokens, the
+    continuation of the latest earlier occurrence of the text's last ``ngram_max`` (default 3) …
+    1 tokens, and the session verifies them in one step (:mod:`qeff.serving.ngram`); the tokens are
+    those of plain greedy decoding, and the result (a :class:`qeff.serving.result.ServingResult`)
+    reports ``mean_accepted_tokens`` per step. The session must return several positions' logits
+    (``run(..., keep=N + 1)``): the fused CPU graph, or a graph exported with num_speculative_tokens.
+
     ``ignore_eos``: EOS does not stop a row, so every row runs to ``generation_len`` (or a full
     cache) — fixed-length runs for benchmarks, as llama.cpp's ``--ignore-eos`` and vLLM's
     ``ignore_eos``."""
+    if prompt_lookup is not None:
+        return _generate_prompt_lookup(session, prompts, tokenizer=tokenizer, prompt_token_ids=prompt_token_ids,
+                                       prompt_len=prompt_len, generation_len=generation_len, eos_token_id=eos_token_id,
+                                       ignore_eos=ignore_eos, on_token=on_token, sampling=sampling, k=prompt_lookup,
+                                       ngram_max=ngram_max)
     t0 = time.perf_counter()
     if prompt_token_ids is None:
         if prompts is None or tokenizer is None:

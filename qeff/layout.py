@@ -29,6 +29,7 @@ __all__ = [
     "ONNX_DATA",
     "ORT_OPTIMIZED",
     "ORT_FUSED",
+    "LOGITS_ROWS",
     "QPC_SUBDIR",
     "QPC_FILE",
     "SPECIALIZATIONS_FILE",
@@ -57,6 +58,9 @@ ONNX_DATA = "model.onnx.data"
 ORT_OPTIMIZED = "model.opt.onnx"
 #: The fused CPU graph (``qeff.compilers.ort_fused``), built from the model's weights.
 ORT_FUSED = "model.fused.onnx"
+#: The fused graph's dim of ``last_index`` and of the logits' rows: B for a plain step, B·(K+1) for a
+#: verify step (speculative and prompt-lookup decoding).
+LOGITS_ROWS = "logits_rows"
 #: Cloud AI 100 compile directory: the QPC goes to ``qpcs/`` (what users pass to execute).
 QPC_SUBDIR = "qpcs"
 QPC_FILE = "programqpc.bin"

@@ -18,7 +18,7 @@ ROOT = Path(qeff.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("qeff._version", "qeff._lazy", "qeff.compat", "qeff.errors", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
      "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving", "qeff.serving.variant", "qeff.quant", "qeff.meter"),
-    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded", "qeff.serving.sampling",
+    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded", "qeff.serving.sampling", "qeff.serving.ngram",
      "qeff.home", "qeff.source_digest"),
     ("qeff.loading", "qeff.configs", "qeff.doctor", "qeff.tokenizer", "qeff.consistency", "qeff.memory"),
     ("qeff.transforms", "qeff.support", "qeff.serving.graph", "qeff.weights", "qeff.synthetic"),

@@ -26,7 +26,7 @@ from pytest_qeff.records import ServingRecord, StageRecord
 
 pytest_plugins = ("pytester",)
 
-FEATURES = ["continuous_batching", "prefix_caching", "sampling", "speculative"]
+FEATURES = ["continuous_batching", "prefix_caching", "sampling", "speculative", "prompt_lookup"]
 
 
 def run_suite(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -46,15 +46,16 @@ def test_the_serving_stages_run_and_the_report_shows_them(pytester: pytest.Pytes
     report = tmp_path / "report"
     result = run_suite(pytester, "--qeff-model", "smollm2-135m", "-m", "qeff_serving", "--qeff-report", str(report))
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     records = [r for r in json.loads((report / "results.json").read_text())["records"] if r["stage"] == "serving"]
-    assert sorted(r["feature"] for r in records) == FEATURES
+    assert sorted(r["feature"] for r in records) == sorted(FEATURES)
     for rec in records:
         data = StageRecord.from_dict(rec["data"])
         assert isinstance(data, ServingRecord) and data.feature == rec["feature"]
         assert data.logits_max_abs is not None and data.logits_max_abs < 1e-5
     html = (report / "cards" / "smollm2-135m.html").read_text()
-    for title in ("continuous batching vs HF eager", "prefix caching vs HF eager", "sampling vs HF eager", "speculative vs HF eager"):
+    for title in ("continuous batching vs HF eager", "prefix caching vs HF eager", "sampling vs HF eager", "speculative vs HF eager",
+                  "prompt lookup vs HF eager"):
         assert title in html
     assert "logits max-abs vs HF" in html and "self-draft tokens accepted" in html
 
@@ -91,6 +92,24 @@ def test_seeded_fault_a_wrong_slot_fails_the_stage(workspace, monkeypatch):
         stages.serving(workspace, _target("continuous_batching"), records.append)
     faulty = records[-1]
     assert faulty.logits_max_abs > 1e-3
+
+
+def test_seeded_fault_unverified_lookup_drafts_fail_the_stage(workspace, monkeypatch):
+    """prompt_lookup keeping every draft without the target's agreement, the drafts taken one token
+    off (each id - 1: on this tied-embedding tier the text repeats one token, so honest lookup
+    drafts are always right and skipping the check alone would change nothing): HF's verdict (its
+    logits after the tokens produced) must catch it."""
+    import qeff.serving.speculative as speculative
+    from qeff.serving.ngram import NgramDrafter
+
+    records: list[StageRecord] = []
+    stages.serving(workspace, _target("prompt_lookup"), records.append)  # the control passes
+    assert records[0].logits_max_abs < 1e-5 and records[0].figures["mean_accepted_tokens"] >= 1.0
+    honest = NgramDrafter.propose
+    monkeypatch.setattr(NgramDrafter, "propose", lambda self, tokens, k: [t - 1 if t else 1 for t in honest(self, tokens, k)])
+    monkeypatch.setattr(speculative, "accepted_count", lambda proposal, choices: len(proposal) + 1)
+    with pytest.raises(pytest.fail.Exception):
+        stages.serving(workspace, _target("prompt_lookup"), records.append)
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,22 @@ def other_tokenizer_dir(tiny_model_dir, tmp_path):
     return path
 
 
+COPY = "A B C D E F G A B C D E F G A B C|one two three four one two three four one two"
+
+
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_prompt_lookup_gives_the_plain_tokens(tiny_model_dir, home, capsys, graph):
+    plain = infer(capsys, tiny_model_dir, "--prompt", COPY, "--batch_size", "2", "--ort-graph", graph, "--generation_len", "24")
+    look = infer(capsys, tiny_model_dir, "--prompt", COPY, "--batch_size", "2", "--ort-graph", graph, "--generation_len", "24",
+                 "--prompt_lookup", "4")
+    assert look["token_ids"] == plain["token_ids"] and look["text"] == plain["text"]
+    assert look["prompt_lookup"] == 4 and look["num_speculative_tokens"] == 4 and look["prompt_lookup_ngram"] == 3
+    assert look["draft_model_name"] == "prompt lookup" and 1.0 <= look["mean_accepted_tokens"] <= 5.0
+    assert look["verify_steps"] >= 1 and "decode_tok_s" in look
+    # The fused CPU graph verifies K+1 positions itself; the portable graph needs its num_logits_to_keep variant.
+    assert look["artifact"].endswith("4NST") == (graph == "portable"), look["artifact"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -129,6 +145,13 @@ def other_tokenizer_dir(tiny_model_dir, tmp_path):
         (["--prefix_caching"], "add --full_batch_size"),
         (["--draft_model_name", "{self}", "--temperature", "0.7"], "greedy only"),
         (["--full_batch_size", "2", "--backend", "qaic"], None),
+        (["--prompt_lookup", "0"], "--prompt_lookup must be at least 1"),
+        (["--prompt_lookup", "2", "--prompt_lookup_ngram", "0"], "--prompt_lookup_ngram must be at least 1"),
+        (["--prompt_lookup", "2", "--draft_model_name", "{self}"], "drafts from the text itself"),
+        (["--prompt_lookup", "2", "--full_batch_size", "2"], "cannot be combined"),
+        (["--prompt_lookup", "2", "--temperature", "0.7"], "greedy only"),
+        (["--prompt_lookup", "2", "--mxfp6"], "ort backend's fp32/int8/int4 graphs"),
+        (["--prompt_lookup", "63"], "--prompt_lookup 63 does not fit in --ctx_len 64"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(tiny_model_dir, other_tokenizer_dir, home, capsys, args, message):

@@ -22,8 +22,9 @@ the verification drive this graph through the same ``Session`` interface as any 
 Graph inputs: ``input_ids`` int64 ``(B, S)``; ``seqlens_k`` int32 ``(B,)`` (tokens in each row's
 cache after the step, minus one); ``total_sequence_length`` int32 scalar; ``query_seqlens`` int32
 ``(B,)`` (valid tokens of each row in this chunk); ``last_index`` int64 ``(B,)`` (flat index of each
-row's last valid token in ``B*S``); ``past_key.{i}`` / ``past_value.{i}`` float32
-``(B, n_kv, ctx_len, head_dim)``. Outputs: ``logits`` ``(B, vocab)`` and the caches
+row's last valid token in ``B*S``; its length is its own dim, ``logits_rows``, so a verify step of
+speculative or prompt-lookup decoding gathers K+1 positions per row); ``past_key.{i}`` / ``past_value.{i}`` float32
+``(B, n_kv, ctx_len, head_dim)``. Outputs: ``logits`` ``(logits_rows, vocab)`` and the caches
 ``…_RetainedState``.
 
 Linear weights are either float32 matrices (``MatMul``) or :class:`qeff.quant.NBitsWeight`
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qeff.layout import LOGITS_ROWS
 from qeff.layout import ORT_FUSED as FUSED_GRAPH
 from qeff.quant.blocks import NBitsWeight
 
@@ -262,9 +264,9 @@ class _Builder:
             vi("seqlens_k", TensorProto.INT32, [batch]),
             vi("total_sequence_length", TensorProto.INT32, []),
             vi("query_seqlens", TensorProto.INT32, [batch]),
-            vi("last_index", TensorProto.INT64, [batch]),
+            vi("last_index", TensorProto.INT64, [LOGITS_ROWS]),
         ]
-        outputs = [vi("logits", TensorProto.FLOAT, [batch, w.vocab])]
+        outputs = [vi("logits", TensorProto.FLOAT, [LOGITS_ROWS, w.vocab])]
         cos = g.const("cos_cache", w.cos.astype(np.float32))
         sin = g.const("sin_cache", w.sin.astype(np.float32))
         (h,) = g.node("Gather", [g.const("embed_tokens", np.asarray(w.embed, dtype=np.float32)), "input_ids"], hint="embed")  # (B, S, H)

@@ -89,7 +89,8 @@ def compile_fused(
     options = {"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len}
     accuracy_level = 4 if int8_activations else 0
     manifest = {"backend": "ort", "graph": "fused", "weights": weights, "accuracy_level": accuracy_level, "options": options,
-                "onnx": onnx_identity(onnx_path), "versions": library_versions(), "checked": check is not None}
+                "onnx": onnx_identity(onnx_path), "versions": library_versions(), "checked": check is not None,
+                "logits_rows": True}  # last_index has its own dim (verify steps); older artifacts are rebuilt
     if weights == "native":
         manifest["gguf"] = _gguf_source(gguf_path).identity(home=find_home(export_dir), rehash=verify_mode() == "full")
     target = Path(out_dir) if out_dir else export_dir / ort_fused_dir_name(**options, weights=weights, int8_activations=int8_activations)

@@ -13,6 +13,11 @@ for padding. This session translates, per step, in a few numpy operations:
   64-token chunk computes 33 columns), and only each row's last valid token goes through the
   vocabulary projection (``last_index``).
 
+``run(..., keep=N)`` returns ``(B, N, vocab)``: as the portable graph's ``num_logits_to_keep``,
+the logits of each row's last N valid columns (from column 0 when it has fewer: the verify step of
+speculative and prompt-lookup decoding), gathered through ``last_index`` from B·N positions
+instead of B. A column a row pads gives logits the loop never reads.
+
 Positions that are not of this shape (gaps, padding before a token) are refused: the fused
 kernels cannot express them, and nothing in qeff produces them.
 
@@ -96,8 +101,16 @@ class FusedOrtSession:
             self._io.bind_ortvalue_input(name, value)
             self._io.bind_ortvalue_output(name + "_RetainedState", value)
         self._io.bind_ortvalue_output("logits", self._logits)
+        self._kept: dict[int, object] = {}  # keep → its (B·keep, vocab) logits buffer
+        from qeff.layout import LOGITS_ROWS
 
-    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        last = next(i for i in self.session.get_inputs() if i.name == "last_index")
+        #: Whether ``run(..., keep=N)`` works: graphs built before ``last_index`` had its own dim cannot.
+        self.keeps_logits = last.shape[0] == LOGITS_ROWS
+        #: A step's columns must fit after every active row's position (see :func:`step_inputs`).
+        self.chunk_fits_every_row = True
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, *, keep: int | None = None) -> np.ndarray:
         position_ids = np.asarray(position_ids, dtype=np.int64)
         if position_ids.shape[0] != self.batch_size:
             raise UsageError(f"this session runs batch_size={self.batch_size} rows, got {position_ids.shape[0]}")
@@ -107,9 +120,30 @@ class FusedOrtSession:
         io.bind_cpu_input("seqlens_k", seqlens_k)
         io.bind_cpu_input("total_sequence_length", total)
         io.bind_cpu_input("query_seqlens", query_seqlens)
-        io.bind_cpu_input("last_index", last_index)
-        self.session.run_with_iobinding(io)
-        return self._logits.numpy()
+        if keep is None:
+            io.bind_cpu_input("last_index", last_index)
+            self.session.run_with_iobinding(io)
+            return self._logits.numpy()
+        if not self.keeps_logits or keep < 1:
+            raise UsageError("this fused graph returns one position's logits per row; rebuild it (--force) for keep=N")
+        # As the portable graph's num_logits_to_keep: columns last-N+1 … last of each row (from 0
+        # when fewer precede), clamped to the columns run.
+        start = np.maximum(query_seqlens.astype(np.int64) - keep, 0)
+        cols = np.minimum(start[:, None] + np.arange(keep)[None, :], columns - 1)
+        index = (np.arange(self.batch_size, dtype=np.int64)[:, None] * columns + cols).reshape(-1)
+        buffer = self._kept.get(keep)
+        if buffer is None:
+            from qeff.runtime.ort import onnxruntime_module
+
+            buffer = self._kept[keep] = onnxruntime_module().OrtValue.ortvalue_from_shape_and_type(
+                (self.batch_size * keep, self.vocab_size), np.float32, "cpu")
+        io.bind_cpu_input("last_index", index)
+        io.bind_ortvalue_output("logits", buffer)
+        try:
+            self.session.run_with_iobinding(io)
+        finally:
+            io.bind_ortvalue_output("logits", self._logits)
+        return buffer.numpy().reshape(self.batch_size, keep, self.vocab_size)
 
     def read_cache(self) -> list[np.ndarray]:
         return [v.numpy().copy() for v in self._cache]

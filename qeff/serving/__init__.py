@@ -4,7 +4,8 @@
 - :mod:`qeff.serving.session`: an ONNX Runtime session for them, and slot views of it;
 - :mod:`qeff.serving.continuous`: continuous batching, with prefix caching;
 - :mod:`qeff.serving.sampling`: temperature / top-k / top-p / repetition penalty, per-prompt seeds;
-- :mod:`qeff.serving.speculative`: a draft proposes, the target verifies K+1 positions per step.
+- :mod:`qeff.serving.speculative`: a draft proposes, the target verifies K+1 positions per step;
+- :mod:`qeff.serving.ngram`: prompt lookup, a drafter made of the text's own n-grams.
 
 The modules sit in different layers of qeff (the graph below the exporter, the session beside the
 runtime, the loops beside the generation loop), so this package imports none of them eagerly.
@@ -22,6 +23,7 @@ _LAZY = {
     "ServingResult": "qeff.serving.result",
     "generate_continuous": "qeff.serving.continuous",
     "generate_speculative": "qeff.serving.speculative",
+    "NgramDrafter": "qeff.serving.ngram",
 }
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

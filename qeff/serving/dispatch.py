@@ -27,8 +27,10 @@ def wants_serving(session, draft) -> bool:
     return bool(getattr(session, "full_batch_size", None)) or draft is not None
 
 
-def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *, generation_len, draft=None, on_text=None) -> ServingSummary:
-    """``on_text(prompt_index, token)`` streams tokens as they come (the CLI streams prompt 0)."""
+def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *, generation_len, draft=None, on_text=None,
+                ignore_eos: bool = False) -> ServingSummary:
+    """``on_text(prompt_index, token)`` streams tokens as they come (the CLI streams prompt 0);
+    ``ignore_eos`` (speculative and prompt-lookup decoding): rows stop at generation_len only."""
     if getattr(session, "full_batch_size", None):
         from qeff.serving.continuous import generate_continuous
 
@@ -48,14 +50,15 @@ def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *,
         from qeff.inputs import batches
         from qeff.serving.speculative import generate_speculative
 
-        k = opts.num_speculative_tokens
+        k = opts.num_speculative_tokens or opts.prompt_lookup
         results, texts, token_ids, offset = [], [], [], 0
         for rows, real in batches(prompts, session.batch_size):
             def stream(r, token, offset=offset):
                 if on_text is not None and r + offset < len(prompts) and r < real:
                     on_text(r + offset, token)
 
-            r = generate_speculative(session, draft, rows, tokenizer=tokenizer, generation_len=generation_len, num_speculative_tokens=k, on_token=stream)
+            r = generate_speculative(session, draft, rows, tokenizer=tokenizer, generation_len=generation_len, num_speculative_tokens=k, on_token=stream,
+                                     eos_token_id=[] if ignore_eos else None)
             results.append(r)
             texts += r.texts[:real]
             token_ids += r.token_ids[:real]
@@ -64,7 +67,9 @@ def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *,
         proposed = sum(r.proposed_tokens for r in results)
         extra = {
             "num_speculative_tokens": k,
-            "draft_model_name": opts.draft_model_name,
+            "draft_model_name": opts.draft_model_name or ("prompt lookup" if opts.prompt_lookup else None),
+            "prompt_lookup": opts.prompt_lookup,
+            "prompt_lookup_ngram": opts.prompt_lookup_ngram if opts.prompt_lookup else None,
             "mean_accepted_tokens": round(sum(r.mean_accepted_tokens * r.verify_rows for r in results) / rows, 4) if rows else 0.0,
             "acceptance_rate": round(sum(r.accepted_drafts for r in results) / proposed, 4) if proposed else 0.0,
             "verify_steps": sum(r.steps for r in results),

@@ -3,6 +3,8 @@
     --full_batch_size N           continuous batching over N cache slots (compile; not with --batch_size)
     --num_speculative_tokens K    the target verifies K drafted tokens per step (compile)
     --draft_model_name M          the draft model of speculative decoding (infer; default K = 3)
+    --prompt_lookup N             prompt-lookup decoding: N tokens drafted per step from the text itself (infer)
+    --prompt_lookup_ngram M       the longest n-gram looked up (default 3)
     --prefix_caching              reuse a free slot's cached prompt prefix (with --full_batch_size)
     --temperature T --top_k K --top_p P --repetition_penalty R --seed S   sampling (greedy when T = 0)
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from qeff.errors import UsageError
 from qeff.serving.variant import BASE, GraphVariant
+from qeff.serving.ngram import DEFAULT_NGRAM_MAX
 from qeff.serving.sampling import SamplingParams
 
 __all__ = ["ServingOptions", "add_compile_args", "add_run_args", "add_draft_args", "serving_options", "DEFAULT_SPECULATIVE_TOKENS"]
@@ -32,6 +35,10 @@ class ServingOptions:
     draft_model_name: str | None = None
     prefix_caching: bool = False
     sampling: SamplingParams = SamplingParams()
+    #: Prompt-lookup decoding: draft tokens per step (None: off) and the longest n-gram looked up.
+    #: It keeps the base graph (the fused CPU graph verifies several positions itself).
+    prompt_lookup: int | None = None
+    prompt_lookup_ngram: int = DEFAULT_NGRAM_MAX
 
     @property
     def variant(self) -> GraphVariant:
@@ -55,6 +62,11 @@ def add_compile_args(p) -> None:
 def add_draft_args(p) -> None:
     _flag(p, "--draft_model_name", default=None,
           help="speculative decoding: the draft model (card, HF id, local dir or .gguf); it must share the target's tokenizer")
+    _flag(p, "--prompt_lookup", type=int, default=None, metavar="N",
+          help="prompt-lookup decoding: each step drafts up to N tokens that followed the latest earlier occurrence of the "
+               "text's last few tokens (prompt + generated), verified by the model in one step; greedy, same tokens as without it")
+    _flag(p, "--prompt_lookup_ngram", type=int, default=DEFAULT_NGRAM_MAX, metavar="M",
+          help=f"prompt-lookup decoding: the longest n-gram looked up, tried from M tokens down to 1 (default {DEFAULT_NGRAM_MAX})")
 
 
 def add_run_args(p) -> None:
@@ -104,9 +116,23 @@ def serving_options(args: argparse.Namespace) -> ServingOptions:
         raise UsageError("--prefix_caching reuses the cache slots of continuous batching: add --full_batch_size")
     if k is not None and fbs is not None:
         raise UsageError("--full_batch_size and speculative decoding cannot be combined yet; choose one")
+    lookup = getattr(args, "prompt_lookup", None)
+    ngram = getattr(args, "prompt_lookup_ngram", DEFAULT_NGRAM_MAX)
+    if lookup is not None:
+        if lookup < 1:
+            raise UsageError(f"--prompt_lookup must be at least 1 draft token per step (got {lookup})")
+        if ngram is None or ngram < 1:
+            raise UsageError(f"--prompt_lookup_ngram must be at least 1 (got {ngram})")
+        if draft is not None or k is not None:
+            raise UsageError("--prompt_lookup drafts from the text itself: drop --draft_model_name / --num_speculative_tokens, or it")
+        if fbs is not None:
+            raise UsageError("--full_batch_size and prompt-lookup decoding cannot be combined yet; choose one")
+        if not sampling.plain_greedy:
+            raise UsageError("prompt-lookup decoding is greedy only: drop --temperature and --repetition_penalty, or --prompt_lookup")
     if draft is not None and not sampling.plain_greedy:
         raise UsageError("speculative decoding here is greedy only: drop --temperature and --repetition_penalty, or the draft")
     args._serving_options = ServingOptions(
-        full_batch_size=fbs, num_speculative_tokens=k, draft_model_name=draft, prefix_caching=prefix, sampling=sampling
+        full_batch_size=fbs, num_speculative_tokens=k, draft_model_name=draft, prefix_caching=prefix, sampling=sampling,
+        prompt_lookup=lookup, prompt_lookup_ngram=ngram or DEFAULT_NGRAM_MAX,
     )
     return args._serving_options

@@ -16,6 +16,11 @@ Each round, for every unfinished row whose last token ``x`` sits at position ``p
 Near the end of the cache a row proposes fewer tokens (positions stay below ``ctx_len``), the
 rest of its step being padding. ``mean_accepted_tokens`` is the mean of ``n + 1`` over rows and
 rounds: K+1 when the draft always agrees (self-speculation), 1 when it never does.
+
+The draft may also be a *drafter* with no model (``propose(tokens, k) → list``, e.g.
+:class:`qeff.serving.ngram.NgramDrafter`: prompt-lookup decoding): it sees each row's tokens so
+far and proposes up to K of them, possibly none (that row's step is then a plain one-token step).
+Step 3 is the same, so the output is still exactly the target's greedy output.
 """
 
 from __future__ import annotations
@@ -30,7 +35,27 @@ from qeff.generation import _check_inputs, eos_ids, full_cache_messages, result_
 from qeff.serving.continuous import common_prefix
 from qeff.serving.result import ServingResult
 
-__all__ = ["generate_speculative", "check_same_tokenizer"]
+__all__ = ["generate_speculative", "check_same_tokenizer", "accepted_count", "can_verify"]
+
+
+def accepted_count(proposal: Sequence[int], choices: Sequence[int]) -> int:
+    """How many target tokens a row keeps: ``choices[0]`` always, then one more for each leading
+    proposal equal to the target's choice before it (``proposal[i] == choices[i]``)."""
+    kept = 1
+    while kept <= len(proposal) and int(proposal[kept - 1]) == int(choices[kept - 1]):
+        kept += 1
+    return kept
+
+
+def can_verify(session) -> bool:
+    """Whether ``session.run(..., keep=N)`` returns the logits of N positions per row: a graph with
+    ``num_logits_to_keep``, or a session that says so itself (the fused CPU graph's)."""
+    return bool(getattr(getattr(session, "variant", None), "speculative", False) or getattr(session, "keeps_logits", False))
+
+
+def _is_drafter(draft) -> bool:
+    """A model-free drafter (``propose``), as opposed to a draft model's session (``run``)."""
+    return hasattr(draft, "propose") and not hasattr(draft, "run")
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, *, target: str = "target", draft: str = "draft") -> None:
@@ -62,15 +87,17 @@ def generate_speculative(
 ) -> ServingResult:
     """Greedy generation for up to ``target.batch_size`` prompts, ``num_speculative_tokens`` (K)
     drafted per round. ``target`` must return K+1 logits per row (``run(..., keep=K+1)``);
-    ``draft`` is any session with the target's batch size and at least its ctx_len.
+    ``draft`` is any session with the target's batch size and at least its ctx_len, or a drafter
+    without a model (``propose(tokens, k)``, :class:`qeff.serving.ngram.NgramDrafter`).
     ``return_logits``: keep the target logits each token was chosen from (``result.logits``)."""
     t0 = time.perf_counter()
     k = num_speculative_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UsageError(f"--num_speculative_tokens must be at least 1 (got {k})")
-    if not getattr(getattr(target, "variant", None), "speculative", False):
+    if not can_verify(target):
         raise UsageError("the target session's graph has no num_logits_to_keep input: export it with num_speculative_tokens")
-    if draft.batch_size != target.batch_size or draft.ctx_len < target.ctx_len:
+    model_draft = not _is_drafter(draft)
+    if model_draft and (draft.batch_size != target.batch_size or draft.ctx_len < target.ctx_len):
         raise UsageError(
             f"the draft session (batch {draft.batch_size}, ctx_len {draft.ctx_len}) must match the target's batch size "
             f"({target.batch_size}) and hold at least its ctx_len ({target.ctx_len})"
@@ -97,7 +124,8 @@ def generate_speculative(
     kept_logits: list[list[np.ndarray]] = [[] for _ in range(n)]
     for ids, pos, ends in prefill_chunks(prompts_ids, batch, prompt_len):
         logits = target.run(ids, pos, keep=1)[:, -1, :]
-        draft.run(ids, pos)
+        if model_draft:
+            draft.run(ids, pos)
         for r in np.flatnonzero(ends[:n]):
             generated[r].append(int(logits[r].argmax()))
             if return_logits:
@@ -136,9 +164,13 @@ def generate_speculative(
         known = {r: prompts_ids[r] + generated[r] for r in active}
         proposals: dict[int, list[int]] = {r: [] for r in active}
 
-        # 1. Draft: catch up on unseen tokens, then propose greedily, one token per step.
+        # 1. Draft: catch up on unseen tokens, then propose greedily, one token per step (a
+        # model-free drafter proposes from the row's tokens at once).
         t_draft = time.perf_counter()
-        while True:
+        if not model_draft:
+            for r in active:
+                proposals[r] = [int(t) for t in draft.propose(known[r], want[r])][: want[r]]
+        while model_draft:
             ids = np.zeros((batch, 1), dtype=np.int64)
             pos = np.full((batch, 1), -1, dtype=np.int64)
             running = []
@@ -156,6 +188,11 @@ def generate_speculative(
                 drafted[r].append(int(ids[r, 0]))
                 if len(drafted[r]) == len(known[r]) + len(proposals[r]):  # caught up: the logits propose
                     proposals[r].append(int(logits[r].argmax()))
+        if getattr(target, "chunk_fits_every_row", False):
+            # The fused CPU graph runs the step's widest row for every row: each row's position plus
+            # that width must stay inside the cache, so near its end all rows propose less.
+            room = max(ctx_len - 1 - max(p.values()), 0)
+            proposals = {r: proposal[:room] for r, proposal in proposals.items()}
         draft_s += time.perf_counter() - t_draft
 
         # 2. Target: x, d1 … d_want at positions p … p+want, the rest of the row padding.
@@ -172,12 +209,10 @@ def generate_speculative(
 
         # 3. Keep the target's tokens up to and including the first disagreement.
         for r in active:
-            choices = logits[r, : want[r] + 1].argmax(-1)
-            kept = 1
-            while kept <= want[r] and proposals[r][kept - 1] == int(choices[kept - 1]):
-                kept += 1
+            choices = logits[r, : len(proposals[r]) + 1].argmax(-1)
+            kept = accepted_count(proposals[r], choices)
             accepted.append(kept)
-            proposed += want[r]
+            proposed += len(proposals[r])
             agreed += kept - 1
             for j, token in enumerate(choices[:kept]):
                 generated[r].append(int(token))
@@ -188,7 +223,8 @@ def generate_speculative(
                 if check_done(r):
                     break
             # The draft's cache is valid as far as what it ran agrees with the kept tokens.
-            del drafted[r][common_prefix(drafted[r], prompts_ids[r] + generated[r]) :]
+            if model_draft:
+                del drafted[r][common_prefix(drafted[r], prompts_ids[r] + generated[r]) :]
     t_end = time.perf_counter()
 
     messages = full_cache_messages("prompt", reasons, [len(p) for p in prompts_ids], [len(t) for t in generated], ctx_len)
