@@ -34,6 +34,7 @@ from qeff.runtime.ort import OrtSession
 from qeff.verification import Tolerances, compare, session_trace, verify
 from tests.arch_configs import TINY
 from tests.faults import FAULT_GEOMETRY, FAULTS, corrupt_layer_weight, tiny_arch
+from tests.rss_sampler import SAMPLER
 
 REPO = Path(__file__).resolve().parents[1]
 G = FAULT_GEOMETRY["default"]  # 11 and 5 tokens in chunks of 8, ctx 32, 4 steps
@@ -370,22 +371,13 @@ def test_the_healthy_check_passes_the_same_proofs(deep, deep_tokens):
 # --- 4. memory ----------------------------------------------------------------------------------------
 
 
-_CHILD = textwrap.dedent("""
+_CHILD = SAMPLER + textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     import numpy as np, torch, onnx, onnxruntime
     import qeff.layer_check, qeff.runtime.ort, qeff.runtime.torch, qeff.verification
     from qeff.pipeline import Pipeline
     torch.set_num_threads(1)
-    def rss():
-        # Anonymous plus file-backed resident memory: the per-layer sessions read their weights
-        # through mapped pages of the data file, which are file-backed; counting only anonymous
-        # memory would flatter them.
-        out = 0
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssFile:")):
-                out += int(line.split()[1]) * 1024
-        return out
     ckpt, home, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     pipe = Pipeline.open(str(ckpt), home=home, progress=False)
     path = pipe.export().path / "model.onnx"
@@ -394,13 +386,9 @@ _CHILD = textwrap.dedent("""
     tokens = [[6, 7, 8], [9, 10, 11]]
     # Warm both paths' code on a one-step schedule first: the baseline then holds the libraries.
     qeff.verification.session_trace(qeff.runtime.torch.TorchSession(qmodel, batch_size=2, ctx_len=32), "pytorch", prompts, [[1], [1]], 8)
-    top = [0]
-    def sample():
-        while True:
-            top[0] = max(top[0], rss())
-            time.sleep(0.002)
-    base = rss()
-    threading.Thread(target=sample, daemon=True).start()
+    # Anonymous plus file-backed resident memory: the per-layer sessions read their weights through
+    # mapped pages of the data file, which are file-backed; counting only anonymous memory would flatter them.
+    base = start_sampling(fields=("RssAnon:", "RssFile:"))  # tests/rss_sampler.py
     start = time.perf_counter()
     stats = []
     if mode == "layers":

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from qeff.synthetic import LlamaShape, hub_cache, write_llama
+from tests.rss_sampler import SAMPLER
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "acme/llama-under-test"
@@ -85,7 +86,7 @@ repeats = 1
 threads = 1
 """
 
-_CHILD = textwrap.dedent("""
+_CHILD = SAMPLER + textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     import torch, onnx, onnxruntime, transformers, pytest  # before the baseline
@@ -93,22 +94,12 @@ _CHILD = textwrap.dedent("""
     import torch.onnx._internal.torchscript_exporter.utils
     import qeff.cli, qeff.exporter, qeff.pipeline, qeff.weights, qeff.verification, qeff.loading
     import pytest_qeff.plugin, pytest_qeff.stages
-    def rss():
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    top = [0]
-    def sample():
-        while True:
-            top[0] = max(top[0], rss())
-            time.sleep(0.005)
     out, trap = Path(sys.argv[1]), sys.argv[2] == "trap"
     if trap:  # the model must never be loaded whole: a stage that tries fails
         def refuse(*args, **kwargs):
             raise AssertionError("the model was loaded whole")
         qeff.loading.load_source = refuse
-    base = rss()
-    threading.Thread(target=sample, daemon=True).start()
+    base = start_sampling(0.005)  # anonymous memory (tests/rss_sampler.py)
     code = pytest.main(sys.argv[3:])
     out.write_text(json.dumps({"code": int(code), "base": base, "peak": max(top[0], rss())}))
 """)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from qeff.synthetic import LlamaShape, write_llama
+from tests.rss_sampler import SAMPLER
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--backend", "qaic", "--dry-run", "--device_group", "[0,1]", "--mxfp6", "--mos", "2"]
@@ -77,7 +78,7 @@ def test_dry_run_writes_the_in_memory_routes_files(tmp_path, monkeypatch, capsys
 
 # --- peak memory ---------------------------------------------------------------------------------
 
-_CHILD = textwrap.dedent("""
+_CHILD = SAMPLER + textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     import torch, onnx, transformers  # every import before the baseline: the ratio is the command's own memory
@@ -85,15 +86,6 @@ _CHILD = textwrap.dedent("""
     import torch.onnx._internal.torchscript_exporter.utils
     import qeff.cli, qeff.exporter, qeff.pipeline, qeff.weights, qeff.compilers, qeff.compilers.qaic
     torch.set_num_threads(1)
-    def rss():
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    top = [0]
-    def sample():
-        while True:
-            top[0] = max(top[0], rss())
-            time.sleep(0.002)
     ckpt, home, fault = sys.argv[1], sys.argv[2], sys.argv[3]
     if fault == "load-data":  # seeded: the compile step reads the graph with its weight data
         names = qeff.compilers.qaic.retained_state_names
@@ -104,8 +96,7 @@ _CHILD = textwrap.dedent("""
             finally:
                 del graph
         qeff.compilers.qaic.retained_state_names = loading_names
-    base = rss()
-    threading.Thread(target=sample, daemon=True).start()
+    base = start_sampling()  # anonymous memory (tests/rss_sampler.py)
     code = qeff.cli.main(["compile", "-m", ckpt, "--home", home, *sys.argv[4:]])
     time.sleep(0.01)
     print(json.dumps({"code": code, "base": base, "peak": max(top[0], rss())}))

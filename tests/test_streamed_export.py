@@ -29,6 +29,7 @@ from qeff.pipeline import streamed_model
 from qeff.transforms import transform
 from qeff.weights import SafetensorsWeights
 from tests.arch_configs import TINY
+from tests.rss_sampler import SAMPLER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_names_transformers_converts_are_not_streamable(tmp_path):
 
 # --- peak memory ---------------------------------------------------------------------------------
 
-_CHILD = textwrap.dedent("""
+_CHILD = SAMPLER + textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
     import torch
@@ -171,20 +172,7 @@ _CHILD = textwrap.dedent("""
     import transformers.models.llama.modeling_llama
     torch.set_num_threads(1)
     import threading, time
-    def rss():
-        # Anonymous resident memory only: the libraries' file pages, which the kernel may have
-        # evicted before the baseline and fault back in during the export when the machine is
-        # busy (a full `make test` read 1.79x-1.98x that way), are not the export's memory.
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    top = [0]
-    def sample():
-        while True:
-            top[0] = max(top[0], rss())
-            time.sleep(0.002)
-    base = rss()
-    threading.Thread(target=sample, daemon=True).start()
+    base = start_sampling()  # anonymous memory (tests/rss_sampler.py)
     ckpt, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     if mode == "streamed":
         qmodel, weights, ph = qeff.pipeline.streamed_model(ckpt)
