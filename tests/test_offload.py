@@ -30,6 +30,7 @@ from qeff.runtime.torch import TorchSession
 from qeff.synthetic import LlamaShape, write_llama
 from qeff.transforms import transform
 from qeff.verification import hf_trace, session_trace
+from tests.rss_sampler import SAMPLER
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -166,24 +167,14 @@ def test_an_unstreamable_checkpoint_is_refused(tmp_path):
 
 # --- peak memory ---------------------------------------------------------------------------------
 
-_CHILD = textwrap.dedent("""
+_CHILD = SAMPLER + textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     import torch, transformers
     import qeff.offload, qeff.transforms, qeff.verification, qeff.runtime.torch
     import transformers.models.llama.modeling_llama
     torch.set_num_threads(1)
-    def rss():  # anonymous resident memory: not the libraries' file pages (tests/test_streamed_export.py)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    top = [0]
-    def sample():
-        while True:
-            top[0] = max(top[0], rss())
-            time.sleep(0.002)
-    base = rss()
-    threading.Thread(target=sample, daemon=True).start()
+    base = start_sampling()  # anonymous memory (tests/rss_sampler.py)
     ckpt, mode = Path(sys.argv[1]), sys.argv[2]
     start = time.perf_counter()
     if mode == "streamed":
@@ -308,6 +299,25 @@ def test_pipeline_checks_onnx_runtime_per_layer_when_the_whole_session_does_not_
     report = _per_layer(tmp_path, "layers")
     assert [c.name for c in report.comparisons] == ["hf_vs_pytorch", "pytorch_vs_ort"]
     assert report.passed, report.describe()
+
+
+def test_a_cached_per_layer_report_is_not_reused_where_the_whole_graph_fits(tmp_path):
+    """The per-layer check is the weaker proof (each layer on PyTorch's inputs): a run whose
+    whole-graph session fits runs that instead of reusing it; the reverse reuses."""
+    from qeff.memory import Mode
+
+    pipe = _pipe(tmp_path, "home")
+    pipe.verify_mode = Mode(command="verify", streamed=True, verify_layers=True, ort_layers=True)
+    built, _ = pipe.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
+    assert built.manifest["outputs"]["ort_check"] == "per-layer"
+    whole = _pipe(tmp_path, "home")
+    whole.verify_mode = Mode(command="verify", streamed=True, verify_layers=True, ort_layers=False)
+    built, report = whole.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
+    assert not built.reused and built.manifest["outputs"]["ort_check"] == "whole-graph" and report.passed
+    again = _pipe(tmp_path, "home")
+    again.verify_mode = Mode(command="verify", streamed=True, verify_layers=True, ort_layers=True)
+    built, _ = again.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
+    assert built.reused and built.manifest["outputs"]["ort_check"] == "whole-graph"
 
 
 def test_a_graph_weight_fault_fails_the_per_layer_check_at_its_layer(tmp_path, monkeypatch):
