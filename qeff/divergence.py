@@ -189,18 +189,13 @@ class LayerProbe(Protocol):
 def decoder_layers(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str, nn.ModuleList]:
     """The decoder's list of layers (``layers``, GPT-2's ``h``, MPT's ``blocks``): the one
     ModuleList child of the decoder as long as ``config.num_hidden_layers``."""
-    from torch import nn
+    from qeff.offload import layer_child  # torch: imported where a model runs
 
-    from qeff.transforms import get_spec
-
-    config = model.config
-    if decoder is None:
-        spec = get_spec(config.model_type)
-        decoder = spec.decoder(model) if spec is not None else model.base_model
-    for name, child in decoder.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) == config.num_hidden_layers:
-            return name, child
-    raise LookupError(f"{type(decoder).__name__} has no list of {config.num_hidden_layers} layers")
+    found = layer_child(model, decoder)
+    if found is None:
+        raise LookupError(f"{type(decoder if decoder is not None else model).__name__} has no list of "
+                          f"{model.config.num_hidden_layers} layers")
+    return found
 
 
 class _Hooks:

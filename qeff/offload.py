@@ -76,9 +76,9 @@ class Offloaded:
         self.handles.clear()
 
 
-def layer_list(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str, nn.ModuleList]:
-    """The decoder's list of layers and its name in ``model`` (``model.layers``): the one
-    ModuleList child of the decoder as long as ``config.num_hidden_layers``."""
+def layer_child(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str, nn.ModuleList] | None:
+    """The decoder's list of layers (``layers``, GPT-2's ``h``, MPT's ``blocks``) and its name in
+    the decoder: the one ModuleList child as long as ``config.num_hidden_layers``; None if none is."""
     from qeff.transforms import get_spec
 
     config = model.config
@@ -87,9 +87,18 @@ def layer_list(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str,
         decoder = spec.decoder(model) if spec is not None else model.base_model
     for name, child in decoder.named_children():
         if isinstance(child, nn.ModuleList) and len(child) == config.num_hidden_layers:
-            prefix = next(n for n, m in model.named_modules() if m is child)
-            return prefix, child
-    raise NotStreamableError(f"{type(decoder).__name__} has no list of {config.num_hidden_layers} layers to stream")
+            return name, child
+    return None
+
+
+def layer_list(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str, nn.ModuleList]:
+    """The decoder's list of layers and its full name in ``model`` (``model.layers``)."""
+    found = layer_child(model, decoder)
+    if found is None:
+        name = type(decoder if decoder is not None else model).__name__
+        raise NotStreamableError(f"{name} has no list of {model.config.num_hidden_layers} layers to stream")
+    child = found[1]
+    return next(n for n, m in model.named_modules() if m is child), child
 
 
 def _skeleton(config, weights: Weights) -> nn.Module:
