@@ -118,7 +118,10 @@ class Meter:
             yield record
         finally:
             record.wall_s = time.perf_counter() - start
-            hwm = peak_rss()
+            # The kernel's RSS counters are per-thread and folded in lazily, so VmHWM right after a reset
+            # can read a few pages below the VmRSS read a moment earlier: the stage held rss_before at its
+            # start, so its peak is at least that.
+            hwm = max(peak_rss(), record.rss_before)
             for open_record in self._open:
                 open_record.peak_rss = max(open_record.peak_rss, hwm)
             self._open.remove(record)
