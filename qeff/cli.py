@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--device_group", default=None, help="Cloud AI device ids, e.g. [0,1]")
     _cache_args(p)
     _run_args(p)
+    from qeff.serving.options import add_lookup_args
+
+    add_lookup_args(p)
     p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser("verify", help="HF vs transformed PyTorch vs ONNX Runtime")
@@ -617,8 +620,20 @@ def cmd_execute(args) -> int:
                 break
     if tokenizer is None:
         raise UsageError(f"no tokenizer found beside {artifact}; pass --model_name to say where it comes from")
+    from qeff.serving.options import serving_options
+
+    lookup = serving_options(args).prompt_lookup
     session = qeff.open_session(artifact, **_session_options(args))
-    summary = _run(session, tokenizer, _prompts(args), args, out)
+    draft = None
+    if lookup:
+        from qeff.serving.ngram import NgramDrafter
+        from qeff.serving.speculative import can_verify
+
+        if not can_verify(session):
+            raise UsageError(f"the artifact {artifact} returns one position's logits per step, so it cannot verify drafted "
+                             "tokens; build one with `qeff infer --prompt_lookup N` (its artifact line names it), or drop --prompt_lookup")
+        draft = NgramDrafter(serving_options(args).prompt_lookup_ngram)
+    summary = _run(session, tokenizer, _prompts(args), args, out, draft=draft)
     _print_figures(out, summary, show_texts=not args.stream or len(summary.prompts) > 1)
     if args.json:
         _emit_json(summary, args, backend=session.backend, artifact=str(artifact), load_s=0.0)

@@ -132,6 +132,31 @@ def test_prompt_lookup_gives_the_plain_tokens(tiny_model_dir, home, capsys, grap
     assert look["artifact"].endswith("4NST") == (graph == "portable"), look["artifact"]
 
 
+def test_execute_runs_prompt_lookup_on_an_artifact_that_verifies_several_positions(tiny_model_dir, home, capsys):
+    """``qeff execute --prompt_lookup`` on the artifacts ``qeff infer`` built: the fused graph and the portable
+    graph's speculative variant give the plain tokens; the plain portable graph (one position's logits per
+    step) is refused in one sentence."""
+    common = ["--prompt", COPY, "--batch_size", "2", "--generation_len", "24"]
+    artifacts = {}
+    for graph in ("fused", "portable"):
+        plain = infer(capsys, tiny_model_dir, *common, "--ort-graph", graph)
+        look = infer(capsys, tiny_model_dir, *common, "--ort-graph", graph, "--prompt_lookup", "4")
+        artifacts[graph] = (plain, look)
+    run_args = ["--prompt", COPY, "--generation_len", "24", "--json", "--no-stream", "--prompt_lookup", "4"]
+    for graph, (plain, look) in artifacts.items():
+        code = main(["execute", "--qpc_path", look["artifact"], *run_args])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        ran = json.loads(captured.out.strip().splitlines()[-1])
+        assert ran["token_ids"] == plain["token_ids"], graph
+        assert ran["prompt_lookup"] == 4 and ran["verify_steps"] >= 1 and ran["mean_accepted_tokens"] > 1.0
+    code = main(["execute", "--qpc_path", artifacts["portable"][0]["artifact"], *run_args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("qeff: error:")]
+    assert len(lines) == 1 and "cannot verify drafted tokens" in lines[0], err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

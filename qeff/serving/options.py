@@ -3,7 +3,7 @@
     --full_batch_size N           continuous batching over N cache slots (compile; not with --batch_size)
     --num_speculative_tokens K    the target verifies K drafted tokens per step (compile)
     --draft_model_name M          the draft model of speculative decoding (infer; default K = 3)
-    --prompt_lookup N             prompt-lookup decoding: N tokens drafted per step from the text itself (infer)
+    --prompt_lookup N             prompt-lookup decoding: N tokens drafted per step from the text itself (infer, execute)
     --prompt_lookup_ngram M       the longest n-gram looked up (default 3)
     --prefix_caching              reuse a free slot's cached prompt prefix (with --full_batch_size)
     --temperature T --top_k K --top_p P --repetition_penalty R --seed S   sampling (greedy when T = 0)
@@ -62,6 +62,10 @@ def add_compile_args(p) -> None:
 def add_draft_args(p) -> None:
     _flag(p, "--draft_model_name", default=None,
           help="speculative decoding: the draft model (card, HF id, local dir or .gguf); it must share the target's tokenizer")
+    add_lookup_args(p)
+
+
+def add_lookup_args(p) -> None:
     _flag(p, "--prompt_lookup", type=int, default=None, metavar="N",
           help="prompt-lookup decoding: each step drafts up to N tokens that followed the latest earlier occurrence of the "
                "text's last few tokens (prompt + generated), verified by the model in one step; greedy, same tokens as without it")
