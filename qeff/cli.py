@@ -99,7 +99,11 @@ def _run_args(p):
           help="file with one prompt per line, read once (a pipe works); a line may hold at most --ctx_len × 256 bytes")
     _flag(p, "--generation_len", type=int, default=None, help="max new tokens per prompt (default: until EOS or the cache is full)")
     _flag(p, "--ignore_eos", action="store_true",
-          help="do not stop a row at EOS: generate exactly --generation_len tokens (or until the cache is full), e.g. for benchmarks")
+          help="do not stop a row at EOS: it emits EOS and goes on, exactly --generation_len tokens (or until the cache is full), "
+               "e.g. for benchmarks (vLLM's ignore_eos)")
+    _flag(p, "--suppress_eos", action="store_true",
+          help="never choose EOS (its logits are -inf): exactly --generation_len tokens, as HF min_new_tokens and "
+               "llama.cpp --ignore-eos; token comparisons with those hold only this way")
     _flag(p, "--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
     p.add_argument("--specialize-decode", "--specialize_decode", action=argparse.BooleanOptionalAction, default=None,
                    help="ONNX Runtime: a second session pinned to decode shapes, ~12%% faster decode for a second copy of "
@@ -352,6 +356,13 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
 
     opts = serving_options(args)
     check_fits("--generation_len", args.generation_len, session.ctx_len, "generated token")  # execute: the artifact's context
+    ignore_eos = _eos_mode(args) != "stop"
+    if _eos_mode(args) == "suppress":
+        from qeff.generation import EosSuppressed, eos_ids
+
+        session = EosSuppressed(session, eos_ids(tokenizer))
+        if draft is not None and hasattr(draft, "run"):  # a draft model proposes what the target may keep
+            draft = EosSuppressed(draft, eos_ids(tokenizer))
     check_prompt_lengths(tokenizer, prompts, session.ctx_len)
     if getattr(getattr(session, "variant", None), "speculative", False) and draft is None:
         raise UsageError("this artifact is a speculative-decoding target: run it with qeff infer --draft_model_name")
@@ -361,11 +372,20 @@ def _run(session, tokenizer, prompts: list[str], args, out: _Out, draft=None):
         summary = _run_serving(session, tokenizer, prompts, args, out, opts, draft)
     else:
         summary = run_prompts(session, prompts, tokenizer=tokenizer, generation_len=args.generation_len,
-                              ignore_eos=getattr(args, "ignore_eos", False), stream=out.human if args.stream else None,
+                              ignore_eos=ignore_eos, stream=out.human if args.stream else None,
                               sampling=opts.sampling)
     for message in summary.messages:
         out.say(f"[qeff] {message}")
     return summary
+
+
+def _eos_mode(args) -> str:
+    """What EOS does to a row this run (qeff.generation.EOS_MODES): stop, continue or suppress."""
+    ignore, suppress = bool(getattr(args, "ignore_eos", False)), bool(getattr(args, "suppress_eos", False))
+    if ignore and suppress:
+        raise UsageError("--ignore_eos and --suppress_eos exclude each other: choose whether EOS is emitted (ignore) "
+                         "or never chosen (suppress)")
+    return "suppress" if suppress else "continue" if ignore else "stop"
 
 
 def _print_figures(out: _Out, summary, *, show_texts: bool) -> None:
@@ -400,7 +420,7 @@ def _run_serving(session, tokenizer, prompts, args, out: _Out, opts, draft):
         out.human.write(f"\n{prompts[0]}")
     on_text = (lambda i, token: streamer(np.array([token]), np.array([True])) if i == 0 else None) if streamer else None
     summary = run_serving(session, tokenizer, prompts, opts, generation_len=args.generation_len, draft=draft, on_text=on_text,
-                          ignore_eos=getattr(args, "ignore_eos", False))
+                          ignore_eos=_eos_mode(args) != "stop")
     if streamer:
         streamer.end()
     return summary
@@ -416,6 +436,8 @@ def _emit_json(summary, args=None, **extra) -> None:
     from qeff._system import peak_rss_mb
 
     record = {**summary.to_dict(), **extra, "peak_rss_mb": round(peak_rss_mb(), 1), "stages": _stages(args)}
+    if args is not None:
+        record["eos"] = _eos_mode(args)
     record.pop("messages", None)
     print(json.dumps(record, default=str), flush=True)
 
@@ -439,6 +461,7 @@ def cmd_infer(args) -> int:
     out = _Out(args.json)
     start = time.perf_counter()
     serving = serving_options(args)
+    _eos_mode(args)  # the EOS flags' usage error comes before any work
     prompts = _prompts(args)
     group = _device_group(args)
     backend = _resolve_backend(args.backend)
@@ -623,6 +646,7 @@ def cmd_execute(args) -> int:
     from qeff.serving.options import serving_options
 
     lookup = serving_options(args).prompt_lookup
+    _eos_mode(args)
     session = qeff.open_session(artifact, **_session_options(args))
     draft = None
     if lookup:

@@ -26,7 +26,8 @@ import numpy as np
 from qeff.errors import UsageError
 from qeff.runtime.base import Session
 
-__all__ = ["GenerationResult", "RunSummary", "generate", "run_prompts", "prefill_chunks", "TextStreamer", "eos_ids"]
+__all__ = ["GenerationResult", "RunSummary", "generate", "run_prompts", "prefill_chunks", "TextStreamer", "eos_ids",
+           "EosSuppressed", "EOS_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,43 @@ def eos_ids(tokenizer=None, model=None) -> set[int]:
         elif value:
             ids.update(int(v) for v in value)
     return ids
+
+
+#: What EOS does to a row: ``stop`` it (the default), ``continue`` past it (``ignore_eos``: the EOS
+#: token is emitted and the row goes on, as vLLM's ``ignore_eos``), or ``suppress`` it (its logits
+#: are -inf, so it is never chosen: HF ``min_new_tokens``, llama.cpp ``--ignore-eos``).
+EOS_MODES = ("stop", "continue", "suppress")
+
+
+class EosSuppressed:
+    """``session`` whose logits never choose ``token_ids``: each ``run``'s logits have those
+    columns set to -inf, so greedy picks, sampling and the speculative loops' verification all
+    skip them — without touching any loop. Every other attribute is the session's own.
+
+    Token comparisons with engines that suppress EOS (HF ``generate(min_new_tokens=…)``,
+    llama.cpp's ``--ignore-eos`` logit bias) hold for the whole run only in this mode: with
+    ``ignore_eos`` the row emits EOS and goes on, and the text after it differs."""
+
+    def __init__(self, session, token_ids) -> None:
+        ids = sorted({int(t) for t in ([token_ids] if isinstance(token_ids, int) else token_ids)})
+        if not ids:
+            raise UsageError("suppressing EOS needs the EOS token id: the tokenizer names none; pass eos_token_id")
+        self._session = session
+        self._ids = np.array(ids, dtype=np.int64)
+
+    @property
+    def suppressed(self) -> list[int]:
+        return self._ids.tolist()
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    def run(self, *args, **kwargs) -> np.ndarray:
+        logits = self._session.run(*args, **kwargs)
+        if not logits.flags.writeable:  # a view of a runtime's buffer that numpy may not write
+            logits = logits.copy()
+        logits[..., self._ids] = -np.inf
+        return logits
 
 
 def prefill_chunks(prompt_ids: Sequence[Sequence[int]], batch_size: int, prompt_len: int):
@@ -205,6 +243,7 @@ def generate(
     sample_keys: Sequence[int] | None = None,
     prompt_lookup: int | None = None,
     ngram_max: int | None = None,
+    suppress_eos: bool = False,
 ) -> GenerationResult:
     """Generation for up to ``session.batch_size`` prompts (text, or token ids): greedy, or as
     ``sampling`` (a :class:`qeff.serving.sampling.SamplingParams`) says. ``sample_keys``: each
@@ -218,8 +257,15 @@ def generate(
     (``run(..., keep=N + 1)``): the fused CPU graph, or a graph exported with num_speculative_tokens.
 
     ``ignore_eos``: EOS does not stop a row, so every row runs to ``generation_len`` (or a full
-    cache) — fixed-length runs for benchmarks, as llama.cpp's ``--ignore-eos`` and vLLM's
-    ``ignore_eos``."""
+    cache) — fixed-length runs for benchmarks, as vLLM's ``ignore_eos``: the row emits EOS and goes on.
+    ``suppress_eos``: EOS is never chosen (its logits are -inf, :class:`EosSuppressed`), so every row
+    also runs to ``generation_len`` — HF ``min_new_tokens`` and llama.cpp's ``--ignore-eos``; token
+    comparisons with those hold only in this mode."""
+    if suppress_eos:
+        if ignore_eos:
+            raise UsageError("ignore_eos and suppress_eos exclude each other: choose whether EOS is emitted or never chosen")
+        ids = eos_token_id if eos_token_id is not None else eos_ids(tokenizer)
+        session, eos_token_id, ignore_eos = EosSuppressed(session, ids), [], True
     if prompt_lookup is not None:
         return _generate_prompt_lookup(session, prompts, tokenizer=tokenizer, prompt_token_ids=prompt_token_ids,
                                        prompt_len=prompt_len, generation_len=generation_len, eos_token_id=eos_token_id,
@@ -369,9 +415,10 @@ def run_prompts(
     ignore_eos: bool = False,
     stream: TextIO | None = None,
     sampling=None,
+    suppress_eos: bool = False,
 ) -> RunSummary:
     """Generate for every prompt, in batches of ``session.batch_size``; ``stream`` (a text file)
-    receives the first prompt's tokens as they come; ``ignore_eos`` as :func:`generate`'s. With
+    receives the first prompt's tokens as they come; ``ignore_eos``, ``suppress_eos`` as :func:`generate`'s. With
     ``sampling`` each prompt draws from the random stream of its index in ``prompts`` (filler rows
     repeat their prompt's)."""
     from qeff.inputs import batches
@@ -386,7 +433,7 @@ def run_prompts(
         keys = [offset + i % real for i in range(len(rows))]
         offset += real
         r = generate(session, rows, tokenizer=tokenizer, generation_len=generation_len, ignore_eos=ignore_eos,
-                     on_token=streamer, sampling=sampling, sample_keys=keys)
+                     on_token=streamer, sampling=sampling, sample_keys=keys, suppress_eos=suppress_eos)
         if streamer:
             streamer.end()
         results.append(r)
