@@ -282,29 +282,31 @@ def _check_cpu_graph(args, backend: str) -> None:
                           graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations)
 
 
+def _target(args, backend: str, options: dict):
+    """The run's :class:`qeff.cpu_graph.CompileTarget`: which graph :meth:`Pipeline.compile` builds."""
+    from qeff.cpu_graph import CompileTarget
+
+    ort = backend == "ort"
+    return CompileTarget(backend, graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations,
+                         mxfp6=ort and bool(args.mxfp6), mxint8=ort and bool(args.mxint8), options=options)
+
+
 def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False, variant=None,
              out: _Out | None = None):
-    """Compile the exported graph (or ``onnx_path``, or the serving ``variant`` of the graph). On
-    ort, --mxfp6/--mxint8 compile the emulated tier instead (:mod:`qeff.precision`; the portable
-    graph is left as it is); otherwise the fused CPU graph when it covers the model and no serving
-    variant is asked for (:mod:`qeff.cpu_graph`), else the portable graph."""
+    """Compile the exported graph (or its serving ``variant``): :meth:`Pipeline.compile` decides
+    which graph from the run's target (the fused CPU graph, the emulated tier of --mxfp6/--mxint8
+    on ort, or the portable graph). ``onnx_path`` (``qeff compile --onnx_path``, no pipeline): that
+    graph as given, or its emulated tier."""
     import qeff
 
     if backend == "ort" and (args.mxfp6 or args.mxint8):
         _check_no_emulated_serving(args, variant)
+    if onnx_path is None:
+        return pipe.compile(_target(args, backend, options), force=force, variant=variant, say=out.say if out else print)
+    if backend == "ort" and (args.mxfp6 or args.mxint8):
         from qeff.precision.commands import emulated_graph
 
-        onnx_path = emulated_graph(onnx_path or pipe.onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
-    elif backend == "ort" and onnx_path is None and pipe is not None and (variant is None or variant.is_base):
-        from qeff.cpu_graph import compile_cpu
-
-        fused = compile_cpu(pipe, graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations,
-                            batch_size=args.batch_size, prompt_len=args.prompt_len, ctx_len=args.ctx_len,
-                            threads=getattr(args, "threads", None), force=force, say=out.say if out else print)
-        if fused is not None:
-            return fused
-    if onnx_path is None:
-        return pipe.compile(backend, force=force, variant=variant, **options)
+        onnx_path = emulated_graph(onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
 
 
@@ -544,7 +546,7 @@ def cmd_infer(args) -> int:
         _emit_json(summary, args, backend=backend, model=args.model_name, load_s=round(pipe.load_s, 3), device_group=group,
                    artifact=str(built.path), reused={"export": exported.reused, "compile": built.reused and not rebuilt},
                    repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
-                   verify=verify_summary, fused_check=_fused_check_record(built), wall_s=round(time.perf_counter() - start, 3))
+                   verify=verify_summary, fused_check=_fused_check_record(pipe, built), wall_s=round(time.perf_counter() - start, 3))
     return 0
 
 
@@ -554,13 +556,10 @@ def _is_fused(built) -> bool:
     return (built.manifest.get("outputs") or {}).get("model") == ORT_FUSED
 
 
-def _fused_check_record(built) -> dict | None:
+def _fused_check_record(pipe, built) -> dict | None:
     """The fused graph's check against the portable graph for --json: whether it ran, and its
     figures, or why it did not (None for an artifact that is not the fused graph)."""
-    from qeff.layout import ORT_FUSED
-
-    outputs = built.manifest.get("outputs") or {}
-    check = outputs.get("check") if outputs.get("model") == ORT_FUSED else None
+    check = pipe.graph_checks.get(str(built.path))
     if not isinstance(check, dict):
         return None
     if check.get("ran") is False:

@@ -1,26 +1,82 @@
-"""Which ONNX Runtime graph a pipeline runs on the CPU, and the check that lets the fused one in.
+"""Which graph a pipeline compiles, and the check that lets the fused CPU graph in.
 
-``qeff infer --backend ort`` asks :func:`compile_cpu`: the fused graph
-(:mod:`qeff.compilers.ort_fused`) when ``--ort-graph`` allows it and the architecture is covered,
-else None — the caller then compiles the portable graph (``auto`` says why in one line; ``fused``
-insists and refuses). Every fused build is checked by :func:`check_against_portable`: the new
-graph and the portable graph of the same export, teacher-forced side by side over the portable
-graph's greedy tokens on seeded prompts (one spans two prefill chunks), compared with the
-project's fp32 tolerances. With fp32 or native weights a difference fails the build; with
-re-quantized weights (int8/int4, or int8 activations) it is measured and reported.
+:class:`CompileTarget` is the one record of that choice — backend, ONNX Runtime graph
+(``portable``/``fused``/``auto``), fused weights (fp32/native/int8/int4, int8 activations) and the
+emulated precision tier (``--mxfp6``/``--mxint8`` on ort). ``qeff infer``/``compile``, the Python
+API and the pytest plugin all hand one to :meth:`qeff.pipeline.Pipeline.compile`, so the same
+target gives the same artifact whoever asks (tests/test_graph_policy.py).
+
+For ``auto``/``fused`` on ort, :func:`build_fused` builds the fused graph
+(:mod:`qeff.compilers.ort_fused`) when the architecture is covered, else returns None — the caller
+then compiles the portable graph (``auto`` says why in one line; ``fused`` insists and refuses).
+The fused graph is then checked by its own pipeline stage, :func:`check_fused`: the new graph and
+the portable graph of the same export, teacher-forced side by side over the portable graph's greedy
+tokens on seeded prompts (one spans two prefill chunks), compared with the project's fp32
+tolerances. Its result is an artifact of its own nested in the fused graph's directory
+(``check-<hash>/manifest.json``), so a reuse knows the graph was checked. With fp32 or native
+weights a difference fails the stage and the fused graph is deleted (qeff built it; it is never
+served); with re-quantized weights (int8/int4, or int8 activations) it is measured and reported.
+This check compares qeff with itself: it is the build's guard, not a verdict — the conformance
+suite judges the fused graph against the untouched HF model (``--qeff-graph``, docs/plugin.md).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qeff.errors import UsageError, VerificationError
 
-__all__ = ["compile_cpu", "check_against_portable", "CHECK_TOLERANCES", "weights_files", "check_unfit_reason"]
+__all__ = ["CompileTarget", "GRAPHS", "build_fused", "check_fused", "compile_cpu", "check_against_portable", "CHECK_TOLERANCES",
+           "CHECK_STEPS", "weights_files", "check_unfit_reason"]
+
+#: The ONNX Runtime graphs a target may ask for (``auto``: fused where it covers the model).
+GRAPHS = ("auto", "fused", "portable")
+#: Greedy steps of the fused graph's check against the portable graph.
+CHECK_STEPS = 16
+
+
+@dataclass
+class CompileTarget:
+    """What an export is compiled into: the one record :meth:`qeff.pipeline.Pipeline.compile`
+    decides the graph from, so that the CLI, the Python API and the plugin get the same artifact
+    for the same target.
+
+    ``graph``, ``weights`` and ``int8_activations`` choose the ONNX Runtime graph (the fused one's
+    weights); ``mxfp6``/``mxint8`` on ort compile the emulated precision tier of the portable graph
+    (:mod:`qeff.precision`; on qaic they are compile options and belong in ``options``).
+    ``options`` are :func:`qeff.compile`'s: the shape (``batch_size``, ``prompt_len``, ``ctx_len``),
+    ``threads``, Cloud AI's options, the serving variant's sizes."""
+
+    backend: str = "ort"
+    graph: str = "auto"
+    weights: str = "fp32"
+    int8_activations: bool = False
+    mxfp6: bool = False
+    mxint8: bool = False
+    options: dict = field(default_factory=dict)
+
+    @property
+    def emulated(self) -> bool:
+        """The emulated precision tier of the portable graph (ort with --mxfp6/--mxint8)."""
+        return self.backend == "ort" and (self.mxfp6 or self.mxint8)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the fused graph keeps the weights' values (fp32, a GGUF's own blocks): then its
+        check against the portable graph gates; re-quantized weights are measured, not gated."""
+        return self.weights in ("fp32", "native") and not self.int8_activations
+
+    def shape(self) -> tuple[int, int, int]:
+        """``(batch_size, prompt_len, ctx_len)``, with :func:`qeff.compile`'s defaults."""
+        o = self.options
+        return int(o.get("batch_size", 1)), int(o.get("prompt_len", 32)), int(o.get("ctx_len", 128))
+
 
 #: fp32 / native fused vs portable graph: the same weights, different kernels and summation order —
 #: the project's default fp32 tolerances (``qeff.verification.Tolerances``).
@@ -67,17 +123,17 @@ def check_against_portable(fused_session, portable_onnx: Path, *, prompt_len: in
     return report
 
 
-def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activations: bool = False,
-                batch_size: int, prompt_len: int, ctx_len: int, threads: int | None = None,
-                force: bool = False, say: Callable[[str], None] = print):
-    """The fused artifact for ``pipe`` (a :class:`qeff.pipeline.Pipeline` whose export is done)
-    when ``graph`` allows it and the architecture is covered; None for the portable graph."""
+def build_fused(pipe, target: CompileTarget, *, force: bool = False, say: Callable[[str], None] = print):
+    """The fused artifact for ``pipe`` (a :class:`qeff.pipeline.Pipeline`) when ``target`` allows
+    it and the architecture is covered; None for the portable graph. Not checked yet:
+    :func:`check_fused` is the stage that does (:meth:`qeff.pipeline.Pipeline.compile` runs both)."""
     from types import SimpleNamespace
 
     from qeff.compilers.ort_fused import unsupported_reason
     from qeff.compilers.ort_fused_artifact import check_cpu_options, compile_fused
 
-    check_cpu_options(pipe.source, graph=graph, weights=weights, int8_activations=int8_activations)
+    graph, weights = target.graph, target.weights
+    check_cpu_options(pipe.source, graph=graph, weights=weights, int8_activations=target.int8_activations)
     if graph == "portable":
         return None
     config = (pipe.export_built.manifest.get("outputs") or {}).get("config") or {}
@@ -87,33 +143,78 @@ def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activa
             raise UsageError(f"the fused ONNX Runtime graph cannot run this model: {reason}")
         say(f"[qeff] {reason}: running the portable ONNX graph")
         return None
+    batch_size, prompt_len, ctx_len = target.shape()
     source = pipe.source
     gguf = source.path if source is not None and source.kind == "gguf" else None
     files = weights_files(pipe, weights)
-    onnx_path = pipe.onnx_path
-
-    def check(session, gate: bool) -> dict:
-        from qeff.progress import stage
-
-        with stage("Checking the fused graph against the portable graph", enabled=pipe.progress):
-            return check_against_portable(session, onnx_path, prompt_len=prompt_len, gate=gate)
-
     unchecked = check_unfit_reason(pipe, config, weights=weights, from_files=files is not None, batch_size=batch_size,
                                    ctx_len=ctx_len)
-    built = compile_fused(pipe.export_dir, batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len, weights=weights,
-                          load_model=lambda: pipe.model, gguf_path=gguf, weights_dir=files,
-                          int8_activations=int8_activations, threads=threads, check=None if unchecked else check,
-                          unchecked=unchecked, force=force, progress=pipe.progress)
-    result = (built.manifest.get("outputs") or {}).get("check")
-    if result and result.get("ran") is False:
+    return compile_fused(pipe.export_dir, batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len, weights=weights,
+                         load_model=lambda: pipe.model, gguf_path=gguf, weights_dir=files,
+                         int8_activations=target.int8_activations, threads=target.options.get("threads"),
+                         checked=not unchecked, unchecked=unchecked, force=force, progress=pipe.progress)
+
+
+def check_fused(pipe, built, target: CompileTarget, *, force: bool = False, say: Callable[[str], None] = print) -> dict:
+    """The fused graph ``built`` against the portable graph of ``pipe``'s export (a stage of its
+    own, cached beside the graph): the comparison as a dict, ``{"ran": False, "reason": …}`` when
+    the build found it could not fit. Gated (``target.exact``) and failed: the fused graph is
+    deleted and :class:`VerificationError` raised, so it is never served."""
+    from qeff.artifacts import build_artifact, manifest_hash
+    from qeff.layout import ORT_FUSED, check_dir_name
+    from qeff.meter import measured
+    from qeff.progress import stage
+    from qeff.runtime.ort_fused import FusedOrtSession
+
+    recorded = (built.manifest.get("outputs") or {}).get("check")
+    cached = built.reused
+    if isinstance(recorded, dict):  # the build's record: a check that could not fit (or one run inside an older build)
+        result = recorded
+    else:
+        batch_size, prompt_len, ctx_len = target.shape()
+        gate = target.exact
+        manifest = {"stage": "fused-check", "graph": built.manifest.get("inputs"), "reference": "portable ONNX graph",
+                    "export": pipe.export_built.manifest.get("inputs"), "steps": CHECK_STEPS, "gate": gate,
+                    "tolerances": CHECK_TOLERANCES}
+
+        def build(tmp: Path) -> dict:
+            with measured("fused-check"), stage("Checking the fused graph against the portable graph", enabled=pipe.progress):
+                session = FusedOrtSession(built.path / ORT_FUSED, batch_size=batch_size, ctx_len=ctx_len,
+                                          prompt_len=prompt_len, threads=target.options.get("threads"))
+                try:
+                    return {"check": check_against_portable(session, pipe.onnx_path, prompt_len=prompt_len,
+                                                            steps=CHECK_STEPS, gate=gate)}
+                finally:
+                    session.close()
+
+        try:
+            checked = build_artifact(built.path / check_dir_name(manifest_hash(manifest)), manifest, build, force=force)
+        except VerificationError:
+            shutil.rmtree(built.path, ignore_errors=True)  # qeff built this graph; one that fails its check is never kept
+            raise
+        result, cached = checked.manifest["outputs"]["check"], checked.reused
+    if result.get("ran") is False:
         # Not silent: one line on stderr whatever --json says (the JSON line carries it too).
         print(f"[qeff] the fused graph was not checked against the portable graph: {result['reason']}"
-              + (" (cached)" if built.reused else ""), file=sys.stderr, flush=True)
-    elif result:
+              + (" (cached)" if cached else ""), file=sys.stderr, flush=True)
+    else:
         say(f"[qeff] fused graph vs portable graph: logits max-abs {result['logits_max_abs']:.2e}, MSE {result['logits_mse']:.2e}, "
             f"KL mean {result.get('kld_mean', 0.0):.2e}, top-1 {result.get('top1_agree', 1.0):.0%}, "
             f"tokens {result['tokens_matched']}/{result['tokens_total']}"
-            + ("" if result["gated"] else " (weights re-quantized: reported, not gated)") + (" (cached)" if built.reused else ""))
+            + ("" if result["gated"] else " (weights re-quantized: reported, not gated)") + (" (cached)" if cached else ""))
+    return result
+
+
+def compile_cpu(pipe, *, graph: str = "auto", weights: str = "fp32", int8_activations: bool = False,
+                batch_size: int, prompt_len: int, ctx_len: int, threads: int | None = None,
+                force: bool = False, say: Callable[[str], None] = print):
+    """The checked fused artifact for ``pipe`` when ``graph`` allows it and the architecture is
+    covered; None for the portable graph (:func:`build_fused`, then :func:`check_fused`)."""
+    target = CompileTarget("ort", graph=graph, weights=weights, int8_activations=int8_activations,
+                           options={"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len, "threads": threads})
+    built = build_fused(pipe, target, force=force, say=say)
+    if built is not None:
+        check_fused(pipe, built, target, force=force, say=say)
     return built
 
 

@@ -5,6 +5,8 @@
         export-<hash>/                       model.onnx, model.onnx.data, tokenizer files, manifest.json
           verify-<hash>/                     manifest.json holding the verification report
           ort_1BS_32PL_128CL/                model.opt.onnx (+ .data), manifest.json
+          ort-fused_1BS_32PL_128CL/          model.fused.onnx (+ .data), manifest.json
+            check-<hash>/                    manifest.json holding its check against the portable graph
           qpc_16cores_1BS_32PL_128CL_1devices_mxfp6/
                                              specializations.json, custom_io.yaml, compile.sh,
                                              compile.json, compile.log, qpcs/programqpc.bin, manifest.json
@@ -41,6 +43,7 @@ __all__ = [
     "slug",
     "export_dir_name",
     "verify_dir_name",
+    "check_dir_name",
     "ort_dir_name",
     "ort_fused_dir_name",
     "qpc_dir_name",
@@ -75,7 +78,7 @@ LOG_FILE = "compile.log"
 #: ``tier-<name>``). A lock file, build directory or kept log is qeff's only when its name is one of
 #: these plus qeff's suffix or prefix; ``Cargo.lock`` or ``.tmp-build/`` never is.
 _ARTIFACT_NAME = re.compile(
-    r"(export|verify)-[0-9a-f]{3,}"
+    r"(export|verify|check)-[0-9a-f]{3,}"
     r"|ort(-fused[a-z0-9-]*)?_\d+BS\w*"
     r"|qpc_\d+cores_\w+"
     r"|tier-[A-Za-z0-9._-]+"
@@ -118,6 +121,11 @@ def export_dir_name(digest: str) -> str:
 
 def verify_dir_name(digest: str) -> str:
     return f"verify-{digest}"
+
+
+def check_dir_name(digest: str) -> str:
+    """The fused graph's check against the portable graph, nested in the fused graph's directory."""
+    return f"check-{digest}"
 
 
 def _serving_suffix(full_batch_size: int | None, num_speculative_tokens: int | None, sep: str) -> str:

@@ -7,7 +7,9 @@
     pipe.export()                                        # cached: <home>/<slug>/export-<hash>/
     ref = pipe.reference(prompt_ids, steps=16)           # HF eager on the model as loaded
     report = pipe.verify(prompt_ids, prompt_len=32, ctx_len=128, steps=16, session=...)
-    built = pipe.compile("ort", batch_size=1, prompt_len=32, ctx_len=128)
+    built = pipe.compile("ort", batch_size=1, prompt_len=32, ctx_len=128)   # the portable graph
+    built = pipe.compile(CompileTarget("ort", graph="auto", options=dict(batch_size=1, prompt_len=32, ctx_len=128)))
+                                                         # what `qeff infer` runs: the fused graph where it covers the model
     session = pipe.open_session(built)
 
 Each stage is an artifact directory (:mod:`qeff.layout` names them, :mod:`qeff.artifacts` builds
@@ -127,6 +129,8 @@ class Pipeline:
         #: the qeff.memory.Mode the CLI's preflight chose for this run (its verify_layers, ort_layers)
         self.verify_mode = None
         self._offloaded = None  # (hf_model, qmodel) streamed from the weight files
+        #: :meth:`check_graph`'s results, by the fused artifact's path
+        self.graph_checks: dict[str, dict] = {}
 
     @classmethod
     def open(cls, name: str, *, revision: str | None = None, cache_dir: str | None = None, **kwargs) -> Pipeline:
@@ -494,13 +498,60 @@ class Pipeline:
 
     # --- compile and run ---------------------------------------------------------------------
 
-    def compile(self, backend: str, *, force: bool = False, progress: bool | None = None, variant=None, **options) -> Built:
-        """The exported graph (or its serving ``variant``) compiled for ``backend``
-        (``qeff.compile``'s options), reused while its manifest matches."""
-        from qeff.compilers import compile
+    def compile(self, target, *, force: bool = False, progress: bool | None = None, variant=None, check: bool = True,
+                say: Callable[[str], None] = print, **options) -> Built:
+        """The exported graph (or its serving ``variant``) compiled for ``target``, reused while its
+        manifest matches: the one place that decides which graph runs.
 
-        onnx_path = self.onnx_path if variant is None or variant.is_base else self.export(variant=variant).path / ONNX_FILE
-        return compile(onnx_path, backend, force=force, progress=self.progress if progress is None else progress, **options)
+        ``target`` is a :class:`qeff.cpu_graph.CompileTarget` (what ``qeff infer``/``compile`` and
+        the pytest plugin pass): on ort, the emulated precision tier for ``mxfp6``/``mxint8``, else
+        the fused CPU graph where ``graph`` allows it and covers the model (and no serving variant
+        is asked for), checked against the portable graph by :meth:`check_graph` unless ``check``
+        is False; otherwise the portable graph. A backend name with ``qeff.compile``'s
+        ``options`` compiles the portable graph, as it always did."""
+        from qeff.compilers import compile as compile_graph
+        from qeff.cpu_graph import CompileTarget, build_fused
+
+        if isinstance(target, str):
+            target = CompileTarget(target, graph="portable", options=options)
+        elif options:
+            raise UsageError(f"Pipeline.compile(target): put {', '.join(sorted(options))} in the target's options")
+        progress = self.progress if progress is None else progress
+        serving = variant is not None and not variant.is_base
+        if target.emulated:
+            if serving:
+                raise UsageError("--mxfp6/--mxint8 on the ort backend emulate the accelerator formats on the base graph only")
+            from qeff.precision.commands import emulated_graph
+
+            onnx_path = emulated_graph(self.onnx_path, mxfp6=target.mxfp6, mxint8=target.mxint8, force=force)
+            return compile_graph(onnx_path, "ort", force=force, progress=progress, **target.options)
+        if target.backend == "ort" and not serving and target.graph != "portable":
+            fused = build_fused(self, target, force=force, say=say)
+            if fused is not None:
+                if check:
+                    self.check_graph(fused, target, force=force, say=say)
+                return fused
+        elif target.backend == "ort":
+            from qeff.compilers.ort_fused_artifact import check_cpu_options
+
+            check_cpu_options(self.source, graph=target.graph, weights=target.weights,
+                              int8_activations=target.int8_activations)
+        onnx_path = self.onnx_path if not serving else self.export(variant=variant).path / ONNX_FILE
+        return compile_graph(onnx_path, target.backend, force=force, progress=progress, **target.options)
+
+    def check_graph(self, built: Built, target, *, force: bool = False, say: Callable[[str], None] = print) -> dict | None:
+        """The stage after a fused build: the fused graph against the portable graph of this export
+        (:func:`qeff.cpu_graph.check_fused`; cached beside the graph). Its result is kept in
+        :attr:`graph_checks` by artifact path; None for an artifact that is not the fused graph."""
+        from qeff.layout import ORT_FUSED
+
+        if (built.manifest.get("outputs") or {}).get("model") != ORT_FUSED:
+            return None
+        from qeff.cpu_graph import check_fused
+
+        result = check_fused(self, built, target, force=force, say=say)
+        self.graph_checks[str(built.path)] = result
+        return result
 
     def open_session(
         self,

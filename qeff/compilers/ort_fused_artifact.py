@@ -59,6 +59,7 @@ def compile_fused(
     threads: int | None = None,
     check: Callable[[object, bool], dict] | None = None,
     unchecked: str | None = None,
+    checked: bool | None = None,
     out_dir: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = False,
@@ -73,6 +74,8 @@ def compile_fused(
     ``check(session, gate)`` runs on the new graph before it is cached (``gate``: whether the
     weights are exact, so that a difference must fail the build); its dict goes to the manifest.
     ``unchecked``: why there is no ``check`` (recorded in the manifest as the check that did not run).
+    ``checked``: whether the graph is checked, when its caller runs the check as a stage of its own
+    after the build (:func:`qeff.cpu_graph.check_fused`); default: whether ``check`` is given.
     """
     from qeff._system import library_versions
     from qeff.compilers import check_shape, onnx_identity
@@ -89,7 +92,8 @@ def compile_fused(
     options = {"batch_size": batch_size, "prompt_len": prompt_len, "ctx_len": ctx_len}
     accuracy_level = 4 if int8_activations else 0
     manifest = {"backend": "ort", "graph": "fused", "weights": weights, "accuracy_level": accuracy_level, "options": options,
-                "onnx": onnx_identity(onnx_path), "versions": library_versions(), "checked": check is not None,
+                "onnx": onnx_identity(onnx_path), "versions": library_versions(),
+                "checked": check is not None if checked is None else checked,
                 "logits_rows": True}  # last_index has its own dim (verify steps); older artifacts are rebuilt
     if weights == "native":
         manifest["gguf"] = _gguf_source(gguf_path).identity(home=find_home(export_dir), rehash=verify_mode() == "full")
