@@ -79,7 +79,9 @@ def read(path: Path) -> dict | None:
 
 
 def update_command(card_id: str, tier: str, backend: str, directory: Path, default_dir: Path) -> str:
-    args = ["pytest", "--qeff-model", card_id, "--qeff-tier", tier, "--qeff-backend", backend, "-m", "qeff_benchmark"]
+    # ``ort-fused`` (the fused CPU graph's baselines, beside ``ort``'s) is selected by --qeff-graph.
+    chosen = ["--qeff-backend", "ort", "--qeff-graph", "fused"] if backend == "ort-fused" else ["--qeff-backend", backend]
+    args = ["pytest", "--qeff-model", card_id, "--qeff-tier", tier, *chosen, "-m", "qeff_benchmark"]
     if Path(directory).resolve() != Path(default_dir).resolve():
         args += ["--qeff-baseline", str(directory)]
     return shlex.join(args + ["--qeff-update-baseline"])

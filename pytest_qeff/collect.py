@@ -4,6 +4,11 @@ Every stage test of the suite takes ``qeff_case`` (one :class:`Target` per card 
 runs once per backend, ``qeff_backend``. Tests run stage by stage (every transform, then every
 export, ...); the worker's :class:`~pytest_qeff.stages.Pipeline` keeps what earlier stages built. Ids read ``llama-2-7b-chat-bs1-pl32-cl128`` (``…-ort``).
 
+The graph axis (``--qeff-graph``) rides on ``qeff_backend``: ``ort`` is ONNX Runtime's portable
+graph, ``ort-fused`` its fused CPU graph (:func:`graph_targets`, :func:`split_backend`), so a
+portable run's ids, markers and baselines are what they were; a fused test carries ``qeff_ort``
+and ``qeff_fused``, and its record ``"graph": "fused"``.
+
 Markers set here: ``qeff`` on every stage test, ``qeff_<stage>``, ``qeff_<backend>``, and
 ``xdist_group(<card>)`` (the documented grouping; :mod:`pytest_qeff.distribute` does the actual
 scheduling by card, so a card's artifacts are built once, on one worker). A card's known failure becomes ``xfail(strict=True)``.
@@ -20,7 +25,7 @@ import pytest
 from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
 from pytest_qeff.options import Settings, worker_id
 
-__all__ = ["Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function", "undeclared", "serving_targets"]
+__all__ = ["graph_targets", "split_backend", "FUSED", "Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function", "undeclared", "serving_targets"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
@@ -29,8 +34,32 @@ MARKERS = {
     "qeff_stage(name)": "which pipeline stage a suite test checks (transform, export, compile, generation, benchmark, precision, serving)",
     **{f"qeff_{s}": f"the {s} stage of the qeff conformance suite" for s in STAGES},
     **{f"qeff_{b}": f"a qeff stage that runs on the {b} backend" for b in BACKENDS},
+    "qeff_fused": "a qeff stage that runs ONNX Runtime's fused CPU graph (--qeff-graph fused or all)",
     "xdist_group(name)": "pytest-xdist --dist loadgroup: tests of one group run on one worker",
 }
+
+
+#: The ``qeff_backend`` value of ONNX Runtime's fused CPU graph.
+FUSED = "ort-fused"
+
+
+def graph_targets(backends: Sequence[str], graph: str) -> tuple[str, ...]:
+    """The ``qeff_backend`` values for these backends and ``--qeff-graph``: each backend's
+    portable graph (``portable``/``all``), and ONNX Runtime's fused graph (``fused``/``all``).
+    Cloud AI 100 has the portable graph only."""
+    found: list[str] = []
+    for backend in backends:
+        if graph in ("portable", "all") or backend != "ort":
+            if graph != "fused":
+                found.append(backend)
+        if graph in ("fused", "all") and backend == "ort":
+            found.append(FUSED)
+    return tuple(found)
+
+
+def split_backend(value: str) -> tuple[str, str]:
+    """``(backend, graph)`` of a ``qeff_backend`` value: ``ort-fused`` is ``("ort", "fused")``."""
+    return ("ort", "fused") if value == FUSED else (value, "portable")
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +134,8 @@ def item_meta(item: pytest.Item) -> dict | None:
     }
     if target.feature:
         meta["feature"] = target.feature
+    if meta["backend"] == FUSED:
+        meta["graph"] = "fused"
     return meta
 
 
@@ -157,10 +188,13 @@ def mark_items(items: Sequence[pytest.Item]) -> None:
         target: Target = item.callspec.params["qeff_case"]
         item.add_marker(pytest.mark.qeff)
         item.add_marker(getattr(pytest.mark, f"qeff_{meta['stage']}"))
-        if meta["backend"]:
-            item.add_marker(getattr(pytest.mark, f"qeff_{meta['backend']}"))
+        backend = split_backend(meta["backend"])[0] if meta["backend"] else None
+        if backend:
+            item.add_marker(getattr(pytest.mark, f"qeff_{backend}"))
+        if meta.get("graph") == "fused":
+            item.add_marker(pytest.mark.qeff_fused)
         item.add_marker(pytest.mark.xdist_group(target.card.id))
-        known = target.card.known_failure(meta["stage"], meta["tier"], meta["case"], meta["backend"])
+        known = target.card.known_failure(meta["stage"], meta["tier"], meta["case"], backend)
         if known is not None:
             item.add_marker(pytest.mark.xfail(reason=known.reason, strict=True))
         item.user_properties.append(("qeff_test", meta))

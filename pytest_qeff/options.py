@@ -20,6 +20,8 @@ from pytest_qeff.cards import Card
 __all__ = ["Settings", "SETTINGS", "add_options", "resolve", "worker_id", "is_worker"]
 
 BACKEND_CHOICES = ("auto", "ort", "qaic")
+#: --qeff-graph: which graphs the compile, generation and benchmark stages certify.
+GRAPH_CHOICES = ("portable", "fused", "all")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,15 @@ class Settings:
     shard: shard_mod.Shard | None = None
     unsharded: int = 0  # how many cards were selected before --qeff-shard took its part
     precision: tuple[str, ...] = ()  # --qeff-precision: tier names, ladder order as given
+    graph: str = "portable"  # --qeff-graph
+
+    @property
+    def stage_backends(self) -> tuple[str, ...]:
+        """The values of ``qeff_backend``: each backend's graphs this run certifies (``ort``,
+        ``ort-fused``, ``qaic``; :func:`pytest_qeff.collect.graph_targets`)."""
+        from pytest_qeff.collect import graph_targets
+
+        return graph_targets(self.backends, self.graph)
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -79,6 +90,13 @@ def add_options(parser: pytest.Parser) -> None:
         "--qeff-backend", choices=BACKEND_CHOICES, default="auto",
         help="backend of the compile, generation and benchmark stages: ort (ONNX Runtime, CPU), qaic (Cloud AI "
         "100; skipped with the reason where its SDK is missing) or auto (both). Default: auto.",
+    )
+    group.addoption(
+        "--qeff-graph", choices=GRAPH_CHOICES, default="portable",
+        help="graphs the compile, generation and benchmark stages certify: portable (the graph every backend "
+        "compiles), fused (ONNX Runtime's fused CPU graph with fp32 weights, what `qeff infer --backend ort` runs "
+        "where it covers the architecture; judged against HF eager like the portable one, with its own benchmark) "
+        "or all (both; Cloud AI has the portable graph only). Default: portable.",
     )
     group.addoption(
         "--qeff-tier", choices=cards_mod.TIERS, default="tiny",
@@ -202,6 +220,10 @@ def resolve(config: pytest.Config) -> Settings:
         if opt("qeff_baseline"):
             _check_directory("--qeff-baseline", _path(config, opt("qeff_baseline")))
     backend = opt("qeff_backend")
+    graph = opt("qeff_graph") or "portable"
+    if graph == "fused" and backend == "qaic":
+        raise pytest.UsageError("--qeff-graph fused: the fused graph is ONNX Runtime's (--qeff-backend ort or auto); "
+                                "Cloud AI 100 runs the portable graph")
     default_baseline = (config.rootpath / "reports" / "published").resolve()
     return Settings(
         active=active,
@@ -224,6 +246,7 @@ def resolve(config: pytest.Config) -> Settings:
         shard=shard,
         unsharded=unsharded,
         precision=opt("qeff_precision") or (),
+        graph=graph,
     )
 
 

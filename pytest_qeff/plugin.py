@@ -52,7 +52,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     groups = " ".join(",".join(map(str, g)) for g in settings.device_groups)
     lines = [
         f"qeff: {len(settings.cards)} card(s), tier {settings.tier}, backends {'+'.join(settings.backends)}, "
-        f"device groups {groups}, cards from {settings.cards_dir}"
+        + (f"graphs {settings.graph}, " if settings.graph != "portable" else "")
+        + f"device groups {groups}, cards from {settings.cards_dir}"
     ]
     if settings.changed is not None:
         lines += settings.changed.describe()
@@ -67,7 +68,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = metafunc.config.stash[options.SETTINGS]
-    collect.parametrize(metafunc, settings.cards, settings.tier, settings.backends, settings.precision)
+    collect.parametrize(metafunc, settings.cards, settings.tier, settings.stage_backends, settings.precision)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -9,7 +9,8 @@ as ``record.to_dict()`` (builtin types, with ``"kind"``), lands in ``results.jso
     StageRecord                     prompts, prompt texts, the case's shape, the device group
     ├── TransformRecord  transform  HF eager vs transformed PyTorch (a qeff Comparison), model facts
     ├── ExportRecord     export     transformed PyTorch vs ONNX Runtime (and HF vs it, if that failed), the graph's facts
-    ├── CompileRecord    compile    the artifact, the compile options, what the session opened with
+    ├── CompileRecord    compile    the artifact, the compile options, what the session opened with; for the
+    │                               fused graph: HF eager vs it (its verdict) and its build check vs the portable graph
     ├── GenerationRecord generation free-running greedy tokens vs HF's, per row
     ├── BenchmarkRecord  benchmark  median figures, every run, the baseline comparison
     ├── PrecisionRecord  precision  one precision tier against HF fp32 (a qeff TierResult), the corpus it ran on
@@ -127,6 +128,11 @@ class CompileRecord(StageRecord):
     artifact: ArtifactFacts
     compile_options: dict[str, Any]
     session: dict[str, Any]  # what the session opened with: batch_size, ctx_len, num_layers
+    graph: str = "portable"  # portable | fused (--qeff-graph)
+    #: the fused graph's verdict: HF eager (untouched) vs this graph, teacher-forced over HF's greedy tokens
+    hf_vs_graph: Comparison | None = None
+    #: the pipeline's check of the fused graph against the portable one (qeff vs qeff: a guard, not the verdict)
+    graph_check: dict[str, Any] | None = None
 
 
 @dataclass

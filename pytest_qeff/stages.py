@@ -3,12 +3,21 @@
     transform   HF eager vs transformed PyTorch (logits, cache, greedy tokens); full tier: the
                 loaded config equals the card's
     export      transformed PyTorch vs the exported graph in ONNX Runtime
-    compile     the backend's artifact builds, and opens with the case's shapes
+    compile     the backend's artifact builds, and opens with the case's shapes; the fused CPU graph
+                (``ort-fused``, --qeff-graph) is also judged here against HF eager: logits and
+                cache teacher-forced over HF's greedy tokens, with the card's tolerances
     generation  qeff.generate on the backend: greedy tokens equal HF's own greedy tokens
     benchmark   decode tokens/s, total tokens/s, time to first token (median of the card's
                 repeats, timed by qeff.generate) against the committed baseline
     serving     one declared serving feature (continuous batching, prefix caching, sampling,
                 speculative decoding) against HF eager, prompt by prompt (pytest_qeff/serving.py)
+
+Which graph a stage compiles is decided by the library, not here: :meth:`Workspace.target` makes
+the :class:`qeff.cpu_graph.CompileTarget` ``qeff infer``/``compile`` make from the same options, and
+:meth:`qeff.pipeline.Pipeline.compile` builds it (tests/test_graph_policy.py checks that the three
+give one artifact). The compile, generation and benchmark stages run once per ``qeff_backend``
+value: ``ort`` (ONNX Runtime's portable graph), ``ort-fused`` (its fused CPU graph, with its own
+verdicts against HF eager and its own benchmark baseline) and ``qaic``.
 
 Each stage hands a typed record (:mod:`pytest_qeff.records`) to ``record`` before it judges, so a
 failing stage still brings its numbers to the report. What stages build is kept in a
@@ -29,7 +38,7 @@ import pytest
 
 from pytest_qeff import baseline, remote, weights
 from pytest_qeff.cards import Card, Case, config_value_matches
-from pytest_qeff.collect import Target
+from pytest_qeff.collect import Target, split_backend
 from pytest_qeff.probe import Probe
 from pytest_qeff.records import (
     ArtifactFacts,
@@ -143,18 +152,18 @@ class Workspace:
         return config, ModelFacts(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
                                   shape.weight_bytes // 4)
 
-    def require_memory(self, card: Card, case: Case, what: str, command: str, *flags: str) -> None:
+    def require_memory(self, card: Card, case: Case, what: str, command: str, *flags: str, graph: str = "portable") -> None:
         """Skip ``what`` (a stage) when the memory preflight refuses the qeff command that does the
         same work (``qeff verify`` for the comparisons, ``qeff compile``/``infer`` on the portable
         graph), with its one sentence: the stage cannot run on this machine. The full tier only,
         and only while the model is not in memory (the preflight prices a fresh process; one that
         loaded the model has shown it fits). Whatever mode the command would take (a streamed
         export; streamed verification where the pipeline has it) the stage takes too."""
-        refused = self.memory_refusal(card, case, command, *flags)
+        refused = self.memory_refusal(card, case, command, *flags, graph=graph)
         if refused:
             pytest.skip(f"{card.id}: {what} cannot run in the memory available here: {refused}")
 
-    def memory_refusal(self, card: Card, case: Case, command: str, *flags: str) -> str | None:
+    def memory_refusal(self, card: Card, case: Case, command: str, *flags: str, graph: str = "portable") -> str | None:
         """The memory preflight's sentence refusing ``qeff COMMAND`` on this card and case, or None
         when it fits (or is not asked: the tiny tier, a model already in memory)."""
         pipe = self.pipeline(card)
@@ -167,7 +176,7 @@ class Workspace:
         argv = [command, "-m", src.repo_id if src.kind == "hub" else str(src.path), "--home", str(self.root / self.tier),
                 "--prompt_len", str(case.prompt_len), "--ctx_len", str(case.ctx_len)]
         if command != "verify":
-            argv += ["--batch_size", str(case.batch_size), "--backend", "ort", "--ort-graph", "portable"]
+            argv += ["--batch_size", str(case.batch_size), "--backend", "ort", "--ort-graph", graph]
         if src.revision:
             argv += ["--revision", src.revision]
         if pipe.cache_dir:
@@ -208,20 +217,43 @@ class Workspace:
 
     # --- artifacts -------------------------------------------------------------------------------
 
-    def compiled(self, card: Card, case: Case, backend: str):
-        pipe = self.pipeline(card)
+    def target(self, card: Card, case: Case, backend: str):
+        """The :class:`qeff.cpu_graph.CompileTarget` of a stage on ``backend`` (a ``qeff_backend``
+        value): the one ``qeff infer``/``compile`` make from the same options."""
+        from qeff.cpu_graph import CompileTarget
+
+        name, graph = split_backend(backend)
         shape = {"batch_size": case.batch_size, "prompt_len": case.prompt_len, "ctx_len": case.ctx_len}
-        if backend == "ort":
-            return pipe.compile("ort", **shape)
+        if name == "ort":
+            return CompileTarget("ort", graph=graph, options=shape)
         # Cloud AI: the card's compile options, tensor-sliced over the worker's device group.
         options = card.compile.model_dump(exclude={"batch_size", "prompt_len", "ctx_len"})
-        return pipe.compile(backend, **shape, **options, num_devices=len(self.device_group))
+        return CompileTarget(name, graph="portable", options={**shape, **options, "num_devices": len(self.device_group)})
+
+    def compiled(self, card: Card, case: Case, backend: str):
+        """The case's artifact on ``backend``: :meth:`qeff.pipeline.Pipeline.compile` decides and
+        builds it (the fused graph with its check against the portable one)."""
+        return self.pipeline(card).compile(self.target(card, case, backend), say=lambda line: None)
+
+    def graph_check(self, card: Card, built) -> dict | None:
+        """The pipeline's check of a fused artifact against the portable graph (None otherwise)."""
+        return self.pipeline(card).graph_checks.get(str(built.path))
+
+    def fused_unfit(self, card: Card) -> str | None:
+        """Why ONNX Runtime's fused graph does not cover this card's architecture (from the export's
+        config), or None: its users get the portable graph, which the ``ort`` stages certify."""
+        from types import SimpleNamespace
+
+        from qeff.compilers.ort_fused import unsupported_reason
+
+        config = (self.pipeline(card).export_built.manifest.get("outputs") or {}).get("config") or {}
+        return unsupported_reason(SimpleNamespace(**config)) if config else "the export recorded no model config"
 
     def session(self, card: Card, case: Case, backend: str, threads: int | None = None):
         """A fresh session (empty cache) on the case's compiled artifact."""
         built = self.compiled(card, case, backend)
         pipe = self.pipeline(card)
-        if backend == "ort":
+        if split_backend(backend)[0] == "ort":
             session, _ = pipe.open_session(built, threads=threads)
         else:
             session, _ = pipe.open_session(built, device_ids=list(self.device_group))
@@ -240,13 +272,25 @@ def _dir_bytes(path: Path) -> int:
 
 def _require(backend: str) -> None:
     """Skip a stage whose backend cannot run on this machine."""
-    if backend == "ort":
+    if split_backend(backend)[0] == "ort":
         return
     from qeff import sdk
 
     status = sdk.status()
     if not status.available:
         pytest.skip(f"{backend}: {status.reason}")
+
+
+def _require_graph(ws: Workspace, card: Card, backend: str) -> str:
+    """The stage's graph (portable | fused); skip a fused stage whose architecture the fused graph
+    does not cover (``qeff infer`` runs the portable graph there, certified by the ``ort`` stages)."""
+    graph = split_backend(backend)[1]
+    if graph == "fused":
+        reason = ws.fused_unfit(card)
+        if reason:
+            pytest.skip(f"{card.id}: no fused ONNX Runtime graph: {reason}; `qeff infer` runs the portable graph, "
+                        "which the ort stages certify")
+    return graph
 
 
 def _tolerances(target: Target):
@@ -350,21 +394,40 @@ def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None
     if backend != "ort" and ws.tier == "full":
         _dry_run_without_sdk(ws, card, case, backend)
     _require(backend)
-    if backend == "ort":
-        ws.require_memory(card, case, "compiling the portable graph for ONNX Runtime", "compile")
+    graph = _require_graph(ws, card, backend)
+    if split_backend(backend)[0] == "ort":
+        ws.require_memory(card, case, f"compiling the {graph} graph for ONNX Runtime", "compile", graph=graph)
+    if graph == "fused":  # its verdict runs HF eager beside it
+        ws.require_memory(card, case, "the fused graph against HF's reference", "infer", "--verify", graph=graph)
     built = ws.compiled(card, case, backend)
     session = ws.session(card, case, backend)
     want = {"batch_size": case.batch_size, "ctx_len": case.ctx_len, "num_layers": ws.facts(card)[1].num_layers}
     got = {k: getattr(session, k, None) for k in want}
+    verdict = _hf_vs_graph(ws, target, session, backend) if graph == "fused" else None
     record(CompileRecord(
         **_base(ws, target),
         artifact=ArtifactFacts(path=str(built.path), name=built.path.name, reused=built.reused, build_s=built.build_seconds,
                                bytes=_dir_bytes(built.path)),
-        compile_options=card.compile.model_dump(), session=got,
+        compile_options=card.compile.model_dump(), session=got, graph=graph, hf_vs_graph=verdict,
+        graph_check=ws.graph_check(card, built),
     ))
     wrong = [f"{k} is {got[k]} (expected {v})" for k, v in want.items() if got[k] != v]
     if wrong:
         pytest.fail(f"{target.id}: the {backend} artifact {built.path} opens with " + ", ".join(wrong), pytrace=False)
+    if verdict is not None and verdict.failures:
+        pytest.fail(f"{target.id}: " + _failure("HF vs the fused ONNX Runtime graph", verdict), pytrace=False)
+
+
+def _hf_vs_graph(ws: Workspace, target: Target, session, backend: str):
+    """HF eager (the untouched model) vs ``session`` — not vs another qeff graph: both traced over
+    HF's own greedy tokens from the case's prompts (teacher-forced), compared with the card's
+    tolerances (:func:`qeff.verification.compare`)."""
+    from qeff.verification import compare, session_trace
+
+    card, case = target.card, target.case
+    ref = ws.reference(card, case)
+    trace = session_trace(session, backend, ws.prompts(card, case), ref.tokens, case.prompt_len)
+    return compare(ref.trace, trace, _tolerances(target))
 
 
 def _dry_run_without_sdk(ws: Workspace, card: Card, case: Case, backend: str) -> None:
@@ -393,8 +456,10 @@ def generation(ws: Workspace, target: Target, backend: str, record: Record) -> N
 
     _require(backend)
     card, case = target.card, target.case
-    if backend == "ort":
-        ws.require_memory(card, case, "greedy generation on the portable graph beside HF's reference", "infer", "--verify")
+    graph = _require_graph(ws, card, backend)
+    if split_backend(backend)[0] == "ort":
+        ws.require_memory(card, case, f"greedy generation on the {graph} graph beside HF's reference", "infer", "--verify",
+                          graph=graph)
     ref = ws.reference(card, case)
     session = ws.session(card, case, backend)
     result = qeff.generate(session, prompt_token_ids=ws.prompts(card, case), generation_len=card.prompts.generation_len, eos_token_id=[])
@@ -433,8 +498,9 @@ def benchmark(ws: Workspace, target: Target, backend: str, record: Record, timer
 
     _require(backend)
     card, case, bench = target.card, target.case, target.card.benchmark
-    if backend == "ort":
-        ws.require_memory(card, case, "the benchmark on the portable graph", "infer", "--no-verify")
+    graph = _require_graph(ws, card, backend)
+    if split_backend(backend)[0] == "ort":
+        ws.require_memory(card, case, f"the benchmark on the {graph} graph", "infer", "--no-verify", graph=graph)
     prompts = ws.prompts(card, case)
     gen_len = min(bench.generation_len, case.ctx_len - max(len(p) for p in prompts))
     session = ws.session(card, case, backend, threads=bench.threads)

@@ -183,6 +183,7 @@ class IndexRow:
     tokens: str
     speed: str
     vs_baseline: str
+    graphs: str = ""  # each graph's verdict and speed, when the run certified more than the portable one
 
 
 @dataclass
@@ -203,6 +204,7 @@ class IndexView:
     totals: list[Pair]
     environment: list[Pair]
     run: list[Pair]
+    graphs: bool = False  # show the per-graph column (--qeff-graph fused or all)
 
 
 def _environment(results: dict) -> list[Pair]:
@@ -257,7 +259,8 @@ def _groups(rows: list[IndexRow], cards: dict) -> list[IndexGroup]:
 
 def index_view(results: dict) -> IndexView:
     rows = [
-        IndexRow(r.card, r.name, f"cards/{r.card}.html", _status(r.ok, r.counts), r.stages, r.mse, r.tokens, r.speed, r.vs_baseline)
+        IndexRow(r.card, r.name, f"cards/{r.card}.html", _status(r.ok, r.counts), r.stages, r.mse, r.tokens, r.speed, r.vs_baseline,
+                 r.by_graph)
         for r in card_rows(results)
     ]
     totals: dict[str, int] = {}
@@ -271,6 +274,7 @@ def index_view(results: dict) -> IndexView:
         totals=[Pair(k, str(v)) for k, v in sorted(totals.items())],
         environment=_environment(results),
         run=_run(results),
+        graphs=any(r.graphs for r in rows),
     )
 
 
@@ -441,6 +445,16 @@ _TITLES = {
 }
 
 
+def _graph_check(check: dict) -> str:
+    """One line for the pipeline's check of a fused graph against the portable one (qeff vs qeff:
+    the build's guard; the verdict above is against HF)."""
+    if check.get("ran") is False:
+        return f"not run: {check.get('reason', '')}"
+    gated = "" if check.get("gated", True) else " (re-quantized weights: reported, not gated)"
+    return (f"{'passed' if check.get('passed') else 'failed'}: logits max-abs {fmt(check.get('logits_max_abs'))}, "
+            f"MSE {fmt(check.get('logits_mse'))}, tokens {check.get('tokens_matched')}/{check.get('tokens_total')}{gated}")
+
+
 def _stage(rec: dict) -> StageView:
     view = StageView(
         name=rec["stage"], backend=rec.get("backend") or "", title=_TITLES.get(rec["stage"], rec["stage"]),
@@ -469,6 +483,12 @@ def _stage(rec: dict) -> StageView:
         view.facts = [Pair("artifact", a.name), Pair("path", a.path), Pair("size", fmt(a.bytes, "bytes")),
                       Pair("reused", fmt(a.reused)), Pair("build", fmt(a.build_s, "s")),
                       Pair("device group", fmt(stage.device_group))]
+        if stage.hf_vs_graph is not None:  # the fused graph's verdict, against the untouched HF model
+            view.title = "the fused ONNX Runtime graph builds, opens, and matches HF eager"
+            view.metrics = _comparison_metrics(stage.hf_vs_graph)
+            view.divergences = [d for d in (_divergence(stage.hf_vs_graph),) if d]
+        if stage.graph_check is not None:
+            view.facts.append(Pair("build check vs the portable graph", _graph_check(stage.graph_check)))
     if isinstance(stage, GenerationRecord):
         view.metrics.append(Metric("greedy tokens matched", f"{stage.tokens_matched}/{stage.tokens_total}", "",
                                    stage.tokens_matched == stage.tokens_total or None))
