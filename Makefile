@@ -38,10 +38,11 @@ demo: $(STAMP)
 		--batch_size 2 --prompt_len 32 --ctx_len 256 --generation_len 64
 
 # The project's own tests, then the conformance suite: every model card's tiny tier through the
-# pytest_qeff plugin (report in qeff_report/).
+# pytest_qeff plugin, on every graph a user can get (ONNX Runtime's portable and fused graphs;
+# report in qeff_report/).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup -q tests
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q --qeff-model all --qeff-report qeff_report
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q --qeff-model all --qeff-graph all --qeff-report qeff_report
 
 # Regenerate the lock from pyproject.toml's ranges: the newest releases they allow today, torch held
 # at the CPU build on disk. Review the diff, then `make test` (it reinstalls from the new lock).

@@ -33,6 +33,7 @@ def publish(config: pytest.Config, settings: Settings, collector: results.Collec
         "tier": settings.tier,
         "backend": settings.backend,
         "backends": list(settings.backends),
+        "graph": settings.graph,  # --qeff-graph: the graphs the staged tests certified
         "device_groups": [list(g) for g in settings.device_groups],
         "models": settings.patterns,
         "changed_since": settings.changed.ref if settings.changed else None,

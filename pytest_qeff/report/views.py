@@ -230,6 +230,7 @@ def _run(results: dict) -> list[Pair]:
     return [
         Pair("tier", fmt(run.get("tier"))),
         Pair("backends", fmt(run.get("backends"))),
+        Pair("graphs", fmt(run.get("graph", "portable"))),
         Pair("device groups", groups or "-"),
         Pair("models", fmt(run.get("models")) if run.get("models") else "-"),
         Pair("changed since", fmt(run.get("changed_since"))),
