@@ -391,7 +391,7 @@ def export(ws: Workspace, target: Target, record: Record) -> None:
 
 def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None:
     card, case = target.card, target.case
-    if backend != "ort" and ws.tier == "full":
+    if split_backend(backend)[0] != "ort" and ws.tier == "full":
         _dry_run_without_sdk(ws, card, case, backend)
     _require(backend)
     graph = _require_graph(ws, card, backend)

@@ -122,10 +122,10 @@ def _setup(root: Path, shape: LlamaShape) -> tuple[Path, Path]:
     return cards, root / "hub"
 
 
-def _run(root: Path, shape: LlamaShape, *, env: dict[str, str], trap: bool) -> tuple[dict, dict[tuple, dict]]:
+def _run(root: Path, shape: LlamaShape, *, env: dict[str, str], trap: bool, extra: tuple[str, ...] = ()) -> tuple[dict, dict[tuple, dict]]:
     cards, hub = _setup(root, shape)
     argv = ["-p", "no:cacheprovider", "--qeff-cards-dir", str(cards), "--qeff-model", _card_id(shape), "--qeff-tier",
-            "full", "--device-group", "0,1", "--qeff-report", str(root / "report"), "-q", "-rs"]
+            "full", "--device-group", "0,1", "--qeff-report", str(root / "report"), "-q", "-rs", *extra]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(hub),
                 "HF_HUB_OFFLINE": "1", "QEFF_HOME": str(root / "home"), **env}
     full_env.pop("QEFF_SKIP_MEMORY_CHECK", None)
@@ -155,6 +155,22 @@ def test_full_tier_from_a_hub_cache_runs_every_stage(tmp_path):
     (qpc,) = (tmp_path / "home").rglob("qpc_16cores_1BS_16PL_64CL_2MOS_2devices_mxfp6")
     assert {p.name for p in qpc.iterdir()} >= {"specializations.json", "custom_io.yaml", "mdp_ts_2.json", "compile.sh"}
     assert "-mxfp6-matmul" in (qpc / "compile.sh").read_text() and not (qpc / "qpcs").exists()
+
+
+def test_full_tier_certifies_the_fused_graph_beside_the_portable_one(tmp_path):
+    """--qeff-graph all on real (synthetic) weights from a hub cache: the fused graph, built from
+    the weight files, gets its own compile verdict against HF eager, generation and benchmark."""
+    rss, by = _run(tmp_path, SMALL, env={}, trap=False, extra=("--qeff-backend", "ort", "--qeff-graph", "all"))
+    outcomes = {key: r["outcome"] for key, r in by.items()}
+    assert outcomes == {
+        ("transform", None): "passed", ("export", None): "passed",
+        ("compile", "ort"): "passed", ("generation", "ort"): "passed", ("benchmark", "ort"): "passed",
+        ("compile", "ort-fused"): "passed", ("generation", "ort-fused"): "passed", ("benchmark", "ort-fused"): "passed",
+    }, rss["stdout"][-3000:]
+    fused = by[("compile", "ort-fused")]["data"]
+    assert fused["hf_vs_graph"]["reference"] == "hf" and fused["hf_vs_graph"]["passed"]
+    assert fused["artifact"]["name"] == "ort-fused_1BS_16PL_64CL" and fused["graph_check"]["passed"]
+    assert "ort 3/3" in rss["stdout"] and "ort-fused 3/3" in rss["stdout"]
 
 
 def test_full_tier_of_a_model_that_does_not_fit_never_loads_it(tmp_path):
