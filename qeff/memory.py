@@ -198,8 +198,8 @@ def export(s: Sizes, mode: Mode) -> int:
 #: per-layer check takes the table from it too (qeff.layer_check, resident tensors), so ``O`` is
 #: held once. Measured (docs/memory.md, "Layer-streamed verification"): the Llama-3.2-1B shape (W
 #: 4.60 GiB, O 0.98 GiB, one layer L 0.23 GiB) under ``QEFF_MEMORY_LIMIT=5G``, ONNX Runtime per layer:
-#: reference 1.77 GiB, verify 1.93 GiB (estimated 2.7 and 3.0 GiB; 3.5 GiB measured while each tree
-#: and ONNX Runtime held their own table). Priced as what each holds — ``O``, a layer being filled
+#: reference 1.69 GiB, verify 1.80 GiB (estimated 2.7 and 3.0 GiB; 2.71 and 3.60 GiB measured while
+#: each tree and ONNX Runtime held their own table). Priced as what each holds — ``O``, a layer being filled
 #: (its float32 parameters and the next one's), ``fixed`` for activations, logits and spills — and,
 #: for the whole-graph ONNX Runtime session, the portable graph's weights (1.1 W, from the in-memory
 #: verify stage's 2.1 W).
