@@ -11,6 +11,12 @@ checks the same graph one part at a time, so that the peak holds about one decod
 - each part becomes a small ONNX model whose initializers keep their external-data entries
   (offset and length into the same ``model.onnx.data``), loaded from bytes with ONNX Runtime
   reading only that part's weights from the export's folder; one session lives at a time;
+- a large initializer whose stored bytes are, byte for byte, a float32 tensor the PyTorch model
+  already holds (the vocabulary table of the prefix's Gather and the tied head's Gemm: 1 GB for a
+  1B) is handed to ONNX Runtime as that tensor (``SessionOptions.add_initializer``: ORT uses the
+  caller's buffer instead of reading its own copy) — the same bytes, computed on, with no second
+  copy; one that differs in any byte is read from the file as before, so a drifted export is
+  still compared as exported;
 - the transformed PyTorch model is driven teacher-forced over the schedule
   :func:`qeff.verification.session_trace` uses (one right-padded batch, prefill chunks of
   ``prompt_len``, then each reference token), with forward hooks keeping each decoder layer's input
@@ -57,7 +63,7 @@ if TYPE_CHECKING:
 
     from qeff.transforms import QEffCausalLM
 
-__all__ = ["Part", "Partition", "partition", "check_layers", "LayerStat"]
+__all__ = ["Part", "Partition", "partition", "check_layers", "LayerStat", "resident_tensors"]
 
 _SCOPE = re.compile(r"^/(?:[^/]+/)*?([^/.]+)\.(\d+)/")
 #: Ops whose output depends on their input's shape only, not its values: a Shape of a layer's cache
@@ -98,6 +104,13 @@ class Partition:
     hidden_in: list[str]
     hidden_out: list[str]
     types: dict[str, int]  # tensor -> onnx element type (graph inputs, outputs and inferred)
+    #: initializer name -> whether its stored bytes equal the in-memory tensor offered for it (a cache:
+    #: each comparison reads the whole tensor from the data file)
+    matches: dict[str, bool] = field(default_factory=dict)
+    #: initializers ONNX Runtime took from memory instead of the file, in the order sessions took them
+    shared: list[str] = field(default_factory=list)
+    #: what :meth:`session` offers by default (name -> a float32 array this process holds)
+    resident: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -128,10 +141,40 @@ class Partition:
         model.ir_version = self.model.ir_version
         return model
 
-    def session(self, part: Part, *, threads: int | None = None) -> onnxruntime.InferenceSession:
+    def stored_equal(self, name: str, array: np.ndarray) -> bool:
+        """Whether initializer ``name`` is stored in the external data file as exactly ``array``'s
+        bytes (float32, the same shape, C order): read 16 MB at a time, nothing mapped or kept."""
+        if name in self.matches:
+            return self.matches[name]
+        import onnx
+
+        tensor = next((t for t in self.model.graph.initializer if t.name == name), None)
+        info = {e.key: e.value for e in tensor.external_data} if tensor is not None else {}
+        same = (tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL
+                and tensor.data_type == onnx.TensorProto.FLOAT and array.dtype == np.float32
+                and array.flags.c_contiguous and tuple(tensor.dims) == array.shape
+                and int(info.get("length", array.nbytes)) == array.nbytes and "location" in info)
+        if same:
+            flat = array.reshape(-1).view(np.uint8)
+            chunk = np.empty(min(16 << 20, flat.size), np.uint8)
+            with open(self.directory / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                done = 0
+                while same and done < flat.size:
+                    n = f.readinto(memoryview(chunk)[: min(chunk.size, flat.size - done)])
+                    same = n > 0 and np.array_equal(chunk[:n], flat[done: done + n])
+                    done += n
+        self.matches[name] = same
+        return same
+
+    def session(self, part: Part, *, threads: int | None = None,
+                resident: dict[str, np.ndarray] | None = None) -> onnxruntime.InferenceSession:
         """An ONNX Runtime session of ``part`` alone: it reads only that part's weights from the
         external data file (by offset; nothing is written). Prepacking is off: packed copies of
-        the weight matrices would double what the session holds."""
+        the weight matrices would double what the session holds. An initializer of ``resident``
+        (name -> a float32 array this process holds; default :attr:`resident`) whose stored bytes
+        are the array's (:meth:`stored_equal`) is taken from the array, without a copy; the session
+        keeps it alive."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -140,8 +183,19 @@ class Partition:
             opts.intra_op_num_threads = threads
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.directory))
         opts.add_session_config_entry("session.disable_prepacking", "1")
-        return ort.InferenceSession(self.submodel(part).SerializeToString(), sess_options=opts,
-                                    providers=["CPUExecutionProvider"])
+        kept = []
+        resident = self.resident if resident is None else resident
+        for name in part.initializers:
+            array = resident.get(name)
+            if array is not None and self.stored_equal(name, array):
+                value = ort.OrtValue.ortvalue_from_numpy(array)  # CPU: wraps the array's buffer
+                opts.add_initializer(name, value)
+                kept.append(value)
+                self.shared.append(name)
+        session = ort.InferenceSession(self.submodel(part).SerializeToString(), sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        session._qeff_initializers = kept  # each OrtValue holds its array: they outlive the session
+        return session
 
 
 def _tensor_bytes(tensor) -> int:
@@ -550,9 +604,29 @@ def check_layers(
                              candidate, stats, traces)
 
 
+#: Below this many bytes an initializer is read from the file even when PyTorch holds it: comparing
+#: the stored bytes costs more than the copy saves.
+RESIDENT_MIN_BYTES = 1 << 20
+
+
+def resident_tensors(qmodel) -> dict[str, np.ndarray]:
+    """The float32 parameters ``qmodel`` holds in memory now (not a streamed layer's meta ones),
+    by their names in the exported graph (the wrapper's ``named_parameters``), as arrays that
+    share their memory: what a part's session may take instead of reading its own copy."""
+    import torch
+
+    out = {}
+    for name, p in qmodel.named_parameters(remove_duplicate=False):
+        if (p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+                and p.numel() * 4 >= RESIDENT_MIN_BYTES):
+            out[name] = p.detach().numpy()
+    return out
+
+
 def _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len, tol, layer_rtol, threads, candidate,
                   stats, traces) -> Comparison:
     part = partition(onnx_path)
+    part.resident = resident_tensors(qmodel)
     n_rows = len(prompts)
     schedule = list(_schedule(prompts, tokens, batch, prompt_len))
     spill = _Spill()

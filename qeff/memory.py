@@ -193,33 +193,44 @@ def export(s: Sizes, mode: Mode) -> int:
     return int(BASE + MARGIN * max(small, large))
 
 
-#: Layer-streamed verification (qeff.offload), measured on Llama-3.2-1B's widths with 4 layers and a
-#: 49152-row tied table (docs/memory.md, W 1.29 GiB, E 0.37 GiB, one layer 0.23 GiB): reference 1.55 GiB,
-#: verify 3.15 GiB with the whole graph's ORT session (estimated 2.4 and 4.0 GiB). Priced as what each holds — the tables outside the layers, one layer in fp32 plus the tensor
-#: being read, ``fixed`` for activations and logits — and, for the whole-graph ONNX Runtime session,
-#: the portable graph's weights (its share of the in-memory verify stage's 2.1 W: 1.1 W).
+#: Layer-streamed verification (qeff.offload). The reference and the candidate share one copy of the
+#: tensors outside the layers (``O``: the vocabulary table, an untied head) and ONNX Runtime's
+#: per-layer check takes the table from it too (qeff.layer_check, resident tensors), so ``O`` is
+#: held once. Measured (docs/memory.md, "Layer-streamed verification"): the Llama-3.2-1B shape (W
+#: 4.60 GiB, O 0.98 GiB, one layer L 0.23 GiB) under ``QEFF_MEMORY_LIMIT=5G``, ONNX Runtime per layer:
+#: reference 1.69 GiB, verify 1.80 GiB (estimated 2.7 and 3.0 GiB; 2.71 and 3.60 GiB measured while
+#: each tree and ONNX Runtime held their own table). Priced as what each holds — ``O``, a layer being filled
+#: (its float32 parameters and the next one's), ``fixed`` for activations, logits and spills — and,
+#: for the whole-graph ONNX Runtime session, the portable graph's weights (1.1 W, from the in-memory
+#: verify stage's 2.1 W).
 STREAMED_FIXED = int(0.3 * GiB)
-ORT_SESSION = 1.1  # × W: ONNX Runtime's session of the whole portable graph
+ORT_SESSION = 1.1  # × W: ONNX Runtime's session of the whole portable graph (its own copy of every weight)
 ORT_LAYER = 3.0  # × one layer: a layer's sub-graph session, its inputs and outputs (qeff.layer_check)
+FILL_LAYERS = 2.0  # × one layer: the layer a forward fills in float32, and what the allocator keeps of the last
 
 
 def reference(s: Sizes, mode: Mode) -> int:
-    """HF eager's greedy trace: the model and its cache. Layer-streamed: the tables outside the
-    layers of both models (the pipeline builds the pair before the reference runs), one layer in
-    fp32 and the tensor being read, and the cache."""
+    """HF eager's greedy trace: the model and its cache. Layer-streamed: the tensors outside the
+    layers, once (the pair built before the reference runs shares them), a layer being filled,
+    and the cache."""
     if mode.verify_layers:
-        return int(BASE + MARGIN * (2 * s.outer + 2 * s.layer + STREAMED_FIXED)) + s.kv
+        return int(BASE + MARGIN * (s.outer + FILL_LAYERS * s.layer + STREAMED_FIXED)) + s.kv
     return _fit("reference", s) + s.kv
 
 
 def verify(s: Sizes, mode: Mode) -> int:
     """The model, the transformed model (sharing its weights) and an ONNX Runtime session of the
-    portable graph, with both retained caches. Layer-streamed: two models' tables (the reference
-    and the candidate are separate trees), one layer, both caches, and either the whole graph's
-    session or one layer's sub-graph at a time (``mode.ort_layers``)."""
+    portable graph, with both retained caches. Layer-streamed: the shared tensors outside the
+    layers and both caches, with either the whole graph's session beside a layer being filled, or
+    (``mode.ort_layers``) the larger of a layer being filled and one layer's sub-graph session —
+    :func:`qeff.layer_check.check_layers` runs PyTorch's steps first and the sub-graphs after, and
+    the prefix's and suffix's sessions take the vocabulary table from PyTorch's tensor."""
     if mode.verify_layers:
-        ort = ORT_LAYER * s.layer if mode.ort_layers else ORT_SESSION * s.weights
-        return int(BASE + MARGIN * (2 * s.outer + 2 * s.layer + ort + STREAMED_FIXED)) + 2 * s.kv
+        if mode.ort_layers:
+            held = max(FILL_LAYERS, ORT_LAYER) * s.layer
+        else:
+            held = FILL_LAYERS * s.layer + ORT_SESSION * s.weights
+        return int(BASE + MARGIN * (s.outer + held + STREAMED_FIXED)) + 2 * s.kv
     return _fit("verify", s) + 2 * s.kv
 
 

@@ -10,27 +10,36 @@ forward hook that puts the meta tensors back, so the layer's memory is freed as 
 
 HF's classes and forward code are not touched: the hooks live on these instances only, and the
 reference and the candidate are two separate module trees (the candidate is
-:func:`qeff.transforms.transform` of a second skeleton), so a bug in one cannot show in the other.
+:func:`qeff.transforms.transform` of a second skeleton), so a module of one cannot show in the
+other. What lies outside the layers is read once (:class:`SharedTables`) and held by both trees, as
+the in-memory path shares every weight (:func:`qeff.transforms.model.shared_copy`): a 1B's tied
+vocabulary table is 1 GB in float32, and a second copy was a fifth of its streamed verification's
+peak. The tables are digested when read and :meth:`SharedTables.check` re-digests them after the
+verification: a write into them by anything that ran (the candidate, a hook, ONNX Runtime fed
+them) fails the run with :class:`~qeff.errors.WeightsChangedError`, so the reference stays the
+untouched model computed from the untouched files.
 Other hooks compose: :func:`qeff.progress.layer_progress` and :mod:`qeff.divergence`'s output
 hooks are registered after these and see the layer with its weights in place.
 
 The cost is time: each forward pass reads every layer's weights from the files again (the page
 cache keeps them when it can). The peak is about one layer in float32, the tensors outside the
-layers, the caches and the one tensor being read in its stored dtype.
+layers (once, shared), the caches and 16 MB of the tensor being read in its stored dtype (it is
+widened to float32 as it is read: :meth:`qeff.weights.Weights.float32`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qeff.errors import NotStreamableError
+from qeff.errors import NotStreamableError, WeightsChangedError
 from qeff.weights import SafetensorsWeights, Weights, _parameters_on_meta
 
-__all__ = ["Offloaded", "offloaded_hf", "offloaded_transformed", "offloaded_pair", "layer_list"]
+__all__ = ["Offloaded", "SharedTables", "offloaded_hf", "offloaded_transformed", "offloaded_pair", "layer_list"]
 
 
 @dataclass
@@ -54,12 +63,13 @@ class Offloaded:
     resident: int = 0  # bytes of layer weights in memory now (0 between layers)
     peak_resident: int = 0
     handles: list = field(default_factory=list)
+    tables: SharedTables | None = None  # the tensors outside the layers (shared by a pair's two trees)
 
     def fill(self, i: int) -> None:
         read: dict[str, nn.Parameter] = {}  # a tensor two slots share is read once
         for slot in self.slots[i]:
             if slot.source not in read:
-                read[slot.source] = nn.Parameter(self.weights.get(slot.source).to(torch.float32), requires_grad=False)
+                read[slot.source] = nn.Parameter(self.weights.float32(slot.source), requires_grad=False)
             slot.module._parameters[slot.name] = read[slot.source]
         self.loads[i] += 1
         self.resident = sum(p.numel() * 4 for p in read.values())
@@ -74,6 +84,48 @@ class Offloaded:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """sha1 of a tensor's bytes, read in place (no copy: a 1 GB table digests in 1-3 s)."""
+    flat = tensor.detach().reshape(-1)
+    return hashlib.sha1(flat.view(torch.uint8).numpy(), usedforsecurity=False).hexdigest()
+
+
+@dataclass
+class SharedTables:
+    """The tensors outside the decoder layers (the vocabulary table, the final norm, an untied
+    head), read from the files once in float32 and held by every skeleton built with this object.
+
+    ``digests`` are taken as each tensor is read, before any model runs; :meth:`check` digests them
+    again and raises :class:`~qeff.errors.WeightsChangedError` naming each one that changed. The
+    layer-streamed verification calls it after its comparisons, so a verdict whose reference read a
+    table something had written into is never reported."""
+
+    weights: Weights
+    params: dict[str, nn.Parameter] = field(default_factory=dict)  # source name -> the shared parameter
+    digests: dict[str, str] = field(default_factory=dict)
+
+    def get(self, source: str) -> nn.Parameter:
+        """The parameter of stored tensor ``source`` in float32, read the first time it is asked for."""
+        if source not in self.params:
+            param = nn.Parameter(self.weights.float32(source), requires_grad=False)
+            self.params[source] = param
+            self.digests[source] = _digest(param)
+        return self.params[source]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params.values())
+
+    def check(self, when: str = "during verification") -> None:
+        """Raise :class:`~qeff.errors.WeightsChangedError` if a shared tensor's bytes changed."""
+        changed = [name for name, p in self.params.items() if _digest(p) != self.digests[name]]
+        if changed:
+            raise WeightsChangedError(
+                f"the reference model's tensors outside its decoder layers were written {when} "
+                f"({', '.join(changed[:4])}{' …' if len(changed) > 4 else ''}): the verdict would compare "
+                f"against a changed reference, so it is not given")
 
 
 def layer_child(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str, nn.ModuleList] | None:
@@ -101,15 +153,17 @@ def layer_list(model: nn.Module, decoder: nn.Module | None = None) -> tuple[str,
     return next(n for n, m in model.named_modules() if m is child), child
 
 
-def _skeleton(config, weights: Weights) -> nn.Module:
+def _skeleton(config, weights: Weights, tables: SharedTables | None = None) -> nn.Module:
     """The HF model of ``config``: parameters on meta except those outside the decoder layers, which
-    are read from ``weights`` in float32; ties made as from_pretrained makes them; buffers real."""
+    come from ``tables`` (read from ``weights`` in float32 once, whichever skeleton asks first); ties
+    made as from_pretrained makes them; buffers real."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     import copy
 
     config = copy.deepcopy(config)  # each tree its own: transform() sets the copy's attention mode
+    tables = tables if tables is not None else SharedTables(weights)
     with _parameters_on_meta(), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     missing = {name for name, _ in model.named_parameters(remove_duplicate=False) if name not in weights}
@@ -119,7 +173,6 @@ def _skeleton(config, weights: Weights) -> nn.Module:
     names_of: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
-    made: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for pname, p in list(module._parameters.items()):
             if p is None:
@@ -130,9 +183,7 @@ def _skeleton(config, weights: Weights) -> nn.Module:
                 raise NotStreamableError(f"the checkpoint holds no tensor {group[0]} of shape {tuple(p.shape)}")
             if all(n.startswith(prefix + ".") for n in group):
                 continue  # a layer's: stays on meta until its pre-hook
-            if id(p) not in made:
-                made[id(p)] = nn.Parameter(weights.get(source).to(torch.float32), requires_grad=False)
-            module._parameters[pname] = made[id(p)]
+            module._parameters[pname] = tables.get(source)  # a tie's names share one source
     for name, buf in model.named_buffers():
         if name in weights:  # a persistent buffer saved with the weights
             module_name, _, bname = name.rpartition(".")
@@ -175,31 +226,43 @@ def _config(path: str | Path):
     return AutoConfig.from_pretrained(str(path))
 
 
-def offloaded_hf(path: str | Path, *, config=None, weights: Weights | None = None) -> nn.Module:
+def offloaded_hf(path: str | Path, *, config=None, weights: Weights | None = None,
+                 tables: SharedTables | None = None) -> nn.Module:
     """The untouched HF model of the checkpoint at ``path``, eager attention, in eval mode, its
-    decoder layers filled from the files one at a time. ``model.offload`` holds the hooks."""
+    decoder layers filled from the files one at a time. ``model.offload`` holds the hooks,
+    ``model.offload.tables`` the tensors outside the layers (``tables`` when given: shared)."""
     weights = weights if weights is not None else _weights(path)
     config = config if config is not None else _config(path)
-    model = _skeleton(config, weights)
+    tables = tables if tables is not None else SharedTables(weights)
+    model = _skeleton(config, weights, tables)
     model.offload = _attach(model, weights)
+    model.offload.tables = tables
     return model
 
 
-def offloaded_transformed(path: str | Path, *, config=None, weights: Weights | None = None):
+def offloaded_transformed(path: str | Path, *, config=None, weights: Weights | None = None,
+                          tables: SharedTables | None = None):
     """:func:`qeff.transforms.transform` of a second skeleton of the same checkpoint (no module is
-    shared with :func:`offloaded_hf`'s), its layers filled as they run. ``qmodel.offload``: the hooks."""
+    shared with :func:`offloaded_hf`'s; the tensors outside the layers are when ``tables`` is the
+    reference's), its layers filled as they run. ``qmodel.offload``: the hooks."""
     from qeff.transforms import transform
 
     weights = weights if weights is not None else _weights(path)
     config = config if config is not None else _config(path)
-    qmodel = transform(_skeleton(config, weights), check_weights=False)
+    tables = tables if tables is not None else SharedTables(weights)
+    qmodel = transform(_skeleton(config, weights, tables), check_weights=False)
     # The hooks go on the wrapper's own copy of the modules (transform works on a shared copy).
     qmodel.offload = _attach(qmodel.model, weights, qmodel.spec.decoder(qmodel.model))
+    qmodel.offload.tables = tables
     return qmodel
 
 
-def offloaded_pair(path: str | Path):
-    """``(hf_model, qmodel)``: both offloaded, one weight reader, two module trees."""
+def offloaded_pair(path: str | Path, *, share_tables: bool = True):
+    """``(hf_model, qmodel)``: both offloaded, one weight reader, two module trees, and one copy of
+    the tensors outside the layers (``hf_model.offload.tables``; ``share_tables=False``: a copy each,
+    as before the tables were shared — kept for the memory test that shows the difference)."""
     weights = _weights(path)
     config = _config(path)
-    return offloaded_hf(path, config=config, weights=weights), offloaded_transformed(path, config=config, weights=weights)
+    hf = offloaded_hf(path, config=config, weights=weights)
+    tables = hf.offload.tables if share_tables else None
+    return hf, offloaded_transformed(path, config=config, weights=weights, tables=tables)

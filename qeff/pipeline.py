@@ -355,17 +355,24 @@ class Pipeline:
         steps: int,
         tolerances=None,
         session=None,
+        check_tables: bool = True,
     ):
         """HF eager (this pipeline's untouched model) vs the transformed model, and vs ``session``
-        when given: a :class:`qeff.verification.VerifyReport`."""
+        when given: a :class:`qeff.verification.VerifyReport`. Layer-streamed, the shared tables
+        are checked untouched afterwards (:meth:`_check_tables`; ``check_tables=False``: the caller
+        does it once it has run more on them)."""
         from qeff.verification import verify
 
         ref = self.reference(prompt_token_ids, steps)
-        hf, qmodel = self.offloaded if self.streams_verification() else (self.model, self.qmodel)
-        return verify(
+        streamed = self.streams_verification()
+        hf, qmodel = self.offloaded if streamed else (self.model, self.qmodel)
+        report = verify(
             hf, qmodel=qmodel, session=session, prompt_token_ids=prompt_token_ids, prompt_len=prompt_len,
             ctx_len=ctx_len, steps=steps, tolerances=tolerances, reference=(ref.trace, ref.tokens),
         )
+        if streamed and check_tables:
+            self._check_tables()
+        return report
 
     def verify_cached(
         self,
@@ -432,12 +439,16 @@ class Pipeline:
         :class:`qeff.verification.VerifyReport` as :meth:`verify` with a session."""
         from qeff.layer_check import check_layers
 
-        report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps, tolerances=tolerances)
+        report = self.verify(prompt_token_ids, prompt_len=prompt_len, ctx_len=ctx_len, steps=steps, tolerances=tolerances,
+                             check_tables=False)
         ref = self.reference(prompt_token_ids, steps)
-        qmodel = self.offloaded[1] if self.streams_verification() else self.qmodel
+        streamed = self.streams_verification()
+        qmodel = self.offloaded[1] if streamed else self.qmodel
         report.comparisons.append(check_layers(
             self.onnx_path, qmodel, report.prompt_token_ids, ref.tokens, prompt_len=prompt_len,
             ctx_len=ctx_len, batch_size=len(prompt_token_ids), tolerances=tolerances, progress=self.progress))
+        if streamed:  # ONNX Runtime computed on the shared tables too (qeff.layer_check: resident tensors)
+            self._check_tables()
         return report
 
     # --- layer-streamed verification (issue 18) -----------------------------------------------
@@ -484,6 +495,13 @@ class Pipeline:
                 self.verify_mode = replace(self.verify_mode, verify_layers=False, ort_layers=False)
                 return False
         return True
+
+    def _check_tables(self) -> None:
+        """The layer-streamed reference and candidate share the tensors outside their layers
+        (:class:`qeff.offload.SharedTables`): raise :class:`~qeff.errors.WeightsChangedError` if
+        anything wrote into them since they were read, so no verdict rests on a changed reference."""
+        if self._offloaded is not None and self._offloaded[0].offload.tables is not None:
+            self._offloaded[0].offload.tables.check()
 
     @property
     def offloaded(self):
