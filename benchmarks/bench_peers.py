@@ -7,6 +7,7 @@ Engines (each in its own process, so peak RSS is its own; peers from ``.venv-pee
     qeff-fused-fp32     qeff's fused CPU graph, fp32 weights
     qeff-fused-native   the same graph with the GGUF file's own Q4_1/Q8_0 blocks (MatMulNBits), exact
     qeff-fused-native-a8  … with int8 activations inside MatMulNBits (as llama.cpp's Q4_1 x Q8_1 dot products)
+    qeff-fused-int8, -int4  round-to-nearest blocks of 32 made from the float weights (not the file's)
     qeff-portable       qeff's portable (Cloud AI) graph on ONNX Runtime: the "before"
     genai-fp32          onnxruntime-genai 0.18 on a model folder from its own builder (-p fp32 -e cpu)
     llama.cpp-F32       llama-cpp-python on an F32 GGUF holding the very weights HF loads
@@ -24,6 +25,13 @@ A warm-up run each, then ``--trials`` rounds; within a round every engine runs o
 load from other processes on a shared machine hits all alike. Medians are reported, and each
 engine's tokens are compared with the first qeff engine's (and with HF's when it runs). Ratios
 are against onnxruntime-genai fp32 and llama.cpp; absolute numbers drift with the machine.
+Accuracy beside speed (batch 1, ``--kld``, on by default): HF eager (fp32, the untouched
+reference) generates the continuation once; every scoring engine then reads the same prompt +
+continuation teacher-forced, and the table gives the mean KL divergence of its next-token
+distribution from HF's over those positions (nats; qeff.metrics.kl_divergence) and how many of
+its argmax tokens equal HF's. An exact engine reads ~1e-9 or less (fp32 rounding); a quantized one
+shows what its speed costs.
+
 Table on stderr, one JSON line on stdout.
 """
 
@@ -40,7 +48,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_ENGINES = "qeff-fused-fp32,qeff-fused-native,qeff-fused-native-a8,qeff-portable,genai-fp32,llama.cpp-F32,llama.cpp-Q4_1"
+DEFAULT_ENGINES = ("qeff-fused-fp32,qeff-fused-native,qeff-fused-native-a8,qeff-fused-int8,qeff-fused-int4,qeff-portable,genai-fp32,"
+                   "llama.cpp-F32,llama.cpp-Q4_1")
+#: Engines whose accuracy is reported beside their speed (batch 1): every compressed one, and the
+#: fp32 ones as the floor (their KL divergence is fp32 rounding).
+SCORED = ("qeff-fused-fp32", "qeff-fused-native", "qeff-fused-native-a8", "qeff-fused-int8", "qeff-fused-int4",
+          "llama.cpp-F32", "llama.cpp-Q4_1")
 
 
 def log(*parts) -> None:
@@ -118,7 +131,8 @@ def engine_specs(setup: dict, batch: int, peers_python: Path | None, main_python
     for name, by_batch in setup["artifacts"].items():
         path = by_batch.get(str(batch)) or by_batch.get(batch)
         if path:
-            specs[name] = (main_python, "qeff", path, step["qeff-native"] if "native" in name else step["fp32"])
+            kind = "qeff-native" if "native" in name else "qeff-int8" if "int8" in name else "qeff-int4" if "int4" in name else "fp32"
+            specs[name] = (main_python, "qeff", path, step.get(kind, step["fp32"]))
     specs["hf-eager"] = (main_python, "hf", setup["paths"]["hf"], step["fp32"])
     if peers_python is not None:
         genai = work / "genai-fp32"
@@ -153,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / ".bench"))
     parser.add_argument("--peers-venv", default=str(ROOT / ".venv-peers"))
+    parser.add_argument("--kld", action=argparse.BooleanOptionalAction, default=True,
+                        help="KL divergence from HF fp32 beside every compressed engine (batch 1)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     main_python = Path(sys.executable)
@@ -175,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"[bench] memory bandwidth (ORT fp32 GEMV over 256 MB, {args.threads} threads): best {bandwidth['gb_s_best']:.1f} GB/s, "
         f"median {bandwidth['gb_s_median']:.1f} GB/s")
     ids = setup["prompt_ids"]
+    reference = None  # HF fp32's continuation and the path of its logits, for the KL column
+    if args.kld and "1" in args.batch_sizes.split(","):
+        log("[bench] HF eager fp32: the reference continuation and logits for the KL column")
+        hf = Worker("hf-eager", main_python, "hf", setup["paths"]["hf"], 1, args.threads)
+        sequence = ids + hf.ask(cmd="run", prompt_ids=ids, new_tokens=args.new_tokens)["tokens"][0]
+        reference = {"ids": sequence, "logits": str(work / "kld-hf-fp32.npy")}
+        hf.ask(cmd="score", ids=sequence, start=len(ids), out=reference["logits"])
+        hf.close()
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         specs = engine_specs(setup, batch, peers_python, main_python, work, args.threads)
@@ -194,7 +218,23 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(r)
             log(f"[bench] batch {batch} trial {trial + 1}/{args.trials}: " + ", ".join(
                 f"{n} {(len(runs[n][-1]['tokens'][0]) - 1) * batch / runs[n][-1]['decode_s']:.1f}" for n in names) + " decode tok/s")
-        reference = next((n for n in names if n.startswith("qeff")), None)
+        accuracy = {}
+        if reference is not None and batch == 1:
+            import numpy as np
+
+            from qeff.metrics import kl_divergence, top1_agreement
+
+            ref_logits = np.load(reference["logits"])
+            for name in (n for n in names if n in SCORED):
+                out = str(work / f"kld-{name}.npy")
+                answer = workers[name].ask(cmd="score", ids=reference["ids"], start=len(ids), out=out)
+                if "error" in answer:
+                    continue
+                logits = np.load(out)
+                kl = kl_divergence(ref_logits, logits)
+                accuracy[name] = {"kld_mean": float(kl.mean()), "kld_max": float(kl.max()),
+                                  "top1_equal": int(top1_agreement(ref_logits, logits).sum()), "positions": len(kl)}
+        reference_engine = next((n for n in names if n.startswith("qeff")), None)
         for name in names:
             rss = workers[name].ask(cmd="rss")
             workers[name].close()
@@ -204,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             step_bytes = specs[name][3]
             roofline = bandwidth["gb_s_best"] * 1e9 / step_bytes * batch  # weights read once per step for all rows
             same = None
-            if reference and name != reference:
-                ref_tokens = runs[reference][-1]["tokens"]
+            if reference_engine and name != reference_engine:
+                ref_tokens = runs[reference_engine][-1]["tokens"]
                 same = sum(a == b for x, y in zip(tokens, ref_tokens) for a, b in zip(x, y))
             rows.append({
                 "engine": name, "batch_size": batch, "decode_tok_s": decode,
@@ -213,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_runs": [(len(r["tokens"][0]) - 1) * batch / r["decode_s"] for r in runs[name]],
                 "new_tokens": generated, "peak_rss_mb": rss["peak_rss_mb"], "load_s": rss["load_s"],
                 "step_mb": step_bytes / 1e6, "roofline_share": decode / roofline,
-                "tokens_equal_to": reference if name != reference else None,
+                "tokens_equal_to": reference_engine if name != reference_engine else None,
                 "tokens_matched": same, "tokens_total": generated * batch if same is not None else None,
+                "vs_hf_fp32": accuracy.get(name),
             })
 
     def ratio(row, peer):
@@ -224,20 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     log(f"\nSmolLM2-135M, {len(ids)}-token prompt, {args.new_tokens} new tokens, {args.threads} threads, median of {args.trials} "
         f"interleaved trials; roofline = {bandwidth['gb_s_best']:.1f} GB/s / bytes read per step")
     log(f"{'engine':<18} {'batch':>5} | {'decode tok/s':>12} {'vs genai':>8} {'vs l.cpp':>8} {'roofline':>8} | {'TTFT ms':>8} | "
-        f"{'peak RSS MB':>11} | {'step MB':>7} | tokens")
+        f"{'peak RSS MB':>11} | {'step MB':>7} | {'KL vs HF fp32':>13} {'top-1':>7} | tokens")
     for r in rows:
         vs_genai = ratio(r, "genai-fp32")
-        vs_llama = ratio(r, "llama.cpp-Q4_1" if "native" in r["engine"] or "Q4" in r["engine"] else "llama.cpp-F32")
+        compressed = any(k in r["engine"] for k in ("native", "Q4", "int8", "int4"))
+        vs_llama = ratio(r, "llama.cpp-Q4_1" if compressed else "llama.cpp-F32")
         r["vs_genai_fp32"], r["vs_llama_cpp"] = vs_genai, vs_llama
         fmt = lambda v: f"{v:>7.2f}x" if v else f"{'-':>8}"  # noqa: E731
         tokens = "reference" if r["tokens_matched"] is None else f"{r['tokens_matched']}/{r['tokens_total']} = {r['tokens_equal_to']}"
+        acc = r["vs_hf_fp32"]
+        kld = f"{acc['kld_mean']:>13.2e} {acc['top1_equal']:>3}/{acc['positions']:<3}" if acc else f"{'-':>13} {'-':>7}"
         log(f"{r['engine']:<18} {r['batch_size']:>5} | {r['decode_tok_s']:>12.1f} {fmt(vs_genai)} {fmt(vs_llama)} {r['roofline_share']:>7.0%} | "
-            f"{r['ttft_ms']:>8.1f} | {r['peak_rss_mb']:>11.0f} | {r['step_mb']:>7.0f} | {tokens}")
+            f"{r['ttft_ms']:>8.1f} | {r['peak_rss_mb']:>11.0f} | {r['step_mb']:>7.0f} | {kld} | {tokens}")
     spread = {f"{r['engine']}@{r['batch_size']}": round((max(r["decode_runs"]) - min(r["decode_runs"])) / r["decode_tok_s"], 3) for r in rows}
     log(f"noise (max-min)/median of decode per engine: {json.dumps(spread)}")
     from qeff._system import library_versions
 
     print(json.dumps({"benchmark": "peers", "model": "smollm2-135m", "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
+                      "kld_reference": "hf-eager fp32, teacher-forced on its own continuation" if reference else None,
                       "threads": args.threads, "trials": args.trials, "bandwidth": bandwidth, "rows": rows, "noise": spread,
                       "load_average": os.getloadavg(), "versions": library_versions()}))
     return 0

@@ -71,12 +71,13 @@ def main() -> int:
     ids = prepared.tokenizer(PROMPT)["input_ids"][: args.prompt_tokens]
     assert len(ids) == args.prompt_tokens
     gguf_path = embedded_gguf()
-    artifacts: dict[str, dict[int, str]] = {"qeff-fused-fp32": {}, "qeff-fused-native": {}, "qeff-fused-native-a8": {}}
+    artifacts: dict[str, dict[int, str]] = {"qeff-fused-fp32": {}, "qeff-fused-native": {}, "qeff-fused-native-a8": {},
+                                            "qeff-fused-int8": {}, "qeff-fused-int4": {}}
     if args.portable:
         artifacts["qeff-portable"] = {}
     shape = dict(prompt_len=args.prompt_len, ctx_len=args.ctx_len)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        for weights, a8 in (("fp32", False), ("native", False), ("native", True)):
+        for weights, a8 in (("fp32", False), ("native", False), ("native", True), ("int8", False), ("int4", False)):
             log(f"[setup] qeff fused graph, {weights} weights{', int8 activations' if a8 else ''}, batch {batch}")
             built = compile_fused(prepared.export_dir, batch_size=batch, **shape, weights=weights, load_model=lambda: prepared.model,
                                   gguf_path=gguf_path, int8_activations=a8, progress=True)
@@ -114,6 +115,8 @@ def main() -> int:
     linears = [getattr(layer, n) for layer in native.layers for n in ("q", "k", "v", "o", "gate", "up", "down")] + [native.lm_head]
     fp32_bytes = sum(4 * w.shape[0] * w.shape[1] for w in linears)
     native_bytes = sum(w.nbytes if isinstance(w, NBitsWeight) else w.nbytes for w in linears)
+    # Round-to-nearest blocks of 32 (LM head included): codes, a float32 scale and a packed zero point per block.
+    rtn_bytes = {bits: int(fp32_bytes / 4 * (bits / 8 + 4 / 32 + bits / 8 / 32)) for bits in (8, 4)}
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_path))
@@ -121,7 +124,8 @@ def main() -> int:
     print(json.dumps({
         "prompt_ids": ids, "artifacts": artifacts,
         "paths": {"hf": str(hf_dir), "gguf_q4_1": str(gguf_path), "gguf_f32": str(f32)},
-        "step_bytes": {"fp32": fp32_bytes, "qeff-native": native_bytes, "gguf-q4_1": file_bytes},
+        "step_bytes": {"fp32": fp32_bytes, "qeff-native": native_bytes, "gguf-q4_1": file_bytes,
+                       "qeff-int8": rtn_bytes[8], "qeff-int4": rtn_bytes[4]},
     }))
     return 0
 

@@ -5,6 +5,8 @@
 reads commands on stdin, one JSON object a line, and answers each with one JSON line on stdout:
 
     {"cmd": "run", "prompt_ids": [...], "new_tokens": N}  →  {"ttft_s", "decode_s", "tokens": [[...] per row]}
+    {"cmd": "score", "ids": [...], "start": P, "out": F}  →  {"positions": n}: the logits (float32, one row
+        per position) after reading ids[:P], ids[:P+1], …, ids[:-1] (teacher-forced), saved to F (.npy)
     {"cmd": "rss"}                                        →  {"peak_rss_mb", "load_s"}
     {"cmd": "quit"}
 
@@ -51,6 +53,17 @@ class Qeff:
         rows = [ids] * self.session.batch_size
         r = self.qeff.generate(self.session, prompt_token_ids=rows, generation_len=new_tokens, ignore_eos=True)
         return {"ttft_s": r.ttft_s, "decode_s": r.decode_s, "tokens": r.token_ids}
+
+    def score(self, ids: list[int], start: int):
+        import numpy as np
+
+        batch = self.session.batch_size
+        rows = np.array([ids[:start]] * batch)
+        out = [np.array(self.session.run(rows, np.arange(start)[None].repeat(batch, 0))[0], np.float32)]
+        for t in range(start, len(ids) - 1):
+            logits = self.session.run(np.full((batch, 1), ids[t]), np.full((batch, 1), t))
+            out.append(np.array(logits[0], np.float32))
+        return np.stack(out)
 
 
 class Genai:
@@ -120,6 +133,18 @@ class LlamaCpp:
         end = time.perf_counter()
         return {"ttft_s": first - start, "decode_s": end - first, "tokens": [tokens]}
 
+    def score(self, ids: list[int], start: int):
+        import numpy as np
+
+        llm, vocab = self.llm, self.llm.n_vocab()
+        llm.reset()
+        llm.eval(ids[:start])
+        out = [np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).astype(np.float32)]
+        for t in range(start, len(ids) - 1):
+            llm.eval([ids[t]])
+            out.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).astype(np.float32))
+        return np.stack(out)
+
 
 class HfEager:
     """HF transformers eager ``generate`` (the untouched reference), from a saved HF folder."""
@@ -144,6 +169,11 @@ class HfEager:
             e2e = time.perf_counter() - start
         return {"ttft_s": ttft, "decode_s": max(e2e - ttft, 1e-9), "tokens": out[:, len(ids):].tolist()}
 
+    def score(self, ids: list[int], start: int):
+        with self.torch.no_grad():
+            logits = self.model(self.torch.tensor([ids])).logits[0, start - 1:len(ids) - 1]
+        return logits.float().numpy()
+
 
 ENGINES = {"qeff": Qeff, "genai": Genai, "llama.cpp": LlamaCpp, "hf": HfEager}
 
@@ -163,6 +193,15 @@ def main() -> int:
         command = json.loads(line)
         if command["cmd"] == "run":
             reply = engine.run(command["prompt_ids"], command["new_tokens"])
+        elif command["cmd"] == "score":
+            import numpy as np
+
+            if not hasattr(engine, "score"):
+                reply = {"error": f"{args.engine} does not score"}
+            else:
+                logits = engine.score(command["ids"], command["start"])
+                np.save(command["out"], logits)
+                reply = {"positions": len(logits)}
         elif command["cmd"] == "rss":
             reply = {"peak_rss_mb": peak_rss_mb(), "load_s": load_s}
         else:

@@ -57,6 +57,9 @@ def test_native_weights_are_the_very_numbers_hf_loaded(smollm2):
             weight = getattr(layer, ours)
             assert isinstance(weight, NBitsWeight) and weight.source == "Q4_1"
             assert np.array_equal(weight.dequantize(), state[f"model.layers.{i}.{theirs}.weight"].numpy()), (i, ours)
+            # The lowering runs it with the default zero point (no zero-point input): the same numbers.
+            centred = weight.recentred()
+            assert centred is not None and np.array_equal(centred.dequantize(), state[f"model.layers.{i}.{theirs}.weight"].numpy())
             checked += 1
         assert np.array_equal(layer.input_norm, state[f"model.layers.{i}.input_layernorm.weight"].numpy())
     assert native.lm_head.source == "Q8_0"  # tied to the embedding table, kept as the file's blocks
@@ -69,4 +72,9 @@ def test_native_fused_greedy_equals_hf_for_128_tokens(smollm2, hf_reference, tmp
     model, tokenizer = smollm2
     facts = write_fused_graph(from_gguf(embedded_gguf(), model.config, CTX), tmp_path)
     assert facts["ops"]["MatMulNBits"] > 0 and "gguf_types" in facts
+    import onnx
+
+    nodes = [n for n in onnx.load(str(tmp_path / FUSED_GRAPH), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    # Every Q4_1 linear runs without a zero-point input (recentred); only the Q8_0 head's low half keeps one.
+    assert sum(len(n.input) == 4 for n in nodes) == 1 and len(nodes) == 4 * model.config.num_hidden_layers + 2
     assert generate(tmp_path / FUSED_GRAPH, tokenizer) == hf_reference

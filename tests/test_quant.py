@@ -123,3 +123,67 @@ def test_int8_activations_are_close_but_not_exact(tmp_path):
     y, ref = run_linear(weight, tmp_path, x, accuracy_level=4), reference(weight, x)
     rel = np.abs(y - ref).max() / np.abs(ref).max()
     assert 1e-6 < rel < 5e-2
+
+
+def zero_point_inputs(path) -> list[int]:
+    """How many inputs each MatMulNBits node of the graph at ``path`` has (4 = with zero points)."""
+    import onnx
+
+    return [len(n.input) for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1"])
+def test_recentred_blocks_are_the_same_numbers(type_name):
+    # (q - z) s + o = (q - 8) s + (o + (8 - z) s): each side is one rounding of the same real number
+    # (the products are exact for float16-born factors), so the float32 matrices are bit-identical.
+    # (Q4_K / Q5_1 blocks recentre only where the new offsets are exact: the random ones here are
+    # not always; test_an_inexact_recentring_is_refused covers that case.)
+    rows, cols = 16, 512
+    weight = decode_blocks(random_blocks(type_name, rows, cols, seed=7), type_name, rows, cols)
+    assert (weight.zero_points != 2 ** (weight.bits - 1)).any()
+    centred = weight.recentred()
+    assert centred is not None and (centred.zero_points == 2 ** (weight.bits - 1)).all()
+    assert np.array_equal(centred.dequantize(), weight.dequantize())
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1"])
+def test_the_lowering_drops_the_zero_point_input_and_stays_exact(type_name, tmp_path):
+    rows, cols = 96, 512
+    weight = decode_blocks(random_blocks(type_name, rows, cols, seed=8), type_name, rows, cols)
+    x = np.random.default_rng(9).standard_normal((1, 2, cols)).astype(np.float32)
+    ref = reference(weight, x)
+    for recentre, inputs in ((True, 3), (False, 4)):
+        path = write_linear_graph(weight, tmp_path / f"linear{recentre}.onnx", recentre=recentre)
+        assert zero_point_inputs(path) == [inputs]
+        y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+        assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_an_inexact_recentring_is_refused(tmp_path):
+    # o + 8 s = 1 + 2**-27 has no float32: the weight keeps its zero points (and stays exact).
+    codes = np.random.default_rng(10).integers(0, 16, (8, 64)).astype(np.uint8)
+    weight = NBitsWeight(4, 32, codes, np.full((8, 2), 2.0**-30, np.float32), np.zeros((8, 2), np.uint8),
+                         np.ones((8, 2), np.float32), "Q4_1")
+    assert weight.recentred() is None
+    path = write_linear_graph(weight, tmp_path / "linear.onnx")
+    assert zero_point_inputs(path) == [4]
+    x = np.random.default_rng(11).standard_normal((1, 1, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    ref = reference(weight, x)
+    assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_a_wrong_recentring_is_seen(tmp_path, monkeypatch):
+    # Seeded fault: the offset moved with the wrong sign. The exactness check of the lowering sees it.
+    rows, cols = 32, 256
+    weight = decode_blocks(random_blocks("Q4_1", rows, cols, seed=12), "Q4_1", rows, cols)
+    x = np.random.default_rng(13).standard_normal((1, 1, cols)).astype(np.float32)
+    ref = reference(weight, x)
+
+    def wrong(self):
+        return NBitsWeight(4, 32, self.codes, self.scales, np.full_like(self.zero_points, 8),
+                           (self.offsets - 8 * self.scales).astype(np.float32), self.source)
+
+    monkeypatch.setattr(NBitsWeight, "recentred", wrong)
+    y = run_linear(weight, tmp_path, x)
+    assert np.abs(y - ref).max() > 2e-6 * np.abs(ref).max()

@@ -195,6 +195,9 @@ class _Lowering:
     #: A float32 vocabulary projection in column slices of at most ``_MAX_WEIGHT_BYTES`` (lower peak
     #: memory when the session opens), or one MatMul (faster for several rows: docs/cpu.md).
     slice_lm_head: bool = True
+    #: A matrix with offsets runs with MatMulNBits's default zero point when that is exact
+    #: (:meth:`NBitsWeight.recentred`): no zero-point input, ONNX Runtime's faster kernel path.
+    recentre: bool = True
 
 
 class _Builder:
@@ -215,6 +218,8 @@ class _Builder:
         return y
 
     def _nbits(self, x: str, w: NBitsWeight, hint: str) -> str:
+        if self.low.recentre and w.offsets is not None:
+            w = w.recentred() or w  # the offset term exists anyway; the zero-point input goes
         if w.bits == 8 and self.low.accuracy_level < 4:
             high, low = w.nibbles()  # the float32-accurate CPU kernel is fast for 4 bits only
             (y,) = self.g.node("Add", [self._nbits(x, high, f"{hint}.hi"), self._nbits(x, low, f"{hint}.lo")], hint=f"{hint}.sum")
@@ -338,11 +343,11 @@ class _Builder:
 
 def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, accuracy_level: int = 0,
                       metadata: dict[str, str] | None = None, pack_gate_up: bool = True,
-                      slice_lm_head: bool = True) -> dict:
+                      slice_lm_head: bool = True, recentre: bool = True) -> dict:
     """Write ``FUSED_GRAPH`` (+ ``.data``) into ``out_dir``; returns facts for the manifest."""
     out_dir = Path(out_dir)
     builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up,
-                                          slice_lm_head=slice_lm_head), out_dir / FUSED_GRAPH)
+                                          slice_lm_head=slice_lm_head, recentre=recentre), out_dir / FUSED_GRAPH)
     try:
         inputs, outputs = builder.build()
     except BaseException:
@@ -358,14 +363,14 @@ def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, ac
             "accuracy_level": accuracy_level, **weights.facts}
 
 
-def write_linear_graph(weight, path: str | os.PathLike, *, accuracy_level: int = 0) -> Path:
+def write_linear_graph(weight, path: str | os.PathLike, *, accuracy_level: int = 0, recentre: bool = True) -> Path:
     """A graph of one linear layer ``Y (B, S, N) = X (B, S, K) @ W.T`` lowered as the decoder
     lowers it: the unit under test of the exactness tests (``tests/test_quant_*.py``)."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
 
     path = Path(path)
-    builder = _Builder(None, _Lowering(accuracy_level=accuracy_level), path)  # type: ignore[arg-type]
+    builder = _Builder(None, _Lowering(accuracy_level=accuracy_level, recentre=recentre), path)  # type: ignore[arg-type]
     n, k = weight.shape
     builder.linear("X", weight, "linear")
     builder.g.nodes[-1].output[0] = "Y"

@@ -95,6 +95,10 @@ def compile_fused(
                 "onnx": onnx_identity(onnx_path), "versions": library_versions(),
                 "checked": check is not None if checked is None else checked,
                 "logits_rows": True}  # last_index has its own dim (verify steps); older artifacts are rebuilt
+    if weights != "fp32":
+        # Blocks with offsets run with the default zero point where exact (NBitsWeight.recentred):
+        # artifacts built before are rebuilt, so a cached native graph is the faster lowering.
+        manifest["nbits_zero_points"] = "recentred"
     if weights == "native":
         manifest["gguf"] = _gguf_source(gguf_path).identity(home=find_home(export_dir), rehash=verify_mode() == "full")
     target = Path(out_dir) if out_dir else export_dir / ort_fused_dir_name(**options, weights=weights, int8_activations=int8_activations)

@@ -12,6 +12,11 @@ Runtime's CPU kernel takes a slow path for them — ~14x slower than its fp32 Ma
 ``blocksum(A) @ offset.T``, one small extra MatMul. That makes formats with a per-block minimum
 (GGUF's Q4_1, Q4_K, Q5_K) *exact*: every ``W[n, k]`` is the number the file's decoder computes.
 
+A matrix that has offsets anyway is lowered with MatMulNBits's *default* zero point
+(``2**(bits-1)``, no zero-point input) when that is exact (:meth:`NBitsWeight.recentred`):
+``(q - z) s + o = (q - 8) s + (o + (8 - z) s)``. ONNX Runtime's kernel without a zero-point
+input is the faster of the two (docs/cpu.md, "Exact native weights: what was tried").
+
 ONNX Runtime's fp32-accurate CPU kernel is fast for 4-bit codes only (8-bit codes take a slow
 path unless activations are quantized — ~12x slower than fp32 here), so an 8-bit matrix runs as
 two 4-bit halves — ``q = 16 * hi + lo`` — whose sum is the same matrix, exactly
@@ -101,6 +106,28 @@ class NBitsWeight:
                            self.zero_points >> 4, self.offsets, self.source)
         low = NBitsWeight(4, self.block_size, self.codes & 15, self.scales, self.zero_points & 15, None, self.source)
         return high, low
+
+    def recentred(self) -> NBitsWeight | None:
+        """The same matrix with every zero point at MatMulNBits's default ``c = 2**(bits-1)`` and the
+        difference moved into the offsets: ``(q - z) s + o = (q - c) s + (o + (c - z) s)``.
+
+        Returned only when every new offset is *exactly* ``o + (c - z) s`` in float32 (checked in
+        float64, where the product is exact and the sum's rounding error is measured), so each
+        weight stays the same real number; None otherwise (the caller keeps the zero points). For
+        GGUF's float16-born ``d`` and ``m`` (Q4_1: ``m + 8 d``) the sum is exact in practice."""
+        centre = 2 ** (self.bits - 1)
+        if (self.zero_points == centre).all():
+            return self
+        shift = (centre - self.zero_points.astype(np.float64)) * self.scales.astype(np.float64)  # exact: <= 8 x 24 bits
+        old = np.zeros(self.scales.shape) if self.offsets is None else self.offsets.astype(np.float64)
+        total = old + shift
+        back = total - old
+        rounding = (old - (total - back)) + (shift - back)  # TwoSum: total + rounding == old + shift exactly
+        new = total.astype(np.float32)
+        if np.any(rounding != 0) or not np.array_equal(new.astype(np.float64), total):
+            return None
+        return NBitsWeight(self.bits, self.block_size, self.codes, self.scales, np.full_like(self.zero_points, centre), new,
+                           self.source)
 
     @staticmethod
     def concat(parts: list[NBitsWeight]) -> NBitsWeight:
