@@ -260,6 +260,10 @@ def _compile_options(args, backend: str, out: _Out, serving=None) -> dict:
 def _check_cpu_graph(args, backend: str) -> None:
     """Usage errors of the CPU graph options, before anything is loaded or exported (the sizes were
     checked by :func:`_check_args`)."""
+    if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph == "fused" or args.mxfp6 or args.mxint8):
+        if _ladder_asked(args):
+            raise UsageError("--comp_ctx_lengths applies to the portable graph (the fused CPU graph attends the valid length "
+                             "already, and the emulated tiers keep the plain graph); drop it, or --ort-graph/--weights/--mxfp6/--mxint8")
     if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph == "fused"):
         if getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None):
             raise UsageError("continuous batching and speculative targets run the portable graph; drop --ort-graph fused, "
@@ -288,7 +292,8 @@ def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None 
         from qeff.precision.commands import emulated_graph
 
         onnx_path = emulated_graph(onnx_path or pipe.onnx_path, mxfp6=args.mxfp6, mxint8=args.mxint8, force=force)
-    elif backend == "ort" and onnx_path is None and pipe is not None and (variant is None or variant.is_base):
+    elif (backend == "ort" and onnx_path is None and pipe is not None and (variant is None or variant.is_base)
+          and not (args.ort_graph == "auto" and _ladder_asked(args))):
         from qeff.cpu_graph import compile_cpu
 
         fused = compile_cpu(pipe, graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations,
@@ -297,8 +302,35 @@ def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None 
         if fused is not None:
             return fused
     if onnx_path is None:
+        variant = _with_ladder(args, backend, variant)
+        if variant is not None and variant.comp_ctx and backend == "qaic":
+            from qeff.serving.ctx_ladder import parse_ladder
+
+            options = dict(options, comp_ctx_lengths=list(parse_ladder(args.comp_ctx_lengths, args.ctx_len)))
         return pipe.compile(backend, force=force, variant=variant, **options)
+
+
+def _with_ladder(args, backend: str, variant):
+    """``variant`` with the compute-context ladder (``comp_ctx_lengths``) where the run compiles the
+    portable graph: on ort unless ``--comp_ctx_lengths off``; on qaic when lengths are listed (the
+    qaic runtime here has no ladder switching yet, so a plain QPC stays the default)."""
+    from dataclasses import replace
+
+    from qeff.serving.options import serving_options
+    from qeff.serving.variant import GraphVariant
+
+    serving = serving_options(args)
+    wanted = (backend == "ort" and not serving.ladder_off) or (backend == "qaic" and serving.ladder_asked)
+    if not wanted:
+        return variant
+    return replace(variant or GraphVariant(), comp_ctx=True)
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
+
+
+def _ladder_asked(args) -> bool:
+    from qeff.serving.options import serving_options
+
+    return serving_options(args).ladder_asked
 
 
 def _check_no_emulated_serving(args, variant) -> None:
@@ -314,7 +346,8 @@ def _check_no_emulated_serving(args, variant) -> None:
 
 def _session_options(args) -> dict:
     return dict(threads=getattr(args, "threads", None), device_ids=_device_group(args),
-                specialize_decode=getattr(args, "specialize_decode", None))
+                specialize_decode=getattr(args, "specialize_decode", None),
+                comp_ctx_lengths=getattr(args, "comp_ctx_lengths", None))
 
 
 def _prompts(args) -> list[str]:
