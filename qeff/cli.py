@@ -312,16 +312,19 @@ def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None 
 
 def _with_ladder(args, backend: str, variant):
     """``variant`` with the compute-context ladder (``comp_ctx_lengths``) where the run compiles the
-    portable graph: on ort unless ``--comp_ctx_lengths off``; on qaic when lengths are listed (the
-    qaic runtime here has no ladder switching yet, so a plain QPC stays the default)."""
+    portable graph: lengths listed by the user (ort or qaic), or on ort the default ladder when it
+    has more than one rung, unless ``--comp_ctx_lengths off`` (the qaic runtime here does not switch
+    ladder lengths yet, so a plain QPC stays its default)."""
     from dataclasses import replace
 
     from qeff.serving.options import serving_options
     from qeff.serving.variant import GraphVariant
 
+    from qeff.serving.ctx_ladder import default_ladder
+
     serving = serving_options(args)
-    wanted = (backend == "ort" and not serving.ladder_off) or (backend == "qaic" and serving.ladder_asked)
-    if not wanted:
+    wanted = serving.ladder_asked or (backend == "ort" and not serving.ladder_off and len(default_ladder(args.ctx_len)) > 1)
+    if not wanted:  # off, or a default ladder of one rung (ctx_len <= 256): the plain graph is the same work
         return variant
     return replace(variant or GraphVariant(), comp_ctx=True)
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
@@ -479,6 +482,9 @@ def cmd_infer(args) -> int:
             "continuous batching and speculative decoding run on the ort backend here; for Cloud AI 100, compile with "
             "`qeff compile --backend qaic --full_batch_size N` (or --num_speculative_tokens K): qeff has no runtime for those QPCs yet"
         )
+    if backend == "qaic" and serving.ladder_asked:
+        raise UsageError("a compute-context ladder QPC has no runtime in qeff yet; build it with `qeff compile --backend qaic "
+                         "--comp_ctx_lengths …` and run it with QEfficient, or drop --comp_ctx_lengths")
     if serving.prompt_lookup and (backend == "qaic" or args.mxfp6 or args.mxint8):
         raise UsageError("prompt-lookup decoding runs on the ort backend's fp32/int8/int4 graphs here; drop --prompt_lookup, "
                          "or --backend qaic / --mxfp6 / --mxint8")
