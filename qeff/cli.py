@@ -308,6 +308,7 @@ def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None 
 
             options = dict(options, comp_ctx_lengths=list(parse_ladder(args.comp_ctx_lengths, args.ctx_len)))
         return pipe.compile(backend, force=force, variant=variant, **options)
+    return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
 
 
 def _with_ladder(args, backend: str, variant):
@@ -317,17 +318,15 @@ def _with_ladder(args, backend: str, variant):
     ladder lengths yet, so a plain QPC stays its default)."""
     from dataclasses import replace
 
+    from qeff.serving.ctx_ladder import default_ladder
     from qeff.serving.options import serving_options
     from qeff.serving.variant import GraphVariant
-
-    from qeff.serving.ctx_ladder import default_ladder
 
     serving = serving_options(args)
     wanted = serving.ladder_asked or (backend == "ort" and not serving.ladder_off and len(default_ladder(args.ctx_len)) > 1)
     if not wanted:  # off, or a default ladder of one rung (ctx_len <= 256): the plain graph is the same work
         return variant
     return replace(variant or GraphVariant(), comp_ctx=True)
-    return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
 
 
 def _ladder_asked(args) -> bool:
