@@ -61,16 +61,16 @@ class Recorder:
         return out
 
 
-def run(path, prompts, gen, ladder=None):
-    session = OrtSession(path, batch_size=len(prompts), ctx_len=CTX, **({"comp_ctx_lengths": ladder} if ladder else {}))
+def run(path, prompts, gen, ladder=None, **kw):
+    session = OrtSession(path, batch_size=len(prompts), ctx_len=CTX, **({"comp_ctx_lengths": ladder} if ladder else {}), **kw)
     rec = Recorder(session)
     result = qeff.generate(rec, prompt_token_ids=prompts, prompt_len=PL, generation_len=gen, eos_token_id=[])
     return result, rec.logits, session
 
 
-def assert_same_as_full(graphs, prompts, gen):
+def assert_same_as_full(graphs, prompts, gen, **kw):
     full, full_logits, _ = run(graphs["base"], prompts, gen)
-    lad, lad_logits, session = run(graphs["cc"], prompts, gen, ladder=LADDER)
+    lad, lad_logits, session = run(graphs["cc"], prompts, gen, ladder=LADDER, **kw)
     assert lad.token_ids == full.token_ids
     assert len(lad_logits) == len(full_logits)
     for step, (a, b) in enumerate(zip(lad_logits, full_logits)):
@@ -155,6 +155,12 @@ def test_padded_batch_with_chunked_prefill_crosses_every_rung(graphs):
     # Every step's rung is the smallest that holds the longest row's position.
     for step, rung in enumerate(decode):
         assert rung == min(r for r in LADDER if r > 13 + step)
+
+
+def test_the_pinned_decode_session_hands_longer_rungs_to_the_general_one(graphs):
+    """specialize_decode pins comp_ctx_lengths to the first rung; steps above it must not run there."""
+    _, session = assert_same_as_full(graphs, random_prompts([2, 5], seed=6), 30, specialize_decode=True)
+    assert session.decode_session is not session.session and set(session.attended) == set(LADDER)
 
 
 def test_one_row_crossing_a_boundary_matches_hf(graphs, hf):

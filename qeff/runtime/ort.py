@@ -12,7 +12,8 @@ Binding modes (``binding=``):
   the slow reference the other two are checked against.
 
 ``specialize_decode=True`` opens a second session for decode with every dim pinned
-(``batch_size``, ``seq_len = 1``, ``ctx_len``), the ORT counterpart of a Cloud AI decode
+(``batch_size``, ``seq_len = 1``, ``ctx_len``, and with a compute-context ladder
+``comp_ctx_lengths`` = its first rung: decode steps at longer rungs run in the general session), the ORT counterpart of a Cloud AI decode
 specialization: ORT then folds the graph's shape arithmetic away (~4,000 → ~1,600 nodes per step
 on SmolLM2-135M). It costs a second copy of the weights (ORT prepacks each session's MatMul
 weights privately); ``benchmarks/bench_generate.py --specialize-decode`` measures the trade.
@@ -152,7 +153,12 @@ class OrtSession:
             return
         if specialize_decode:
             opts = session_options(self.threads)
-            for dim, value in (("batch_size", batch_size), ("seq_len", 1), ("ctx_len", ctx_len)):
+            pins = [("batch_size", batch_size), ("seq_len", 1), ("ctx_len", ctx_len)]
+            if self.ladder is not None:
+                # The first rung, where short sequences decode: pinned like the rest (the unpinned
+                # comp_ctx_lengths dim cost ~12% a step); longer rungs decode in the general session.
+                pins.append(("comp_ctx_lengths", self.ladder[0]))
+            for dim, value in pins:
                 opts.add_free_dimension_override_by_name(dim, value)
             self.decode_session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._io = self.session.io_binding()
@@ -182,7 +188,7 @@ class OrtSession:
             outs = self.session.run(None, feeds)
             self._np_cache = outs[1:]
             return outs[0][:, 0, :]
-        decode = input_ids.shape[1] == 1
+        decode = input_ids.shape[1] == 1 and (comp is None or comp.shape[0] == self.ladder[0])
         session, io = (self.decode_session, self._decode_io) if decode else (self.session, self._io)
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("position_ids", position_ids)
