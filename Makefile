@@ -20,7 +20,7 @@ JOBS   ?= 2
 LOCK   := requirements/lock.txt
 PIP    := pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers bench-scale bench-7b-chain install clean-cache
+.PHONY: demo test test-compat lock bench bench-startup bench-precision bench-peers bench-ctx-ladder bench-scale bench-7b-chain install clean-cache
 
 $(STAMP): pyproject.toml $(LOCK) requirements/torch.txt requirements/models.txt requirements/tools.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -96,6 +96,11 @@ $(PEERS_STAMP): | $(STAMP)
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/bench_peers.py
 	$(BIN)/python benchmarks/bench_prompt_lookup.py --peers $(PEERS)
+	$(BIN)/python benchmarks/bench_ctx_ladder.py
+
+# The compute-context ladder on the portable graph: ctx 256 vs ctx 4096 with and without it (issue 21).
+bench-ctx-ladder: $(STAMP)
+	$(BIN)/python benchmarks/bench_ctx_ladder.py
 
 # Each stage's peak RSS and wall time of `qeff infer` on synthetic checkpoints of real shapes (issue 18):
 # 135m, 1b, 3b, 7b by default (SIZES=135m,1b selects); what the memory preflight refuses is reported

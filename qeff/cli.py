@@ -267,6 +267,10 @@ def _compile_options(args, backend: str, out: _Out, serving=None) -> dict:
 def _check_cpu_graph(args, backend: str) -> None:
     """Usage errors of the CPU graph options, before anything is loaded or exported (the sizes were
     checked by :func:`_check_args`)."""
+    if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph == "fused" or args.mxfp6 or args.mxint8):
+        if _ladder_asked(args):
+            raise UsageError("--comp_ctx_lengths applies to the portable graph (the fused CPU graph attends the valid length "
+                             "already, and the emulated tiers keep the plain graph); drop it, or --ort-graph/--weights/--mxfp6/--mxint8")
     if backend == "ort" and (args.weights != "fp32" or args.int8_activations or args.ort_graph == "fused"):
         if getattr(args, "full_batch_size", None) or getattr(args, "num_speculative_tokens", None):
             raise UsageError("continuous batching and speculative targets run the portable graph; drop --ort-graph fused, "
@@ -288,7 +292,8 @@ def _target(args, backend: str, options: dict):
 
     ort = backend == "ort"
     return CompileTarget(backend, graph=args.ort_graph, weights=args.weights, int8_activations=args.int8_activations,
-                         mxfp6=ort and bool(args.mxfp6), mxint8=ort and bool(args.mxint8), options=options)
+                         mxfp6=ort and bool(args.mxfp6), mxint8=ort and bool(args.mxint8), options=options,
+                         comp_ctx_lengths=getattr(args, "comp_ctx_lengths", None))
 
 
 def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None = None, force: bool = False, variant=None,
@@ -310,6 +315,12 @@ def _compile(pipe, backend: str, args, options: dict, *, onnx_path: Path | None 
     return qeff.compile(onnx_path, backend, force=force, progress=True, **options)
 
 
+def _ladder_asked(args) -> bool:
+    from qeff.serving.options import serving_options
+
+    return serving_options(args).ladder_asked
+
+
 def _check_no_emulated_serving(args, variant) -> None:
     """On ort, --mxfp6/--mxint8 emulate the formats on the base graph (qeff.precision); the
     serving graph variants are not emulated."""
@@ -323,7 +334,8 @@ def _check_no_emulated_serving(args, variant) -> None:
 
 def _session_options(args) -> dict:
     return dict(threads=getattr(args, "threads", None), device_ids=_device_group(args),
-                specialize_decode=getattr(args, "specialize_decode", None))
+                specialize_decode=getattr(args, "specialize_decode", None),
+                comp_ctx_lengths=getattr(args, "comp_ctx_lengths", None))
 
 
 def _prompts(args) -> list[str]:
@@ -474,6 +486,9 @@ def cmd_infer(args) -> int:
             "continuous batching and speculative decoding run on the ort backend here; for Cloud AI 100, compile with "
             "`qeff compile --backend qaic --full_batch_size N` (or --num_speculative_tokens K): qeff has no runtime for those QPCs yet"
         )
+    if backend == "qaic" and serving.ladder_asked:
+        raise UsageError("a compute-context ladder QPC has no runtime in qeff yet; build it with `qeff compile --backend qaic "
+                         "--comp_ctx_lengths …` and run it with QEfficient, or drop --comp_ctx_lengths")
     if serving.prompt_lookup and (backend == "qaic" or args.mxfp6 or args.mxint8):
         raise UsageError("prompt-lookup decoding runs on the ort backend's fp32/int8/int4 graphs here; drop --prompt_lookup, "
                          "or --backend qaic / --mxfp6 / --mxint8")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from qeff.errors import UsageError, VerificationError
+from qeff.serving.ctx_ladder import OFF_WORDS, parse_ladder
 
 __all__ = ["CompileTarget", "GRAPHS", "build_fused", "check_fused", "compile_cpu", "check_against_portable", "CHECK_TOLERANCES",
            "CHECK_STEPS", "weights_files", "check_unfit_reason"]
@@ -60,6 +61,24 @@ class CompileTarget:
     mxfp6: bool = False
     mxint8: bool = False
     options: dict = field(default_factory=dict)
+    #: The compute-context ladder of the portable graph (``--comp_ctx_lengths``; qeff.serving.ctx_ladder),
+    #: as the user gave it: None = the default (on ort the default ladder when it has more than one
+    #: rung; none on qaic, whose runtime here does not switch lengths), an off word = none, else lengths.
+    comp_ctx_lengths: str | tuple[int, ...] | None = None
+
+    @property
+    def ladder_asked(self) -> bool:
+        """Lengths listed by the user: on ort with graph ``auto`` they pick the portable graph."""
+        c = self.comp_ctx_lengths
+        return c is not None and not (isinstance(c, str) and c.strip().lower() in OFF_WORDS)
+
+    def ladder(self) -> tuple[int, ...] | None:
+        """The ladder the portable graph is built with, or None for the plain graph (an off word, a
+        default ladder of one rung, an emulated tier, or qaic without listed lengths)."""
+        if self.emulated or (self.comp_ctx_lengths is None and self.backend != "ort"):
+            return None
+        ladder = parse_ladder(self.comp_ctx_lengths, self.shape()[2])
+        return ladder if ladder and (self.ladder_asked or len(ladder) > 1) else None
 
     @property
     def emulated(self) -> bool:

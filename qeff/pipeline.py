@@ -525,13 +525,15 @@ class Pipeline:
         the pytest plugin pass): on ort, the emulated precision tier for ``mxfp6``/``mxint8``, else
         the fused CPU graph where ``graph`` allows it and covers the model (and no serving variant
         is asked for), checked against the portable graph by :meth:`check_graph` unless ``check``
-        is False; otherwise the portable graph. A backend name with ``qeff.compile``'s
-        ``options`` compiles the portable graph, as it always did."""
+        is False; otherwise the portable graph, with the target's compute-context ladder
+        (:meth:`~qeff.cpu_graph.CompileTarget.ladder`: by default on ort when ``ctx_len`` > 256;
+        lengths listed with graph ``auto`` pick the portable graph). A backend name with
+        ``qeff.compile``'s ``options`` compiles the plain portable graph, as it always did."""
         from qeff.compilers import compile as compile_graph
         from qeff.cpu_graph import CompileTarget, build_fused
 
-        if isinstance(target, str):
-            target = CompileTarget(target, graph="portable", options=options)
+        if isinstance(target, str):  # the plain portable graph, as this form always gave
+            target = CompileTarget(target, graph="portable", options=options, comp_ctx_lengths="off")
         elif options:
             raise UsageError(f"Pipeline.compile(target): put {', '.join(sorted(options))} in the target's options")
         progress = self.progress if progress is None else progress
@@ -543,7 +545,7 @@ class Pipeline:
 
             onnx_path = emulated_graph(self.onnx_path, mxfp6=target.mxfp6, mxint8=target.mxint8, force=force)
             return compile_graph(onnx_path, "ort", force=force, progress=progress, **target.options)
-        if target.backend == "ort" and not serving and target.graph != "portable":
+        if target.backend == "ort" and not serving and target.graph != "portable" and not (target.graph == "auto" and target.ladder_asked):
             fused = build_fused(self, target, force=force, say=say)
             if fused is not None:
                 if check:
@@ -554,8 +556,17 @@ class Pipeline:
 
             check_cpu_options(self.source, graph=target.graph, weights=target.weights,
                               int8_activations=target.int8_activations)
+        options, ladder = dict(target.options), target.ladder()
+        if ladder:  # the portable graph with the compute-context input (qeff.serving.ctx_ladder)
+            from dataclasses import replace
+
+            from qeff.serving.variant import GraphVariant
+
+            variant, serving = replace(variant or GraphVariant(), comp_ctx=True), True
+            if target.backend == "qaic":  # one specialization per length; ONNX Runtime takes the ladder when a session opens
+                options["comp_ctx_lengths"] = list(ladder)
         onnx_path = self.onnx_path if not serving else self.export(variant=variant).path / ONNX_FILE
-        return compile_graph(onnx_path, target.backend, force=force, progress=progress, **target.options)
+        return compile_graph(onnx_path, target.backend, force=force, progress=progress, **options)
 
     def check_graph(self, built: Built, target, *, force: bool = False, say: Callable[[str], None] = print) -> dict | None:
         """The stage after a fused build: the fused graph against the portable graph of this export

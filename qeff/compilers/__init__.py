@@ -82,6 +82,7 @@ def compile(
     extra_options: tuple[str, ...] = (),
     full_batch_size: int | None = None,
     num_speculative_tokens: int | None = None,
+    comp_ctx_lengths=None,
     dry_run: bool = False,
     force: bool = False,
     progress: bool = False,
@@ -92,7 +93,9 @@ def compile(
     ``dry_run`` (qaic only) writes the compiler's files and command without running it and returns
     a :class:`qeff.compilers.qaic.QaicCompileResult`. ``full_batch_size`` / ``num_speculative_tokens``
     compile a serving graph variant (:mod:`qeff.serving.graph`) and are recorded in the manifest,
-    from which :func:`qeff.open_session` opens the matching session."""
+    from which :func:`qeff.open_session` opens the matching session. ``comp_ctx_lengths`` (qaic):
+    the compute-context ladder's specializations (a graph with ``comp_ctx_lengths``); ONNX
+    Runtime takes the ladder when a session opens, so the ort artifact does not record one."""
     from qeff._system import library_versions
 
     onnx_path = Path(onnx_path)
@@ -104,6 +107,9 @@ def compile(
     if backend == "ort":
         from qeff.compilers.ort import OPTIMIZED, build_ort, ort_dir_name
 
+        if comp_ctx_lengths is not None:
+            raise UsageError("ONNX Runtime picks the compute-context ladder when a session opens: pass comp_ctx_lengths "
+                             "to qeff.open_session, not to compile")
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in serving.values()):
             raise UsageError(f"full_batch_size and num_speculative_tokens must be positive integers (got {serving})")
         options = {**options, **serving}
@@ -117,7 +123,7 @@ def compile(
         from qeff.compilers import qaic
 
         qopts = qaic.QaicCompileOptions(
-            **options, **serving, num_cores=num_cores, num_devices=num_devices, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
+            **options, **serving, num_cores=num_cores, comp_ctx_lengths=comp_ctx_lengths, num_devices=num_devices, mxfp6=mxfp6, mxint8=mxint8, mos=mos,
             aic_enable_depth_first=aic_enable_depth_first, aic_hw_version=aic_hw_version, extra_options=tuple(extra_options),
         )
         target = Path(out_dir) if out_dir else onnx_path.parent / qaic.qpc_dir_name(qopts)

@@ -85,7 +85,7 @@ _MANAGED_FLAGS = {
     "-model": "the onnx_path argument",
     "-aic-hw": None,
     "-aic-hw-version": "aic_hw_version=",
-    "-network-specialization-config": "batch_size=/prompt_len=/ctx_len=/full_batch_size=/num_speculative_tokens=",
+    "-network-specialization-config": "batch_size=/prompt_len=/ctx_len=/full_batch_size=/num_speculative_tokens=/comp_ctx_lengths=",
     "-convert-to-fp16": None,
     "-retained-state": None,
     "-aic-num-cores": "num_cores=",
@@ -129,6 +129,9 @@ class QaicCompileOptions:
     full_batch_size: int | None = None
     #: Speculative-decoding target: decode verifies K+1 positions (the graph needs ``num_logits_to_keep``).
     num_speculative_tokens: int | None = None
+    #: Compute-context ladder (the graph needs ``comp_ctx_lengths``): one prefill and one decode
+    #: specialization per length, each attending that many cache slots; the last is ctx_len.
+    comp_ctx_lengths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mos is not None and self.mos <= 0:
@@ -142,6 +145,10 @@ class QaicCompileOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name} must be a positive integer (got {value!r})")
+        if self.comp_ctx_lengths is not None:
+            from qeff.serving.ctx_ladder import parse_ladder
+
+            object.__setattr__(self, "comp_ctx_lengths", parse_ladder(list(self.comp_ctx_lengths), self.ctx_len))
         if self.full_batch_size is not None and self.batch_size != 1:
             raise UsageError(
                 f"batch_size={self.batch_size} with full_batch_size={self.full_batch_size}: with continuous batching "
@@ -168,9 +175,11 @@ class QaicCompileOptions:
         keys of plain compiles stay what they were)."""
         out = asdict(self)
         out["extra_options"] = list(self.extra_options)
-        for name in ("full_batch_size", "num_speculative_tokens"):
+        for name in ("full_batch_size", "num_speculative_tokens", "comp_ctx_lengths"):
             if out[name] is None:
                 del out[name]
+            elif name == "comp_ctx_lengths":
+                out[name] = list(out[name])
         return out
 
 
@@ -208,7 +217,9 @@ def specializations(options: QaicCompileOptions) -> dict:
 
     Continuous batching (QEfficient's ``create_and_dump_specializations``): both entries bind
     ``full_batch_size`` (the cache's slots), prefill runs ``batch_size`` (1) rows and decode
-    ``full_batch_size``. A speculative target (QEfficient's ``build_decode_specialization`` for a
+    ``full_batch_size``. A compute-context ladder (QEfficient's ``comp_ctx_lengths_prefill`` /
+    ``_decode``, here one ladder for both) repeats prefill, then decode, once per length, each
+    entry binding ``comp_ctx_lengths``. A speculative target (QEfficient's ``build_decode_specialization`` for a
     TLM) binds ``num_logits_to_keep``: 1 for prefill, K+1 for decode, whose ``seq_len`` is K+1.
     """
     o = options
@@ -219,7 +230,14 @@ def specializations(options: QaicCompileOptions) -> dict:
         prefill["full_batch_size"] = decode["full_batch_size"] = o.full_batch_size
     if o.num_speculative_tokens is not None:
         prefill["num_logits_to_keep"], decode["num_logits_to_keep"] = 1, decode_len
-    entries = [prefill] if decode == prefill else [prefill, decode]
+    if o.comp_ctx_lengths is not None:
+        # QEfficient's compute-context-length layout: every prefill entry (one per length), then
+        # every decode entry, each binding ``comp_ctx_lengths`` to the slots it attends.
+        entries = [dict(prefill, comp_ctx_lengths=c) for c in o.comp_ctx_lengths]
+        if decode != prefill:
+            entries += [dict(decode, comp_ctx_lengths=c) for c in o.comp_ctx_lengths]
+    else:
+        entries = [prefill] if decode == prefill else [prefill, decode]
     return {"specializations": [{k: str(v) for k, v in e.items()} for e in entries]}
 
 
@@ -262,6 +280,7 @@ def check_serving_inputs(onnx_path: str | os.PathLike, options: QaicCompileOptio
     for option, name, dim, flag in (
         ("full_batch_size", "batch_index", "full_batch_size", "continuous_batching"),
         ("num_speculative_tokens", "num_logits_to_keep", "num_logits_to_keep", "speculative"),
+        ("comp_ctx_lengths", "comp_ctx_lengths", "comp_ctx_lengths", "comp_ctx"),
     ):
         wanted = getattr(options, option) is not None
         if wanted and not (name in inputs and dim in dims):

@@ -18,13 +18,17 @@ def open_session(
     binding: str = "inplace",
     device_ids: list[int] | None = None,
     specialize_decode: bool | None = None,
+    comp_ctx_lengths=None,
 ) -> Session:
     """Open a compiled artifact directory; dimensions come from its manifest (ORT) or the QPC
     itself (Cloud AI). ``device_ids`` is the Cloud AI device group; ``threads``/``binding`` are ORT's.
 
     ``specialize_decode`` (ORT): a second session with every dim pinned for decode steps, ~12%
     more decode tokens/s for a second copy of the weights in memory. None (default) turns it on
-    when the weights are under ``SPECIALIZE_DECODE_MAX_BYTES``."""
+    when the weights are under ``SPECIALIZE_DECODE_MAX_BYTES``.
+
+    ``comp_ctx_lengths`` (ORT portable graph with the ladder input): the ladder, as a list or a
+    ``--comp_ctx_lengths`` string; None = the default ladder (:mod:`qeff.serving.ctx_ladder`)."""
     from pathlib import Path
 
     from qeff.artifacts import check_holder
@@ -53,6 +57,7 @@ def open_session(
             threads=threads,
             prompt_len=options["prompt_len"],
             num_speculative_tokens=options.get("num_speculative_tokens"),
+            comp_ctx_lengths=comp_ctx_lengths,
         )
     if backend == "ort" and inputs.get("graph") == "fused":
         from qeff.layout import ORT_FUSED
@@ -76,6 +81,7 @@ def open_session(
             binding=binding,
             prompt_len=options["prompt_len"],
             specialize_decode=specialize_decode,
+            comp_ctx_lengths=comp_ctx_lengths,
         )
         return session
     if backend == "qaic":

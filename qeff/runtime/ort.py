@@ -12,7 +12,8 @@ Binding modes (``binding=``):
   the slow reference the other two are checked against.
 
 ``specialize_decode=True`` opens a second session for decode with every dim pinned
-(``batch_size``, ``seq_len = 1``, ``ctx_len``), the ORT counterpart of a Cloud AI decode
+(``batch_size``, ``seq_len = 1``, ``ctx_len``, and with a compute-context ladder
+``comp_ctx_lengths`` = its first rung: decode steps at longer rungs run in the general session), the ORT counterpart of a Cloud AI decode
 specialization: ORT then folds the graph's shape arithmetic away (~4,000 → ~1,600 nodes per step
 on SmolLM2-135M). It costs a second copy of the weights (ORT prepacks each session's MatMul
 weights privately); ``benchmarks/bench_generate.py --specialize-decode`` measures the trade.
@@ -27,8 +28,10 @@ import numpy as np
 
 from qeff._system import physical_cores
 from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
+from qeff.serving import ctx_ladder
 
-__all__ = ["OrtSession", "session_options", "onnxruntime_module", "open_inference_session", "CacheInputs", "BINDINGS"]
+__all__ = ["OrtSession", "session_options", "onnxruntime_module", "open_inference_session", "CacheInputs", "BINDINGS",
+           "ladder_of", "comp_ctx_feed"]
 
 BINDINGS = ("inplace", "swap", "numpy")
 
@@ -87,6 +90,28 @@ class CacheInputs:
         self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
 
 
+def ladder_of(cache: CacheInputs, comp_ctx_lengths, ctx_len: int):
+    """The ladder a session runs: None for a graph without ``comp_ctx_lengths``; else the one asked
+    for (a list, a ``--comp_ctx_lengths`` string; None = :func:`qeff.serving.ctx_ladder.default_ladder`)."""
+    if "comp_ctx_lengths" not in cache.input_names:
+        if comp_ctx_lengths is not None and ctx_ladder.parse_ladder(comp_ctx_lengths, ctx_len) is not None:
+            raise UsageError("this graph has no comp_ctx_lengths input: export it with the compute-context ladder "
+                             "(GraphVariant(comp_ctx=True)), or drop comp_ctx_lengths")
+        return None
+    # A ladder graph always runs a ladder; "off" is the full length, one rung.
+    return ctx_ladder.parse_ladder(comp_ctx_lengths, ctx_len) or (ctx_len,)
+
+
+def comp_ctx_feed(ladder, position_ids: np.ndarray, attended: list[int]) -> np.ndarray | None:
+    """The ``comp_ctx_lengths`` input of a step: zeros of the smallest rung above its positions
+    (only the length is read), recorded in ``attended``; None without a ladder."""
+    if ladder is None:
+        return None
+    rung = ctx_ladder.pick(ladder, position_ids)
+    attended.append(rung)
+    return np.zeros((rung,), dtype=np.int64)
+
+
 class OrtSession:
     backend = "ort"
 
@@ -100,6 +125,7 @@ class OrtSession:
         binding: str = "inplace",
         prompt_len: int | None = None,
         specialize_decode: bool = False,
+        comp_ctx_lengths=None,
     ):
         if binding not in BINDINGS:
             raise UsageError(f"unknown ORT binding {binding!r}; choose one of {', '.join(BINDINGS)}")
@@ -115,6 +141,10 @@ class OrtSession:
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.batch_size, self.ctx_len, self.binding = batch_size, ctx_len, binding
         self.prompt_len = prompt_len  # ORT takes any seq_len; set when opened from an artifact
+        #: The compute-context ladder (a graph with ``comp_ctx_lengths``; None = the graph attends
+        #: ctx_len) and the length each step attended, for tests and reports.
+        self.ladder = ladder_of(cache, comp_ctx_lengths, ctx_len)
+        self.attended: list[int] = []
         shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, 1, self.vocab_size), np.float32, "cpu")
         self.decode_session = self.session
@@ -123,7 +153,12 @@ class OrtSession:
             return
         if specialize_decode:
             opts = session_options(self.threads)
-            for dim, value in (("batch_size", batch_size), ("seq_len", 1), ("ctx_len", ctx_len)):
+            pins = [("batch_size", batch_size), ("seq_len", 1), ("ctx_len", ctx_len)]
+            if self.ladder is not None:
+                # The first rung, where short sequences decode: pinned like the rest (the unpinned
+                # comp_ctx_lengths dim cost ~12% a step); longer rungs decode in the general session.
+                pins.append(("comp_ctx_lengths", self.ladder[0]))
+            for dim, value in pins:
                 opts.add_free_dimension_override_by_name(dim, value)
             self.decode_session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._io = self.session.io_binding()
@@ -145,15 +180,20 @@ class OrtSession:
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+        comp = comp_ctx_feed(self.ladder, position_ids, self.attended)
         if self.binding == "numpy":
             feeds = {"input_ids": input_ids, "position_ids": position_ids, **dict(zip(self.past_names, self._np_cache))}
+            if comp is not None:
+                feeds["comp_ctx_lengths"] = comp
             outs = self.session.run(None, feeds)
             self._np_cache = outs[1:]
             return outs[0][:, 0, :]
-        decode = input_ids.shape[1] == 1
+        decode = input_ids.shape[1] == 1 and (comp is None or comp.shape[0] == self.ladder[0])
         session, io = (self.decode_session, self._decode_io) if decode else (self.session, self._io)
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("position_ids", position_ids)
+        if comp is not None:
+            io.bind_cpu_input("comp_ctx_lengths", comp)
         session.run_with_iobinding(io)
         if self.binding == "swap":
             self._cache, self._cache_out = self._cache_out, self._cache

@@ -91,6 +91,11 @@ class QaicSession:
         self.compile_dir = self.qpc_dir.parent
         manifest = _read_json(self.compile_dir / MANIFEST_FILE)
         compiled_devices = manifest.get("options", {}).get("num_devices") if manifest else None
+        if manifest and manifest.get("options", {}).get("comp_ctx_lengths"):
+            raise UsageError(
+                f"the QPC at {self.qpc_dir} was compiled with a compute-context ladder, and qeff's Cloud AI runtime does not "
+                f"switch its specializations yet; run it with QEfficient, or recompile without --comp_ctx_lengths"
+            )
         if device_ids is None:
             device_ids = list(range(compiled_devices or 1))
         self.device_ids = [int(d) for d in device_ids]

@@ -5,6 +5,7 @@
     --draft_model_name M          the draft model of speculative decoding (infer; default K = 3)
     --prompt_lookup N             prompt-lookup decoding: N tokens drafted per step from the text itself (infer, execute)
     --prompt_lookup_ngram M       the longest n-gram looked up (default 3)
+    --comp_ctx_lengths L          compute context length: attention reads the first C slots, C from the ladder L (compile)
     --prefix_caching              reuse a free slot's cached prompt prefix (with --full_batch_size)
     --temperature T --top_k K --top_p P --repetition_penalty R --seed S   sampling (greedy when T = 0)
 
@@ -39,6 +40,22 @@ class ServingOptions:
     #: It keeps the base graph (the fused CPU graph verifies several positions itself).
     prompt_lookup: int | None = None
     prompt_lookup_ngram: int = DEFAULT_NGRAM_MAX
+    #: ``--comp_ctx_lengths`` as given: None = the default ladder where the graph is portable,
+    #: an off word = no ladder, else the lengths (checked against --ctx_len).
+    comp_ctx_lengths: str | None = None
+
+    @property
+    def ladder_asked(self) -> bool:
+        """The user listed lengths (not the default, not off)."""
+        from qeff.serving.ctx_ladder import OFF_WORDS
+
+        return self.comp_ctx_lengths is not None and self.comp_ctx_lengths.strip().lower() not in OFF_WORDS
+
+    @property
+    def ladder_off(self) -> bool:
+        from qeff.serving.ctx_ladder import OFF_WORDS
+
+        return self.comp_ctx_lengths is not None and self.comp_ctx_lengths.strip().lower() in OFF_WORDS
 
     @property
     def variant(self) -> GraphVariant:
@@ -57,6 +74,11 @@ def add_compile_args(p) -> None:
           help="continuous batching: N cache slots, each prompt admitted into a free one as soon as a row finishes (not with --batch_size)")
     _flag(p, "--num_speculative_tokens", type=int, default=None,
           help="speculative decoding: tokens the draft proposes per step, verified by the target in one step (default 3 with --draft_model_name)")
+    _flag(p, "--comp_ctx_lengths", default=None, metavar="L",
+          help="compute context length of the portable graph: each step attends only the first C cache slots, C the smallest "
+               "of these comma-separated lengths above every position (e.g. 256,1024; ctx_len is added last). Default on the "
+               "ort portable graph: 256, 1024, 4096, … up to --ctx_len; 'off' attends all --ctx_len slots every step. Cloud AI: "
+               "one prefill and one decode specialization per length")
 
 
 def add_draft_args(p) -> None:
@@ -135,8 +157,13 @@ def serving_options(args: argparse.Namespace) -> ServingOptions:
             raise UsageError("prompt-lookup decoding is greedy only: drop --temperature and --repetition_penalty, or --prompt_lookup")
     if draft is not None and not sampling.plain_greedy:
         raise UsageError("speculative decoding here is greedy only: drop --temperature and --repetition_penalty, or the draft")
+    comp = getattr(args, "comp_ctx_lengths", None)
+    if comp is not None and getattr(args, "ctx_len", None):
+        from qeff.serving.ctx_ladder import parse_ladder
+
+        parse_ladder(comp, args.ctx_len)  # one sentence and exit 2 for a bad list, before any slow work
     args._serving_options = ServingOptions(
         full_batch_size=fbs, num_speculative_tokens=k, draft_model_name=draft, prefix_caching=prefix, sampling=sampling,
-        prompt_lookup=lookup, prompt_lookup_ngram=ngram or DEFAULT_NGRAM_MAX,
+        prompt_lookup=lookup, prompt_lookup_ngram=ngram or DEFAULT_NGRAM_MAX, comp_ctx_lengths=comp,
     )
     return args._serving_options

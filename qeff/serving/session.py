@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qeff.errors import UsageError
-from qeff.runtime.ort import CacheInputs, onnxruntime_module as _ort, open_inference_session, session_options
+from qeff.runtime.ort import CacheInputs, comp_ctx_feed, ladder_of, onnxruntime_module as _ort, open_inference_session, session_options
 from qeff.serving.variant import GraphVariant
 
 __all__ = ["ServingOrtSession", "SlotView"]
@@ -40,6 +40,7 @@ class ServingOrtSession:
         prompt_len: int | None = None,
         binding: str = "inplace",
         num_speculative_tokens: int | None = None,
+        comp_ctx_lengths=None,
     ):
         if binding not in ("inplace", "numpy"):
             raise UsageError(f"unknown binding {binding!r} for a serving session; choose inplace or numpy")
@@ -50,7 +51,8 @@ class ServingOrtSession:
         self.session = open_inference_session(self.model_path, session_options(threads))
         cache = CacheInputs(self.session)
         self.variant = GraphVariant(continuous_batching="batch_index" in cache.input_names,
-                                    speculative="num_logits_to_keep" in cache.input_names)
+                                    speculative="num_logits_to_keep" in cache.input_names,
+                                    comp_ctx="comp_ctx_lengths" in cache.input_names)
         if self.variant.continuous_batching != (full_batch_size is not None):
             have = "has" if self.variant.continuous_batching else "has no"
             raise UsageError(f"{self.model_path} {have} a batch_index input: open it {'with' if self.variant.continuous_batching else 'without'} full_batch_size")
@@ -63,6 +65,9 @@ class ServingOrtSession:
         #: Cache rows: the slots of continuous batching, else the batch.
         self.cache_rows = full_batch_size or batch_size
         self.binding = binding
+        #: The compute-context ladder and the length each step attended (see OrtSession).
+        self.ladder = ladder_of(cache, comp_ctx_lengths, ctx_len)
+        self.attended: list[int] = []
         shape = (self.cache_rows, self.num_kv_heads, ctx_len, self.head_dim)
         if binding == "numpy":
             self._np_cache = [np.zeros(shape, np.float32) for _ in self.past_names]
@@ -107,6 +112,9 @@ class ServingOrtSession:
             feeds["num_logits_to_keep"] = np.zeros((keep or 1, 1), dtype=np.int64)
         elif keep not in (None, 1):
             raise UsageError("keep= needs a speculative-target graph (export with num_logits_to_keep)")
+        comp = comp_ctx_feed(self.ladder, feeds["position_ids"], self.attended)
+        if comp is not None:
+            feeds["comp_ctx_lengths"] = comp
         if self.binding == "numpy":
             outs = self.session.run(None, {**feeds, **dict(zip(self.past_names, self._np_cache))})
             self._np_cache = outs[1:]
@@ -154,7 +162,7 @@ class SlotView:
         if len(set(slots)) != len(slots) or not all(0 <= s < session.cache_rows for s in slots):
             raise UsageError(f"slots {slots} must be distinct slots in [0, {session.cache_rows})")
         self.session, self.slots = session, np.asarray(slots, dtype=np.int64)
-        self.variant = GraphVariant(speculative=session.variant.speculative)
+        self.variant = GraphVariant(speculative=session.variant.speculative, comp_ctx=session.variant.comp_ctx)
         self.batch_size, self.ctx_len, self.prompt_len = len(slots), session.ctx_len, session.prompt_len
         self.num_layers = session.num_layers
 

@@ -102,6 +102,7 @@ class RetainedStateLayer(CacheLayerMixin):
         self._slots = slots  # (B, S) in [0, C)
         self._valid = valid  # (B, S) bool
         self._batch_index = batch_index  # (B, 1) rows of the full cache this step runs, or None
+        self._attend: int | None = None  # compute context length: attention reads slots [0, attend)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,7 +129,7 @@ class RetainedStateLayer(CacheLayerMixin):
         if self._batch_index is None:
             self.keys = self._write(self.keys, key_states)
             self.values = self._write(self.values, value_states)
-            return self.keys, self.values
+            return self._visible(self.keys), self._visible(self.values)
         # Continuous batching: attend over this step's rows, write only the new tokens back.
         seen = []
         for name, new in (("keys", key_states), ("values", value_states)):
@@ -136,10 +137,18 @@ class RetainedStateLayer(CacheLayerMixin):
             rows = full.index_select(0, self._batch_index[:, 0])  # (B, H, C, D), read before the write
             index, update = self._merge(rows, new)
             setattr(self, name, scatter_rows(full, self._batch_index, self._slots, update))
-            seen.append(rows.scatter(2, index, update))
+            seen.append(self._visible(rows.scatter(2, index, update)))
         return seen[0], seen[1]
 
+    def _visible(self, cache: torch.Tensor) -> torch.Tensor:
+        """The slots attention reads: all of them, or the first ``attend`` (compute context
+        length). The slice is taken after the full-size write, so the retained output and the
+        in-place binding are those of the graph without it."""
+        return cache if self._attend is None else cache[:, :, : self._attend]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self._attend is not None:
+            return self._attend, 0  # the compute context length
         return self.keys.shape[2], 0  # ctx_len, with or without batch_index
 
     def get_seq_length(self) -> int:
@@ -174,6 +183,12 @@ class RetainedStateCache(Cache):
         super().__init__(layers=[RetainedStateLayer(k, v, slots, valid, batch_index) for k, v in past])
         self.position_ids = position_ids
         self.batch_index = batch_index
+
+    def attend(self, length) -> None:
+        """Let attention read only cache slots ``0 … length-1`` (every position of the step must
+        be below ``length``); writes still go to the whole cache."""
+        for layer in self.layers:
+            layer._attend = length
 
     def retained(self) -> list[torch.Tensor]:
         """The updated cache, flattened as ``[k0, v0, k1, v1, …]`` (the graph's output order)."""

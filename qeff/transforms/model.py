@@ -118,28 +118,35 @@ class QEffCausalLM(nn.Module):
         ``batch_index`` (B, 1), the cache rows this step runs (continuous batching; the cache then
         has ``full_batch_size`` rows); ``num_logits_to_keep`` (N, 1), read for its length only:
         return the logits of the last N positions up to each row's last valid token (B, N, vocab),
-        as a speculative-decoding target needs.
+        as a speculative-decoding target needs; ``comp_ctx_lengths`` (C,), read for its length
+        only: attention reads cache slots ``0 … C-1`` (the caller keeps every position of the step
+        below C), while the cache is written and returned whole.
 
         They are ``**serving`` and not named keyword parameters because the TorchScript exporter
         fills every *named* parameter after the positional inputs with its default
         (``_decide_input_format``): with one layer (four inputs) ``num_logits_to_keep=None`` was
         appended to ``past`` and no one-layer model could be exported (issue 19)."""
-        unknown = set(serving) - {"batch_index", "num_logits_to_keep"}
+        unknown = set(serving) - {"batch_index", "num_logits_to_keep", "comp_ctx_lengths"}
         if unknown:
             raise TypeError(f"forward() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
         batch_index = serving.get("batch_index")
         num_logits_to_keep = serving.get("num_logits_to_keep")
+        comp_ctx_lengths = serving.get("comp_ctx_lengths")
         if len(past) != 2 * self.shape.num_layers:
             raise ValueError(f"expected {2 * self.shape.num_layers} cache tensors, got {len(past)}")
         ctx_len = past[0].shape[2]
         pairs = list(zip(past[0::2], past[1::2]))
         # The base graph builds its cache exactly as before the serving variants existed.
         cache = RetainedStateCache(pairs, position_ids) if batch_index is None else RetainedStateCache(pairs, position_ids, batch_index=batch_index)
+        attended = ctx_len
+        if comp_ctx_lengths is not None:
+            attended = comp_ctx_lengths.shape[0]  # symbolic in the trace: one graph for every C
+            cache.attend(attended)
         decoder = self.spec.decoder(self.model)
         out = decoder(
             input_ids=input_ids,
             position_ids=position_ids.clamp(min=0),  # pads: any valid position; their output is dropped
-            attention_mask=self._masks(position_ids, ctx_len),
+            attention_mask=self._masks(position_ids, attended),
             use_cache=True,
             **{self._cache_kw: cache},
         )
