@@ -177,10 +177,17 @@ def test_full_tier_of_a_model_that_does_not_fit_never_loads_it(tmp_path):
     rss, by = _run(tmp_path, LARGE, env={"QEFF_MEMORY_LIMIT": LIMIT}, trap=True)
     outcomes = {key: r["outcome"] for key, r in by.items()}
     # HF vs transformed PyTorch may run once verification streams layer by layer (Pipeline.verify
-    # chooses, and the preflight prices it); every stage that runs the whole portable graph in
-    # ONNX Runtime (~3.1x the weights for its optimiser) cannot fit 2 GB and skips.
+    # chooses, and the preflight prices it), and so may the export stage's check of the graph one
+    # decoder layer at a time (since the reference and the candidate share the vocabulary tables it
+    # fits 2 GB); every stage that runs the whole portable graph in ONNX Runtime (~3.1x the weights
+    # for its optimiser) cannot fit 2 GB and skips.
     assert outcomes.pop(("transform", None)) in ("skipped", "passed"), rss["stdout"][-3000:]
-    assert outcomes == {key: "skipped" for key in outcomes} and len(outcomes) == 7, rss["stdout"][-3000:]
+    export = outcomes.pop(("export", None))
+    assert export in ("skipped", "passed"), rss["stdout"][-3000:]
+    assert outcomes == {key: "skipped" for key in outcomes} and len(outcomes) == 6, rss["stdout"][-3000:]
+    if export == "passed":  # then it is the per-layer check, and it found nothing wrong
+        comparison = by[("export", None)]["data"]["comparison"]
+        assert comparison["candidate"] == "ort" and comparison["failures"] == [] and comparison["tokens_total"] > 0
     for key in (("transform", None), ("export", None), ("compile", "ort"), ("generation", "ort"), ("benchmark", "ort")):
         if by[key]["outcome"] == "passed":
             continue
@@ -188,13 +195,25 @@ def test_full_tier_of_a_model_that_does_not_fit_never_loads_it(tmp_path):
         assert "cannot run in the memory available here" in message and "would need about" in message, (key, message)
         assert "QEFF_MEMORY_LIMIT" in message or "2.0 GiB" in message, message
     # The export ran, streamed from the cache (the loader is a trap), and the dry run used it.
-    assert "exported graph" in by[("export", None)]["message"]
+    assert export == "passed" or "exported graph" in by[("export", None)]["message"]
     assert list((tmp_path / "home").rglob("export-*/model.onnx.data"))
     assert "dry run: the compiler's files are in" in by[("compile", "qaic")]["message"]
     fp32 = 4 * LARGE.parameters
     ratio = (rss["peak"] - rss["base"]) / fp32
     print(f"full tier, {LIMIT} budget: peak {ratio:.2f}x the fp32 weights above the imports")
-    assert ratio < 0.85, f"the full tier peaked at {ratio:.2f}x the fp32 weights: something held them"
+    if export == "passed":  # the per-layer check ran: the next test's bound (tables, a few layers)
+        assert rss["peak"] - rss["base"] < _per_layer_bound(), f"the full tier peaked at {ratio:.2f}x the fp32 weights"
+    else:
+        assert ratio < 0.85, f"the full tier peaked at {ratio:.2f}x the fp32 weights: something held them"
+
+
+def _per_layer_bound() -> float:
+    """What a full tier checking ONNX Runtime one decoder layer at a time may hold above its imports:
+    both vocabulary tables twice (PyTorch's copy and ONNX Runtime's own copy of the untied head, which
+    the export stores transposed), four decoder layers and 300 MB; the layers held whole would pass it."""
+    table = 4 * LARGE.vocab * LARGE.hidden
+    layer = (4 * LARGE.parameters - 2 * table) / LARGE.layers
+    return 2 * 2 * table + 4 * layer + 300e6
 
 
 def test_full_tier_checks_onnx_runtime_layer_by_layer_when_the_whole_graph_does_not_fit(tmp_path):
@@ -209,15 +228,12 @@ def test_full_tier_checks_onnx_runtime_layer_by_layer_when_the_whole_graph_does_
     comparison = by[("export", None)]["data"]["comparison"]
     assert comparison["failures"] == [] and comparison["tokens_total"] > 0
     assert comparison["reference"] == "pytorch" and comparison["candidate"] == "ort"
-    # This shape's two vocabulary tables are 46 % of its weights (a 7B's: 4 %), and the reference
-    # and the transformed model each hold their own (they share no tensor): 0.92x the weights. The
-    # bound is those, four decoder layers and 300 MB; the layers held whole would pass it.
+    # This shape's two vocabulary tables are 46 % of its weights (a 7B's: 4 %).
     table = 4 * LARGE.vocab * LARGE.hidden
-    layer = (4 * LARGE.parameters - 2 * table) / LARGE.layers
     held = rss["peak"] - rss["base"]
     print(f"full tier, per-layer ONNX Runtime: peak {held / 2**30:.2f} GiB above the imports "
           f"({held / (4 * LARGE.parameters):.2f}x the fp32 weights; tables {2 * table / 2**30:.2f} GiB)")
-    assert held < 2 * 2 * table + 4 * layer + 300e6, f"the full tier held {held / 2**30:.2f} GiB: more than a layer at a time"
+    assert held < _per_layer_bound(), f"the full tier held {held / 2**30:.2f} GiB: more than a layer at a time"
 
 
 def test_facts_from_the_files_equal_the_loaded_models(tmp_path, monkeypatch):
