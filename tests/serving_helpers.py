@@ -61,3 +61,12 @@ def random_workload(seed: int, n: int = 10, max_prompt: int = 20, max_gen: int =
     gens = rng.integers(1, max_gen + 1, n).tolist()
     arrivals = rng.integers(0, max_arrival + 1, n).tolist()
     return prompts, gens, arrivals
+
+
+def serving_checkpoint(path: Path, tokenizer, seed: int = 4) -> Path:
+    """A local checkpoint of :func:`serving_model`'s llama (tokens that depend on their context) with
+    ``tokenizer``'s vocabulary and special ids, the tokenizer saved beside it: what the CLI tests load."""
+    serving_model("llama", seed=seed, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.bos_token_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

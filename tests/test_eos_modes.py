@@ -20,7 +20,7 @@ from qeff.errors import UsageError
 from qeff.generation import EosSuppressed
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.ort_fused import FusedOrtSession
-from tests.serving_helpers import serving_model
+from tests.serving_helpers import serving_checkpoint, serving_model
 
 CTX, PL, STEPS = 64, 8, 24
 PROMPTS = [[5, 17, 33, 5, 17, 33, 90, 12], [7, 7, 81, 44, 3, 9, 61, 20, 5, 17, 33]]
@@ -118,12 +118,7 @@ def test_cli_says_which_eos_mode_ran(tiny_cli_model, tmp_path, monkeypatch, caps
 
 @pytest.fixture(scope="module")
 def tiny_cli_model(module_tmp, smollm2_tokenizer):
-    path = module_tmp("eos-cli")
-    model = serving_model("llama", seed=3, vocab_size=len(smollm2_tokenizer), eos_token_id=smollm2_tokenizer.eos_token_id,
-                          bos_token_id=smollm2_tokenizer.bos_token_id)
-    model.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    return serving_checkpoint(module_tmp("eos-cli"), smollm2_tokenizer, seed=3)
 
 
 def test_suppressed_logits_are_minus_infinity_only_at_the_ids():

@@ -26,16 +26,9 @@ def infer(capsys, model, *args: str) -> dict:
 def tiny_model_dir(module_tmp, smollm2_tokenizer):
     """A local checkpoint: a tiny random Llama whose tokens depend on its context (untied
     embeddings, see tests/serving_helpers.py) with SmolLM2's real tokenizer."""
-    import qeff
-    from tests.serving_helpers import SERVING_CONFIGS
+    from tests.serving_helpers import serving_checkpoint
 
-    path = module_tmp("serving-model")
-    model_type, config = SERVING_CONFIGS["llama"]
-    config = dict(config, vocab_size=len(smollm2_tokenizer), eos_token_id=smollm2_tokenizer.eos_token_id,
-                  bos_token_id=smollm2_tokenizer.bos_token_id)
-    qeff.from_config(model_type, config, seed=4).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    return serving_checkpoint(module_tmp("serving-model"), smollm2_tokenizer)
 
 
 @pytest.fixture
