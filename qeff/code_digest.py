@@ -16,10 +16,11 @@ What a **scope** (:data:`SCOPES`) covers, from its roots:
   a class named bare — instantiated, say — whole), the class's ``__init__`` and class-level
   statements, and the module's top-level statements (imports, constants). A slice because
   :mod:`qeff.pipeline` orchestrates every stage: its whole file would key the export on the compile
-  and serving code it also drives. The slice is compared as ``ast.dump`` (comments and line
-  numbers aside, docstrings included);
+  and serving code it also drives. The slice is compared as the source lines of what it holds
+  (moving a method, or editing code outside the slice, leaves it unchanged);
 - every qeff module the slice imports, and everything those import, each **whole file** (its
-  bytes): ``import qeff.x``, ``from qeff.x import y`` (``y`` a submodule too), ``from qeff import
+  bytes). Whole modules are not parsed: each import statement is found by a pattern and parsed
+  alone (:func:`_scan`, a superset of a full parse's; the key is computed on every run): ``import qeff.x``, ``from qeff.x import y`` (``y`` a submodule too), ``from qeff import
   x``, relative imports, imports inside functions, ``importlib.import_module("qeff.x")`` with a
   literal name, a name a package's lazy table (a module-level dict of ``"qeff.…"`` strings, as
   ``qeff/__init__.py``'s ``_LAZY``) maps to a module when it is imported from, or read off, that

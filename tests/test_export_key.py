@@ -77,6 +77,32 @@ def test_the_verify_closure_holds_the_export_and_the_verification():
     assert export <= verify and {"qeff.verification", "qeff.runtime.ort"} <= verify
 
 
+def test_the_fast_import_scan_finds_everything_a_full_parse_finds():
+    """Whole modules are scanned (import statements found by a pattern, parsed alone), not parsed
+    whole: on every module of qeff, the scan must find at least what the full ``ast`` walk finds."""
+    pkg = code_digest._Package(PACKAGE_ROOT)
+    missed = {m: sorted(code_digest._imports(pkg, m, [pkg.tree(m)]) - code_digest._scan(pkg, m)) for m in pkg.files}
+    assert not {m: v for m, v in missed.items() if v}
+    assert "qeff.serving.graph" in code_digest._scan(pkg, "qeff.exporter")  # imported inside a function
+
+
+def test_the_scan_reads_every_form_of_import(tmp_path):
+    root = _copy(tmp_path)
+    (root / "probe.py").write_text(
+        "import os\n"
+        "def f():\n    from qeff.transforms import llama\n    return llama\n"
+        "try: import qeff.sdk as s\nexcept ImportError: pass\n"
+        "from . import (\n    atomic,\n    locks,\n)\n"
+        "import importlib\nm = importlib.import_module('qeff.metrics')\n"
+        "import qeff\nqeff.verify(1)\n"
+        "from qeff import generate\n", encoding="utf-8")
+    pkg = code_digest._Package(root)
+    found = code_digest._scan(pkg, "qeff.probe")
+    assert {"qeff.transforms.llama", "qeff.sdk", "qeff.atomic", "qeff.locks", "qeff.metrics",
+            "qeff.verification", "qeff.generation"} <= found
+    assert found >= code_digest._imports(pkg, "qeff.probe", [pkg.tree("qeff.probe")])
+
+
 def test_a_root_that_no_longer_exists_is_an_error_not_an_empty_key(monkeypatch):
     monkeypatch.setitem(code_digest.SCOPES, "export", ("qeff.pipeline:Pipeline.no_such_method",))
     with pytest.raises(LookupError, match="does not exist"):
