@@ -226,3 +226,31 @@ def test_an_export_keyed_on_all_of_the_source_is_rebuilt_and_superseded(tmp_path
     assert new.manifest["inputs"]["versions"]["qeff_source"].startswith("export:")
     assert "another revision of qeff's source" in superseded_because(old.manifest)
     assert superseded_because(new.manifest) is None
+
+
+def test_the_verification_record_is_rebuilt_after_an_edit_to_the_verification_code_and_the_export_is_not(
+        tmp_path, monkeypatch, counted_exports):
+    """The verify record no longer inherits the whole-source key through the export's inputs: its
+    own key covers the verification code, so an edit there re-verifies (on the reused export)."""
+    from qeff.pipeline import Pipeline
+    from tests.tiny import random_prompts, tiny_model
+
+    root = _copy(tmp_path)
+    monkeypatch.setattr(code_digest, "PACKAGE_ROOT", root)
+    monkeypatch.setattr(code_digest, "_CACHE", {})
+    home, prompts = tmp_path / "home", random_prompts([5])
+
+    def verified():
+        pipe = Pipeline("tiny-llama", model=tiny_model("llama", seed=1), identity={"test": "verify-key"}, home=home,
+                        progress=False)
+        return pipe.verify_cached(prompts, prompt_len=8, ctx_len=32, steps=2)[0]
+
+    first = verified()
+    assert not first.reused and first.manifest["inputs"]["versions"]["qeff_source"].startswith("verify:")
+    _append_comment(root, _cli_module())
+    monkeypatch.setattr(code_digest, "_CACHE", {})
+    assert verified().reused and len(counted_exports) == 1
+    _append_comment(root, "qeff.verification")
+    monkeypatch.setattr(code_digest, "_CACHE", {})
+    again = verified()
+    assert not again.reused and again.path != first.path and len(counted_exports) == 1  # the export was reused
