@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from qeff import memory, validation
 from qeff.cli.options import Invocation
 from qeff.errors import ArtifactError, QEffError
 
@@ -63,6 +62,7 @@ def check_memory(inv: Invocation) -> None:
     a run with a stage that cannot fit is refused now, in one sentence, not killed by the kernel
     mid-export (issue 18: a 3B model's export was, at 23.4 GB, after 6 minutes). Sets the
     invocation's estimates and, when the preflight priced a verification, its mode."""
+    from qeff import memory, validation
     from qeff.loading import resolve
     from qeff.preflight import model_shape
 

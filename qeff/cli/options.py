@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qeff import validation
 from qeff.cli.arguments import DEFAULT_PROMPT
 from qeff.errors import UsageError
 from qeff.inputs import parse_device_group, read_prompts
-from qeff.precision.commands import LadderOptions, ladder_options
 from qeff.serving.ngram import DEFAULT_NGRAM_MAX
 from qeff.serving.options import ServingOptions, serving_options
 from qeff.shape import Shape
+
+if TYPE_CHECKING:  # the precision modules load when --precision is given, not for every command line
+    from qeff.precision.commands import LadderOptions
 
 __all__ = ["ModelOptions", "CompileOptions", "RunOptions", "VerifyOptions", "StoreOptions", "Invocation", "resolve", "eos_mode"]
 
@@ -180,6 +183,8 @@ def resolve(args: argparse.Namespace, *, checks: bool = True) -> Invocation:
     elif command == "verify":
         ladder = None
         if args.precision is not None and checks:  # the tiers are arguments too: named before the model is looked at
+            from qeff.precision.commands import ladder_options
+
             ladder = ladder_options(args.precision, backend=args.backend, rows=args.rows, window=args.window, steps=args.steps,
                                     prompt_len=args.prompt_len, threads=threads, keep_tiers=not args.no_keep_tiers, json_mode=args.json)
         verify = VerifyOptions(want=True, steps=args.steps, precision=ladder)
