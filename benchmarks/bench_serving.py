@@ -37,10 +37,10 @@ import numpy as np
 
 import qeff
 from qeff.runtime.ort import OrtSession
-from qeff.serving.continuous import generate_continuous
+from qeff.generation.continuous import generate_continuous
 from qeff.serving.graph import GraphVariant
 from qeff.serving.session import ServingOrtSession
-from qeff.serving.speculative import generate_speculative
+from qeff.generation.speculative import generate_speculative
 
 
 def _model(tiny: bool):

@@ -11,7 +11,7 @@ One test per declared feature (``[serving] features``) and case, on ONNX Runtime
     speculative          the target verifies K drafted tokens per step, drafted by the model itself
                          (its base graph): every draft is accepted
     prompt_lookup        the same target verifies up to K tokens per step drafted from the text
-                         itself (qeff.serving.ngram): no draft model
+                         itself (qeff.generation.ngram): no draft model
 
 The verdict, for every prompt, is HF eager's: one forward of HF over the prompt and the tokens the
 feature produced gives the logits HF would have chosen each token from. Greedy features must choose
@@ -118,8 +118,8 @@ def run(ws, target, record) -> None:
 
     if feature in ("continuous_batching", "prefix_caching", "sampling"):
         from qeff.generation import generate
-        from qeff.serving.continuous import generate_continuous
-        from qeff.serving.sampling import SamplingParams
+        from qeff.generation.continuous import generate_continuous
+        from qeff.generation.sampling import SamplingParams
         from qeff.serving.session import SlotView
 
         slots = 1 if feature == "prefix_caching" else cfg.full_batch_size
@@ -167,8 +167,8 @@ def run(ws, target, record) -> None:
                     extra_problems.append(f"sampled tokens differ from {label} with the same seed")
     elif feature in ("speculative", "prompt_lookup"):
         from qeff.inputs import batches
-        from qeff.serving.ngram import NgramDrafter
-        from qeff.serving.speculative import generate_speculative
+        from qeff.generation.ngram import NgramDrafter
+        from qeff.generation.speculative import generate_speculative
 
         k = cfg.num_speculative_tokens
         target_session = _serving_session(ws, target, GraphVariant(speculative=True), batch_size=case.batch_size, num_speculative_tokens=k)

@@ -19,8 +19,8 @@ from qeff.errors import QEffError, UsageError
 # The public names, imported on first use: `import qeff` (and with it `qeff --help`, the pytest
 # plugin's start-up, reading a report) does not pay for torch, transformers and onnx.
 _LAZY = {
-    "GenerationResult": "qeff.generation",
-    "generate": "qeff.generation",
+    "GenerationResult": "qeff.generation.result",
+    "generate": "qeff.generation.static",
     "compile": "qeff.compilers",
     "export": "qeff.exporter",
     "from_config": "qeff.loading",

@@ -9,6 +9,8 @@ import resource
 import sys
 from pathlib import Path
 
+from qeff.code_digest import scoped_source
+
 __all__ = ["physical_cores", "peak_rss_mb", "source_digest", "library_versions", "OPSET", "TRANSFORMS"]
 
 #: The ONNX opset of the exported (portable) graph.
@@ -17,16 +19,22 @@ OPSET = 17
 TRANSFORMS = ("RetainedStateCache", "PositionIdsMask", "LastTokenLogits", "EagerAttention")
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of everything that shapes an artifact, qeff's own source digest included: code
-    changed under the same version number must not reuse an artifact the old code built. Read
-    from the installed distributions' metadata (the same strings as ``module.__version__``),
-    so that comparing manifests imports none of them."""
+def library_versions(scope: str | None = None) -> dict[str, str]:
+    """Versions of everything that shapes an artifact, qeff's own code included: code changed
+    under the same version number must not reuse an artifact the old code built. Read from the
+    installed distributions' metadata (the same strings as ``module.__version__``), so that
+    comparing manifests imports none of them.
+
+    ``scope``: the kind of artifact (:data:`qeff.code_digest.SCOPES`: ``"export"``, ``"verify"``),
+    whose ``qeff_source`` is then ``"<scope>:<digest>"`` of only the qeff code that can shape it
+    (issue 18: editing a CLI message no longer re-exports a 7B checkpoint). None: a digest of all
+    of qeff's ``*.py`` files, for the kinds whose builders are not bounded (compiled graphs, QPCs,
+    precision tiers; :mod:`qeff.code_digest` says why)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from qeff._version import __version__
 
-    out = {"qeff": __version__, "qeff_source": source_digest()}
+    out = {"qeff": __version__, "qeff_source": source_digest() if scope is None else scoped_source(scope)}
     for dist in ("torch", "transformers", "onnx", "onnxruntime"):
         try:
             out[dist] = version(dist)
@@ -34,21 +42,28 @@ def library_versions() -> dict[str, str]:
             out[dist] = "not installed"
     return out
 
+
 _SOURCE_DIGEST: str | None = None
 
 
-def source_digest() -> str:
-    """A digest of qeff's own ``*.py`` files (computed once per process)."""
+def source_digest(root: str | os.PathLike | None = None) -> str:
+    """A digest of all of qeff's own ``*.py`` files (computed once per process), or of those of
+    the copy of the package at ``root``."""
     global _SOURCE_DIGEST
+    if root is not None:
+        return _digest_tree(Path(root))
     if _SOURCE_DIGEST is None:
-        import hashlib
-
-        root = Path(__file__).parent
-        h = hashlib.blake2b(digest_size=12)
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-        _SOURCE_DIGEST = h.hexdigest()
+        _SOURCE_DIGEST = _digest_tree(Path(__file__).parent)
     return _SOURCE_DIGEST
+
+
+def _digest_tree(root: Path) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def physical_cores() -> int:

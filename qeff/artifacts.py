@@ -45,6 +45,7 @@ __all__ = [
     "read_manifest",
     "Built",
     "build_artifact",
+    "discard",
     "check_artifact",
     "check_holder",
     "is_qeff_manifest",
@@ -440,6 +441,28 @@ def _build(directory: Path, manifest: dict, builder, repaired: str | None, size_
         raise
     _VERIFIED.add((str(directory), record["digest"], "full"))
     return Built(directory, record, reused=False, seconds=seconds, build_seconds=seconds, repaired=repaired)
+
+
+def discard(built: Built) -> bool:
+    """Remove the artifact ``built`` (one qeff built that must never be served: a fused graph that
+    failed its check) under the lock its builders take, so that it never pulls a directory from
+    under a process rebuilding or repairing it. Kept when its manifest is no longer ``built``'s (it
+    was rebuilt meanwhile: that build is judged by its own check). True when removed."""
+    directory = Path(built.path)
+    lock = PathLock(str(directory) + LOCK_SUFFIX)
+    try:
+        lock.acquire(on_wait=lambda who: _say(f"waiting for {who}, which is building {directory}, to remove the copy that failed"))
+    except OSError as exc:
+        raise _cache_unwritable(directory.parent, exc) from exc
+    try:
+        record, _ = _load_manifest(directory)
+        if record is None or record.get("digest") != built.manifest.get("digest"):
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+        _VERIFIED.difference_update({entry for entry in _VERIFIED if entry[0] == str(directory)})
+        return not directory.exists()
+    finally:
+        _release(lock)
 
 
 def _foreign(entry: Path) -> bool:

@@ -22,7 +22,6 @@ suite judges the fused graph against the untouched HF model (``--qeff-graph``, d
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,7 +178,7 @@ def check_fused(pipe, built, target: CompileTarget, *, force: bool = False, say:
     own, cached beside the graph): the comparison as a dict, ``{"ran": False, "reason": …}`` when
     the build found it could not fit. Gated (``target.exact``) and failed: the fused graph is
     deleted and :class:`VerificationError` raised, so it is never served."""
-    from qeff.artifacts import build_artifact, manifest_hash
+    from qeff.artifacts import build_artifact, discard, manifest_hash
     from qeff.layout import ORT_FUSED, check_dir_name
     from qeff.meter import measured
     from qeff.progress import stage
@@ -209,7 +208,7 @@ def check_fused(pipe, built, target: CompileTarget, *, force: bool = False, say:
         try:
             checked = build_artifact(built.path / check_dir_name(manifest_hash(manifest)), manifest, build, force=force)
         except VerificationError:
-            shutil.rmtree(built.path, ignore_errors=True)  # qeff built this graph; one that fails its check is never kept
+            discard(built)  # qeff built this graph; one that fails its check is never kept (under its builders' lock)
             raise
         result, cached = checked.manifest["outputs"]["check"], checked.reused
     if result.get("ran") is False:

@@ -41,6 +41,7 @@ from qeff.artifacts import (
     owner_of_temporary,
     read_manifest,
 )
+from qeff.code_digest import scope_for, scoped_source
 from qeff.errors import ArtifactError
 from qeff.home import is_qeff_manifest, require_cache
 from qeff.layout import is_artifact_name
@@ -169,7 +170,10 @@ def _leftover(entry: Path) -> Leftover | None:
 def superseded_because(record: dict, current: dict[str, str] | None = None) -> str | None:
     """Why an artifact whose manifest is ``record`` can never be reused by this installation (its
     recorded versions differ from ``current``, default :func:`qeff._system.library_versions`), or
-    None when they match or the manifest records none."""
+    None when they match or the manifest records none. An export's or a verification's
+    ``qeff_source`` is compared with the digest of that kind's code now (``"export:<hex>"``,
+    :mod:`qeff.code_digest`), so one that recorded the whole-source digest (an older qeff) is
+    superseded whatever that digest."""
     inputs = record.get("inputs") if isinstance(record, dict) else None
     versions = inputs.get("versions") if isinstance(inputs, dict) else None
     if not isinstance(versions, dict):
@@ -178,6 +182,9 @@ def superseded_because(record: dict, current: dict[str, str] | None = None) -> s
         from qeff._system import library_versions
 
         current = library_versions()
+    scope = scope_for(inputs)
+    if scope is not None:
+        current = {**current, "qeff_source": scoped_source(scope)}
     changes = []
     for key in sorted(set(versions) | set(current)):
         then, now = versions.get(key), current.get(key)

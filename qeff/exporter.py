@@ -322,7 +322,7 @@ def export(
         "qeff.num_kv_heads": str(qmodel.shape.num_kv_heads),
         "qeff.head_dim": str(qmodel.shape.head_dim),
         "qeff.vocab_size": str(qmodel.shape.vocab_size),
-        "qeff.versions": json.dumps(library_versions(), sort_keys=True),
+        "qeff.versions": json.dumps(library_versions("export"), sort_keys=True),  # the export's key (qeff.code_digest)
         **({"qeff.variant": json.dumps(variant.to_dict(), sort_keys=True)} if variant is not None and not variant.is_base else {}),
         **(extra_metadata or {}),
     }

@@ -78,7 +78,8 @@ def export_manifest(identity: dict, variant=None) -> dict:
     is recorded only when it is not the base graph, so base exports keep their keys."""
     from qeff._system import OPSET, TRANSFORMS, library_versions  # no torch: a cached run compares manifests only
 
-    manifest = {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET, "versions": library_versions()}
+    manifest = {"stage": "export", "model": identity, "transforms": list(TRANSFORMS), "opset": OPSET,
+                "versions": library_versions("export")}  # qeff's code that can shape the export (qeff.code_digest)
     if variant is not None and not variant.is_base:
         manifest["variant"] = variant.to_dict()
     return manifest
@@ -386,12 +387,14 @@ class Pipeline:
     ):
         """HF vs transformed PyTorch vs ONNX Runtime on these prompts, cached beside the export:
         ``(Built, VerifyReport)``."""
+        from qeff._system import library_versions
         from qeff.runtime.ort import OrtSession
         from qeff.verification import Tolerances, VerifyReport
 
         tol = tolerances or Tolerances()
         manifest = {
             "stage": "verify",
+            "versions": library_versions("verify"),  # the verification's own code: the export's key no longer covers it
             "export": self.export_built.manifest.get("inputs"),
             "prompt_token_ids": prompt_token_ids,
             "prompt_len": prompt_len,

@@ -149,9 +149,9 @@ def test_ignore_eos_generates_the_full_length(tiny_model_dir, tmp_path, capsys, 
     args = ["--model_name", str(tiny_model_dir), "--prompt", "Hi", "--ctx_len", "32", "--generation_len", "8", "--no-verify"]
     free, _ = infer_json(capsys, *args)
     # Make the row's 3rd generated token the model's EOS: without the flag it stops there.
-    import qeff.generation
+    import qeff.generation.engine
 
-    monkeypatch.setattr(qeff.generation, "eos_ids", lambda *a, **k: {free["token_ids"][0][2]})
+    monkeypatch.setattr(qeff.generation.engine, "eos_ids", lambda *a, **k: {free["token_ids"][0][2]})
     stopped, _ = infer_json(capsys, *args)
     first = free["token_ids"][0].index(free["token_ids"][0][2])
     assert stopped["token_ids"][0] == free["token_ids"][0][: first + 1] and len(stopped["token_ids"][0]) < 8

@@ -19,7 +19,7 @@ from qeff.errors import UsageError
 from qeff.pipeline import export_manifest
 from qeff.runtime.ort import OrtSession
 from qeff.serving import ctx_ladder
-from qeff.serving.continuous import generate_continuous
+from qeff.generation.continuous import generate_continuous
 from qeff.serving.session import ServingOrtSession
 from qeff.serving.variant import GraphVariant
 from tests.serving_helpers import batch1_reference, serving_model

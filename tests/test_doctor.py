@@ -130,7 +130,7 @@ def test_superseded_artifacts_are_listed_and_removed_only_on_request(tmp_path, c
     from qeff._system import library_versions
 
     home = tmp_path / "home"
-    now = library_versions()
+    now = library_versions("export")  # these records are exports: keyed on the export's code (issue 18)
     current = _versioned(home / "m" / "export-new", now)
     old = _versioned(home / "m" / "export-old", {**now, "qeff_source": "0" * 24})
     nested = _versioned(old / "ort_1BS", {**now, "qeff_source": "0" * 24}, b"o" * 6000)

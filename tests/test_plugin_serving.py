@@ -14,9 +14,9 @@ import onnx  # noqa: F401  isort: skip
 import onnxruntime  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
 import qeff.exporter  # noqa: F401  isort: skip
-import qeff.serving.continuous  # noqa: F401  isort: skip
+import qeff.generation.continuous  # noqa: F401  isort: skip
 import qeff.serving.session  # noqa: F401  isort: skip
-import qeff.serving.speculative  # noqa: F401  isort: skip
+import qeff.generation.speculative  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 
 from pytest_qeff import stages
@@ -99,8 +99,8 @@ def test_seeded_fault_unverified_lookup_drafts_fail_the_stage(workspace, monkeyp
     off (each id - 1: on this tied-embedding tier the text repeats one token, so honest lookup
     drafts are always right and skipping the check alone would change nothing): HF's verdict (its
     logits after the tokens produced) must catch it."""
-    import qeff.serving.speculative as speculative
-    from qeff.serving.ngram import NgramDrafter
+    import qeff.generation.speculative as speculative
+    from qeff.generation.ngram import NgramDrafter
 
     records: list[StageRecord] = []
     stages.serving(workspace, _target("prompt_lookup"), records.append)  # the control passes

@@ -1,4 +1,4 @@
-"""Prompt-lookup decoding (qeff.serving.ngram + the speculative verify loop): the drafter's own
+"""Prompt-lookup decoding (qeff.generation.ngram + the speculative verify loop): the drafter's own
 rules, and greedy output equal to the untouched HF model's greedy output (token ids) on tiny
 models and on SmolLM2, for the portable speculative target and the fused CPU graph, batches of
 rows with different lengths, EOS, the end of the cache and drafts that are always wrong. Two seeded
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import qeff
-import qeff.serving.speculative as speculative
+import qeff.generation.speculative as speculative
 from qeff.compilers.ort_fused import FUSED_GRAPH, write_fused_graph
 from qeff.compilers.ort_fused_weights import from_hf
 from qeff.errors import UsageError
 from qeff.runtime.ort_fused import FusedOrtSession
-from qeff.serving.ngram import NgramDrafter, lookup
+from qeff.generation.ngram import NgramDrafter, lookup
 from qeff.serving.session import ServingOrtSession
-from qeff.serving.speculative import generate_speculative
+from qeff.generation.speculative import generate_speculative
 from tests.serving_helpers import TLM, serving_model
 
 CTX, PL = 96, 8
@@ -197,7 +197,7 @@ def test_bad_uses(tiny):
         qeff.generate(session, prompt_token_ids=PROMPTS[:1], prompt_lookup=0)
     with pytest.raises(UsageError, match="ngram_max"):
         qeff.generate(session, prompt_token_ids=PROMPTS[:1], prompt_lookup=2, ngram_max=0)
-    from qeff.serving.sampling import SamplingParams
+    from qeff.generation.sampling import SamplingParams
 
     with pytest.raises(UsageError, match="greedy only"):
         qeff.generate(session, prompt_token_ids=PROMPTS[:1], prompt_lookup=2, sampling=SamplingParams(temperature=0.7))

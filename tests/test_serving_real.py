@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import qeff
-from qeff.serving.continuous import generate_continuous
+from qeff.generation.continuous import generate_continuous
 from qeff.serving.graph import GraphVariant
-from qeff.serving.sampling import SamplingParams
+from qeff.generation.sampling import SamplingParams
 from qeff.serving.session import ServingOrtSession, SlotView
-from qeff.serving.speculative import generate_speculative
+from qeff.generation.speculative import generate_speculative
 
 # One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker).
 pytestmark = pytest.mark.xdist_group("serving_real")

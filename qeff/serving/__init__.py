@@ -2,13 +2,15 @@
 
 - :mod:`qeff.serving.graph`: the graph variants (``batch_index`` slots, ``num_logits_to_keep``);
 - :mod:`qeff.serving.session`: an ONNX Runtime session for them, and slot views of it;
-- :mod:`qeff.serving.continuous`: continuous batching, with prefix caching;
-- :mod:`qeff.serving.sampling`: temperature / top-k / top-p / repetition penalty, per-prompt seeds;
-- :mod:`qeff.serving.speculative`: a draft proposes, the target verifies K+1 positions per step;
-- :mod:`qeff.serving.ngram`: prompt lookup, a drafter made of the text's own n-grams.
+- :mod:`qeff.serving.options`, :mod:`qeff.serving.dispatch`: the command line's serving options,
+  and the run that picks the loop for them.
 
-The modules sit in different layers of qeff (the graph below the exporter, the session beside the
-runtime, the loops beside the generation loop), so this package imports none of them eagerly.
+The loops themselves — continuous batching with prefix caching, speculative and prompt-lookup
+decoding — and sampling are strategies on the generation engine, in :mod:`qeff.generation`
+(``qeff.serving.continuous``, ``.speculative``, ``.sampling``, ``.ngram`` and ``.result`` stay as
+names for them). The modules sit in different layers of qeff (the graph below the exporter, the
+session beside the runtime, the dispatch above the loops), so this package imports none of them
+eagerly.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from qeff._lazy import lazy_attributes
 
 _LAZY = {
     "GraphVariant": "qeff.serving.variant",
-    "SamplingParams": "qeff.serving.sampling",
+    "SamplingParams": "qeff.generation.sampling",
     "ServingOrtSession": "qeff.serving.session",
     "SlotView": "qeff.serving.session",
-    "ServingResult": "qeff.serving.result",
-    "generate_continuous": "qeff.serving.continuous",
-    "generate_speculative": "qeff.serving.speculative",
-    "NgramDrafter": "qeff.serving.ngram",
+    "ServingResult": "qeff.generation.result",
+    "generate_continuous": "qeff.generation.continuous",
+    "generate_speculative": "qeff.generation.speculative",
+    "NgramDrafter": "qeff.generation.ngram",
 }
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

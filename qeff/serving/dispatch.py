@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from qeff.generation import RunSummary
+from qeff.generation.continuous import generate_continuous
+from qeff.generation.engine import in_batches
+from qeff.generation.result import RunSummary, batch_figures
+from qeff.generation.speculative import generate_speculative
 from qeff.serving.options import ServingOptions
 
 __all__ = ["run_serving", "wants_serving", "ServingSummary"]
@@ -13,7 +16,7 @@ __all__ = ["run_serving", "wants_serving", "ServingSummary"]
 
 @dataclass
 class ServingSummary(RunSummary):
-    """:class:`~qeff.generation.RunSummary` plus the serving figures (flat in :meth:`to_dict`)."""
+    """:class:`~qeff.generation.result.RunSummary` plus the serving figures (flat in :meth:`to_dict`)."""
 
     serving: dict = field(default_factory=dict)
 
@@ -32,8 +35,6 @@ def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *,
     """``on_text(prompt_index, token)`` streams tokens as they come (the CLI streams prompt 0);
     ``ignore_eos`` (speculative and prompt-lookup decoding): rows stop at generation_len only."""
     if getattr(session, "full_batch_size", None):
-        from qeff.serving.continuous import generate_continuous
-
         result = generate_continuous(session, prompts, tokenizer=tokenizer, generation_len=generation_len, sampling=opts.sampling,
                                      prefix_caching=opts.prefix_caching, on_token=on_text)
         results = [result]
@@ -47,12 +48,9 @@ def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *,
         }
         texts, token_ids = result.texts, result.token_ids
     else:
-        from qeff.inputs import batches
-        from qeff.serving.speculative import generate_speculative
-
         k = opts.num_speculative_tokens or opts.prompt_lookup
-        results, texts, token_ids, offset = [], [], [], 0
-        for rows, real in batches(prompts, session.batch_size):
+        results, texts, token_ids = [], [], []
+        for rows, real, offset in in_batches(prompts, session.batch_size):
             def stream(r, token, offset=offset):
                 if on_text is not None and r + offset < len(prompts) and r < real:
                     on_text(r + offset, token)
@@ -62,7 +60,6 @@ def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *,
             results.append(r)
             texts += r.texts[:real]
             token_ids += r.token_ids[:real]
-            offset += real
         rows = sum(r.verify_rows for r in results)
         proposed = sum(r.proposed_tokens for r in results)
         extra = {
@@ -76,15 +73,7 @@ def run_serving(session, tokenizer, prompts: list[str], opts: ServingOptions, *,
             "draft_s": round(sum(r.draft_s for r in results), 4),
             "verify_s": round(sum(r.verify_s for r in results), 4),
         }
-    decode_s = sum(r.decode_s for r in results)
-    e2e = sum(r.e2e_s for r in results)
-    new_tokens = sum(r.new_tokens for r in results)
-    decode_tokens = sum(r.decode_tokens for r in results)
     return ServingSummary(
         prompts=list(prompts), text=texts, token_ids=token_ids, messages=[m for r in results for m in r.messages],
-        ttft_s=results[0].ttft_s,
-        decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
-        total_tok_s=new_tokens / e2e if e2e > 0 else 0.0,
-        e2e_s=e2e, new_tokens=new_tokens, batches=len(results), batch_size=session.batch_size,
-        sampling=opts.sampling.to_dict(), serving=extra,
+        **batch_figures(results), batch_size=session.batch_size, sampling=opts.sampling.to_dict(), serving=extra,
     )
