@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qeff.atomic import human_bytes
 from qeff.errors import UsageError
+from qeff.shape import Shape, check_positive
 
 __all__ = [
     "check_positive",
@@ -44,29 +45,23 @@ __all__ = [
 ]
 
 
-def check_positive(flag: str, value: int | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{flag} must be a positive integer (got {value})")
-
-
 def check_sizes(*, batch_size: int, prompt_len: int, ctx_len: int, generation_len: int | None = None,
-                num_cores: int | None = None, steps: int | None = None, num_speculative_tokens: int | None = None) -> None:
-    """The sizes of a run, before anything is loaded. What must fit in the context is checked here
-    too (issue 19: ``--generation_len 10**12`` was a MemoryError after export, verification and
-    compile; ``qeff verify --steps`` past the context ran the export first)."""
+                num_cores: int | None = None, steps: int | None = None, num_speculative_tokens: int | None = None) -> Shape:
+    """The sizes of a run, before anything is loaded, and its :class:`~qeff.shape.Shape`. What must
+    fit in the context is checked here too (issue 19: ``--generation_len 10**12`` was a MemoryError
+    after export, verification and compile; ``qeff verify --steps`` past the context ran the export
+    first). The order of the checks is the order of the sentences a user has always seen."""
     check_positive("--batch_size", batch_size)
     check_positive("--prompt_len", prompt_len)
     check_positive("--ctx_len", ctx_len)
     check_positive("--generation_len", generation_len, optional=True)
     check_positive("--num_cores", num_cores, optional=True)
     check_positive("--steps", steps, optional=True)
-    if prompt_len > ctx_len:
-        raise UsageError(f"--prompt_len {prompt_len} is larger than --ctx_len {ctx_len}; a prefill chunk must fit in the context")
+    shape = Shape(batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len)  # a prefill chunk within the context
     check_fits("--generation_len", generation_len, ctx_len, "generated token")
     check_fits("--steps", steps, ctx_len, "compared step")
     check_fits("--num_speculative_tokens", num_speculative_tokens, ctx_len, "drafted token", extra=1)
+    return shape
 
 
 def check_fits(flag: str, value: int | None, ctx_len: int, what: str, *, extra: int = 0) -> None:

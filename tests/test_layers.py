@@ -18,7 +18,7 @@ ROOT = Path(qeff.__file__).parent
 
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
-    ("qeff._version", "qeff._lazy", "qeff.compat", "qeff.errors", "qeff.code_digest", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
+    ("qeff._version", "qeff._lazy", "qeff.compat", "qeff.errors", "qeff.shape", "qeff.code_digest", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
      "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving", "qeff.serving.variant", "qeff.serving.ctx_ladder", "qeff.quant", "qeff.meter",
      "qeff.generation"),
     ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded", "qeff.generation.sampling",

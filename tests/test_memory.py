@@ -147,7 +147,7 @@ def test_the_estimates_cover_what_was_measured(sparse):
 def test_a_mode_that_fits_is_named(sparse, home, capsys, monkeypatch, no_work):
     """With the export cached (a fresh export needs more than any mode saves), between the fp32 fused
     graph's need and the int8 one's, the sentence names --weights int8."""
-    monkeypatch.setattr("qeff.cli._export_cached", lambda args, source: True)
+    monkeypatch.setattr("qeff.cli.checks._export_cached", lambda args, source: True)
     shape = _shape(sparse["1b"])
     # As the CLI plans it: built from the files, the check not run where it cannot fit.
     need = {m: max(e.bytes for e in memory.plan(shape, memory.Mode(weights=m, verify=False, export_cached=True,

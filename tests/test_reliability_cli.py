@@ -459,7 +459,7 @@ def test_an_unexpected_error_is_one_sentence_with_a_pointer_to_debug(tiny_model_
     def boom(*args, **kwargs):
         raise KeyError("surprise")
 
-    monkeypatch.setattr("qeff.cli._compile_options", boom)
+    monkeypatch.setattr("qeff.cli.infer.compile_options", boom)
     line = one_sentence(capsys, infer(tiny_model_dir, "--no-verify", "--ctx_len", "32"), 1)
     assert line == "qeff: internal error (KeyError: 'surprise'); run again with --debug for the traceback"
 
