@@ -63,7 +63,7 @@ class CompileTarget:
     options: dict = field(default_factory=dict)
     #: The compute-context ladder of the portable graph (``--comp_ctx_lengths``; qeff.serving.ctx_ladder),
     #: as the user gave it: None = the default (on ort the default ladder when it has more than one
-    #: rung; none on qaic, whose runtime here does not switch lengths), an off word = none, else lengths.
+    #: rung; none on qaic unless lengths are listed), an off word = none, else lengths.
     comp_ctx_lengths: str | tuple[int, ...] | None = None
 
     @property

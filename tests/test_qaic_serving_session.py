@@ -1,5 +1,5 @@
-"""The Cloud AI runtime of the serving QPCs, without hardware: continuous-batching and
-speculative-target graphs are exported from a tiny Llama whose tokens depend on their context,
+"""The Cloud AI runtime of the serving QPCs, without hardware: continuous-batching,
+speculative-target and compute-context-ladder graphs are exported from a tiny Llama whose tokens depend on their context,
 compiled by qeff's real compile step (the fake compiler on PATH) and driven by the serving loops
 through ``QaicSession`` over the stand-in ``qaicrt`` (tests/fakes/fake_qaicrt.py: it computes with
 ONNX Runtime and refuses any buffer that is not one of the compiled specializations). The same
@@ -25,6 +25,7 @@ from qeff.runtime.ort_serving import ServingOrtSession
 from qeff.runtime.qaic import QaicSession
 from qeff.serving.continuous import generate_continuous
 from qeff.serving.speculative import generate_speculative
+from qeff.serving.variant import GraphVariant
 from tests.serving_helpers import CB, TLM, random_workload, serving_model
 from tests.tiny import random_prompts
 
@@ -53,6 +54,7 @@ def graphs(module_tmp) -> dict[str, Path]:
         "base": qeff.export(qtarget, out / "base").path,
         "cb": qeff.export(qtarget, out / "cb", variant=CB).path,
         "tlm": qeff.export(qtarget, out / "tlm", variant=TLM).path,
+        "cc": qeff.export(qtarget, out / "cc", variant=GraphVariant(comp_ctx=True)).path,
         "draft": qeff.export(qeff.transform(near), out / "draft").path,
     }
 
@@ -196,3 +198,26 @@ def test_open_session_opens_serving_qpcs_from_their_manifest(graphs, sdk):
         assert (session.full_batch_size, session.prompt_len, session.ctx_len) == (SLOTS, PL, CTX)
     assert _cb(qaic).token_ids == _cb(ort).token_ids
     qaic.close()
+
+
+def test_a_compute_context_ladder_qpc_switches_rungs_as_onnx_runtime_does(graphs, sdk, tmp_path, monkeypatch):
+    """One prefill and one decode specialization per rung: each step runs in the smallest rung its
+    positions fit, as ONNX Runtime's session picks it on the same graph, with the same tokens."""
+    compile_dir = _qpc(graphs["cc"], tmp_path / "qpc", batch_size=2, prompt_len=PL, ctx_len=CTX, comp_ctx_lengths=(8, 16))
+    prompts = random_prompts([7, 3], seed=5)
+    ort = OrtSession(graphs["cc"], batch_size=2, ctx_len=CTX, prompt_len=PL, threads=1, comp_ctx_lengths=[8, 16])
+    want = qeff.generate(ort, prompt_token_ids=prompts, generation_len=20, eos_token_id=[])
+    with QaicSession(compile_dir) as session:
+        assert session.ladder == (8, 16, CTX) and session.variant.comp_ctx
+        got = qeff.generate(session, prompt_token_ids=prompts, generation_len=20, eos_token_id=[])
+        runs = session._program.runs
+    assert got.token_ids == want.token_ids and session.attended == ort.attended
+    assert set(session.attended) == {8, 16, CTX}
+    assert len({r["specialization"] for r in runs}) == 4  # prefill at rung 8; decode at 8, 16 and 32
+    assert all(r["crossed"] == [] for r in runs)
+
+    # Seeded fault: every step in the first rung's specialization (attending 8 slots) is caught.
+    real = QaicSession._pick
+    monkeypatch.setattr(QaicSession, "_pick", lambda self, shape, keep, rung=None: real(self, shape, keep, self.ladder[0]))
+    with QaicSession(compile_dir) as session:
+        assert qeff.generate(session, prompt_token_ids=prompts, generation_len=20, eos_token_id=[]).token_ids != want.token_ids

@@ -18,7 +18,10 @@ that the serving loops drive:
   ``run(ids, pos, batch_index=…)`` prefills one prompt (1 row of ``prompt_len``) or decodes every
   slot (``full_batch_size`` rows of 1), as the two compiled specializations allow;
 - a speculative target (a ``num_logits_to_keep`` input): ``run(ids, pos, keep=K+1)`` verifies K+1
-  positions per row in the decode specialization; prefill keeps 1.
+  positions per row in the decode specialization; prefill keeps 1;
+- a compute-context ladder (a ``comp_ctx_lengths`` input; one prefill and one decode
+  specialization per rung): each step runs in the smallest rung its positions fit
+  (:func:`qeff.serving.ctx_ladder.pick`, as ONNX Runtime's session), recorded in ``attended``.
 
 The ``logits`` buffer (and ``num_logits_to_keep``'s) is sized per run for the specialization the
 input shapes select, since the runtime checks every buffer against that specialization.
@@ -44,6 +47,7 @@ from qeff import sdk
 from qeff.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
 from qeff.layout import QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
 from qeff.errors import ArtifactError, QEffError, UsageError
+from qeff.serving import ctx_ladder
 from qeff.serving.variant import GraphVariant
 
 __all__ = ["QaicSession"]
@@ -51,7 +55,7 @@ __all__ = ["QaicSession"]
 #: Inputs this session feeds on every run besides the retained state: the plain graph's, then the
 #: serving variants' (continuous batching, speculative target).
 _FED = ("input_ids", "position_ids")
-_SERVING = ("batch_index", "num_logits_to_keep")
+_SERVING = ("batch_index", "num_logits_to_keep", "comp_ctx_lengths")
 
 # aicapi buffer types → numpy; looked up by name because SDK versions differ in what they define.
 _AIC_TYPES = {
@@ -110,11 +114,6 @@ class QaicSession:
         self.compile_dir = self.qpc_dir.parent
         manifest = _read_json(self.compile_dir / MANIFEST_FILE)
         compiled_devices = manifest.get("options", {}).get("num_devices") if manifest else None
-        if manifest and manifest.get("options", {}).get("comp_ctx_lengths"):
-            raise UsageError(
-                f"the QPC at {self.qpc_dir} was compiled with a compute-context ladder, and qeff's Cloud AI runtime does not "
-                f"switch its specializations yet; run it with QEfficient, or recompile without --comp_ctx_lengths"
-            )
         if device_ids is None:
             device_ids = list(range(compiled_devices or 1))
         self.device_ids = [int(d) for d in device_ids]
@@ -175,7 +174,8 @@ class QaicSession:
         if extra:
             raise ArtifactError(f"the QPC at {self.qpc_dir} has IO this session does not drive: {', '.join(extra)}")
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key."))
-        self.variant = GraphVariant(continuous_batching="batch_index" in inputs, speculative="num_logits_to_keep" in inputs)
+        self.variant = GraphVariant(continuous_batching="batch_index" in inputs, speculative="num_logits_to_keep" in inputs,
+                                    comp_ctx="comp_ctx_lengths" in inputs)
 
         # One shape set per specialization; a single-specialization QPC may list none.
         by_index = {b.index: b.name for b in bindings}
@@ -194,11 +194,14 @@ class QaicSession:
                 spec["full_batch_size"] = cache[0]
             if self.variant.speculative:
                 spec["num_logits_to_keep"] = shapes["num_logits_to_keep"][0]
+            if self.variant.comp_ctx:
+                spec["comp_ctx_lengths"] = shapes["comp_ctx_lengths"][0]
             if spec not in specs:
                 specs.append(spec)
                 self._shape_sets.append(shapes)
         # Prefill first, as compiled: the longest chunk, or a speculative target's one kept logit.
-        order = sorted(range(len(specs)), key=lambda i: (specs[i].get("num_logits_to_keep", 1) != 1, -specs[i]["seq_len"]))
+        order = sorted(range(len(specs)), key=lambda i: (specs[i].get("num_logits_to_keep", 1) != 1, -specs[i]["seq_len"],
+                                                         specs[i].get("comp_ctx_lengths", 0)))
         specs, self._shape_sets = [specs[i] for i in order], [self._shape_sets[i] for i in order]
         same = ("ctx_len", "full_batch_size") if self.variant.continuous_batching else ("ctx_len", "batch_size")
         if any(len({s.get(k) for s in specs}) != 1 for k in same):
@@ -215,13 +218,16 @@ class QaicSession:
         self.cache_rows = self.full_batch_size or self.batch_size
         #: K of a speculative target: its decode step verifies K+1 positions (None otherwise).
         self.num_speculative_tokens = (max(s["num_logits_to_keep"] for s in specs) - 1) if self.variant.speculative else None
+        #: The compute-context ladder's rungs (None without one) and the rung each step attended.
+        self.ladder = tuple(sorted({s["comp_ctx_lengths"] for s in specs})) if self.variant.comp_ctx else None
+        self.attended: list[int] = []
         logits = self._binding("logits")
         self.vocab_size = int(logits.dims[-1])
         self._logits_dtype = self._dtype(logits)
         self._fed_dtypes = {n: self._dtype(self._binding(n)) for n in (*_FED, *_SERVING) if n in self._index}
         # A zero buffer per specialization for each output and shape-only input sized by it.
         self._sized = [{n: np.zeros(shapes[n], self._logits_dtype if n == "logits" else self._fed_dtypes[n])
-                        for n in ("logits", "num_logits_to_keep") if n in shapes} for shapes in self._shape_sets]
+                        for n in ("logits", "num_logits_to_keep", "comp_ctx_lengths") if n in shapes} for shapes in self._shape_sets]
 
     def _binding(self, name: str):
         return self._bindings[[b.name for b in self._bindings].index(name)]
@@ -307,7 +313,10 @@ class QaicSession:
         pos = np.ascontiguousarray(position_ids, dtype=self._fed_dtypes["position_ids"])
         if ids.ndim != 2 or ids.shape != pos.shape:
             raise UsageError(f"input_ids {ids.shape} and position_ids {pos.shape} must be equal (batch, seq_len) arrays")
-        spec = self._pick(ids.shape, keep)
+        rung = None
+        if self.ladder is not None:
+            rung = ctx_ladder.pick(self.ladder, pos)
+        spec = self._pick(ids.shape, keep, rung)
         if self._exec is None:
             raise UsageError("the session is not active: call activate() first")
         rows = ids.shape[0]
@@ -317,6 +326,8 @@ class QaicSession:
             self._set("batch_index", self._slots(batch_index, rows))
         elif batch_index is not None:
             raise UsageError("batch_index given to a QPC without continuous batching")
+        if rung is not None:
+            self.attended.append(rung)
         if spec != self._sized_for:
             for name, array in self._sized[spec].items():
                 self._set(name, array)
@@ -335,11 +346,12 @@ class QaicSession:
         logits = logits.reshape(rows, -1, self.vocab_size)
         return logits if keep is not None else logits[:, -1, :]
 
-    def _pick(self, shape: tuple[int, ...], keep: int | None) -> int:
-        """The specialization a step of input ``shape`` runs in. A speculative target's prefill and
-        verify steps may have the same shape (prompt_len = K+1): ``keep`` tells them apart, and
-        without it the step keeps one logit per row."""
-        fits = [i for i, s in enumerate(self.specializations) if (s["batch_size"], s["seq_len"]) == tuple(shape)]
+    def _pick(self, shape: tuple[int, ...], keep: int | None, rung: int | None = None) -> int:
+        """The specialization a step of input ``shape`` runs in (at ``rung`` of a ladder). A
+        speculative target's prefill and verify steps may have the same shape (prompt_len = K+1):
+        ``keep`` tells them apart, and without it the step keeps one logit per row."""
+        fits = [i for i, s in enumerate(self.specializations)
+                if (s["batch_size"], s["seq_len"]) == tuple(shape) and s.get("comp_ctx_lengths") == rung]
         if not fits:
             shapes = " or ".join(dict.fromkeys(f"({s['batch_size']}, {s['seq_len']})" for s in self.specializations))
             raise UsageError(f"the QPC at {self.qpc_dir} accepts input shapes {shapes} only (got {tuple(shape)})")
