@@ -43,8 +43,6 @@ BACKENDS: dict[tuple[str, str], Backend] = {
 }
 #: The names ``--backend`` takes.
 NAMES = tuple(dict.fromkeys(name for name, _ in BACKENDS))
-#: Every run option some backend's ``open`` takes.
-RUN_OPTIONS = tuple(dict.fromkeys(o for b in BACKENDS.values() for o in b.run_options))
 
 
 def backend_for(inputs: dict, where: object = "this artifact") -> Backend:
