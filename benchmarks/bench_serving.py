@@ -39,7 +39,7 @@ import qeff
 from qeff.runtime.ort import OrtSession
 from qeff.generation.continuous import generate_continuous
 from qeff.serving.graph import GraphVariant
-from qeff.serving.session import ServingOrtSession
+from qeff.runtime.ort_serving import ServingOrtSession
 from qeff.generation.speculative import generate_speculative
 
 

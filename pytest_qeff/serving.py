@@ -120,7 +120,7 @@ def run(ws, target, record) -> None:
         from qeff.generation import generate
         from qeff.generation.continuous import generate_continuous
         from qeff.generation.sampling import SamplingParams
-        from qeff.serving.session import SlotView
+        from qeff.runtime.ort_serving import SlotView
 
         slots = 1 if feature == "prefix_caching" else cfg.full_batch_size
         session = _serving_session(ws, target, GraphVariant(continuous_batching=True), batch_size=1, full_batch_size=slots)

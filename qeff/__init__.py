@@ -21,11 +21,11 @@ from qeff.errors import QEffError, UsageError
 _LAZY = {
     "GenerationResult": "qeff.generation.result",
     "generate": "qeff.generation.static",
-    "compile": "qeff.compilers",
+    "compile": "qeff.backends",
     "export": "qeff.exporter",
     "from_config": "qeff.loading",
     "load": "qeff.loading",
-    "open_session": "qeff.runtime",
+    "open_session": "qeff.backends",
     "supported_model_types": "qeff.transforms",
     "transform": "qeff.transforms",
     "Tolerances": "qeff.verification",

@@ -62,7 +62,7 @@ class CompileTarget:
     options: dict = field(default_factory=dict)
     #: The compute-context ladder of the portable graph (``--comp_ctx_lengths``; qeff.serving.ctx_ladder),
     #: as the user gave it: None = the default (on ort the default ladder when it has more than one
-    #: rung; none on qaic, whose runtime here does not switch lengths), an off word = none, else lengths.
+    #: rung; none on qaic unless lengths are listed), an off word = none, else lengths.
     comp_ctx_lengths: str | tuple[int, ...] | None = None
 
     @property
@@ -147,8 +147,10 @@ def build_fused(pipe, target: CompileTarget, *, force: bool = False, say: Callab
     :func:`check_fused` is the stage that does (:meth:`qeff.pipeline.Pipeline.compile` runs both)."""
     from types import SimpleNamespace
 
+    from qeff.backends import BACKENDS, Shape
+    from qeff.backends.ort_fused import FusedOptions
     from qeff.compilers.ort_fused import unsupported_reason
-    from qeff.compilers.ort_fused_artifact import check_cpu_options, compile_fused
+    from qeff.compilers.ort_fused_artifact import check_cpu_options
 
     graph, weights = target.graph, target.weights
     check_cpu_options(pipe.source, graph=graph, weights=weights, int8_activations=target.int8_activations)
@@ -167,10 +169,11 @@ def build_fused(pipe, target: CompileTarget, *, force: bool = False, say: Callab
     files = weights_files(pipe, weights)
     unchecked = check_unfit_reason(pipe, config, weights=weights, from_files=files is not None, batch_size=batch_size,
                                    ctx_len=ctx_len)
-    return compile_fused(pipe.export_dir, batch_size=batch_size, prompt_len=prompt_len, ctx_len=ctx_len, weights=weights,
-                         load_model=lambda: pipe.model, gguf_path=gguf, weights_dir=files,
-                         int8_activations=target.int8_activations, threads=target.options.get("threads"),
-                         checked=not unchecked, unchecked=unchecked, force=force, progress=pipe.progress)
+    options = FusedOptions(weights=weights, load_model=lambda: pipe.model, gguf_path=gguf, weights_dir=files,
+                           int8_activations=target.int8_activations, threads=target.options.get("threads"),
+                           checked=not unchecked, unchecked=unchecked)
+    return BACKENDS[("ort", "fused")].compile(pipe.onnx_path, Shape(batch_size, prompt_len, ctx_len), options, force=force,
+                                               progress=pipe.progress)
 
 
 def check_fused(pipe, built, target: CompileTarget, *, force: bool = False, say: Callable[[str], None] = print) -> dict:

@@ -532,7 +532,7 @@ class Pipeline:
         (:meth:`~qeff.cpu_graph.CompileTarget.ladder`: by default on ort when ``ctx_len`` > 256;
         lengths listed with graph ``auto`` pick the portable graph). A backend name with
         ``qeff.compile``'s ``options`` compiles the plain portable graph, as it always did."""
-        from qeff.compilers import compile as compile_graph
+        from qeff.backends import compile as compile_graph
         from qeff.cpu_graph import CompileTarget, build_fused
 
         if isinstance(target, str):  # the plain portable graph, as this form always gave
@@ -596,7 +596,7 @@ class Pipeline:
         deleted and rebuilt once with ``rebuild`` (when given); returns ``(session, rebuilt)``."""
         import shutil
 
-        from qeff.runtime import open_session
+        from qeff.backends import open_session
 
         try:
             return open_session(built.path, **options), False

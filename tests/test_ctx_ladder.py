@@ -20,7 +20,7 @@ from qeff.pipeline import export_manifest
 from qeff.runtime.ort import OrtSession
 from qeff.serving import ctx_ladder
 from qeff.generation.continuous import generate_continuous
-from qeff.serving.session import ServingOrtSession
+from qeff.runtime.ort_serving import ServingOrtSession
 from qeff.serving.variant import GraphVariant
 from tests.serving_helpers import batch1_reference, serving_model
 from tests.tiny import random_prompts

@@ -56,7 +56,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr("qeff.loading.load_source", trap)
     monkeypatch.setattr("qeff.loading.load_tokenizer", trap)
     monkeypatch.setattr("qeff.exporter.export", trap)
-    monkeypatch.setattr("qeff.compilers.compile", trap)
+    monkeypatch.setattr("qeff.backends.compile", trap)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import onnxruntime  # noqa: F401  isort: skip
 import qeff  # noqa: F401  isort: skip
 import qeff.exporter  # noqa: F401  isort: skip
 import qeff.generation.continuous  # noqa: F401  isort: skip
-import qeff.serving.session  # noqa: F401  isort: skip
+import qeff.runtime.ort_serving  # noqa: F401  isort: skip
 import qeff.generation.speculative  # noqa: F401  isort: skip
 import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 
@@ -74,7 +74,7 @@ def _target(feature: str) -> Target:
 def test_seeded_fault_a_wrong_slot_fails_the_stage(workspace, monkeypatch):
     """Prefilling every prompt into the next slot: on smollm2's tied-embedding tiny tier, whose
     greedy tokens barely depend on the context, most tokens stay HF's; the logits do not."""
-    from qeff.serving.session import ServingOrtSession
+    from qeff.runtime.ort_serving import ServingOrtSession
 
     records: list[StageRecord] = []
     stages.serving(workspace, _target("continuous_batching"), records.append)  # the control passes

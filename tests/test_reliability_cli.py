@@ -40,7 +40,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr("qeff.loading.load_source", trap)
     monkeypatch.setattr("qeff.exporter.export", trap)
-    monkeypatch.setattr("qeff.compilers.compile", trap)
+    monkeypatch.setattr("qeff.backends.compile", trap)
 
 
 def one_sentence(capsys, code: int, expected_code: int) -> str:

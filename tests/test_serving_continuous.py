@@ -14,7 +14,7 @@ from qeff.generation import prefill_chunks
 from qeff.runtime.ort import OrtSession
 from qeff.generation import continuous
 from qeff.generation.continuous import generate_continuous
-from qeff.serving.session import ServingOrtSession
+from qeff.runtime.ort_serving import ServingOrtSession
 from tests.serving_helpers import CB, SERVING_CONFIGS, batch1_reference, export_variants, random_workload
 from tests.tiny import random_prompts
 

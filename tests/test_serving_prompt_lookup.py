@@ -17,7 +17,7 @@ from qeff.compilers.ort_fused_weights import from_hf
 from qeff.errors import UsageError
 from qeff.runtime.ort_fused import FusedOrtSession
 from qeff.generation.ngram import NgramDrafter, lookup
-from qeff.serving.session import ServingOrtSession
+from qeff.runtime.ort_serving import ServingOrtSession
 from qeff.generation.speculative import generate_speculative
 from tests.serving_helpers import TLM, serving_model
 

@@ -12,7 +12,7 @@ import qeff
 from qeff.generation.continuous import generate_continuous
 from qeff.serving.graph import GraphVariant
 from qeff.generation.sampling import SamplingParams
-from qeff.serving.session import ServingOrtSession, SlotView
+from qeff.runtime.ort_serving import ServingOrtSession, SlotView
 from qeff.generation.speculative import generate_speculative
 
 # One worker builds this module's SmolLM2 artifacts once (not one copy per xdist worker).

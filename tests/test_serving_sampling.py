@@ -15,7 +15,7 @@ from qeff.errors import UsageError
 from qeff.runtime.ort import OrtSession
 from qeff.generation.continuous import generate_continuous
 from qeff.generation.sampling import RowSampler, SamplingParams, row_stream, sample_token
-from qeff.serving.session import ServingOrtSession
+from qeff.runtime.ort_serving import ServingOrtSession
 from tests.serving_helpers import batch1_reference, export_variants, random_workload
 
 

@@ -14,7 +14,7 @@ import torch
 import qeff
 from qeff.errors import UsageError
 from qeff.runtime.ort import OrtSession
-from qeff.serving.session import ServingOrtSession
+from qeff.runtime.ort_serving import ServingOrtSession
 from qeff.generation.speculative import check_same_tokenizer, generate_speculative
 from tests.serving_helpers import TLM, serving_model
 from tests.tiny import random_prompts

@@ -17,7 +17,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from qeff._system import library_versions
 from qeff.artifacts import Built, build_artifact, read_manifest, verify_mode
+from qeff.compilers import check_shape, onnx_identity
 from qeff.errors import ArtifactError, QEffError, UsageError
 from qeff.home import find_home
 from qeff.layout import ORT_FUSED, ort_fused_dir_name
@@ -77,9 +79,6 @@ def compile_fused(
     ``checked``: whether the graph is checked, when its caller runs the check as a stage of its own
     after the build (:func:`qeff.cpu_graph.check_fused`); default: whether ``check`` is given.
     """
-    from qeff._system import library_versions
-    from qeff.compilers import check_shape, onnx_identity
-
     check_cpu_options(None if gguf_path is None else _gguf_source(gguf_path), graph="fused", weights=weights,
                       int8_activations=int8_activations)
     if weights != "native" and load_model is None and weights_dir is None:

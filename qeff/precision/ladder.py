@@ -260,9 +260,9 @@ def run_ladder(
     Each emulated tier is a full copy of the weights, twice (graph and ORT-optimized graph: 1.3 GB
     for SmolLM2-135M). ``keep_tiers=False`` removes a tier's artifacts once it is measured, so a
     one-off ladder needs disk for one tier at a time and leaves no cache behind."""
-    from qeff.compilers import compile as compile_graph
+    from qeff.backends import compile as compile_graph
     from qeff.precision.emulate import build_tier
-    from qeff.runtime import open_session
+    from qeff.backends import open_session
     from qeff.verification import Tolerances, compare, hf_trace, session_trace
 
     start = time.perf_counter()

@@ -30,8 +30,8 @@ from qeff._system import physical_cores
 from qeff.errors import ArtifactError, BackendUnavailableError, UsageError
 from qeff.serving import ctx_ladder
 
-__all__ = ["OrtSession", "session_options", "onnxruntime_module", "open_inference_session", "CacheInputs", "BINDINGS",
-           "ladder_of", "comp_ctx_feed"]
+__all__ = ["OrtSession", "session_options", "onnxruntime_module", "open_inference_session", "CacheInputs", "RetainedCache",
+           "BINDINGS", "ladder_of", "comp_ctx_feed"]
 
 BINDINGS = ("inplace", "swap", "numpy")
 
@@ -89,6 +89,56 @@ class CacheInputs:
         past0 = inputs["past_key.0"].shape  # [batch_size, n_kv, ctx_len, head_dim]
         self.num_kv_heads, self.head_dim = int(past0[1]), int(past0[3])
 
+    def shape(self, rows: int, ctx_len: int) -> tuple[int, int, int, int]:
+        """One cache tensor's shape for ``rows`` rows (or slots) of ``ctx_len`` positions."""
+        return (rows, self.num_kv_heads, ctx_len, self.head_dim)
+
+
+class RetainedCache:
+    """The cache of an ONNX Runtime session as OrtValues that stay bound between steps: the one
+    place every ORT session (portable, fused, serving) binds ``past_*`` and ``…_RetainedState``.
+
+    ``inplace`` (the default): ONE OrtValue per tensor, bound as both the input and the output, so
+    the graph's scatter (or GroupQueryAttention's shared buffer) updates it where it lies and no
+    step copies the cache. Otherwise two per tensor, swapped after each step (:meth:`swap`)."""
+
+    def __init__(self, cache: CacheInputs, rows: int, ctx_len: int, *, inplace: bool = True):
+        ort = onnxruntime_module()
+        shape = cache.shape(rows, ctx_len)
+        new = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu")  # noqa: E731
+        self.names = list(cache.past_names)
+        self.inputs = [new() for _ in self.names]
+        self.outputs = self.inputs if inplace else [new() for _ in self.names]
+        self._ios: list = []
+
+    def bind(self, *ios) -> None:
+        """Bind the cache to these IO bindings (and remember them for :meth:`swap`)."""
+        self._ios = list(ios)
+        self._bind()
+
+    def _bind(self) -> None:
+        for io in self._ios:
+            for name, src, dst in zip(self.names, self.inputs, self.outputs):
+                io.bind_ortvalue_input(name, src)
+                io.bind_ortvalue_output(name + "_RetainedState", dst)
+
+    def swap(self) -> None:
+        """After a step with two buffers per tensor: what was written is what the next step reads."""
+        if self.outputs is not self.inputs:
+            self.inputs, self.outputs = self.outputs, self.inputs
+            self._bind()
+
+    def read(self) -> list[np.ndarray]:
+        """A copy of the cache, ``[k0, v0, k1, v1, …]``."""
+        return [v.numpy().copy() for v in self.inputs]
+
+    def write(self, tensors: list[np.ndarray]) -> None:
+        """Overwrite the whole cache in place (the bound buffers stay the same)."""
+        if len(tensors) != len(self.names):
+            raise UsageError(f"expected {len(self.names)} cache tensors, got {len(tensors)}")
+        for value, tensor in zip(self.inputs, tensors):
+            value.update_inplace(np.ascontiguousarray(tensor, dtype=np.float32))
+
 
 def ladder_of(cache: CacheInputs, comp_ctx_lengths, ctx_len: int):
     """The ladder a session runs: None for a graph without ``comp_ctx_lengths``; else the one asked
@@ -145,11 +195,10 @@ class OrtSession:
         #: ctx_len) and the length each step attended, for tests and reports.
         self.ladder = ladder_of(cache, comp_ctx_lengths, ctx_len)
         self.attended: list[int] = []
-        shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, 1, self.vocab_size), np.float32, "cpu")
         self.decode_session = self.session
         if binding == "numpy":
-            self._np_cache = [np.zeros(shape, np.float32) for _ in self.past_names]
+            self._np_cache = [np.zeros(cache.shape(batch_size, ctx_len), np.float32) for _ in self.past_names]
             return
         if specialize_decode:
             opts = session_options(self.threads)
@@ -163,19 +212,11 @@ class OrtSession:
             self.decode_session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._io = self.session.io_binding()
         self._decode_io = self._io if self.decode_session is self.session else self.decode_session.io_binding()
-        new = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu")  # noqa: E731
-        self._cache = [new() for _ in self.past_names]
-        self._cache_out = self._cache if binding == "inplace" else [new() for _ in self.past_names]
-        self._ios = [self._io] if self._decode_io is self._io else [self._io, self._decode_io]
-        for io in self._ios:
+        ios = [self._io] if self._decode_io is self._io else [self._io, self._decode_io]
+        for io in ios:
             io.bind_ortvalue_output("logits", self._logits)
-        self._bind_cache()
-
-    def _bind_cache(self) -> None:
-        for io in self._ios:
-            for name, src, dst in zip(self.past_names, self._cache, self._cache_out):
-                io.bind_ortvalue_input(name, src)
-                io.bind_ortvalue_output(name + "_RetainedState", dst)
+        self._cache = RetainedCache(cache, batch_size, ctx_len, inplace=binding == "inplace")
+        self._cache.bind(*ios)
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
@@ -195,15 +236,13 @@ class OrtSession:
         if comp is not None:
             io.bind_cpu_input("comp_ctx_lengths", comp)
         session.run_with_iobinding(io)
-        if self.binding == "swap":
-            self._cache, self._cache_out = self._cache_out, self._cache
-            self._bind_cache()
+        self._cache.swap()  # nothing to do when bound in place
         return self._logits.numpy()[:, 0, :]
 
     def read_cache(self) -> list[np.ndarray]:
         if self.binding == "numpy":
             return [c.copy() for c in self._np_cache]
-        return [v.numpy().copy() for v in self._cache]
+        return self._cache.read()
 
     def close(self) -> None:
         self.session = self.decode_session = None

@@ -32,7 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+import qeff.runtime.ort as ort_runtime  # its functions looked up at call time (tests spy on session_options)
+from qeff._system import physical_cores
 from qeff.errors import UsageError
+from qeff.layout import LOGITS_ROWS
+from qeff.runtime.ort import CacheInputs, RetainedCache
 
 __all__ = ["FusedOrtSession", "step_inputs"]
 
@@ -74,36 +78,28 @@ class FusedOrtSession:
         prompt_len: int | None = None,
         threads: int | None = None,
     ):
-        from qeff._system import physical_cores
-        from qeff.runtime.ort import CacheInputs, onnxruntime_module, open_inference_session, session_options
-
         if batch_size < 1 or ctx_len < 1:
             raise UsageError(f"batch_size and ctx_len must be positive (got {batch_size}, {ctx_len})")
-        ort = onnxruntime_module()
+        ort = ort_runtime.onnxruntime_module()
         self.model_path = Path(model_path)
         self.threads = threads or physical_cores()
-        opts = session_options(self.threads)
+        opts = ort_runtime.session_options(self.threads)
         # Every dim but seq_len is fixed for the artifact's life: let ORT plan with them.
         opts.add_free_dimension_override_by_name("batch_size", batch_size)
         opts.add_free_dimension_override_by_name("ctx_len", ctx_len)
-        self.session = open_inference_session(self.model_path, opts)
+        self.session = ort_runtime.open_inference_session(self.model_path, opts)
         cache = CacheInputs(self.session)
         self.past_names, self.num_layers = cache.past_names, cache.num_layers
         self.num_kv_heads, self.head_dim = cache.num_kv_heads, cache.head_dim
         self.vocab_size = int(self.session.get_outputs()[0].shape[1])
         self.batch_size, self.ctx_len, self.prompt_len = batch_size, ctx_len, prompt_len
         self.decode_session = self.session  # the interface of OrtSession, for callers that report it
-        shape = (batch_size, self.num_kv_heads, ctx_len, self.head_dim)
-        self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu") for _ in self.past_names]
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((batch_size, self.vocab_size), np.float32, "cpu")
         self._io = self.session.io_binding()
-        for name, value in zip(self.past_names, self._cache):
-            self._io.bind_ortvalue_input(name, value)
-            self._io.bind_ortvalue_output(name + "_RetainedState", value)
+        self._cache = RetainedCache(cache, batch_size, ctx_len)  # GroupQueryAttention appends in place
+        self._cache.bind(self._io)
         self._io.bind_ortvalue_output("logits", self._logits)
         self._kept: dict[int, object] = {}  # keep → its (B·keep, vocab) logits buffer
-        from qeff.layout import LOGITS_ROWS
-
         last = next(i for i in self.session.get_inputs() if i.name == "last_index")
         #: Whether ``run(..., keep=N)`` works: graphs built before ``last_index`` had its own dim cannot.
         self.keeps_logits = last.shape[0] == LOGITS_ROWS
@@ -133,9 +129,7 @@ class FusedOrtSession:
         index = (np.arange(self.batch_size, dtype=np.int64)[:, None] * columns + cols).reshape(-1)
         buffer = self._kept.get(keep)
         if buffer is None:
-            from qeff.runtime.ort import onnxruntime_module
-
-            buffer = self._kept[keep] = onnxruntime_module().OrtValue.ortvalue_from_shape_and_type(
+            buffer = self._kept[keep] = ort_runtime.onnxruntime_module().OrtValue.ortvalue_from_shape_and_type(
                 (self.batch_size * keep, self.vocab_size), np.float32, "cpu")
         io.bind_cpu_input("last_index", index)
         io.bind_ortvalue_output("logits", buffer)
@@ -146,7 +140,7 @@ class FusedOrtSession:
         return buffer.numpy().reshape(self.batch_size, keep, self.vocab_size)
 
     def read_cache(self) -> list[np.ndarray]:
-        return [v.numpy().copy() for v in self._cache]
+        return self._cache.read()
 
     def close(self) -> None:
         self.session = self.decode_session = None

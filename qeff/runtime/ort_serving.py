@@ -1,8 +1,8 @@
 """ONNX Runtime session for the serving graph variants (:mod:`qeff.serving.graph`).
 
-Like :class:`qeff.runtime.ort.OrtSession` the cache lives in OrtValues bound between steps, by
-default ONE OrtValue per tensor bound as both ``past_*`` and ``…_RetainedState`` (``binding =
-"inplace"``; ``"numpy"`` round-trips the cache through numpy, the slow reference the in-place
+Like :class:`qeff.runtime.ort.OrtSession` the cache lives in OrtValues bound between steps
+(:class:`qeff.runtime.ort.RetainedCache`), by default ONE OrtValue per tensor bound as both
+``past_*`` and ``…_RetainedState`` (``binding = "inplace"``; ``"numpy"`` round-trips the cache through numpy, the slow reference the in-place
 binding is checked against in ``tests/test_serving_continuous.py``). What differs:
 
 - with continuous batching the cache has ``full_batch_size`` rows (slots) and each ``run`` names
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qeff.errors import UsageError
-from qeff.runtime.ort import CacheInputs, comp_ctx_feed, ladder_of, onnxruntime_module as _ort, open_inference_session, session_options
+from qeff.runtime.ort import CacheInputs, RetainedCache, comp_ctx_feed, ladder_of, open_inference_session, session_options
 from qeff.serving.variant import GraphVariant
 
 __all__ = ["ServingOrtSession", "SlotView"]
@@ -46,7 +46,6 @@ class ServingOrtSession:
             raise UsageError(f"unknown binding {binding!r} for a serving session; choose inplace or numpy")
         if batch_size < 1 or ctx_len < 1 or (full_batch_size is not None and full_batch_size < 1):
             raise UsageError(f"batch_size, full_batch_size and ctx_len must be positive (got {batch_size}, {full_batch_size}, {ctx_len})")
-        ort = _ort()
         self.model_path = Path(model_path)
         self.session = open_inference_session(self.model_path, session_options(threads))
         cache = CacheInputs(self.session)
@@ -68,16 +67,13 @@ class ServingOrtSession:
         #: The compute-context ladder and the length each step attended (see OrtSession).
         self.ladder = ladder_of(cache, comp_ctx_lengths, ctx_len)
         self.attended: list[int] = []
-        shape = (self.cache_rows, self.num_kv_heads, ctx_len, self.head_dim)
         if binding == "numpy":
-            self._np_cache = [np.zeros(shape, np.float32) for _ in self.past_names]
+            self._np_cache = [np.zeros(cache.shape(self.cache_rows, ctx_len), np.float32) for _ in self.past_names]
             return
         self._io = self.session.io_binding()
         self._io.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits; rebound per run
-        self._cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu") for _ in self.past_names]
-        for name, value in zip(self.past_names, self._cache):
-            self._io.bind_ortvalue_input(name, value)
-            self._io.bind_ortvalue_output(name + "_RetainedState", value)
+        self._cache = RetainedCache(cache, self.cache_rows, ctx_len)
+        self._cache.bind(self._io)
 
     def run(
         self,
@@ -131,7 +127,7 @@ class ServingOrtSession:
         """A copy of the whole cache, ``[k0, v0, …]``, each (cache_rows, n_kv, ctx_len, head_dim)."""
         if self.binding == "numpy":
             return [c.copy() for c in self._np_cache]
-        return [v.numpy().copy() for v in self._cache]
+        return self._cache.read()
 
     def write_cache(self, tensors: list[np.ndarray]) -> None:
         """Overwrite the whole cache (tests poison freed slots with it)."""
@@ -140,8 +136,7 @@ class ServingOrtSession:
         if self.binding == "numpy":
             self._np_cache = [np.array(t, dtype=np.float32) for t in tensors]
             return
-        for value, tensor in zip(self._cache, tensors):
-            value.update_inplace(np.ascontiguousarray(tensor, dtype=np.float32))
+        self._cache.write(tensors)
 
     def close(self) -> None:
         self.session = None
