@@ -63,7 +63,7 @@ def main() -> int:
 
     from qeff.compilers.ort_fused import FUSED_GRAPH, write_fused_graph
     from qeff.compilers.ort_fused_weights import from_gguf
-    from qeff.loading import embedded_gguf
+    from qeff.intake.loading import embedded_gguf
     from qeff.runtime.ort_fused import FusedOrtSession
 
     names = ["fp32"] + [n for n in args.variants.split(",") if n and n != "fp32"]

@@ -73,12 +73,12 @@ def stage_checkpoint(src: Path, dst: Path, card_config: dict | None) -> list[str
         notes.append(f"config.{key}: {config.get(key)!r} -> {value!r} (the card's)")
         config[key] = value
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    from qeff.consistency import tokenizer_files
+    from qeff.intake.consistency import tokenizer_files
 
     files = tokenizer_files(src)
     for path in files:
         shutil.copy2(path, dst / path.name)
-    from qeff.consistency import tokenizer_id_count
+    from qeff.intake.consistency import tokenizer_id_count
 
     count = tokenizer_id_count(dst) if files else None
     vocab = config["vocab_size"]

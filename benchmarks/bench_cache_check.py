@@ -1,7 +1,7 @@
 """The cost of the artifact cache's integrity checks on a cached ``qeff infer`` (issue 14).
 
 A cached run reuses the export and the ORT artifact; before trusting them it checks every file
-against its manifest (:mod:`qeff.integrity`):
+against its manifest (:mod:`qeff.store.integrity`):
 
 - ``quick`` (the default): sizes, stat keys, and a sampled digest (16 blocks of 64 KiB per file);
 - ``full`` (``--verify-cache``): every file's whole blake2b digest (~1.3 GB for SmolLM2-135M);
@@ -28,8 +28,8 @@ from pathlib import Path
 
 
 def run_once(argv: list[str], mode: str, *, cached: bool = True) -> dict:
-    import qeff.artifacts as artifacts
-    import qeff.integrity as integrity
+    import qeff.store.artifacts as artifacts
+    import qeff.store.integrity as integrity
     from qeff.cli import main
 
     checks: list[float] = []

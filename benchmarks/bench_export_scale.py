@@ -98,7 +98,7 @@ def _child(ckpt: Path, mode: str, out: Path) -> None:
         from qeff.exporter import export
         from qeff.transforms import transform
 
-        # What qeff.loading.load_source does for the weights (the synthetic checkpoints have no tokenizer).
+        # What qeff.intake.loading.load_source does for the weights (the synthetic checkpoints have no tokenizer).
         model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
         result = export(transform(model), out, model_id=str(ckpt))
     print(json.dumps({"export_s": time.perf_counter() - t0, "streamed": result.streamed}))

@@ -60,7 +60,7 @@ def main() -> int:
 
     import qeff
     from qeff.compilers.ort_fused_artifact import compile_fused
-    from qeff.loading import embedded_gguf
+    from qeff.intake.loading import embedded_gguf
     from qeff.pipeline import prepare
     from qeff.quant.blocks import NBitsWeight
 

@@ -191,8 +191,8 @@ def update(directory: Path, records: Iterable[dict], environment: dict) -> list[
     the 1 case of its run). Read, merge and write happen under a lock on the file, so concurrent
     sessions updating the same baseline lose nothing, and the write is atomic, so a reader never
     sees a torn file. A file that cannot be read is never overwritten: it is moved aside, said so."""
-    from qeff.atomic import write_json
-    from qeff.locks import PathLock, remove_if_free
+    from qeff.store.atomic import write_json
+    from qeff.store.locks import PathLock, remove_if_free
     from pytest_qeff.records import BenchmarkRecord, record_of
 
     by_file: dict[Path, dict[str, dict]] = {}

@@ -1,8 +1,8 @@
 """Cards built on the fly: ``pytest --qeff-model ./checkpoint`` (or a ``.gguf`` file, or a hub repo
 id in the local cache) with no card that names it.
 
-The card is built from the model's config alone (:mod:`qeff.configs`, no weight is read), after
-:mod:`qeff.support` has said the architecture is supported (a refusal is a usage error naming it):
+The card is built from the model's config alone (:mod:`qeff.intake.configs`, no weight is read), after
+:mod:`qeff.intake.support` has said the architecture is supported (a refusal is a usage error naming it):
 
 - ``[config]``: the real config: the schema's standard keys read through the config class (so
   GPT-2's ``n_embd`` is ``hidden_size``), every other key of ``config.json`` that a card can hold
@@ -234,11 +234,11 @@ def build(name: str, existing: set[str] | frozenset[str] = frozenset()) -> Card:
     """A card for the model ``name`` (a directory, ``.gguf`` file or hub repo id), from its config.
     Raises :class:`pytest.UsageError` for a model that cannot be found, is not supported, or whose
     weight files are corrupt."""
-    from qeff.configs import check_weight_headers, read_config
-    from qeff.consistency import check_config, check_tokenizer, check_weight_shapes
+    from qeff.intake.configs import check_weight_headers, read_config
+    from qeff.intake.consistency import check_config, check_tokenizer, check_weight_shapes
     from qeff.errors import QEffError
-    from qeff.loading import resolve
-    from qeff.support import assess
+    from qeff.intake.loading import resolve
+    from qeff.intake.support import assess
 
     try:
         source = resolve(name)
@@ -299,7 +299,7 @@ def card_for(pattern: str, existing: set[str] | frozenset[str] = frozenset()) ->
     if _is_path(pattern):
         return build(pattern, existing)
     if "/" in pattern:
-        from qeff.loading import _hub_cached
+        from qeff.intake.loading import _hub_cached
 
         if _hub_cached(pattern, None, None):
             return build(pattern, existing)

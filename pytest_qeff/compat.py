@@ -185,7 +185,7 @@ def table(comparison: Comparison) -> list[str]:
 def render(comparison: Comparison, out_dir: Path) -> Path:
     """``OUT/index.html`` (Jinja2, the report's templates and style) and ``OUT/compat.json``."""
     from pytest_qeff.report import _environment, templates_dir
-    from qeff.atomic import write_bytes, write_json, write_text
+    from qeff.store.atomic import write_bytes, write_json, write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "compat.json", comparison.to_dict(), indent=2)

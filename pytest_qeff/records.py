@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from qeff.meter import Measurement
-from qeff.serialization import from_dict, to_dict
+from qeff.store.serialization import from_dict, to_dict
 from qeff.precision.ladder import TierResult
 from qeff.verification import Comparison
 

@@ -171,7 +171,7 @@ def environment(root: Path, backends: list[str]) -> dict:
 def write(path: Path, content: dict) -> Path:
     """Atomically (a temporary file of this writer's own, fsync, rename): a concurrent reader sees
     the previous file or this one, and two writers never collide (issue 14)."""
-    from qeff.atomic import write_json
+    from qeff.store.atomic import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, content, indent=2)

@@ -119,7 +119,7 @@ class Workspace:
                 pytest.skip(reason)
             identity = {"card": card.id, "tier": "full", "source": source.identity(home=self.root / self.tier)}
             if not trusted:
-                from qeff.support import require_supported
+                from qeff.intake.support import require_supported
 
                 # Nothing is loaded here: the pipeline loads the model only for a stage that needs
                 # it, and exports a safetensors checkpoint (a local directory or a cached hub repo)
@@ -134,12 +134,12 @@ class Workspace:
 
     def facts(self, card: Card) -> tuple[Any, ModelFacts]:
         """The model's config and shape: from the model when it is in memory, else from its files
-        (config.json and the weight files' headers, :mod:`qeff.preflight`), so that a model larger
+        (config.json and the weight files' headers, :mod:`qeff.intake.preflight`), so that a model larger
         than memory is never loaded for them."""
         pipe = self.pipeline(card)
         shape = None
         if not pipe.model_loaded and pipe.files_dir is not None:
-            from qeff.preflight import model_shape
+            from qeff.intake.preflight import model_shape
 
             shape = model_shape(pipe.source, cache_dir=pipe.cache_dir)
         if shape is None or shape.weight_bytes is None:

@@ -1,7 +1,7 @@
 """Where a card's real weights are on this machine (the ``full`` tier), or why they are not.
 
 Nothing is downloaded here: a test run must not depend on the network. ``locate(card)`` returns a
-:class:`qeff.loading.ModelSource` or a sentence saying what is missing and how to get it.
+:class:`qeff.intake.loading.ModelSource` or a sentence saying what is missing and how to get it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["locate"]
 
 def locate(card: Card):
     """``(source, "")`` when the weights are here, else ``(None, reason)``."""
-    from qeff.loading import ModelSource
+    from qeff.intake.loading import ModelSource
 
     w = card.weights
     if w.source == "none":
@@ -39,7 +39,7 @@ def locate(card: Card):
             if fnmatch.fnmatchcase(f.name, w.file):
                 return ModelSource(card.id, "gguf", path=Path(dist.locate_file(f)).resolve()), ""
         from qeff.errors import ModelNotFoundError
-        from qeff.loading import embedded_for_distribution
+        from qeff.intake.loading import embedded_for_distribution
 
         try:  # a package that ships its GGUF in chunk packages (Gemma 3 270M): qeff assembles it
             assembled = embedded_for_distribution(w.package)

@@ -181,8 +181,8 @@ def check_fused(pipe, built, target: CompileTarget, *, force: bool = False, say:
     own, cached beside the graph): the comparison as a dict, ``{"ran": False, "reason": …}`` when
     the build found it could not fit. Gated (``target.exact``) and failed: the fused graph is
     deleted and :class:`VerificationError` raised, so it is never served."""
-    from qeff.artifacts import build_artifact, discard, manifest_hash
-    from qeff.layout import ORT_FUSED, check_dir_name
+    from qeff.store.artifacts import build_artifact, discard, manifest_hash
+    from qeff.store.layout import ORT_FUSED, check_dir_name
     from qeff.meter import measured
     from qeff.progress import stage
     from qeff.runtime.ort_fused import FusedOrtSession
@@ -263,7 +263,7 @@ def check_unfit_reason(pipe, config: dict, *, weights: str, from_files: bool, ba
     when it fits the memory available (:func:`qeff.memory.fused_check_fits`, the preflight's own
     arithmetic). ``QEFF_SKIP_MEMORY_CHECK``/``--skip-memory-check`` runs it regardless."""
     from qeff import memory, validation
-    from qeff.atomic import human_bytes
+    from qeff.store.atomic import human_bytes
 
     if memory.skip_requested():
         return None

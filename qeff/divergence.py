@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from qeff.serialization import from_dict, to_dict
+from qeff.store.serialization import from_dict, to_dict
 
 if TYPE_CHECKING:  # torch is imported where a model runs: reading a report needs none of it
     import torch

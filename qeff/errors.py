@@ -59,7 +59,7 @@ class CorruptWeightsError(UsageError):
 
 
 class UnsupportedArchitectureError(UsageError, UnsupportedModelError):
-    """A model refused from its config alone (:mod:`qeff.support`), before any weight is read: the
+    """A model refused from its config alone (:mod:`qeff.intake.support`), before any weight is read: the
     user asked for something qeff cannot run, so the command line treats it as a usage error."""
 
     def __init__(self, message: str, *, model_type: str | None = None, nearest: str | None = None):

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from qeff._system import OPSET, library_versions
 from qeff.errors import NotStreamableError, QEffError
-from qeff.layout import ONNX_DATA, ONNX_FILE
+from qeff.store.layout import ONNX_DATA, ONNX_FILE
 from qeff.transforms import QEffCausalLM
 
 __all__ = ["export", "fp16_clip", "share_tied_embedding", "stamp_metadata", "check_portable", "ExportResult", "FP16_MAX", "library_versions"]

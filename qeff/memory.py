@@ -2,7 +2,7 @@
 
 The chain runs in one process and keeps the model it loaded until it exits, so a stage's peak is
 what it allocates on top of what earlier stages still hold. Each stage's estimate is one function
-of the model's fp32 weight bytes ``W`` (read from the file headers by :mod:`qeff.preflight`, no
+of the model's fp32 weight bytes ``W`` (read from the file headers by :mod:`qeff.intake.preflight`, no
 tensor data), the KV cache bytes of the run and the mode (which graph, which weights):
 
     peak = BASE + MARGIN × (factor × W + fixed) (+ the KV caches the stage holds)
@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from qeff.atomic import human_bytes
+from qeff.store.atomic import human_bytes
 from qeff.errors import UsageError
 
 __all__ = ["Mode", "Sizes", "Estimate", "Factor", "STAGES", "FACTORS", "plan", "sizes", "stages_for", "check",
@@ -126,7 +126,7 @@ class Mode:
 
 @dataclass(frozen=True)
 class Sizes:
-    """The bytes a stage's estimate is made of (from :class:`qeff.preflight.ModelShape`)."""
+    """The bytes a stage's estimate is made of (from :class:`qeff.intake.preflight.ModelShape`)."""
 
     weights: int  # W: fp32 bytes of every weight
     table: int  # E: fp32 bytes of one vocabulary table (0 when the config does not say)
@@ -346,7 +346,7 @@ def sizes(shape, mode: Mode) -> Sizes:
 
 
 def plan(shape, mode: Mode) -> list[Estimate]:
-    """Each stage's estimated peak for ``shape`` (a :class:`qeff.preflight.ModelShape` that knows
+    """Each stage's estimated peak for ``shape`` (a :class:`qeff.intake.preflight.ModelShape` that knows
     its weight bytes) run as ``mode``."""
     s = sizes(shape, mode)
     return [Estimate(name, STAGES[name](s, mode)) for name in stages_for(mode)]

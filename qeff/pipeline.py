@@ -12,7 +12,7 @@
                                                          # what `qeff infer` runs: the fused graph where it covers the model
     session = pipe.open_session(built)
 
-Each stage is an artifact directory (:mod:`qeff.layout` names them, :mod:`qeff.artifacts` builds
+Each stage is an artifact directory (:mod:`qeff.store.layout` names them, :mod:`qeff.store.artifacts` builds
 and reuses them). The export hash covers what determines the graph: the model's identity (a digest
 of its weight files, or the config + seed of a random model), the transforms, the exporter and
 library versions. When an export is reused the model itself is not even loaded (its tokenizer is
@@ -38,12 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qeff.artifacts import Built, build_artifact, manifest_hash, verify_mode
+from qeff.store.artifacts import Built, build_artifact, manifest_hash, verify_mode
 from qeff.errors import ArtifactError, UsageError
-from qeff.home import mark
-from qeff.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
-from qeff import loading
-from qeff.loading import ModelSource, resolve
+from qeff.store.home import mark
+from qeff.store.layout import ONNX_DATA, ONNX_FILE, export_dir_name, qeff_home, slug, verify_dir_name
+from qeff.intake import loading
+from qeff.intake.loading import ModelSource, resolve
 from qeff.meter import measured
 from qeff.progress import layer_progress, stage
 
@@ -178,11 +178,11 @@ class Pipeline:
     def tokenizer(self):
         if self._tokenizer is None:
             if self._export is not None and (self._export.path / "tokenizer_config.json").is_file():
-                from qeff.tokenizer import open_saved_tokenizer
+                from qeff.intake.tokenizer import open_saved_tokenizer
 
                 self._tokenizer = open_saved_tokenizer(self._export.path)  # the tokenizers library, no transformers
             elif self.source is not None:
-                from qeff.loading import load_tokenizer
+                from qeff.intake.loading import load_tokenizer
 
                 self._tokenizer = load_tokenizer(self.source, cache_dir=self.cache_dir)  # seconds, not the model's load
         return self._tokenizer
@@ -228,7 +228,7 @@ class Pipeline:
             from qeff.exporter import export
 
             if self.source is not None and self._model is None:
-                from qeff.support import require_supported
+                from qeff.intake.support import require_supported
 
                 # Refuse an unsupported architecture or a corrupt weights file from the config and
                 # the file headers, before the tokenizer and long before the weights load (issue 11).
@@ -270,7 +270,7 @@ class Pipeline:
             if self._model is None:
                 if self.source is None or self.files_dir is None:
                     return None
-                from qeff.preflight import model_shape
+                from qeff.intake.preflight import model_shape
 
                 shape = model_shape(self.source, cache_dir=self.cache_dir)  # the files' headers: their fp32 bytes
                 return shape.weight_bytes if shape is not None else None
@@ -280,7 +280,7 @@ class Pipeline:
         built = build_artifact(target, manifest, build, required=(ONNX_FILE, ONNX_DATA), force=force,
                                size_hint=size_hint)
         if not built.reused and self.progress:
-            from qeff.doctor import superseded_hint
+            from qeff.store.doctor import superseded_hint
 
             hint = superseded_hint(target.parent)  # what an upgrade left behind: never reused, never freed
             if hint:
@@ -296,7 +296,7 @@ class Pipeline:
     @property
     def files_dir(self) -> Path | None:
         """The directory of the source's checkpoint files on this machine: a local directory, or a
-        hub repo's snapshot in the local Hugging Face cache (:func:`qeff.loading.files_dir`); None
+        hub repo's snapshot in the local Hugging Face cache (:func:`qeff.intake.loading.files_dir`); None
         for a GGUF file, a model object or a hub repo that is not cached."""
         if self.source is None:
             return None
@@ -465,7 +465,7 @@ class Pipeline:
         made one, else :func:`qeff.memory.choose_verification` from the weight files' headers."""
         if self.verify_mode is None:
             from qeff import memory
-            from qeff.preflight import model_shape
+            from qeff.intake.preflight import model_shape
             from qeff.validation import available_memory
 
             streamable = self._can_stream_verification()
@@ -575,7 +575,7 @@ class Pipeline:
         """The stage after a fused build: the fused graph against the portable graph of this export
         (:func:`qeff.cpu_graph.check_fused`; cached beside the graph). Its result is kept in
         :attr:`graph_checks` by artifact path; None for an artifact that is not the fused graph."""
-        from qeff.layout import ORT_FUSED
+        from qeff.store.layout import ORT_FUSED
 
         if (built.manifest.get("outputs") or {}).get("model") != ORT_FUSED:
             return None

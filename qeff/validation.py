@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from qeff.atomic import human_bytes
+from qeff.store.atomic import human_bytes
 from qeff.errors import UsageError
 from qeff.shape import Shape, check_positive
 
@@ -166,7 +166,7 @@ def memory_sources() -> str:
 def check_memory(shape, *, batch_size: int, ctx_len: int, copies: int = 1, available: int | None = None,
                  prompt_len: int = 1) -> int:
     """Refuse a run whose buffers cannot fit the available memory: its KV cache and the buffers
-    :meth:`qeff.preflight.ModelShape.buffer_bytes` counts (logits, attention, activations: ``copies``
+    :meth:`qeff.intake.preflight.ModelShape.buffer_bytes` counts (logits, attention, activations: ``copies``
     of each, since verification holds PyTorch's and ONNX Runtime's at once), the generated token ids
     and the weights. Returns the estimate."""
     cache = shape.cache_bytes(batch_size, ctx_len)

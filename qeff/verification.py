@@ -33,7 +33,7 @@ from qeff.errors import UsageError, VerificationError
 from qeff.generation import prefill_chunks
 from qeff.metrics import DistributionStats
 from qeff.runtime.base import Session
-from qeff.serialization import from_dict, to_dict
+from qeff.store.serialization import from_dict, to_dict
 
 if TYPE_CHECKING:  # torch is imported where a model runs: reading a report needs none of it
     import torch

@@ -60,7 +60,7 @@ class Weights:
 
 class SafetensorsWeights(Weights):
     """The ``*.safetensors`` files of a checkpoint directory. Only their headers are held
-    (:func:`qeff.headers.read_safetensors_header`); :meth:`get` reads one tensor's bytes in its
+    (:func:`qeff.intake.headers.read_safetensors_header`); :meth:`get` reads one tensor's bytes in its
     stored dtype with a positioned read. Not a memory map: mapped pages count in the process's
     resident set and stay there while the map is open (a 1B model's bf16 file would be 2.5 GB of
     "RSS" by the end of an export), while read pages go to the page cache, which the kernel frees."""
@@ -70,7 +70,7 @@ class SafetensorsWeights(Weights):
                "BOOL": torch.bool}
 
     def __init__(self, directory: str | Path):
-        from qeff.headers import read_safetensors_header
+        from qeff.intake.headers import read_safetensors_header
 
         self.directory = Path(directory)
         files = sorted(self.directory.glob("*.safetensors"))

@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from tests.arch_configs import VOCAB, TinyArch
-from qeff.loading import from_config
+from qeff.intake.loading import from_config
 from qeff.runtime.base import Session
 from qeff.transforms import QEffCausalLM, transform
 from qeff.transforms.experts import experts_modules

@@ -76,7 +76,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """Only the real tokenizer (4 s instead of the model's 15 s)."""
-    from qeff.loading import load_tokenizer, resolve
+    from qeff.intake.loading import load_tokenizer, resolve
 
     return load_tokenizer(resolve("smollm2-135m"))
 

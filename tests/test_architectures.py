@@ -26,7 +26,7 @@ from tests.arch_harness import (
 from qeff.errors import UnsupportedModelError
 from qeff.exporter import export
 from qeff.generation import generate
-from qeff.loading import from_config
+from qeff.intake.loading import from_config
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.torch import TorchSession
 from qeff.transforms import supported_model_types, transform

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qeff.artifacts import build_artifact, read_manifest
+from qeff.store.artifacts import build_artifact, read_manifest
 from qeff.errors import ArtifactError
 
 
@@ -70,7 +70,7 @@ _SCRIPT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from qeff.artifacts import build_artifact
+    from qeff.store.artifacts import build_artifact
 
     target, log, sleep = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 

@@ -1,4 +1,4 @@
-"""qeff.atomic and qeff.locks: whole files or nothing, no collisions, no lock lost to `qeff clean`."""
+"""qeff.store.atomic and qeff.store.locks: whole files or nothing, no collisions, no lock lost to `qeff clean`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qeff import atomic
+from qeff.store import atomic
 from qeff.errors import DiskFullError
-from qeff.locks import PathLock, holder, is_held, remove_if_free
+from qeff.store.locks import PathLock, holder, is_held, remove_if_free
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_a_lock_removed_while_a_waiter_waits_is_not_shared(tmp_path):
 
 def test_a_killed_holder_releases_its_lock(tmp_path):
     path = tmp_path / "k.lock"
-    code = f"from qeff.locks import PathLock; import os, signal; PathLock({str(path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+    code = f"from qeff.store.locks import PathLock; import os, signal; PathLock({str(path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert path.exists() and not is_held(path)
     assert PathLock(path).acquire(blocking=False)

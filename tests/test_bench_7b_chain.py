@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from qeff.configs import read_config
-from qeff.consistency import check_tokenizer, tokenizer_id_count
+from qeff.intake.configs import read_config
+from qeff.intake.consistency import check_tokenizer, tokenizer_id_count
 from qeff.errors import UsageError
-from qeff.loading import resolve
+from qeff.intake.loading import resolve
 from qeff.synthetic import LlamaShape, write_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -27,7 +27,7 @@ SHAPE = LlamaShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, v
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A checkpoint as write_llama wrote them before it cut the tokenizer: SmolLM2's 49152 ids."""
-    from qeff.loading import DEFAULT_MODEL, load_tokenizer
+    from qeff.intake.loading import DEFAULT_MODEL, load_tokenizer
 
     path = write_llama(tmp_path_factory.mktemp("bench") / "ckpt", SHAPE, seed=0)
     load_tokenizer(resolve(DEFAULT_MODEL)).save_pretrained(str(path))

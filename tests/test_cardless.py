@@ -18,7 +18,7 @@ import transformers.models.llama.modeling_llama  # noqa: F401  isort: skip
 
 from pytest_qeff import cardless
 from pytest_qeff.cards import Card, default_cards_dir, load_card, load_cards
-from qeff.loading import embedded_gguf
+from qeff.intake.loading import embedded_gguf
 from tests.model_files import write_config_dir
 
 pytest_plugins = ("pytester",)

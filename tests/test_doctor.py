@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from qeff.artifacts import build_artifact
-from qeff.atomic import human_bytes
+from qeff.store.artifacts import build_artifact
+from qeff.store.atomic import human_bytes
 from qeff.cli import main
-from qeff.doctor import clean, scan
-from qeff.locks import PathLock
+from qeff.store.doctor import clean, scan
+from qeff.store.locks import PathLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_doctor_reports_damage_and_leftovers_then_clean_removes_only_stale_ones(
 
 def test_clean_waits_for_nobody_and_a_concurrent_build_is_untouched(tmp_path):
     """A real build in another process, paused inside its builder: clean keeps its directory."""
-    from qeff.home import mark
+    from qeff.store.home import mark
 
     home = tmp_path / "home"
     mark(home)  # a cache qeff made (a bare build_artifact has no cache root to mark)
@@ -88,7 +88,7 @@ def test_clean_waits_for_nobody_and_a_concurrent_build_is_untouched(tmp_path):
     code = f"""
 import time
 from pathlib import Path
-from qeff.artifacts import build_artifact
+from qeff.store.artifacts import build_artifact
 def build(tmp):
     (tmp / "part").write_text("1")
     Path({str(flag)!r}).write_text("x")

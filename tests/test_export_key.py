@@ -64,7 +64,7 @@ def test_the_export_closure_holds_the_export_path_and_every_transform():
     assert TRANSFORM_MODULES and set(TRANSFORM_MODULES) <= found  # registered by computed names: all of them
     # the exporter, its streamed writer, loading, the tokenizer files saved beside the graph, and
     # qeff.serving.graph, which the exporter imports only inside a function
-    assert {"qeff", "qeff.exporter", "qeff.weights", "qeff.loading", "qeff.tokenizer", "qeff.serving.graph",
+    assert {"qeff", "qeff.exporter", "qeff.weights", "qeff.intake.loading", "qeff.intake.tokenizer", "qeff.serving.graph",
             "qeff.serving", "qeff._system", "qeff.code_digest"} <= found
     # code that runs after the export, or around it: not the export's
     assert not any(m == _cli_module() or m.startswith(_cli_module() + ".") for m in found)
@@ -92,13 +92,13 @@ def test_the_scan_reads_every_form_of_import(tmp_path):
         "import os\n"
         "def f():\n    from qeff.transforms import llama\n    return llama\n"
         "try: import qeff.sdk as s\nexcept ImportError: pass\n"
-        "from . import (\n    atomic,\n    locks,\n)\n"
+        "from .store import (\n    atomic,\n    locks,\n)\n"
         "import importlib\nm = importlib.import_module('qeff.metrics')\n"
         "import qeff\nqeff.verify(1)\n"
         "from qeff import generate\n", encoding="utf-8")
     pkg = code_digest._Package(root)
     found = code_digest._scan(pkg, "qeff.probe")
-    assert {"qeff.transforms.llama", "qeff.sdk", "qeff.atomic", "qeff.locks", "qeff.metrics",
+    assert {"qeff.transforms.llama", "qeff.sdk", "qeff.store.atomic", "qeff.store.locks", "qeff.metrics",
             "qeff.verification", "qeff.generation.static"} <= found  # what qeff._LAZY names
     assert found >= code_digest._imports(pkg, "qeff.probe", [pkg.tree("qeff.probe")])
 
@@ -124,7 +124,7 @@ def test_an_edit_outside_the_export_code_keeps_its_key(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["qeff.transforms.llama", "qeff.transforms.gpt_oss", "qeff.serving.graph",
-                                    "qeff.exporter", "qeff.weights", "qeff.loading", "qeff._system", "qeff"])
+                                    "qeff.exporter", "qeff.weights", "qeff.intake.loading", "qeff._system", "qeff"])
 def test_an_edit_inside_the_export_code_changes_its_key(tmp_path, module):
     root = _copy(tmp_path)
     before = scope_digest("export", root)
@@ -184,7 +184,7 @@ def _export(home: Path):
 
 
 def test_the_export_is_reused_across_edits_outside_its_code_and_rebuilt_after_one_inside(tmp_path, monkeypatch, counted_exports):
-    from qeff.doctor import superseded_because
+    from qeff.store.doctor import superseded_because
 
     root = _copy(tmp_path)
     monkeypatch.setattr(code_digest, "PACKAGE_ROOT", root)
@@ -213,7 +213,7 @@ def test_an_export_keyed_on_all_of_the_source_is_rebuilt_and_superseded(tmp_path
     """A manifest an older qeff wrote (``qeff_source``: the whole-source digest, bare hex) is never
     trusted under the new meaning, even where its digest would still match."""
     import qeff._system
-    from qeff.doctor import superseded_because
+    from qeff.store.doctor import superseded_because
 
     home = tmp_path / "home"
     real = qeff._system.library_versions

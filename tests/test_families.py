@@ -191,7 +191,7 @@ def test_every_experts_module_is_made_dense():
 
 def test_gemma3_bidirectional_is_refused():
     from qeff.errors import UnsupportedModelError
-    from qeff.loading import from_config
+    from qeff.intake.loading import from_config
     from qeff.transforms import transform
 
     model = from_config("gemma3_text", {**TINY["gemma3-270m"].config, "use_bidirectional_attention": True})

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from qeff.cli import main
-from qeff.doctor import clean, scan
+from qeff.store.doctor import clean, scan
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -127,7 +127,7 @@ def _infer(capsys, *args: str) -> tuple[int, dict | None, str]:
 
 
 def _files(directory: Path) -> list[str]:
-    from qeff.artifacts import read_manifest
+    from qeff.store.artifacts import read_manifest
 
     return sorted([*read_manifest(directory)["files"], "manifest.json"])
 
@@ -236,7 +236,7 @@ def test_corrupting_every_file_of_a_qaic_artifact(micro_model_dir, tmp_path, cap
 def test_zeroed_weights_of_the_same_size_are_never_served(micro_model_dir, tmp_path, capsys, graph):
     """Issue 14, item 1: overwriting a cached model.opt.onnx.data in place, same size, gave exit 0,
     all-zero token ids and "verify … ok (cached)". The fused CPU graph's weights likewise."""
-    from qeff.artifacts import read_manifest
+    from qeff.store.artifacts import read_manifest
 
     home = tmp_path / "home"
     args = ["--model_name", str(micro_model_dir), "--home", str(home), *ARGS, "--verify", "--ort-graph", graph]

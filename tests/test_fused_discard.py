@@ -1,5 +1,5 @@
 """Issue 20: a fused graph that fails its check is deleted under the lock its builders take
-(qeff.artifacts.discard), never pulled from under a process that holds it; one rebuilt meanwhile is
+(qeff.store.artifacts.discard), never pulled from under a process that holds it; one rebuilt meanwhile is
 kept for its own check to judge."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from qeff.artifacts import LOCK_SUFFIX, build_artifact, discard
+from qeff.store.artifacts import LOCK_SUFFIX, build_artifact, discard
 from qeff.errors import VerificationError
-from qeff.locks import PathLock
+from qeff.store.locks import PathLock
 
 
 def _fused(home: Path, payload: bytes = b"g" * 5000):

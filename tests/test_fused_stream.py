@@ -164,7 +164,7 @@ def cli_env(tmp_path, monkeypatch):
     """A SmolLM2-tokenizer checkpoint, a fresh cache, and no model load allowed anywhere."""
     import transformers
 
-    import qeff.loading
+    import qeff.intake.loading
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -172,7 +172,7 @@ def cli_env(tmp_path, monkeypatch):
     monkeypatch.setenv("QEFF_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("QEFF_SKIP_MEMORY_CHECK", raising=False)
     monkeypatch.delenv("QEFF_MEMORY_LIMIT", raising=False)
-    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    monkeypatch.setattr(qeff.intake.loading, "load_source", no_load)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
     return write_llama(tmp_path / "ckpt", SMALL, seed=5)
 
@@ -203,7 +203,7 @@ def test_the_guard_trips_when_the_build_takes_the_loaded_model(cli_env, capsys, 
 
 
 def test_a_check_that_cannot_fit_is_said_not_skipped_silently(cli_env, capsys, monkeypatch):
-    from qeff.artifacts import read_manifest
+    from qeff.store.artifacts import read_manifest
     from qeff.cli import main
 
     monkeypatch.setattr("qeff.validation.available_memory", lambda: 64 * 2**20)

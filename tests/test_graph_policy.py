@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qeff.artifacts import read_manifest
+from qeff.store.artifacts import read_manifest
 from qeff.cpu_graph import CompileTarget
 from qeff.errors import VerificationError
 from qeff.pipeline import Pipeline

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-import qeff.loading
-from qeff.loading import files_dir, load_source, resolve
+import qeff.intake.loading
+from qeff.intake.loading import files_dir, load_source, resolve
 from qeff.pipeline import Pipeline
 from qeff.synthetic import LlamaShape, hub_cache, write_llama
 
@@ -89,7 +89,7 @@ def test_a_cached_hub_repo_is_exported_without_loading_the_model(cached, offline
         raise AssertionError("the streamed export of a cached hub repo must not load the model")
 
     local = Pipeline.open(str(ckpt), home=tmp_path / "local", progress=False).export()
-    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    monkeypatch.setattr(qeff.intake.loading, "load_source", no_load)
     pipe = Pipeline.open(REPO_ID, cache_dir=str(cache), home=tmp_path / "hub", progress=False)
     built = pipe.export()
     assert (built.path / "model.onnx.data").read_bytes() == (local.path / "model.onnx.data").read_bytes()
@@ -122,11 +122,11 @@ def test_seeded_fault_a_hub_repo_not_found_on_disk_loads_the_model(cached, offli
     """The guard of the test above: were the snapshot not found (the pre-issue-18 rule, local
     directories only), the export would load the model — and the trap says so."""
     _, cache, _ = cached
-    monkeypatch.setattr(qeff.loading, "files_dir", lambda source, **kw: source.path if source.kind == "local" else None)
+    monkeypatch.setattr(qeff.intake.loading, "files_dir", lambda source, **kw: source.path if source.kind == "local" else None)
 
     def no_load(*args, **kwargs):
         raise AssertionError("loaded")
 
-    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    monkeypatch.setattr(qeff.intake.loading, "load_source", no_load)
     with pytest.raises(AssertionError, match="loaded"):
         Pipeline.open(REPO_ID, cache_dir=str(cache), home=tmp_path / "hub", progress=False).export()

@@ -1,4 +1,4 @@
-"""Integrity records of the artifact cache (qeff.integrity through qeff.artifacts.build_artifact).
+"""Integrity records of the artifact cache (qeff.store.integrity through qeff.store.artifacts.build_artifact).
 
 Each fault is seeded on a real built artifact and must be detected (the artifact is rebuilt and
 says why); the reference is the builder's own bytes, written independently of the check.
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from qeff import integrity
-from qeff.artifacts import build_artifact, check_artifact, read_manifest, verify_cache
+from qeff.store import integrity
+from qeff.store.artifacts import build_artifact, check_artifact, read_manifest, verify_cache
 from qeff.errors import ArtifactError
-from qeff.locks import PathLock
+from qeff.store.locks import PathLock
 
 BIG = bytes(range(256)) * 8192  # 2 MiB: larger than the sample, so quick and full differ
 
@@ -156,7 +156,7 @@ def test_files_get_shared_permissions(tmp_path):
 
     target = tmp_path / "art"
     build_artifact(target, {"k": 1}, build)
-    from qeff.atomic import default_mode
+    from qeff.store.atomic import default_mode
 
     assert (target / "private.bin").stat().st_mode & 0o777 == default_mode()
     assert (target / "manifest.json").stat().st_mode & 0o777 == default_mode()
@@ -217,7 +217,7 @@ def test_check_artifact_names_the_bad_file(tmp_path):
 def test_a_finished_build_leaves_no_lock_file_behind(tmp_path):
     """Every build used to leave `<artifact>.lock` (0 B) that `qeff doctor` then listed as a stale
     leftover; a lock someone holds is never removed."""
-    from qeff.doctor import scan
+    from qeff.store.doctor import scan
 
     target = tmp_path / "m" / "art"
     _build(target, [])
@@ -227,7 +227,7 @@ def test_a_finished_build_leaves_no_lock_file_behind(tmp_path):
     holder = PathLock(str(other) + ".lock")
     assert holder.acquire(blocking=False)
     try:
-        from qeff.locks import remove_if_free
+        from qeff.store.locks import remove_if_free
 
         assert not remove_if_free(holder.path) and holder.path.exists()
     finally:

@@ -18,15 +18,15 @@ ROOT = Path(qeff.__file__).parent
 
 #: Bottom to top. A module not listed fails the test: place it in the layer it belongs to.
 LAYERS: list[tuple[str, ...]] = [
-    ("qeff._version", "qeff._lazy", "qeff.compat", "qeff.errors", "qeff.shape", "qeff.code_digest", "qeff._system", "qeff.progress", "qeff.serialization", "qeff.layout", "qeff.metrics", "qeff.data",
-     "qeff.atomic", "qeff.locks", "qeff.integrity", "qeff.serving", "qeff.serving.variant", "qeff.serving.ctx_ladder", "qeff.quant", "qeff.meter",
+    ("qeff._version", "qeff._lazy", "qeff.store", "qeff.intake", "qeff.compat", "qeff.errors", "qeff.shape", "qeff.code_digest", "qeff._system", "qeff.progress", "qeff.store.serialization", "qeff.store.layout", "qeff.metrics", "qeff.data",
+     "qeff.store.atomic", "qeff.store.locks", "qeff.store.integrity", "qeff.serving", "qeff.serving.variant", "qeff.serving.ctx_ladder", "qeff.quant", "qeff.meter",
      "qeff.generation"),
-    ("qeff.sdk", "qeff.artifacts", "qeff.inputs", "qeff.headers", "qeff.validation", "qeff.embedded", "qeff.generation.sampling",
-     "qeff.generation.ngram", "qeff.serving.sampling", "qeff.serving.ngram", "qeff.home", "qeff.source_digest"),
-    ("qeff.loading", "qeff.configs", "qeff.doctor", "qeff.tokenizer", "qeff.consistency", "qeff.memory", "qeff.generation.result",
+    ("qeff.sdk", "qeff.store.artifacts", "qeff.inputs", "qeff.intake.headers", "qeff.validation", "qeff.intake.embedded", "qeff.generation.sampling",
+     "qeff.generation.ngram", "qeff.serving.sampling", "qeff.serving.ngram", "qeff.store.home", "qeff.intake.source_digest"),
+    ("qeff.intake.loading", "qeff.intake.configs", "qeff.store.doctor", "qeff.intake.tokenizer", "qeff.intake.consistency", "qeff.memory", "qeff.generation.result",
      "qeff.generation.engine", "qeff.serving.result"),
-    ("qeff.transforms", "qeff.support", "qeff.serving.graph", "qeff.weights", "qeff.synthetic"),
-    ("qeff.exporter", "qeff.preflight", "qeff.offload"),
+    ("qeff.transforms", "qeff.intake.support", "qeff.serving.graph", "qeff.weights", "qeff.synthetic"),
+    ("qeff.exporter", "qeff.intake.preflight", "qeff.offload"),
     ("qeff.runtime",),
     ("qeff.compilers", "qeff.generation.continuous", "qeff.generation.speculative"),
     ("qeff.backends",),

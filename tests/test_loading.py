@@ -9,7 +9,7 @@ import torch
 
 import qeff
 from qeff.errors import ModelNotFoundError, UsageError
-from qeff.loading import embedded_gguf, resolve
+from qeff.intake.loading import embedded_gguf, resolve
 from tests.tiny import tiny_model
 
 

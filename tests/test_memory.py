@@ -53,8 +53,8 @@ def no_work(monkeypatch):
     def trap(*args, **kwargs):
         raise AssertionError("work started before the memory preflight")
 
-    monkeypatch.setattr("qeff.loading.load_source", trap)
-    monkeypatch.setattr("qeff.loading.load_tokenizer", trap)
+    monkeypatch.setattr("qeff.intake.loading.load_source", trap)
+    monkeypatch.setattr("qeff.intake.loading.load_tokenizer", trap)
     monkeypatch.setattr("qeff.exporter.export", trap)
     monkeypatch.setattr("qeff.backends.compile", trap)
 
@@ -79,8 +79,8 @@ def _refusal(capsys, code: int) -> str:
 
 
 def _shape(path: Path):
-    from qeff.loading import resolve
-    from qeff.preflight import model_shape
+    from qeff.intake.loading import resolve
+    from qeff.intake.preflight import model_shape
 
     return model_shape(resolve(str(path)))
 
@@ -231,7 +231,7 @@ def test_a_synthetic_checkpoint_s_tokenizer_fits_its_vocabulary(tmp_path):
     (it did, for the 7B shape). Text still round-trips through the smaller BPE."""
     from transformers import AutoTokenizer
 
-    from qeff.consistency import tokenizer_id_count
+    from qeff.intake.consistency import tokenizer_id_count
     from qeff.synthetic import LlamaShape
 
     path = write_llama(tmp_path / "v1k", LlamaShape(hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128,

@@ -239,19 +239,19 @@ def _pipe(tmp_path, home: str, **kwargs):
 def test_pipeline_streamed_verify_never_loads_the_model_and_reports_the_same(tmp_path, monkeypatch):
     """Asked for (``verify_layers=True``), verification builds its models from the weight files and
     never loads :attr:`Pipeline.model`; its report is the in-memory one's, every number."""
-    import qeff.loading
+    import qeff.intake.loading
 
-    load = qeff.loading.load_source
+    load = qeff.intake.loading.load_source
 
     def no_load(*args, **kwargs):
         raise AssertionError("streamed verification must not load the model")
 
-    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    monkeypatch.setattr(qeff.intake.loading, "load_source", no_load)
     pipe = _pipe(tmp_path, "streamed", verify_layers=True)
     _, report = pipe.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
     assert pipe.streams_verification() and pipe._model is None and pipe._qmodel is None
     assert [c.name for c in report.comparisons] == ["hf_vs_pytorch", "pytorch_vs_ort"]
-    monkeypatch.setattr(qeff.loading, "load_source", load)
+    monkeypatch.setattr(qeff.intake.loading, "load_source", load)
     memory = _pipe(tmp_path, "memory", verify_layers=False)
     _, expected = memory.verify_cached(PIPE_PROMPTS, prompt_len=8, ctx_len=32, steps=4)
     assert not memory.streams_verification() and memory._model is not None
@@ -264,7 +264,7 @@ def test_pipeline_chooses_streamed_verify_when_memory_says_so(tmp_path, monkeypa
     of 16 wide layers: its headers are what the choice reads; nothing runs.)"""
     from qeff import memory
     from qeff.pipeline import Pipeline
-    from qeff.preflight import model_shape
+    from qeff.intake.preflight import model_shape
 
     monkeypatch.delenv("QEFF_STREAMED_VERIFY", raising=False)
     ckpt = write_llama(tmp_path / "wide", LlamaShape(hidden=1024, layers=16, heads=16, kv_heads=4, intermediate=4096,

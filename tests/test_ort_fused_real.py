@@ -10,7 +10,7 @@ import torch
 import qeff
 from qeff.compilers.ort_fused import FUSED_GRAPH, write_fused_graph
 from qeff.compilers.ort_fused_weights import from_hf
-from qeff.loading import embedded_gguf
+from qeff.intake.loading import embedded_gguf
 from qeff.quant.blocks import NBitsWeight
 from qeff.compilers.ort_fused_weights import from_gguf
 from qeff.runtime.ort_fused import FusedOrtSession

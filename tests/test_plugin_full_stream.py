@@ -92,13 +92,13 @@ _CHILD = SAMPLER + textwrap.dedent("""
     import torch, onnx, onnxruntime, transformers, pytest  # before the baseline
     import transformers.models.llama.modeling_llama
     import torch.onnx._internal.torchscript_exporter.utils
-    import qeff.cli, qeff.exporter, qeff.pipeline, qeff.weights, qeff.verification, qeff.loading
+    import qeff.cli, qeff.exporter, qeff.pipeline, qeff.weights, qeff.verification, qeff.intake.loading
     import pytest_qeff.plugin, pytest_qeff.stages
     out, trap = Path(sys.argv[1]), sys.argv[2] == "trap"
     if trap:  # the model must never be loaded whole: a stage that tries fails
         def refuse(*args, **kwargs):
             raise AssertionError("the model was loaded whole")
-        qeff.loading.load_source = refuse
+        qeff.intake.loading.load_source = refuse
     base = start_sampling(0.005)  # anonymous memory (tests/rss_sampler.py)
     code = pytest.main(sys.argv[3:])
     out.write_text(json.dumps({"code": int(code), "base": base, "peak": max(top[0], rss())}))

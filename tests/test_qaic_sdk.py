@@ -44,7 +44,7 @@ def sdk_runtime() -> None:
 @pytest.fixture(scope="module")
 def onnx_path(module_tmp) -> Path:
     from qeff.exporter import export
-    from qeff.loading import from_config
+    from qeff.intake.loading import from_config
     from qeff.transforms import transform
 
     return export(transform(from_config("llama", TINY_LLAMA, seed=0)), module_tmp("tiny_llama")).path

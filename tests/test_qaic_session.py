@@ -37,7 +37,7 @@ TINY_LLAMA = dict(
 @pytest.fixture(scope="module")
 def onnx_path(module_tmp) -> Path:
     from qeff.exporter import export
-    from qeff.loading import from_config
+    from qeff.intake.loading import from_config
     from qeff.transforms import transform
 
     qmodel = transform(from_config("llama", TINY_LLAMA, seed=0))

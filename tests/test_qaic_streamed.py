@@ -40,8 +40,8 @@ def test_dry_run_writes_the_in_memory_routes_files(tmp_path, monkeypatch, capsys
     import torch
     from transformers import AutoModelForCausalLM
 
-    import qeff.loading
-    from qeff.loading import resolve
+    import qeff.intake.loading
+    from qeff.intake.loading import resolve
     from qeff.pipeline import Pipeline
 
     ckpt = write_llama(tmp_path / "ckpt", LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
@@ -51,7 +51,7 @@ def test_dry_run_writes_the_in_memory_routes_files(tmp_path, monkeypatch, capsys
         raise AssertionError("the dry run of a safetensors directory must not load the model")
 
     with monkeypatch.context() as patch:
-        patch.setattr(qeff.loading, "load_source", no_load)
+        patch.setattr(qeff.intake.loading, "load_source", no_load)
         assert _cli(["compile", "-m", str(ckpt), "--home", str(tmp_path / "streamed"), *FLAGS]) == 0
     assert "qaic-exec" in capsys.readouterr().out
     (streamed,) = (tmp_path / "streamed").glob(f"*/export-*/{QPC_DIR}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qeff.cli import main
-from qeff.layout import slug
+from qeff.store.layout import slug
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys, time
 from pathlib import Path
-from qeff.artifacts import build_artifact
+from qeff.store.artifacts import build_artifact
 
 target = Path(sys.argv[1])
 
@@ -39,7 +39,7 @@ build_artifact(target, {"stage": "export", "test": 1}, build)
 
 def _killed_build(home: Path, model: str) -> Path:
     """Start a child building <home>/<slug>/export-0face5, SIGKILL it mid-build; its leftover."""
-    from qeff.home import mark
+    from qeff.store.home import mark
 
     target = home / slug(model) / "export-0face5"
     mark(home)  # as a real run does before it builds (its source digest is written first)
@@ -89,7 +89,7 @@ def test_a_build_whose_builder_is_alive_is_kept(tmp_path, model):
     provably dead, so the automatic reclaim keeps it."""
     import socket
 
-    from qeff.doctor import reclaim
+    from qeff.store.doctor import reclaim
 
     root = tmp_path / "home" / slug(str(model))
     build = root / ".tmp-export-0face5-0123abcd"
@@ -104,7 +104,7 @@ def test_a_build_whose_builder_is_alive_is_kept(tmp_path, model):
 
 
 def test_something_not_made_by_qeff_is_never_reclaimed(tmp_path):
-    from qeff.doctor import reclaim
+    from qeff.store.doctor import reclaim
 
     root = tmp_path / "model"
     for name in (".tmp-export-0face5", ".tmp-notours-XYZ12345", "export-0face5-0123abcd"):

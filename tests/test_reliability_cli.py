@@ -38,7 +38,7 @@ def no_work(monkeypatch):
     def trap(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr("qeff.loading.load_source", trap)
+    monkeypatch.setattr("qeff.intake.loading.load_source", trap)
     monkeypatch.setattr("qeff.exporter.export", trap)
     monkeypatch.setattr("qeff.backends.compile", trap)
 
@@ -92,7 +92,7 @@ def test_a_huge_ctx_len_is_refused_with_the_numbers(tiny_model_dir, home, capsys
 
 def test_memory_check_uses_the_available_memory(monkeypatch):
     from qeff.errors import UsageError
-    from qeff.preflight import ModelShape
+    from qeff.intake.preflight import ModelShape
     from qeff.validation import check_memory
 
     shape = ModelShape(2, 2, 16)  # no vocabulary, heads or widths known: the KV cache and the token ids
@@ -168,8 +168,8 @@ def _edit_config(path: Path, **changes) -> None:
 
 
 def test_a_truncated_or_fake_gguf(home, tmp_path, capsys, no_work):
-    """Read from the headers (qeff.headers, through the support gate and the memory estimate)."""
-    from qeff.loading import embedded_gguf
+    """Read from the headers (qeff.intake.headers, through the support gate and the memory estimate)."""
+    from qeff.intake.loading import embedded_gguf
 
     size = embedded_gguf().stat().st_size
     cases = {"cut.gguf": 200_000, "tail.gguf": size // 2}  # inside the header; the whole header, half the data
@@ -386,7 +386,7 @@ def _needed(line: str) -> float:
 def test_disk_full_on_a_real_small_disk(tiny_model_dir, tmp_path, capsys, mounts, export_bytes, stage, graph):
     """A tmpfs sized so the export (half its size) or the ORT compile (room for the export's
     build, then less than a compiled copy, of the fused CPU graph or of the portable one) fills it."""
-    from qeff.atomic import human_bytes
+    from qeff.store.atomic import human_bytes
 
     size = export_bytes["all"] // 2 if stage == "export" else export_bytes["peak"] + 2**20
     disk = tmp_path / "disk"
@@ -412,7 +412,7 @@ def test_disk_full_simulated(tiny_model_dir, home, capsys, monkeypatch, export_b
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("onnx.save_model", full)
-    from qeff.atomic import human_bytes
+    from qeff.store.atomic import human_bytes
 
     line = one_sentence(capsys, infer(tiny_model_dir, "--no-verify", "--ctx_len", "64"), 1)
     assert line.startswith("qeff: DiskFullError: the disk holding ") and "building export-" in line
@@ -424,7 +424,7 @@ def test_disk_full_simulated(tiny_model_dir, home, capsys, monkeypatch, export_b
 
 
 def test_export_files_are_world_readable_like_their_siblings(tiny_model_dir, home, capsys):
-    from qeff.atomic import default_mode
+    from qeff.store.atomic import default_mode
 
     assert infer(tiny_model_dir, "--no-verify", "--ctx_len", "32", "--generation_len", "2", "--json") == 0
     export = next(home.rglob("model.onnx")).parent
@@ -482,8 +482,8 @@ def test_the_memory_preflight_reads_the_cache_shape_as_the_transform_does():
     from pathlib import Path
 
     from pytest_qeff.cards import default_cards_dir, load_cards
-    from qeff.configs import ModelConfig
-    from qeff.preflight import _plain_shape, _spec_shape
+    from qeff.intake.configs import ModelConfig
+    from qeff.intake.preflight import _plain_shape, _spec_shape
 
     checked = 0
     for card in load_cards(default_cards_dir()).values():

@@ -158,8 +158,8 @@ def test_generate_sizes_its_token_buffer_by_the_context(tiny_model_dir):
 )
 def test_buffers_beyond_the_kv_cache_are_counted(tiny_model_dir, home, capsys, no_work, monkeypatch, args, message):
     """Each case's KV cache alone fits 16 GiB (the old preflight let it through); its logits do not."""
-    from qeff.loading import resolve
-    from qeff.preflight import model_shape
+    from qeff.intake.loading import resolve
+    from qeff.intake.preflight import model_shape
 
     monkeypatch.setattr("qeff.validation.available_memory", lambda: 16 * 2**30)
     shape = model_shape(resolve(str(tiny_model_dir)))
@@ -171,7 +171,7 @@ def test_buffers_beyond_the_kv_cache_are_counted(tiny_model_dir, home, capsys, n
 
 
 def test_the_buffer_arithmetic():
-    from qeff.preflight import ModelShape
+    from qeff.intake.preflight import ModelShape
 
     shape = ModelShape(2, 2, 16, vocab_size=100, hidden_size=32, num_heads=4, intermediate_size=64)
     assert shape.buffer_bytes(3, 5, 10) == {

@@ -46,7 +46,7 @@ class TestLongModelPath:
     pick another --home, which cannot help."""
 
     def test_a_model_at_a_300_byte_path_is_cached_under_a_short_unique_name(self, micro_model_dir, tmp_path, capsys):
-        from qeff.layout import SLUG_MAX
+        from qeff.store.layout import SLUG_MAX
 
         deep = tmp_path
         while len(str(deep)) < 300:
@@ -68,7 +68,7 @@ class TestLongModelPath:
         assert Path(again["artifact"]).parent.parent != model_dir and again["token_ids"] == result["token_ids"]
 
     def test_short_names_keep_their_directory(self):
-        from qeff.layout import slug
+        from qeff.store.layout import slug
 
         assert slug("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB--SmolLM2-135M-Instruct"
         assert slug("/a/b/model") == "a--b--model"
@@ -149,10 +149,10 @@ class TestLookalikeUserFiles:
         """clean --damaged takes every lock inside an artifact before removing it; taking one
         rewrites its text, so only qeff's are taken (a nested build holds one here: the artifact
         is kept, and so must be the user's Cargo.lock in it)."""
-        from qeff.artifacts import build_artifact
-        from qeff.doctor import clean
-        from qeff.home import mark
-        from qeff.locks import PathLock
+        from qeff.store.artifacts import build_artifact
+        from qeff.store.doctor import clean
+        from qeff.store.home import mark
+        from qeff.store.locks import PathLock
 
         home = tmp_path / "home"
         mark(home)
@@ -173,7 +173,7 @@ class TestLookalikeUserFiles:
         """A rebuild swapped the old directory out whole (or, with nested artifacts, moved every
         entry it did not write again to the trash): the user's files in it went with it. Now
         only what the old manifest records, or the new build replaces, is removed."""
-        from qeff.artifacts import build_artifact
+        from qeff.store.artifacts import build_artifact
 
         home = tmp_path / "home"
         target = home / "m" / "export-abc123"
@@ -319,8 +319,8 @@ class TestSourceReplacedInPlace:
         assert second["reused"]["export"] is False
 
     def test_the_digest_is_cached_by_stat_key_and_rehashed_on_request(self, micro_model_dir, tmp_path, monkeypatch):
-        from qeff import integrity
-        from qeff.source_digest import content_digest
+        from qeff.store import integrity
+        from qeff.intake.source_digest import content_digest
 
         model = tmp_path / "model"
         shutil.copytree(micro_model_dir, model)

@@ -241,12 +241,12 @@ def _pipeline_export(tmp_path, name):
 
 
 def test_pipeline_streams_a_safetensors_directory(tmp_path, monkeypatch):
-    import qeff.loading
+    import qeff.intake.loading
 
     def no_load(*args, **kwargs):
         raise AssertionError("the streamed export must not load the model")
 
-    monkeypatch.setattr(qeff.loading, "load_source", no_load)
+    monkeypatch.setattr(qeff.intake.loading, "load_source", no_load)
     streamed, memory = _pipeline_export(tmp_path, "smollm2-135m")
     assert _same_files(memory.path, streamed.path) == {"model.onnx": True, "model.onnx.data": True}
     assert streamed.manifest["outputs"] == memory.manifest["outputs"]  # weight digest, config, sizes, …

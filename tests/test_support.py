@@ -1,4 +1,4 @@
-"""Support answered before loading (issue 11, item 3): qeff.headers, qeff.configs, qeff.support and
+"""Support answered before loading (issue 11, item 3): qeff.intake.headers, qeff.intake.configs, qeff.intake.support and
 ``qeff check``. References are independent of the code judged: the ``gguf`` package's own reader,
 transformers' own GGUF loader, models built by transformers, byte-level read probes."""
 
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import qeff
-import qeff.configs
-from qeff import headers, support
+import qeff.intake.configs
+from qeff.intake import headers, support
 from qeff.cli import main
-from qeff.configs import gguf_config, read_config
+from qeff.intake.configs import gguf_config, read_config
 from qeff.errors import CorruptWeightsError, UnsupportedArchitectureError, UsageError
-from qeff.loading import embedded_gguf, resolve
+from qeff.intake.loading import embedded_gguf, resolve
 from tests.model_files import truncate, write_config_dir, write_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def no_weights(monkeypatch):
         return _raise
 
     targets = [
-        (qeff.loading, "load_source"), (transformers.AutoModelForCausalLM, "from_pretrained"),
+        (qeff.intake.loading, "load_source"), (transformers.AutoModelForCausalLM, "from_pretrained"),
         (transformers.PreTrainedModel, "from_pretrained"), (safetensors, "safe_open"),
         (safetensors.torch, "load_file"), (safetensors.torch, "load"), (torch, "load"), (gguf, "GGUFReader"),
         (gguf.gguf_reader, "GGUFReader"), (gguf, "dequantize"), (hf_gguf, "load_gguf_checkpoint"),
@@ -224,7 +224,7 @@ def test_the_read_probe_sees_a_read_of_tensor_data(monkeypatch):
 
 
 def _probe_open(monkeypatch) -> list[tuple[int, int]]:
-    """Replace ``open`` inside qeff.headers by one that records the byte range of every read."""
+    """Replace ``open`` inside qeff.intake.headers by one that records the byte range of every read."""
     reads: list[tuple[int, int]] = []
     real_open = open
 
@@ -330,7 +330,7 @@ def test_the_config_verdict_agrees_with_the_transform_on_every_card():
 
     for card in load_cards(default_cards_dir()).values():
         values = {"model_type": card.architecture, **card.tiny_config().hf_config()}
-        config = qeff.configs.ModelConfig(resolve("smollm2-135m"), values, Path(f"{card.id}.toml"))
+        config = qeff.intake.configs.ModelConfig(resolve("smollm2-135m"), values, Path(f"{card.id}.toml"))
         verdict = support.assess(config)
         expected = not any(kf.stage == "transform" for kf in card.known_failures)
         assert verdict.supported == expected, (card.id, verdict)

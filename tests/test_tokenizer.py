@@ -1,4 +1,4 @@
-"""qeff.tokenizer.SavedTokenizer encodes and decodes exactly as transformers' AutoTokenizer does
+"""qeff.intake.tokenizer.SavedTokenizer encodes and decodes exactly as transformers' AutoTokenizer does
 on the same saved directory (what an export keeps beside its graph)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from qeff.tokenizer import SavedTokenizer, open_saved_tokenizer
+from qeff.intake.tokenizer import SavedTokenizer, open_saved_tokenizer
 
 TEXTS = [
     "The capital of France is",

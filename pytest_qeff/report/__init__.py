@@ -41,7 +41,7 @@ def _environment():
 
 def render(results: dict, out_dir: str | Path) -> Path:
     """Write the report of ``results`` into ``out_dir``; return the path of ``index.html``."""
-    from qeff.atomic import write_bytes, write_text
+    from qeff.store.atomic import write_bytes, write_text
 
     out = Path(out_dir)
     (out / "cards").mkdir(parents=True, exist_ok=True)

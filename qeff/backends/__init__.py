@@ -23,11 +23,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from qeff.artifacts import Built, check_holder
+from qeff.store.artifacts import Built, check_holder
 from qeff.backends import ort, ort_fused, qaic
 from qeff.backends.base import Backend, Shape, key_of
 from qeff.errors import ArtifactError, UsageError
-from qeff.layout import MANIFEST, QPC_FILE, QPC_SUBDIR
+from qeff.store.layout import MANIFEST, QPC_FILE, QPC_SUBDIR
 from qeff.runtime.base import Session
 
 __all__ = ["BACKENDS", "NAMES", "Backend", "Built", "Shape", "backend_for", "compile", "open_session", "key_of"]

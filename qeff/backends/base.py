@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qeff.artifacts import Built
+from qeff.store.artifacts import Built
 from qeff.errors import UsageError
 from qeff.meter import measured
 from qeff.progress import stage

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qeff._system import library_versions
-from qeff.artifacts import Built, build_artifact
+from qeff.store.artifacts import Built, build_artifact
 from qeff.backends.base import Shape, existing_onnx, positive_or_none, with_progress
 from qeff.compilers import graph_bytes, onnx_identity
 from qeff.compilers.ort import OPTIMIZED, build_ort
-from qeff.layout import ort_dir_name
+from qeff.store.layout import ort_dir_name
 from qeff.runtime.base import Session
 from qeff.runtime.ort import OrtSession
 from qeff.runtime.ort_serving import ServingOrtSession

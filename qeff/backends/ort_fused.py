@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qeff.artifacts import Built
+from qeff.store.artifacts import Built
 from qeff.backends.base import Shape, existing_onnx
 from qeff.compilers.ort_fused_artifact import compile_fused
-from qeff.layout import ORT_FUSED
+from qeff.store.layout import ORT_FUSED
 from qeff.runtime.base import Session
 from qeff.runtime.ort_fused import FusedOrtSession
 

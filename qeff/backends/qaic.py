@@ -14,9 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from qeff import atomic, sdk
+from qeff import sdk
+
+from qeff.store import atomic
 from qeff._system import library_versions
-from qeff.artifacts import FAILED_LOG_SUFFIX, Built, build_artifact
+from qeff.store.artifacts import FAILED_LOG_SUFFIX, Built, build_artifact
 from qeff.backends.base import Shape, existing_onnx, with_progress
 from qeff.compilers import graph_bytes, onnx_identity
 from qeff.compilers import qaic as qpc

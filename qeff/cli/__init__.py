@@ -75,8 +75,8 @@ def _fail(line: str, exc: BaseException, debug: bool, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from contextlib import nullcontext
 
-    from qeff.artifacts import verify_cache
-    from qeff.atomic import is_disk_full
+    from qeff.store.artifacts import verify_cache
+    from qeff.store.atomic import is_disk_full
     from qeff.meter import metering
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -59,7 +59,7 @@ def check_cpu_graph(inv: Invocation, backend: str) -> None:
             raise UsageError("--mxfp6/--mxint8 on the ort backend run the emulated portable graph; drop --weights, "
                              "--int8-activations and --ort-graph, or the MX flags")
         from qeff.compilers.ort_fused_artifact import check_cpu_options
-        from qeff.loading import resolve
+        from qeff.intake.loading import resolve
 
         model = inv.model
         check_cpu_options(resolve(model.model_name, revision=model.revision, cache_dir=model.cache_dir),
@@ -108,7 +108,7 @@ def check_no_emulated_serving(inv: Invocation, variant) -> None:
 
 
 def is_fused(built) -> bool:
-    from qeff.layout import ORT_FUSED
+    from qeff.store.layout import ORT_FUSED
 
     return (built.manifest.get("outputs") or {}).get("model") == ORT_FUSED
 

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(inv: Invocation) -> int:
-    from qeff.support import run_check
+    from qeff.intake.support import run_check
 
     warn_untested_libraries()
     model = inv.model

@@ -20,7 +20,7 @@ MODEL_COMMANDS = ("infer", "export", "compile", "verify")
 
 def home_of(inv: Invocation):
     """``--home``, else $QEFF_HOME or ./qeff_models."""
-    from qeff.layout import qeff_home
+    from qeff.store.layout import qeff_home
 
     return inv.home or qeff_home()
 
@@ -47,9 +47,9 @@ def check_model(inv: Invocation) -> None:
 def _reclaim(inv: Invocation) -> None:
     """Free what killed runs of this model left in the cache, before this run is even checked:
     a run the memory preflight refuses must not leave a killed one's 12 GB behind (issue 18)."""
-    from qeff.atomic import human_bytes
-    from qeff.doctor import reclaim
-    from qeff.layout import slug
+    from qeff.store.atomic import human_bytes
+    from qeff.store.doctor import reclaim
+    from qeff.store.layout import slug
 
     done = reclaim(home_of(inv) / slug(inv.model.model_name))
     if done.removed:
@@ -63,15 +63,15 @@ def check_memory(inv: Invocation) -> None:
     mid-export (issue 18: a 3B model's export was, at 23.4 GB, after 6 minutes). Sets the
     invocation's estimates and, when the preflight priced a verification, its mode."""
     from qeff import memory, validation
-    from qeff.loading import resolve
-    from qeff.preflight import model_shape
+    from qeff.intake.loading import resolve
+    from qeff.intake.preflight import model_shape
 
     model, serving = inv.model, inv.serving
     cache_dir = model.cache_dir
     source = resolve(model.model_name, revision=model.revision, cache_dir=cache_dir)
     shape = model_shape(source, cache_dir=cache_dir)
     if serving is not None and serving.draft_model_name:
-        from qeff.preflight import check_draft
+        from qeff.intake.preflight import check_draft
 
         check_draft(resolve(serving.draft_model_name, cache_dir=cache_dir), cache_dir=cache_dir)
     if shape is None:
@@ -130,7 +130,7 @@ def _streamed(inv: Invocation, source) -> bool:
     """Whether the export will be written from the weight files (qeff.pipeline's rule: a
     safetensors directory, local or a hub repo's cached snapshot, and the base graph; the serving
     flags export another graph)."""
-    from qeff.loading import files_dir
+    from qeff.intake.loading import files_dir
     from qeff.weights import safetensors_dir
 
     return not inv.serving_flags and bool(safetensors_dir(files_dir(source, cache_dir=inv.model.cache_dir)))
@@ -147,7 +147,7 @@ def _fused_covers(source) -> bool:
     from types import SimpleNamespace
 
     from qeff.compilers.ort_fused import unsupported_reason
-    from qeff.configs import read_config
+    from qeff.intake.configs import read_config
 
     try:
         values = read_config(source).values
@@ -159,8 +159,8 @@ def _fused_covers(source) -> bool:
 def _export_cached(inv: Invocation, source) -> bool:
     """Whether the export this run needs is in the cache already (then the export stage, and the
     load when nothing else needs the model, do not run). Manifests only: no file is digested."""
-    from qeff.artifacts import _canonical, manifest_hash, read_manifest
-    from qeff.layout import export_dir_name, slug
+    from qeff.store.artifacts import _canonical, manifest_hash, read_manifest
+    from qeff.store.layout import export_dir_name, slug
     from qeff.pipeline import export_manifest
 
     if inv.model.force:

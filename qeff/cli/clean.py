@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
 
 
 def run(inv: Invocation) -> int:
-    from qeff.atomic import human_bytes
-    from qeff.doctor import ArtifactStatus, clean
+    from qeff.store.atomic import human_bytes
+    from qeff.store.doctor import ArtifactStatus, clean
 
     home, store = home_of(inv), inv.store
     done = clean(home, damaged=store.damaged, logs=store.logs, superseded=store.superseded)

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(inv: Invocation) -> int:
-    from qeff.doctor import format_scan, scan
+    from qeff.store.doctor import format_scan, scan
 
     warn_untested_libraries()
     found = scan(home_of(inv), full=inv.store.full)

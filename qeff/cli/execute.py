@@ -27,13 +27,13 @@ def _tokenizer(inv: Invocation):
     """The tokenizer of --model_name, else the one saved beside the export (checked against its manifest)."""
     artifact = inv.artifact
     if inv.model.model_name:
-        from qeff.loading import load_tokenizer, resolve
+        from qeff.intake.loading import load_tokenizer, resolve
 
         return load_tokenizer(resolve(inv.model.model_name))
     for candidate in (artifact, *artifact.parents[:3]):
         if (candidate / "tokenizer_config.json").is_file():
-            from qeff.artifacts import check_holder
-            from qeff.tokenizer import open_saved_tokenizer
+            from qeff.store.artifacts import check_holder
+            from qeff.intake.tokenizer import open_saved_tokenizer
 
             check_holder(candidate, levels=0)  # the export's tokenizer files against its manifest (issue 19)
             return open_saved_tokenizer(candidate)

@@ -156,7 +156,7 @@ def _fused_check_record(pipe, built) -> dict | None:
 
 
 def _check_draft_tokenizer(inv: Invocation, target_tokenizer) -> None:
-    from qeff.loading import load_tokenizer, resolve
+    from qeff.intake.loading import load_tokenizer, resolve
     from qeff.serving.speculative import check_same_tokenizer
 
     draft = inv.serving.draft_model_name

@@ -23,17 +23,17 @@ def add_parser(sub) -> None:
 
 
 def run(inv: Invocation) -> int:
-    from qeff.artifacts import read_manifest
+    from qeff.store.artifacts import read_manifest
 
     home = home_of(inv)
     if not home.is_dir():
         print(f"no artifacts: {home} does not exist")
         return 0
     from qeff._system import library_versions
-    from qeff.artifacts import owner_of_temporary
-    from qeff.atomic import human_bytes
-    from qeff.doctor import is_qeff_artifact, scan, superseded_because
-    from qeff.home import require_cache
+    from qeff.store.artifacts import owner_of_temporary
+    from qeff.store.atomic import human_bytes
+    from qeff.store.doctor import is_qeff_artifact, scan, superseded_because
+    from qeff.store.home import require_cache
 
     require_cache(home, "list")
 

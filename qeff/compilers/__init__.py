@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qeff.artifacts import read_manifest
+from qeff.store.artifacts import read_manifest
 from qeff.errors import UsageError
 
 __all__ = ["check_shape", "onnx_identity", "graph_bytes"]

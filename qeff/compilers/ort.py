@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qeff.layout import ORT_OPTIMIZED as OPTIMIZED
-from qeff.layout import ort_dir_name
+from qeff.store.layout import ORT_OPTIMIZED as OPTIMIZED
+from qeff.store.layout import ort_dir_name
 from qeff.runtime.ort import onnxruntime_module, session_options
 
 __all__ = ["ort_dir_name", "build_ort", "OPTIMIZED"]

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qeff.layout import LOGITS_ROWS
-from qeff.layout import ORT_FUSED as FUSED_GRAPH
+from qeff.store.layout import LOGITS_ROWS
+from qeff.store.layout import ORT_FUSED as FUSED_GRAPH
 from qeff.quant.blocks import NBitsWeight
 
 __all__ = ["FAMILIES", "FUSED_GRAPH", "DecoderWeights", "LayerWeights", "unsupported_reason", "write_fused_graph"]

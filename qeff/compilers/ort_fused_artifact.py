@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qeff._system import library_versions
-from qeff.artifacts import Built, build_artifact, read_manifest, verify_mode
+from qeff.store.artifacts import Built, build_artifact, read_manifest, verify_mode
 from qeff.compilers import check_shape, onnx_identity
 from qeff.errors import ArtifactError, QEffError, UsageError
-from qeff.home import find_home
-from qeff.layout import ORT_FUSED, ort_fused_dir_name
+from qeff.store.home import find_home
+from qeff.store.layout import ORT_FUSED, ort_fused_dir_name
 
 __all__ = ["WEIGHTS", "GRAPHS", "compile_fused", "check_cpu_options", "export_config"]
 
@@ -32,7 +32,7 @@ GRAPHS = ("auto", "fused", "portable")
 
 def check_cpu_options(source, *, graph: str, weights: str, int8_activations: bool) -> None:
     """Refuse option combinations that cannot work, before anything is loaded or exported
-    (``source``: the resolved ``qeff.loading.ModelSource``, or None for a model object)."""
+    (``source``: the resolved ``qeff.intake.loading.ModelSource``, or None for a model object)."""
     if graph not in GRAPHS:
         raise UsageError(f"unknown ONNX Runtime graph {graph!r}; choose one of {', '.join(GRAPHS)}")
     if weights not in WEIGHTS:
@@ -159,7 +159,7 @@ def compile_fused(
 
 
 def _gguf_source(path):
-    from qeff.loading import ModelSource
+    from qeff.intake.loading import ModelSource
 
     path = Path(path)
     return ModelSource(str(path), "gguf" if path.suffix == ".gguf" else "local", path=path)

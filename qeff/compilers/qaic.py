@@ -50,12 +50,14 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from qeff import layout, sdk
+from qeff import sdk
+
+from qeff.store import layout
 from qeff._version import __version__
 from qeff.errors import ArtifactError, BackendUnavailableError, CompileError, UsageError
 # File names of the compile directory: one definition, in the layout module.
-from qeff.layout import CUSTOM_IO_FILE, LOG_FILE, QPC_FILE, QPC_SUBDIR, SCRIPT_FILE, SPECIALIZATIONS_FILE
-from qeff.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
+from qeff.store.layout import CUSTOM_IO_FILE, LOG_FILE, QPC_FILE, QPC_SUBDIR, SCRIPT_FILE, SPECIALIZATIONS_FILE
+from qeff.store.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
 
 __all__ = [
     "QaicCompileOptions",
@@ -199,7 +201,7 @@ class QaicCompileResult:
 
 
 def qpc_dir_name(options: QaicCompileOptions) -> str:
-    """The compile directory's name users know (see :func:`qeff.layout.qpc_dir_name`)."""
+    """The compile directory's name users know (see :func:`qeff.store.layout.qpc_dir_name`)."""
     o = options
     return layout.qpc_dir_name(num_cores=o.num_cores, batch_size=o.batch_size, prompt_len=o.prompt_len, ctx_len=o.ctx_len,
                                num_devices=o.num_devices, mxfp6=o.mxfp6, mxint8=o.mxint8, mos=o.mos,
@@ -371,7 +373,7 @@ def _script(command: list[str], dir_name: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    from qeff.atomic import write_text
+    from qeff.store.atomic import write_text
 
     write_text(path, text)  # a dry run writes into a directory users may share: never a torn file
 

@@ -444,8 +444,8 @@ def emulate_file(src: str | Path, out_dir: str | Path, tier: Tier) -> EmulationR
 def build_tier(onnx_path: str | Path, tier: Tier, *, force: bool = False, progress: bool = False):
     """The emulated graph of ``tier`` as a cached artifact beside the exported graph
     (``<export dir>/tier-<name>/model.onnx``); fp32 is the exported graph itself. Returns the
-    :class:`qeff.artifacts.Built` (its ``path`` is the directory)."""
-    from qeff.artifacts import Built, build_artifact
+    :class:`qeff.store.artifacts.Built` (its ``path`` is the directory)."""
+    from qeff.store.artifacts import Built, build_artifact
     from qeff.compilers import onnx_identity
     from qeff.exporter import library_versions
 

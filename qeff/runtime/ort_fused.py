@@ -35,7 +35,7 @@ import numpy as np
 import qeff.runtime.ort as ort_runtime  # its functions looked up at call time (tests spy on session_options)
 from qeff._system import physical_cores
 from qeff.errors import UsageError
-from qeff.layout import LOGITS_ROWS
+from qeff.store.layout import LOGITS_ROWS
 from qeff.runtime.ort import CacheInputs, RetainedCache
 
 __all__ = ["FusedOrtSession", "step_inputs"]

@@ -44,8 +44,8 @@ from typing import Sequence
 import numpy as np
 
 from qeff import sdk
-from qeff.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
-from qeff.layout import QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
+from qeff.store.layout import QAIC_MANIFEST_FILE as MANIFEST_FILE
+from qeff.store.layout import QPC_FILE, QPC_SUBDIR, SPECIALIZATIONS_FILE
 from qeff.errors import ArtifactError, QEffError, UsageError
 from qeff.serving import ctx_ladder
 from qeff.serving.variant import GraphVariant

@@ -3,7 +3,7 @@
 ``scan(home)`` walks ``$QEFF_HOME`` and reports:
 
 - every artifact (a directory with ``manifest.json``) with the result of its integrity check
-  (:func:`qeff.artifacts.check_artifact`; ``full=True`` recomputes every digest);
+  (:func:`qeff.store.artifacts.check_artifact`; ``full=True`` recomputes every digest);
 - leftovers: build directories (``.tmp-<name>-<hex>``) and swapped-out copies
   (``.trash-<name>-<hex>``) with their sizes, lock files (``<name>.lock``), temporary files of
   atomic writes (``.<file>.<pid>.<hex>.tmp``) — each marked *in use* when a live process owns it
@@ -32,8 +32,8 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qeff import atomic
-from qeff.artifacts import (
+from qeff.store import atomic
+from qeff.store.artifacts import (
     FAILED_LOG_SUFFIX,
     LOCK_SUFFIX,
     MANIFEST,
@@ -43,9 +43,9 @@ from qeff.artifacts import (
 )
 from qeff.code_digest import scope_for, scoped_source
 from qeff.errors import ArtifactError
-from qeff.home import is_qeff_manifest, require_cache
-from qeff.layout import is_artifact_name
-from qeff.locks import PathLock, holder, holder_pid, is_held, remove_if_free
+from qeff.store.home import is_qeff_manifest, require_cache
+from qeff.store.layout import is_artifact_name
+from qeff.store.locks import PathLock, holder, holder_pid, is_held, remove_if_free
 
 __all__ = ["is_qeff_artifact", "ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned", "reclaim",
            "superseded_because",
@@ -131,14 +131,14 @@ def _lock_user(lock: Path) -> str | None:
     return None
 
 
-#: What :mod:`qeff.locks` writes into a lock file: nothing (released) or ``pid host start-time``.
+#: What :mod:`qeff.store.locks` writes into a lock file: nothing (released) or ``pid host start-time``.
 _LOCK_TEXT = re.compile(rb"(\d+ \S+ \d+\n)?")
 
 
 def _is_qeff_lock(entry: Path) -> bool:
     """A lock file qeff made: an artifact's name plus ``.lock`` (issue 19: ``Cargo.lock``,
     ``yarn.lock`` and ``poetry.lock`` were removed by their suffix alone), holding what
-    :mod:`qeff.locks` writes and nothing else."""
+    :mod:`qeff.store.locks` writes and nothing else."""
     if not is_artifact_name(entry.name[: -len(LOCK_SUFFIX)]) or entry.is_symlink() or not entry.is_file():
         return False
     try:
@@ -275,7 +275,7 @@ def _own_bytes(directory: Path) -> int:
 def scan(home: str | os.PathLike, *, full: bool = False, check: bool = True, command: str = "doctor") -> Scan:
     """Check every artifact under ``home`` and list the leftovers (see the module docstring);
     ``check=False`` lists only the leftovers. UsageError when ``home`` is not a qeff cache
-    (:func:`qeff.home.require_cache`; ``command`` names the command in that sentence)."""
+    (:func:`qeff.store.home.require_cache`; ``command`` names the command in that sentence)."""
     from qeff._system import library_versions
 
     home = Path(home)

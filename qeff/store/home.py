@@ -2,7 +2,7 @@
 
 ``qeff clean --home DIR`` used to treat any directory as a cache and delete every ``*.lock`` and
 ``.tmp-*`` under it by name (issue 19: a source tree lost its ``Cargo.lock`` and ``yarn.lock``).
-Now a cache is a directory that holds :data:`qeff.layout.CACHE_MARKER`, which qeff writes when it
+Now a cache is a directory that holds :data:`qeff.store.layout.CACHE_MARKER`, which qeff writes when it
 first builds an artifact there; `qeff doctor`, `qeff clean` and `qeff list` refuse any other
 directory in one sentence (:func:`require_cache`).
 
@@ -20,10 +20,10 @@ import os
 import time
 from pathlib import Path
 
-from qeff import atomic
-from qeff.artifacts import _self_digest, is_qeff_manifest
+from qeff.store import atomic
+from qeff.store.artifacts import _self_digest, is_qeff_manifest
 from qeff.errors import UsageError
-from qeff.layout import CACHE_MARKER, MANIFEST
+from qeff.store.layout import CACHE_MARKER, MANIFEST
 
 __all__ = ["mark", "is_marked", "is_cache", "require_cache", "is_qeff_manifest", "find_home"]
 

@@ -1,10 +1,10 @@
 """The shape of a model's KV cache, known before anything slow reads the model.
 
-``model_shape(source)`` reads what :mod:`qeff.configs` reads (``config.json``, or a GGUF header
-through :mod:`qeff.headers`) plus the weight files' headers — milliseconds, no tensor data — and
+``model_shape(source)`` reads what :mod:`qeff.intake.configs` reads (``config.json``, or a GGUF header
+through :mod:`qeff.intake.headers`) plus the weight files' headers — milliseconds, no tensor data — and
 returns a :class:`ModelShape` for :func:`qeff.validation.check_memory`. A config or header that
 cannot be read is one sentence from those modules (exit 2); an architecture qeff does not support
-returns None here and is refused by the support gate (:mod:`qeff.support`) before loading. The
+returns None here and is refused by the support gate (:mod:`qeff.intake.support`) before loading. The
 common config keys are read directly (no transformers, no torch: a cached run's start-up).
 """
 
@@ -58,11 +58,11 @@ class ModelShape:
 
 
 def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
-    """The cache shape of ``source`` (a :class:`qeff.loading.ModelSource`), or None when its config
+    """The cache shape of ``source`` (a :class:`qeff.intake.loading.ModelSource`), or None when its config
     does not say (a hub model not in the cache, an architecture qeff does not support)."""
     if source.kind == "hub" and source.repo_id is None:
         return None
-    from qeff.configs import check_weight_headers, read_config
+    from qeff.intake.configs import check_weight_headers, read_config
     from qeff.errors import UsageError
 
     try:
@@ -71,7 +71,7 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
         if source.kind == "hub":
             return None  # not in the local cache: the loader says what it can
         raise
-    from qeff.consistency import check_config
+    from qeff.intake.consistency import check_config
 
     check_config(config)  # sizes no model can be built from: one sentence now, not after loading (issue 19)
     try:
@@ -79,7 +79,7 @@ def model_shape(source, *, cache_dir: str | None = None) -> ModelShape | None:
     except UsageError:
         # An architecture qeff cannot run is the answer that matters even when its weights are also
         # bad (issue 11): the support gate's order. Only this error path pays the gate's imports.
-        from qeff.support import require_supported
+        from qeff.intake.support import require_supported
 
         require_supported(source, cache_dir=cache_dir)
         raise
@@ -160,8 +160,8 @@ def check_draft(source, *, cache_dir: str | None = None) -> None:
     """The draft model of speculative decoding (``--draft_model_name``), checked like the target
     before any work: its config can build a model, and its vocabulary holds its tokenizer's ids (the
     draft proposes the target's token ids; a smaller embedding indexes out of range, issue 19)."""
-    from qeff.configs import read_config
-    from qeff.consistency import check_config, check_tokenizer
+    from qeff.intake.configs import read_config
+    from qeff.intake.consistency import check_config, check_tokenizer
     from qeff.errors import UsageError
 
     if source.kind == "hub" and source.repo_id is None:

@@ -6,14 +6,14 @@
 
 A stage is reused only when its manifest equals, key for key, the manifest the run would write
 now (model identity and weight digest, config, transforms, library versions, options) AND every
-file still matches the size and digest the manifest records for it (:mod:`qeff.integrity`; the
+file still matches the size and digest the manifest records for it (:mod:`qeff.store.integrity`; the
 ``quick`` check by default, ``full`` under :func:`verify_cache` / ``--verify-cache``). A file that
 fails is reported in one line on stderr and the artifact is rebuilt (``Built.repaired`` says why).
 
 Builds happen in a temporary sibling directory ``.tmp-<name>-<8 hex>``: files get the usual
 permissions, are recorded (digests) and fsync'd, the manifest is written last (with a digest of
 itself), and the directory is renamed into place — so a killed run never leaves a directory a
-later run trusts. A lock (``<name>.lock``, :mod:`qeff.locks`) makes two processes building the
+later run trusts. A lock (``<name>.lock``, :mod:`qeff.store.locks`) makes two processes building the
 same artifact build it once; its holder also removes temporaries that killed builds of the same
 artifact left behind (no other builder of that name can be running while it holds the lock).
 """
@@ -34,10 +34,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from qeff import atomic, integrity
+from qeff.store import atomic, integrity
 from qeff.errors import ArtifactError, UsageError
-from qeff.layout import MANIFEST, qeff_home
-from qeff.locks import PathLock, remove_if_free
+from qeff.store.layout import MANIFEST, qeff_home
+from qeff.store.locks import PathLock, remove_if_free
 
 __all__ = [
     "qeff_home",

@@ -11,7 +11,7 @@
                                              specializations.json, custom_io.yaml, compile.sh,
                                              compile.json, compile.log, qpcs/programqpc.bin, manifest.json
 
-Every stage directory holds ``manifest.json`` (see :mod:`qeff.artifacts`). The compile directory
+Every stage directory holds ``manifest.json`` (see :mod:`qeff.store.artifacts`). The compile directory
 names are the ones users of the seed product know (``qpc_16cores_1BS_32PL_128CL_1devices_mxfp6``).
 Nothing here touches the disk except :func:`qeff_home` reading the environment.
 """

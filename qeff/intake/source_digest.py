@@ -24,8 +24,8 @@ import json
 import os
 from pathlib import Path
 
-from qeff import atomic, integrity
-from qeff.home import mark
+from qeff.store import atomic, integrity
+from qeff.store.home import mark
 
 __all__ = ["SOURCES_DIR", "content_digest"]
 

@@ -19,9 +19,9 @@ layer of checks now runs first; each failure is a :class:`~qeff.errors.UsageErro
   JSON: no tokenizer is built). A GGUF file carries its own vocabulary, so it is consistent by
   construction; a hub model's tokenizer is checked once its files are in the cache.
 
-Callers: ``qeff check`` (:func:`qeff.support.inspect`), the CLI's argument preflight
-(:func:`qeff.preflight.model_shape`; a draft model too), the gate before loading
-(:func:`qeff.support.require_supported`) and the plugin's cardless run (:mod:`pytest_qeff.cardless`).
+Callers: ``qeff check`` (:func:`qeff.intake.support.inspect`), the CLI's argument preflight
+(:func:`qeff.intake.preflight.model_shape`; a draft model too), the gate before loading
+(:func:`qeff.intake.support.require_supported`) and the plugin's cardless run (:mod:`pytest_qeff.cardless`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _present(values: dict, keys: tuple[str, ...]) -> tuple[str, Any] | tuple[Non
 
 
 def check_config(config) -> None:
-    """The sizes of ``config`` (a :class:`qeff.configs.ModelConfig`) can build a model; else one
+    """The sizes of ``config`` (a :class:`qeff.intake.configs.ModelConfig`) can build a model; else one
     sentence naming the field."""
     values = config.values
     for key in (*_LAYERS, *_HEADS, *_HIDDEN, *_KV_HEADS, *_OTHER_SIZES):
@@ -109,7 +109,7 @@ def check_weight_shapes(config, headers: list) -> None:
     """Every tensor the safetensors ``headers`` share (by name) with the model the config builds has
     the config's shape; else one sentence naming the tensor, both shapes and the config fields
     behind the dimension that differs. Imports torch (the gate before loading pays it anyway)."""
-    from qeff.headers import SafetensorsHeader
+    from qeff.intake.headers import SafetensorsHeader
 
     tables = [h for h in headers if isinstance(h, SafetensorsHeader)]
     if not tables:

@@ -2,7 +2,7 @@
 
     hub id     config.json from the Hugging Face cache (downloaded alone when online and absent)
     directory  its config.json
-    .gguf      the file's header (:mod:`qeff.headers`), mapped to HF config keys the way
+    .gguf      the file's header (:mod:`qeff.intake.headers`), mapped to HF config keys the way
                transformers' GGUF loader maps them (``load_gguf_checkpoint``): the same key tables
                (``GGUF_CONFIG_MAPPING``), the same architecture renames (``qwen3moe`` → ``qwen3_moe``,
                ``gemma3`` → ``gemma3_text``, a llama named "mistral" → ``mistral``), tied embeddings
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from qeff.errors import ModelNotFoundError, UsageError
-from qeff.headers import GGUFHeader, StringArray, read_gguf_header, read_safetensors_header
-from qeff.loading import ModelSource
+from qeff.intake.headers import GGUFHeader, StringArray, read_gguf_header, read_safetensors_header
+from qeff.intake.loading import ModelSource
 
 __all__ = ["ModelConfig", "read_config", "check_weight_headers", "gguf_config", "gguf_architectures", "transformers_knows"]
 
@@ -169,7 +169,7 @@ def _hub_config_path(source: ModelSource, cache_dir: str | None) -> Path:
     found = try_to_load_from_cache(source.repo_id, "config.json", cache_dir=cache_dir, revision=source.revision)
     if isinstance(found, str):
         return Path(found)
-    from qeff.loading import _offline
+    from qeff.intake.loading import _offline
 
     if _offline():
         raise ModelNotFoundError(f"{source.repo_id}: config.json is not in the Hugging Face cache (offline mode is on)")
@@ -204,7 +204,7 @@ def read_config(source: ModelSource, *, cache_dir: str | None = None) -> ModelCo
 def check_weight_headers(config: ModelConfig) -> list:
     """The headers of the weight files present (safetensors and GGUF; pickles have none to read),
     each checked for consistency: a truncated or corrupt file raises
-    :class:`~qeff.headers.CorruptWeightsError` naming it."""
+    :class:`~qeff.intake.headers.CorruptWeightsError` naming it."""
     headers: list = []
     for path in config.weight_files:
         if path.suffix == ".safetensors":

