@@ -42,6 +42,10 @@ def test_the_ladder_gives_the_plain_graphs_tokens(tiny_model_dir, home, capsys):
     assert ladder["token_ids"] == plain["token_ids"] and ladder["text"] == plain["text"]
     assert all(len(t) == 30 for t in ladder["token_ids"])  # the long row passes 16 and 32
     assert ladder["artifact"] != plain["artifact"]  # another export: its manifest holds the variant
+    # --json says which ladder ran, and which rungs the steps used (the long row climbs past 32).
+    assert plain["comp_ctx_lengths"] is None and plain["attended_lengths"] == []
+    assert ladder["comp_ctx_lengths"] == [16, 32, 64]
+    assert ladder["attended_lengths"] == [16, 32, 64]
     exports = {p.parent.parent.name for p in home.rglob("model.opt.onnx")}
     assert len(exports) == 2
 

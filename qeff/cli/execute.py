@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qeff.cli import arguments as a
 from qeff.cli.options import Invocation, eos_mode
-from qeff.cli.output import Out, emit_json, print_figures
+from qeff.cli.output import Out, emit_json, ladder_record, print_figures
 from qeff.cli.running import run as run_prompts
 from qeff.cli.running import session_options
 from qeff.errors import UsageError
@@ -65,5 +65,5 @@ def run(inv: Invocation) -> int:
     summary = run_prompts(session, tokenizer, list(inv.run.prompts), inv, out, draft=draft)
     print_figures(out, summary, show_texts=not inv.run.stream or len(summary.prompts) > 1)
     if inv.json:
-        emit_json(summary, inv, backend=session.backend, artifact=str(artifact), load_s=0.0)
+        emit_json(summary, inv, backend=session.backend, artifact=str(artifact), load_s=0.0, **ladder_record(session))
     return 0

@@ -9,7 +9,7 @@ from qeff.cli import arguments as a
 from qeff.cli.building import check_cpu_graph, check_no_emulated_serving, compile_graph, compile_options, is_fused, open_draft, pipeline
 from qeff.cli.checks import resolve_backend
 from qeff.cli.options import Invocation, eos_mode
-from qeff.cli.output import Out, emit_json, print_figures, reuse_note, say_comparisons
+from qeff.cli.output import Out, emit_json, ladder_record, print_figures, reuse_note, say_comparisons
 from qeff.cli.running import run as run_prompts
 from qeff.cli.running import session_options
 from qeff.errors import QEffError, UsageError
@@ -139,7 +139,7 @@ def run(inv: Invocation) -> int:
         emit_json(summary, inv, backend=backend, model=inv.model.model_name, load_s=round(pipe.load_s, 3), device_group=inv.device_group,
                   artifact=str(built.path), reused={"export": exported.reused, "compile": built.reused and not rebuilt},
                   repaired={k: b.repaired for k, b in (("export", exported), ("compile", built)) if b.repaired} or None,
-                  verify=verify_summary, fused_check=_fused_check_record(pipe, built), wall_s=round(time.perf_counter() - start, 3))
+                  verify=verify_summary, fused_check=_fused_check_record(pipe, built), **ladder_record(session), wall_s=round(time.perf_counter() - start, 3))
     return 0
 
 

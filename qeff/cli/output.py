@@ -8,7 +8,7 @@ import sys
 
 from qeff.cli.options import Invocation, eos_mode
 
-__all__ = ["Out", "reuse_note", "print_figures", "emit_json", "say_comparisons", "stages", "warn_untested_libraries"]
+__all__ = ["Out", "reuse_note", "print_figures", "emit_json", "ladder_record", "say_comparisons", "stages", "warn_untested_libraries"]
 
 
 class Out:
@@ -54,6 +54,15 @@ def stages(inv: Invocation | None) -> list[dict]:
     """Each stage's peak RSS and wall time this run (:mod:`qeff.meter`): the ``stages`` of --json."""
     meter = inv.meter if inv is not None else None
     return meter.to_list() if meter is not None else []
+
+
+def ladder_record(session) -> dict:
+    """Which compute-context ladder a run used (``--comp_ctx_lengths``): the rungs its session
+    switches between (None: every step attends all ``ctx_len`` slots) and the lengths its steps
+    attended, so a ``--json`` reader knows which ladder gave its figures."""
+    ladder = getattr(session, "ladder", None)
+    attended = getattr(session, "attended", None) or []
+    return {"comp_ctx_lengths": list(ladder) if ladder else None, "attended_lengths": sorted(set(attended))}
 
 
 def emit_json(summary, inv: Invocation | None = None, **extra) -> None:
