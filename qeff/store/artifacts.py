@@ -349,6 +349,17 @@ def _bytes_under(path: Path) -> int:
     return total
 
 
+def _builders_lock(directory: Path, waiting_to: str = "") -> PathLock:
+    """The lock every builder of ``directory`` takes, held (waiting, and saying so, while another
+    process builds it); a cache that cannot hold a lock file is one sentence."""
+    lock = PathLock(str(directory) + LOCK_SUFFIX)
+    try:
+        lock.acquire(on_wait=lambda who: _say(f"waiting for {who}, which is building {directory}{waiting_to}"))
+    except OSError as exc:
+        raise _cache_unwritable(directory.parent, exc) from exc
+    return lock
+
+
 def _say(message: str) -> None:
     print(f"[qeff] {message}", file=sys.stderr, flush=True)
 
@@ -386,11 +397,7 @@ def build_artifact(
         if state == "match":
             _tidy(directory)
             return _reused(directory, record, time.perf_counter() - start_check)
-    lock = PathLock(str(directory) + LOCK_SUFFIX)
-    try:
-        lock.acquire(on_wait=lambda who: _say(f"waiting for {who}, which is building {directory}"))
-    except OSError as exc:
-        raise _cache_unwritable(directory.parent, exc) from exc
+    lock = _builders_lock(directory)
     try:
         repaired = None
         if not force:
@@ -449,11 +456,7 @@ def discard(built: Built) -> bool:
     under a process rebuilding or repairing it. Kept when its manifest is no longer ``built``'s (it
     was rebuilt meanwhile: that build is judged by its own check). True when removed."""
     directory = Path(built.path)
-    lock = PathLock(str(directory) + LOCK_SUFFIX)
-    try:
-        lock.acquire(on_wait=lambda who: _say(f"waiting for {who}, which is building {directory}, to remove the copy that failed"))
-    except OSError as exc:
-        raise _cache_unwritable(directory.parent, exc) from exc
+    lock = _builders_lock(directory, ", to remove the copy that failed")
     try:
         record, _ = _load_manifest(directory)
         if record is None or record.get("digest") != built.manifest.get("digest"):
