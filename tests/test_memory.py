@@ -288,3 +288,16 @@ def test_only_a_streamable_run_streams_its_verification(sparse):
     shape = _shape(sparse["7b"])
     mode = memory.Mode(command="verify", streamed=False)  # a hub id, a GGUF: no weight files to read layers from
     assert memory.choose_verification(shape, mode, available=BOX, want=True) == mode
+
+
+def test_an_asked_ladder_is_priced_as_the_portable_graph_it_runs(tmp_path, home, monkeypatch):
+    """``--comp_ctx_lengths`` keeps ``--ort-graph auto`` on the portable graph (Pipeline.compile's
+    rule, issue 21), so the preflight prices no fused build or fused check for it."""
+    from qeff.cli import preflight
+
+    _box(monkeypatch)
+    ckpt = write_llama(tmp_path / "135m", SHAPES["135m"], tokenizer=True, sparse=True)
+    argv = ["infer", "-m", str(ckpt), "--prompt", "My name is", "--ctx_len", "512", "--generation_len", "8"]
+    assert "fused-build" in preflight(argv)  # auto picks the fused graph for a llama
+    ladder = preflight([*argv, "--comp_ctx_lengths", "256,512"])
+    assert "fused-build" not in ladder and "fused-check" not in ladder, ladder

@@ -120,7 +120,9 @@ def _memory_mode(inv: Invocation, source, shape, rows: int, ctx_len: int):
         backend = resolve_backend(options.backend)
         if backend == "qaic":
             graph = "qaic"
-        elif not (inv.serving_flags or options.mxfp6 or options.mxint8 or options.ort_graph == "portable") and _fused_covers(source):
+        elif not (inv.serving_flags or options.mxfp6 or options.mxint8 or options.ort_graph == "portable"
+                  # an asked ladder keeps `--ort-graph auto` on the portable graph (Pipeline.compile's rule)
+                  or (options.ort_graph == "auto" and inv.serving is not None and inv.serving.ladder_asked)) and _fused_covers(source):
             graph = "fused"
     return Mode(command=command, verify=verify, graph=graph, weights=options.weights if options else "fp32", batch_size=rows,
                 ctx_len=ctx_len, export_cached=_export_cached(inv, source), streamed=_streamed(inv, source))
