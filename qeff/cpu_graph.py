@@ -80,6 +80,14 @@ class CompileTarget:
         return ladder if ladder and (self.ladder_asked or len(ladder) > 1) else None
 
     @property
+    def tries_fused(self) -> bool:
+        """Whether :meth:`qeff.pipeline.Pipeline.compile` tries the fused CPU graph for the base
+        graph: ort, not an emulated tier, and ``fused`` — or ``auto`` without listed ladder lengths
+        (those keep the portable graph). The memory preflight asks the same question."""
+        return (self.backend == "ort" and not self.emulated and self.graph != "portable"
+                and not (self.graph == "auto" and self.ladder_asked))
+
+    @property
     def emulated(self) -> bool:
         """The emulated precision tier of the portable graph (ort with --mxfp6/--mxint8)."""
         return self.backend == "ort" and (self.mxfp6 or self.mxint8)

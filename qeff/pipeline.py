@@ -548,7 +548,7 @@ class Pipeline:
 
             onnx_path = emulated_graph(self.onnx_path, mxfp6=target.mxfp6, mxint8=target.mxint8, force=force)
             return compile_graph(onnx_path, "ort", force=force, progress=progress, **target.options)
-        if target.backend == "ort" and not serving and target.graph != "portable" and not (target.graph == "auto" and target.ladder_asked):
+        if not serving and target.tries_fused:
             fused = build_fused(self, target, force=force, say=say)
             if fused is not None:
                 if check:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+from qeff.cli.building import target
 from qeff.cli.options import Invocation
 from qeff.errors import ArtifactError, QEffError
 
@@ -120,9 +121,7 @@ def _memory_mode(inv: Invocation, source, shape, rows: int, ctx_len: int):
         backend = resolve_backend(options.backend)
         if backend == "qaic":
             graph = "qaic"
-        elif not (inv.serving_flags or options.mxfp6 or options.mxint8 or options.ort_graph == "portable"
-                  # an asked ladder keeps `--ort-graph auto` on the portable graph (Pipeline.compile's rule)
-                  or (options.ort_graph == "auto" and inv.serving is not None and inv.serving.ladder_asked)) and _fused_covers(source):
+        elif not inv.serving_flags and target(inv, backend, {}).tries_fused and _fused_covers(source):  # Pipeline.compile's rule
             graph = "fused"
     return Mode(command=command, verify=verify, graph=graph, weights=options.weights if options else "fp32", batch_size=rows,
                 ctx_len=ctx_len, export_cached=_export_cached(inv, source), streamed=_streamed(inv, source))
