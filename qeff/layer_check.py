@@ -632,6 +632,9 @@ def _check_layers(onnx_path, qmodel, prompts, tokens, batch, prompt_len, ctx_len
     spill = _Spill()
     try:
         steps, shapes = _torch_steps(qmodel, schedule, batch, ctx_len, spill)
+        tables = getattr(getattr(qmodel, "offload", None), "tables", None)
+        if tables is not None:  # layer-streamed: the last layer's spare tensors are not needed by the sub-graphs
+            tables.release_spares()
         return _check(part, steps, schedule, prompts, tokens, n_rows, tol, layer_rtol, threads, candidate, spill,
                       stats if stats is not None else [], traces if traces is not None else [],
                       shapes)

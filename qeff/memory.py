@@ -106,6 +106,9 @@ class Mode:
     #: ...and checks ONNX Runtime one decoder layer's sub-graph at a time (qeff.layer_check) instead
     #: of one session of the whole graph, when that session does not fit either
     ort_layers: bool = False
+    #: ...keeping this many bytes of float32 layer tensors resident between forwards (qeff.offload,
+    #: ``SharedTables.resident``): 0, or every layer when they all fit comfortably (:func:`choose_verification`)
+    resident: int = 0
     #: the fused build's check against the portable graph runs (False: its two sessions would not
     #: fit, and the run says so instead: :func:`fused_check_fits`)
     fused_check: bool = True
@@ -214,7 +217,7 @@ def reference(s: Sizes, mode: Mode) -> int:
     layers, once (the pair built before the reference runs shares them), a layer being filled,
     and the cache."""
     if mode.verify_layers:
-        return int(BASE + MARGIN * (s.outer + FILL_LAYERS * s.layer + STREAMED_FIXED)) + s.kv
+        return int(BASE + MARGIN * (s.outer + FILL_LAYERS * s.layer + mode.resident + STREAMED_FIXED)) + s.kv
     return _fit("reference", s) + s.kv
 
 
@@ -230,7 +233,7 @@ def verify(s: Sizes, mode: Mode) -> int:
             held = max(FILL_LAYERS, ORT_LAYER) * s.layer
         else:
             held = FILL_LAYERS * s.layer + ORT_SESSION * s.weights
-        return int(BASE + MARGIN * (s.outer + held + STREAMED_FIXED)) + 2 * s.kv
+        return int(BASE + MARGIN * (s.outer + held + mode.resident + STREAMED_FIXED)) + 2 * s.kv
     return _fit("verify", s) + 2 * s.kv
 
 
@@ -370,29 +373,53 @@ def streamed_verify_setting(flag: bool | None = None) -> bool | None:
 _VERIFY_IN_MEMORY = ("load", "transform", "reference", "verify")
 
 
+#: A verification "fits comfortably" when its largest stage's estimate is at most this share of the
+#: memory available; then it runs in memory (the fast path: docs/memory.md, "When", has the measured
+#: cost of streaming; the reports are the same to the bit). Above it, a run that can stream does: the
+#: estimates were fitted on two shapes with a 15 % margin, and on a shared machine MemAvailable moves
+#: by gigabytes while a run is going (the 3B export was killed at 23.4 GB on a 24 GB machine). The
+#: same share bounds the layers kept resident by a streamed run (all of them, or none).
+COMFORT = 0.8
+
+
+def _verify_peak(s: Sizes, mode: Mode) -> int:
+    """The largest estimate of the verification's stages in ``mode`` (load and transform in memory)."""
+    names = ("reference", "verify") if mode.verify_layers else _VERIFY_IN_MEMORY
+    return max(STAGES[name](s, mode) for name in names)
+
+
 def choose_verification(shape, mode: Mode, *, available: int | None, want: bool | None = None) -> Mode:
-    """How ``mode`` verifies: in memory (today's path) unless layer streaming is asked for
-    (``want`` True) or the in-memory verification stages would not fit ``available`` bytes while
-    the streamed ones do; streamed, ONNX Runtime is checked a layer at a time only when the whole
-    graph's session does not fit. Only a run whose export streams (``mode.streamed``: a local
-    safetensors directory) can stream its verification; ``want`` False never does."""
+    """How ``mode`` verifies (issue 18's policy; docs/memory.md, "When").
+
+    - ``want`` False (``QEFF_STREAMED_VERIFY=0``), a source that does not stream (``mode.streamed``
+      False: not a safetensors directory) or headers that do not give the weights' size: in memory.
+    - ``want`` None (chosen by memory): in memory while its largest stage fits comfortably
+      (:data:`COMFORT` × ``available``), or when ``available`` is unknown; otherwise layer-streamed
+      if that fits ``available`` at all (else in memory, which the preflight then refuses naming
+      ``--verify-layers`` if that would fit).
+    - ``want`` True (``--verify-layers``, ``QEFF_STREAMED_VERIFY=1``): layer-streamed.
+
+    Streamed, ONNX Runtime keeps its session of the whole graph where it fits ``available`` and is
+    checked a layer at a time otherwise. Every layer is kept resident between forwards
+    (``mode.resident``: read once, as the in-memory path reads them) when all of them fit comfortably
+    beside the rest; otherwise none is, and the peak stays at one layer's (a partial set would save
+    reads in proportion to the peak it adds, which the issue's targets bound)."""
     if not mode.verify or not mode.streamed or want is False or shape.weight_bytes is None:
         return mode
     s = sizes(shape, mode)
-    whole = replace(mode, verify_layers=True, ort_layers=False)
-    if want is not True:
-        if available is None:
+    if want is None:
+        if available is None or _verify_peak(s, mode) <= COMFORT * available:
             return mode
-        in_memory = max(STAGES[name](s, mode) for name in _VERIFY_IN_MEMORY)
-        if in_memory <= available:
-            return mode
-        if max(reference(s, whole), verify(s, whole)) > available:  # the whole graph's session does not fit
-            layered = replace(whole, ort_layers=True)
-            return layered if max(reference(s, layered), verify(s, layered)) <= available else mode
-        return whole
-    if available is not None and verify(s, whole) > available:
-        return replace(whole, ort_layers=True)
-    return whole
+    whole = replace(mode, verify_layers=True, ort_layers=False, resident=0)
+    chosen = whole
+    if available is not None and _verify_peak(s, whole) > available:  # the whole graph's session does not fit
+        chosen = replace(whole, ort_layers=True)
+    if want is None and _verify_peak(s, chosen) > available:
+        return mode
+    every = s.layer * s.layers if s.layers else 0
+    if every and available is not None and _verify_peak(s, replace(chosen, resident=every)) <= COMFORT * available:
+        chosen = replace(chosen, resident=every)
+    return chosen
 
 
 def _alternatives(mode: Mode) -> list[Mode]:

@@ -24,12 +24,17 @@ hooks are registered after these and see the layer with its weights in place.
 The cost is time: each forward pass reads every layer's weights from the files again (the page
 cache keeps them when it can). The peak is about one layer in float32, the tensors outside the
 layers (once, shared), the caches and 16 MB of the tensor being read in its stored dtype (it is
-widened to float32 as it is read: :meth:`qeff.weights.Weights.float32`).
+widened to float32 as it is read: :meth:`qeff.weights.Weights.float32`). Two things make that cost
+small (docs/memory.md, "Cost"): a dropped layer's float32 tensors are the next layer's buffers
+(*spares*: first-touching fresh pages and unmapping them was most of the extra CPU time), and a
+budget of layer tensors may stay resident between forwards (``resident``, shared by a pair's two
+trees and checked like the tables), so a model whose layers all fit reads each one once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,25 +70,72 @@ class Offloaded:
     handles: list = field(default_factory=list)
     tables: SharedTables | None = None  # the tensors outside the layers (shared by a pair's two trees)
 
+    reads: int = 0  # layer tensors read from the files (a resident one is read once)
+    reused: int = 0  # of those, read into the pages of a dropped layer's tensor (:func:`_take_spare`)
+
     def fill(self, i: int) -> None:
         read: dict[str, nn.Parameter] = {}  # a tensor two slots share is read once
+        spares = self.tables.spares if self.tables is not None else {}
         for slot in self.slots[i]:
             if slot.source not in read:
-                read[slot.source] = nn.Parameter(self.weights.float32(slot.source), requires_grad=False)
+                kept = self.tables.resident_layer(slot.source) if self.tables is not None else None
+                if kept is None:
+                    kept = _take_spare(spares, self.weights.shape(slot.source))
+                    if kept is None:
+                        kept = nn.Parameter(self.weights.float32(slot.source), requires_grad=False)
+                    else:
+                        self.weights.float32(slot.source, out=kept)
+                        self.reused += 1
+                    self.reads += 1
+                    if self.tables is not None:
+                        self.tables.keep(slot.source, kept)
+                read[slot.source] = kept
             slot.module._parameters[slot.name] = read[slot.source]
+        spares.clear()  # what this layer did not reuse is freed: one layer's tensors at most
         self.loads[i] += 1
         self.resident = sum(p.numel() * 4 for p in read.values())
         self.peak_resident = max(self.peak_resident, self.resident)
 
     def drop(self, i: int) -> None:
+        """Put the meta tensors back. The float32 tensors read for this forward (not those kept
+        resident) become the next layer's spares: the next fill writes into their pages."""
+        spares = self.tables.spares if self.tables is not None else None
+        seen: set[int] = set()
         for slot in self.slots[i]:
+            param = slot.module._parameters[slot.name]
             slot.module._parameters[slot.name] = slot.meta
+            if (spares is not None and param is not None and param is not slot.meta and id(param) not in seen
+                    and self.tables.resident_layer(slot.source) is not param):
+                seen.add(id(param))
+                spares.setdefault(tuple(param.shape), []).append(param)
         self.resident = 0
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _take_spare(spares: dict[tuple[int, ...], list[nn.Parameter]], shape: tuple[int, ...]) -> nn.Parameter | None:
+    """A dropped layer tensor of ``shape`` that nothing but the spares refers to, or None.
+
+    Writing into a tensor something still holds would change what it holds (a hook that kept a
+    weight, a view of it): a spare is reused only when no Python name refers to the parameter
+    and no other tensor shares its storage; otherwise it is left to be freed and a new tensor is
+    read. Without PyTorch's use count (a private call), nothing is reused."""
+    pool = spares.get(tuple(shape))
+    while pool:
+        param = pool.pop()
+        # The references: ``param`` here and getrefcount's argument; the storage's: the parameter
+        # and the temporary storage object asked for it.
+        if (_storage_use_count is not None and sys.getrefcount(param) == 2
+                and _storage_use_count(param.untyped_storage()._cdata) == 2):
+            return param
+        del param
+    return None
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -105,6 +157,23 @@ class SharedTables:
     weights: Weights
     params: dict[str, nn.Parameter] = field(default_factory=dict)  # source name -> the shared parameter
     digests: dict[str, str] = field(default_factory=dict)
+    #: bytes of decoder-layer tensors (float32) that may stay resident between forwards (0: every
+    #: forward reads its layers again). Filled in the order read until one does not fit (then no
+    #: later one is kept: the first layers), never evicted: the layers
+    #: run in the same order every forward, and an LRU of fewer bytes than the layers would evict
+    #: each one just before it is needed again (no hit at all); keeping the first ones saves a
+    #: read per kept layer per forward. Both trees of a pair read the same sources, so the
+    #: candidate finds what the reference kept.
+    resident: int = 0
+    layers: dict[str, nn.Parameter] = field(default_factory=dict)  # kept layer tensors, by source name
+    layer_digests: dict[str, str] = field(default_factory=dict)
+    #: dropped layer tensors by shape, which the next layer's fill writes into (Offloaded.drop)
+    spares: dict[tuple[int, ...], list[nn.Parameter]] = field(default_factory=dict)
+    full: bool = False  # a layer tensor did not fit: nothing more is kept
+
+    def release_spares(self) -> None:
+        """Free the dropped layer's tensors kept for the next fill (before other work needs the memory)."""
+        self.spares.clear()
 
     def get(self, source: str) -> nn.Parameter:
         """The parameter of stored tensor ``source`` in float32, read the first time it is asked for."""
@@ -116,15 +185,42 @@ class SharedTables:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensors outside the layers (the kept layer tensors: :attr:`resident_bytes`)."""
         return sum(p.numel() * p.element_size() for p in self.params.values())
 
+    @property
+    def resident_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.layers.values())
+
+    def resident_layer(self, source: str) -> nn.Parameter | None:
+        """The kept float32 tensor of layer tensor ``source``, or None (then the caller reads it)."""
+        return self.layers.get(source)
+
+    def keep(self, source: str, param: nn.Parameter) -> bool:
+        """Keep a layer tensor just read while :attr:`resident` has room for it; digested now, so
+        :meth:`check` fails a run in which something wrote into a tensor later forwards reused."""
+        size = param.numel() * param.element_size()
+        if self.full or source in self.layers:
+            return False
+        if self.resident_bytes + size > self.resident:
+            self.full = True  # what is kept is a prefix of the first forward's reads: the first layers
+            return False
+        self.layers[source] = param
+        self.layer_digests[source] = _digest(param)
+        return True
+
     def check(self, when: str = "during verification") -> None:
-        """Raise :class:`~qeff.errors.WeightsChangedError` if a shared tensor's bytes changed."""
+        """Raise :class:`~qeff.errors.WeightsChangedError` if a shared tensor's bytes changed (the
+        tensors outside the layers, and the layer tensors kept resident)."""
         changed = [name for name, p in self.params.items() if _digest(p) != self.digests[name]]
-        if changed:
+        kept = [name for name, p in self.layers.items() if _digest(p) != self.layer_digests[name]]
+        if changed or kept:
+            where = ("outside its decoder layers" if not kept else "kept resident in its decoder layers" if not changed
+                     else "outside and inside its decoder layers")
+            names = changed + kept
             raise WeightsChangedError(
-                f"the reference model's tensors outside its decoder layers were written {when} "
-                f"({', '.join(changed[:4])}{' …' if len(changed) > 4 else ''}): the verdict would compare "
+                f"the reference model's tensors {where} were written {when} "
+                f"({', '.join(names[:4])}{' …' if len(names) > 4 else ''}): the verdict would compare "
                 f"against a changed reference, so it is not given")
 
 
@@ -227,13 +323,14 @@ def _config(path: str | Path):
 
 
 def offloaded_hf(path: str | Path, *, config=None, weights: Weights | None = None,
-                 tables: SharedTables | None = None) -> nn.Module:
+                 tables: SharedTables | None = None, resident: int = 0) -> nn.Module:
     """The untouched HF model of the checkpoint at ``path``, eager attention, in eval mode, its
     decoder layers filled from the files one at a time. ``model.offload`` holds the hooks,
-    ``model.offload.tables`` the tensors outside the layers (``tables`` when given: shared)."""
+    ``model.offload.tables`` the tensors outside the layers (``tables`` when given: shared) and
+    up to ``resident`` bytes of layer tensors kept between forwards (:attr:`SharedTables.resident`)."""
     weights = weights if weights is not None else _weights(path)
     config = config if config is not None else _config(path)
-    tables = tables if tables is not None else SharedTables(weights)
+    tables = tables if tables is not None else SharedTables(weights, resident=resident)
     model = _skeleton(config, weights, tables)
     model.offload = _attach(model, weights)
     model.offload.tables = tables
@@ -257,12 +354,14 @@ def offloaded_transformed(path: str | Path, *, config=None, weights: Weights | N
     return qmodel
 
 
-def offloaded_pair(path: str | Path, *, share_tables: bool = True):
+def offloaded_pair(path: str | Path, *, share_tables: bool = True, resident: int = 0):
     """``(hf_model, qmodel)``: both offloaded, one weight reader, two module trees, and one copy of
     the tensors outside the layers (``hf_model.offload.tables``; ``share_tables=False``: a copy each,
-    as before the tables were shared — kept for the memory test that shows the difference)."""
+    as before the tables were shared — kept for the memory test that shows the difference).
+    ``resident``: bytes of float32 layer tensors kept between forwards, shared by the two trees
+    (:attr:`SharedTables.resident`; :func:`qeff.memory.choose_verification` sizes it)."""
     weights = _weights(path)
     config = _config(path)
-    hf = offloaded_hf(path, config=config, weights=weights)
+    hf = offloaded_hf(path, config=config, weights=weights, resident=resident)
     tables = hf.offload.tables if share_tables else None
     return hf, offloaded_transformed(path, config=config, weights=weights, tables=tables)

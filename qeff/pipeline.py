@@ -514,7 +514,7 @@ class Pipeline:
             from qeff.offload import offloaded_pair
 
             with stage(f"Building {self.name}'s layer-streamed models from its weight files", enabled=self.progress):
-                self._offloaded = offloaded_pair(self.files_dir)
+                self._offloaded = offloaded_pair(self.files_dir, resident=self._verification_mode().resident)
         return self._offloaded
 
     # --- compile and run ---------------------------------------------------------------------

@@ -47,9 +47,13 @@ class Weights:
         """The tensor as stored (its own dtype); the caller converts and drops it."""
         raise NotImplementedError
 
-    def float32(self, name: str) -> torch.Tensor:
-        """The tensor in float32, as ``from_pretrained(dtype=torch.float32)`` converts it."""
-        return self.get(name).to(torch.float32)
+    def float32(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor in float32, as ``from_pretrained(dtype=torch.float32)`` converts it; written
+        into ``out`` (a contiguous float32 tensor of its shape) when given."""
+        value = self.get(name)
+        if out is None:
+            return value.to(torch.float32)
+        return out.copy_(value)
 
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
@@ -107,15 +111,23 @@ class SafetensorsWeights(Weights):
     #: Bytes read at a time by :meth:`float32`.
     CHUNK = 16 << 20
 
-    def float32(self, name: str) -> torch.Tensor:
+    def float32(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor widened to float32 as it is read, :data:`CHUNK` stored bytes at a time, so the
         stored copy is never whole beside the result (a 1B's bf16 vocabulary table is 0.5 GB).
-        bf16 and fp16 widen exactly: the same values as ``get(name).to(torch.float32)``."""
+        bf16 and fp16 widen exactly: the same values as ``get(name).to(torch.float32)``.
+
+        ``out``: a contiguous float32 tensor of the shape to write into instead of a new one. A
+        layer-streamed forward fills every layer again (qeff.offload); writing into the pages the
+        previous layer used costs a fifth of the CPU time of first-touching fresh ones (measured:
+        0.06 s against 0.30 s for 256 MB here, the page faults and the unmapping on free)."""
         header, info = self._where[name]
         dtype = self._DTYPES.get(info["dtype"])
+        if out is not None and (tuple(out.shape) != self.shape(name) or out.dtype != torch.float32
+                                or not out.is_contiguous()):
+            raise ValueError(f"cannot read {name} {self.shape(name)} into a {out.dtype} tensor of shape {tuple(out.shape)}")
         if dtype not in (torch.bfloat16, torch.float16):
-            return super().float32(name)
-        out = torch.empty(self.shape(name), dtype=torch.float32)
+            return super().float32(name, out)
+        out = torch.empty(self.shape(name), dtype=torch.float32) if out is None else out
         flat, item = out.view(-1), dtype.itemsize
         step = max(1, self.CHUNK // item)
         buf = torch.empty(min(step, flat.numel()) * item, dtype=torch.uint8)

@@ -7,6 +7,7 @@ a file of the full size with nothing written, so a 3B or 7B shape costs no disk 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,66 @@ def test_an_asked_ladder_is_priced_as_the_portable_graph_it_runs(tmp_path, home,
     assert "fused-build" in preflight(argv)  # auto picks the fused graph for a llama
     ladder = preflight([*argv, "--comp_ctx_lengths", "256,512"])
     assert "fused-build" not in ladder and "fused-check" not in ladder, ladder
+
+
+# --- the default policy: when verification streams (qeff.memory.choose_verification) -------------
+
+
+def _in_memory_peak(shape, mode) -> int:
+    s = memory.sizes(shape, mode)
+    return max(memory.STAGES[n](s, mode) for n in ("load", "transform", "reference", "verify"))
+
+
+def test_verification_streams_once_its_in_memory_estimate_passes_the_comfortable_share(sparse):
+    """The boundary is the rule: in memory while the in-memory stages' largest estimate is at most
+    COMFORT of the memory available, layer-streamed just above it — where the in-memory run would
+    still fit, so the old rule ("stream when it does not fit") kept it in memory."""
+    shape = _shape(sparse["1b"])
+    mode = memory.Mode(command="verify", graph="portable", streamed=True)
+    peak = _in_memory_peak(shape, mode)
+    at = int(peak / memory.COMFORT)
+    assert memory.choose_verification(shape, mode, available=at + 1) == mode
+    below = at - 2**20
+    assert peak <= below, "COMFORT must leave room: an in-memory run this close to the memory available streams"
+    chosen = memory.choose_verification(shape, mode, available=below)
+    assert chosen.verify_layers and not chosen.ort_layers  # the whole graph's session fits beside the streamed models
+    # The overrides: QEFF_STREAMED_VERIFY=0 never streams; --verify-layers always does.
+    assert memory.choose_verification(shape, mode, available=below, want=False) == mode
+    assert memory.choose_verification(shape, mode, available=2 * at, want=True).verify_layers
+
+
+def test_the_policy_on_this_machine_for_the_four_shapes(sparse):
+    """docs/memory.md ("When") lists what the rule chooses on a 24 GB machine (22 GiB available) and
+    under the 6 GiB budget the scale benchmarks run with."""
+    def chosen(size, available):
+        m = memory.choose_verification(_shape(sparse[size]), memory.Mode(command="verify", graph="portable",
+                                                                          streamed=True), available=available)
+        return ("memory" if not m.verify_layers else "per-layer" if m.ort_layers else "whole-graph",
+                m.resident > 0)
+
+    assert chosen("135m", BOX) == ("memory", False)
+    assert chosen("1b", BOX) == ("memory", False)  # 11.9 GiB estimated (8.7 GB measured) of 22 GiB
+    assert chosen("3b", BOX) == ("whole-graph", False)
+    assert chosen("7b", BOX) == ("per-layer", False)
+    assert chosen("135m", 6 * GiB) == ("memory", False)
+    assert chosen("1b", 6 * GiB) == ("per-layer", False)
+    assert chosen("3b", 6 * GiB) == ("per-layer", False)
+    assert chosen("7b", 6 * GiB) == ("per-layer", False)
+
+
+def test_every_layer_is_kept_resident_when_all_fit_comfortably_and_none_otherwise(sparse):
+    shape = _shape(sparse["135m"])
+    asked = memory.Mode(command="verify", graph="portable", streamed=True)
+    s = memory.sizes(shape, asked)
+    every = s.layer * s.layers
+    roomy = memory.choose_verification(shape, asked, available=BOX, want=True)
+    assert roomy.verify_layers and roomy.resident == every
+    # The estimates hold them: both streamed stages grow by the kept bytes (with the margin).
+    bare = replace(roomy, resident=0)
+    assert memory.reference(s, roomy) - memory.reference(s, bare) == pytest.approx(memory.MARGIN * every, abs=2)
+    assert memory.verify(s, roomy) - memory.verify(s, bare) == pytest.approx(memory.MARGIN * every, abs=2)
+    # Just too little room for all of them beside the rest: none is kept (never a part).
+    need = max(memory.reference(s, roomy), memory.verify(s, roomy))
+    tight = memory.choose_verification(shape, asked, available=int(need / memory.COMFORT) - 2**20, want=True)
+    assert tight.verify_layers and tight.resident == 0
+    assert memory.choose_verification(shape, asked, available=int(need / memory.COMFORT) + 2**20, want=True).resident == every

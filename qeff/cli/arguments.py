@@ -139,5 +139,5 @@ def lookup_args(p) -> None:
 def verify_layers_arg(p) -> None:
     flag(p, "--verify-layers", "--verify_layers", action="store_true",
          help="verify with one decoder layer's weights in memory at a time, read from the safetensors files "
-              "(default: when the memory preflight says the in-memory verification does not fit; "
+              "(default: when the memory preflight estimates the in-memory verification above 0.8 of the memory available; "
               "QEFF_STREAMED_VERIFY=1 always, =0 never; docs/memory.md)")
