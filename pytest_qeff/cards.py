@@ -349,6 +349,9 @@ class CpuWeights(_Strict):
 
     tiny: dict[WeightMode, PrecisionBudget] = Field(default_factory=dict)
     full: dict[WeightMode, PrecisionBudget] = Field(default_factory=dict)
+    #: The corpus of the verdict per tier (``corpus.full = { rows = 8, window = 128 }``); a tier not
+    #: listed runs the card's ``[precision]`` corpus.
+    corpus: dict[Tier, PrecisionWindows] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _native_is_gguf(self) -> CpuWeights:
@@ -359,6 +362,9 @@ class CpuWeights(_Strict):
 
     def budget(self, tier: str, mode: str) -> PrecisionBudget | None:
         return getattr(self, tier).get(mode)
+
+    def windows(self, tier: str, precision: Precision) -> PrecisionWindows:
+        return self.corpus.get(tier) or getattr(precision, tier)
 
 
 class KnownFailure(_Strict):

@@ -450,9 +450,10 @@ def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None
                     + "; ".join(budget.result.failures), pytrace=False)
 
 
-def _reference(ws: Workspace, target: Target, backend: str, windows):
+def _reference(ws: Workspace, target: Target, backend: str, windows, session=None):
     """HF fp32 on the untouched model (the pipeline's ``model``, never a qeff graph): its logits at
-    every position of each window, ``(rows, window, vocab)``."""
+    every position of each window, ``(rows, window, vocab)``. (``backend`` and ``session`` are the
+    candidate's, unused: the signature is :func:`_teacher_forced`'s.)"""
     import numpy as np
     from qeff.precision.ladder import reference_logits
 
@@ -462,13 +463,16 @@ def _reference(ws: Workspace, target: Target, backend: str, windows):
     return out
 
 
-def _teacher_forced(ws: Workspace, target: Target, backend: str, windows):
-    """The compiled graph of ``backend`` fed ``windows`` one token per step (a fresh session, one
-    window per batch row, as the precision ladder feeds a tier): its logits ``(rows, window, vocab)``."""
+def _teacher_forced(ws: Workspace, target: Target, backend: str, windows, session=None):
+    """The compiled graph of ``backend`` fed ``windows`` one token per step (one window per batch
+    row from position 0, as the precision ladder feeds a tier): its logits ``(rows, window, vocab)``.
+    ``session``: one to reuse (the fused graph's cache is only read up to the step's position, so a
+    window restarting at 0 sees none of the last one); else a fresh one, closed after."""
     import numpy as np
 
     card, case = target.card, target.case
-    session = ws.session(card, case, backend, threads=card.benchmark.threads)
+    own = session is None
+    session = ws.session(card, case, backend, threads=card.benchmark.threads) if own else session
     try:
         rows, window = windows.shape
         out = np.empty((rows, window, session.vocab_size), np.float32)
@@ -479,14 +483,15 @@ def _teacher_forced(ws: Workspace, target: Target, backend: str, windows):
             out[:, t] = session.run(ids, pos)[:rows]
         return out
     finally:
-        session.close()
+        if own:
+            session.close()
 
 
 def _within_budget(ws: Workspace, target: Target, backend: str, built) -> WeightsVerdict:
     """A compressed fused graph against HF fp32 on the untouched model, as the precision ladder
     measures a tier (:mod:`qeff.precision.ladder`): teacher-forced over the card's ``[precision]``
-    corpus (the same number of tokens, in windows the case's ``ctx_len`` holds, ``batch_size`` at a
-    time), KL divergence, top-1 agreement and perplexity at every position; greedy tokens on the
+    corpus, or its ``[cpu_weights.corpus]`` (the same number of tokens, in windows the case's
+    ``ctx_len`` holds, ``batch_size`` at a time, on one session), KL divergence, top-1 agreement and perplexity at every position; greedy tokens on the
     case's prompts (teacher-forced over HF's, reported). Held to the card's ``[cpu_weights]``
     budget — and failed if the two sides are bit-identical, which only a self-comparison gives."""
     from dataclasses import asdict
@@ -499,19 +504,23 @@ def _within_budget(ws: Workspace, target: Target, backend: str, built) -> Weight
     card, case, tier = target.card, target.case, target.tier
     mode = weight_mode(backend)
     budget = Budget(**card.cpu_weights.budget(tier, mode).model_dump())
-    size = getattr(card.precision, tier)
+    size = card.cpu_weights.windows(tier, card.precision)
     window = min(size.window, case.ctx_len)
     rows = math.ceil(size.rows * size.window / window)
     corpus, what = corpus_for(ws, card, rows * window)
     windows = windows_of(corpus, rows, window)
     stats, worst = DistributionStats(), 0.0
-    for start in range(0, rows, case.batch_size):
-        chunk = windows[start:start + case.batch_size]
-        ref = _reference(ws, target, backend, chunk)
-        cand = _teacher_forced(ws, target, backend, chunk)
-        targets = np.concatenate([chunk[:, 1:], np.full((len(chunk), 1), -1)], axis=1)
-        stats.add(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]), targets.reshape(-1))
-        worst = max(worst, float(np.max(np.abs(ref - cand))))
+    session = ws.session(card, case, backend, threads=card.benchmark.threads)
+    try:
+        for start in range(0, rows, case.batch_size):
+            chunk = windows[start:start + case.batch_size]
+            ref = _reference(ws, target, backend, chunk, session=session)
+            cand = _teacher_forced(ws, target, backend, chunk, session=session)
+            targets = np.concatenate([chunk[:, 1:], np.full((len(chunk), 1), -1)], axis=1)
+            stats.add(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]), targets.reshape(-1))
+            worst = max(worst, float(np.max(np.abs(ref - cand))))
+    finally:
+        session.close()
     summary = stats.summary()
     reference = ws.reference(card, case)  # HF's greedy tokens on the case's prompts
     session = ws.session(card, case, backend, threads=card.benchmark.threads)
