@@ -79,8 +79,14 @@ def read(path: Path) -> dict | None:
 
 
 def update_command(card_id: str, tier: str, backend: str, directory: Path, default_dir: Path) -> str:
-    # ``ort-fused`` (the fused CPU graph's baselines, beside ``ort``'s) is selected by --qeff-graph.
-    chosen = ["--qeff-backend", "ort", "--qeff-graph", "fused"] if backend == "ort-fused" else ["--qeff-backend", backend]
+    # ``ort-fused`` (the fused CPU graph's baselines, beside ``ort``'s) and ``ort-fused-<mode>`` (its
+    # compressed weights') are selected by --qeff-graph; a weights mode by its backend value (-k).
+    if backend == "ort-fused":
+        chosen = ["--qeff-backend", "ort", "--qeff-graph", "fused"]
+    elif backend.startswith("ort-fused-"):
+        chosen = ["--qeff-backend", "ort", "--qeff-graph", "compressed", "-k", backend]
+    else:
+        chosen = ["--qeff-backend", backend]
     args = ["pytest", "--qeff-model", card_id, "--qeff-tier", tier, *chosen, "-m", "qeff_benchmark"]
     if Path(directory).resolve() != Path(default_dir).resolve():
         args += ["--qeff-baseline", str(directory)]

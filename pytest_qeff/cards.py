@@ -35,6 +35,8 @@ __all__ = [
     "Card",
     "Case",
     "CompileDefaults",
+    "CpuWeights",
+    "WEIGHT_MODES",
     "KnownFailure",
     "Precision",
     "PrecisionBudget",
@@ -58,10 +60,19 @@ STAGES = ("transform", "export", "compile", "generation", "benchmark", "precisio
 FEATURES = ("continuous_batching", "prefix_caching", "sampling", "speculative", "prompt_lookup")
 TIERS = ("tiny", "full")
 BACKENDS = ("ort", "qaic")
+#: The compressed weights of ONNX Runtime's fused CPU graph a card may budget (``[cpu_weights]``),
+#: each as ``qeff infer --backend ort`` takes it: mode → (``--weights``, ``--int8-activations``).
+WEIGHT_MODES: dict[str, tuple[str, bool]] = {
+    "native": ("native", False),  # a GGUF's own blocks, re-encoded exactly (GGUF weights only)
+    "int8": ("int8", False),
+    "int4": ("int4", False),
+    "int8-a8": ("int8", True),  # int8 weights, int8 activations
+}
 
 Stage = Literal["transform", "export", "compile", "generation", "benchmark", "precision", "serving"]
 Feature = Literal["continuous_batching", "prefix_caching", "sampling", "speculative", "prompt_lookup"]
 Tier = Literal["tiny", "full"]
+WeightMode = Literal["native", "int8", "int4", "int8-a8"]
 Backend = Literal["ort", "qaic"]
 Positive = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -329,6 +340,33 @@ class Precision(_Strict):
         return self
 
 
+class CpuWeights(_Strict):
+    """The budgets of the fused CPU graph's compressed weights (``--qeff-graph compressed``), per
+    tier and weights mode (:data:`WEIGHT_MODES`), each judged as a precision tier is: against HF
+    fp32 on the untouched model, over the card's ``[precision]`` corpus. A mode without a budget
+    in the tier is not certified there (its stages skip, saying so): there is no default, as
+    what quantization costs depends on the weights."""
+
+    tiny: dict[WeightMode, PrecisionBudget] = Field(default_factory=dict)
+    full: dict[WeightMode, PrecisionBudget] = Field(default_factory=dict)
+    #: The corpus of the verdict per tier (``corpus.full = { rows = 8, window = 128 }``); a tier not
+    #: listed runs the card's ``[precision]`` corpus.
+    corpus: dict[Tier, PrecisionWindows] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _native_is_gguf(self) -> CpuWeights:
+        if "native" in self.tiny:
+            raise ValueError("tiny.native: the tiny tier's seeded random weights are no GGUF; `native` "
+                             "applies to the full tier of a card whose [weights] source is \"gguf\"")
+        return self
+
+    def budget(self, tier: str, mode: str) -> PrecisionBudget | None:
+        return getattr(self, tier).get(mode)
+
+    def windows(self, tier: str, precision: Precision) -> PrecisionWindows:
+        return self.corpus.get(tier) or getattr(precision, tier)
+
+
 class KnownFailure(_Strict):
     """A stage that is known to fail: it becomes ``xfail(strict=True)`` with ``reason``, so it
     fails the run the day it starts passing. Unset filters match everything."""
@@ -368,6 +406,7 @@ class Card(_Strict):
     prompts: Prompts
     benchmark: Benchmark = Benchmark()
     precision: Precision = Precision()
+    cpu_weights: CpuWeights = CpuWeights()
     serving: Serving | None = None
     known_failures: list[KnownFailure] = Field(default_factory=list)
 
@@ -413,6 +452,9 @@ class Card(_Strict):
                     f"prompts: a {max(self.prompts.tiny_lengths)}-token tiny prompt plus generation_len="
                     f"{self.prompts.generation_len} needs ctx_len >= {need}, but case {case.id} has {case.ctx_len}"
                 )
+        if "native" in self.cpu_weights.full and self.weights.source != "gguf":
+            raise ValueError(f"cpu_weights.full.native: `native` re-encodes a GGUF's own blocks, and this card's "
+                             f"[weights] source is {self.weights.source!r}; budget int8 or int4 instead")
         for i, kf in enumerate(self.known_failures):
             if kf.case is not None and kf.case not in ids:
                 raise ValueError(f"known_failures[{i}].case: {kf.case!r} is not a case of this card ({', '.join(ids)})")

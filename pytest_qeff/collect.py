@@ -7,7 +7,13 @@ export, ...); the worker's :class:`~pytest_qeff.stages.Pipeline` keeps what earl
 The graph axis (``--qeff-graph``) rides on ``qeff_backend``: ``ort`` is ONNX Runtime's portable
 graph, ``ort-fused`` its fused CPU graph (:func:`graph_targets`, :func:`split_backend`), so a
 portable run's ids, markers and baselines are what they were; a fused test carries ``qeff_ort``
-and ``qeff_fused``, and its record ``"graph": "fused"``.
+and ``qeff_fused``, and its record ``"graph": "fused"``. The fused graph with compressed weights
+(``--qeff-graph compressed``) is ``ort-fused-<mode>`` (:data:`COMPRESSED`, one per
+:data:`~pytest_qeff.cards.WEIGHT_MODES` mode): its compile stage is judged within the card's
+``[cpu_weights]`` budget and its benchmark has its own baseline; it has no greedy-generation stage
+(re-quantized weights may pick other tokens where the budget allows), carries ``qeff_ort`` and
+``qeff_compressed``, and records ``"graph": "fused"`` and ``"weights": <mode>``. A card with no
+budget in the tier gets no compressed tests at all.
 
 Markers set here: ``qeff`` on every stage test, ``qeff_<stage>``, ``qeff_<backend>``, and
 ``xdist_group(<card>)`` (the documented grouping; :mod:`pytest_qeff.distribute` does the actual
@@ -22,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_qeff.cards import BACKENDS, STAGES, Card, Case
+from pytest_qeff.cards import BACKENDS, STAGES, WEIGHT_MODES, Card, Case
 from pytest_qeff.options import Settings, worker_id
 
-__all__ = ["graph_targets", "split_backend", "FUSED", "Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function", "undeclared", "serving_targets"]
+__all__ = ["graph_targets", "split_backend", "weight_mode", "FUSED", "COMPRESSED", "Target", "MARKERS", "SUITE_DIR", "register_markers", "targets", "parametrize", "mark_items", "item_meta", "is_suite_test", "prepare_items", "route_args", "skip_precision_function", "undeclared", "serving_targets"]
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
@@ -35,31 +41,45 @@ MARKERS = {
     **{f"qeff_{s}": f"the {s} stage of the qeff conformance suite" for s in STAGES},
     **{f"qeff_{b}": f"a qeff stage that runs on the {b} backend" for b in BACKENDS},
     "qeff_fused": "a qeff stage that runs ONNX Runtime's fused CPU graph (--qeff-graph fused or all)",
+    "qeff_compressed": "a qeff stage that runs the fused CPU graph with compressed weights (--qeff-graph compressed or all)",
     "xdist_group(name)": "pytest-xdist --dist loadgroup: tests of one group run on one worker",
 }
 
 
 #: The ``qeff_backend`` value of ONNX Runtime's fused CPU graph.
 FUSED = "ort-fused"
+#: The ``qeff_backend`` values of the fused graph with compressed weights, one per weights mode.
+COMPRESSED = tuple(f"{FUSED}-{mode}" for mode in WEIGHT_MODES)
+#: Stages that run on a compressed graph: no greedy generation (see the module docstring).
+COMPRESSED_STAGES = ("compile", "benchmark")
 
 
 def graph_targets(backends: Sequence[str], graph: str) -> tuple[str, ...]:
     """The ``qeff_backend`` values for these backends and ``--qeff-graph``: each backend's
-    portable graph (``portable``/``all``), and ONNX Runtime's fused graph (``fused``/``all``).
-    Cloud AI 100 has the portable graph only."""
+    portable graph (``portable``/``all``), ONNX Runtime's fused graph (``fused``/``all``) and its
+    compressed-weights graphs (``compressed``/``all``). Cloud AI 100 has the portable graph only."""
     found: list[str] = []
     for backend in backends:
         if graph in ("portable", "all") or backend != "ort":
-            if graph != "fused":
+            if graph not in ("fused", "compressed"):
                 found.append(backend)
         if graph in ("fused", "all") and backend == "ort":
             found.append(FUSED)
+        if graph in ("compressed", "all") and backend == "ort":
+            found.extend(COMPRESSED)
     return tuple(found)
 
 
 def split_backend(value: str) -> tuple[str, str]:
-    """``(backend, graph)`` of a ``qeff_backend`` value: ``ort-fused`` is ``("ort", "fused")``."""
-    return ("ort", "fused") if value == FUSED else (value, "portable")
+    """``(backend, graph)`` of a ``qeff_backend`` value: ``ort-fused`` and ``ort-fused-int4`` are
+    ``("ort", "fused")``."""
+    return ("ort", "fused") if value == FUSED or value in COMPRESSED else (value, "portable")
+
+
+def weight_mode(value: str | None) -> str | None:
+    """The compressed-weights mode of a ``qeff_backend`` value (``ort-fused-int4`` → ``int4``);
+    None for every other graph (the fused graph's fp32 weights included)."""
+    return value[len(FUSED) + 1:] if value in COMPRESSED else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,8 +154,10 @@ def item_meta(item: pytest.Item) -> dict | None:
     }
     if target.feature:
         meta["feature"] = target.feature
-    if meta["backend"] == FUSED:
+    if meta["backend"] == FUSED or meta["backend"] in COMPRESSED:
         meta["graph"] = "fused"
+    if weight_mode(meta["backend"]):
+        meta["weights"] = weight_mode(meta["backend"])
     return meta
 
 
@@ -151,6 +173,7 @@ def prepare_items(config: pytest.Config, items: list[pytest.Item], settings: Set
     # The precision ladder runs once per card (its corpus, not the case's shape, sets what it
     # compiles): only on the card's first case, and only when --qeff-precision names tiers.
     extra = [i for i in items if is_suite_test(i) and _stage(i) == "precision" and not _first_case_with_tiers(i, settings)]
+    extra += [i for i in items if is_suite_test(i) and not _compressed_collected(i)]
     if extra:
         items[:] = [i for i in items if i not in extra]
         config.hook.pytest_deselected(items=extra)
@@ -173,6 +196,17 @@ def _stage(item: pytest.Item) -> str | None:
     return marker.args[0] if marker is not None else None
 
 
+def _compressed_collected(item: pytest.Item) -> bool:
+    """Whether a stage test is kept: a compressed-weights test only for a stage it has
+    (:data:`COMPRESSED_STAGES`) and a card that budgets compressed weights in the tier (a mode it
+    does not budget is kept and skips with its reason, e.g. ``native`` on non-GGUF weights)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    target = params.get("qeff_case")
+    if weight_mode(params.get("qeff_backend")) is None or not isinstance(target, Target):
+        return True
+    return _stage(item) in COMPRESSED_STAGES and bool(getattr(target.card.cpu_weights, target.tier))
+
+
 def _first_case_with_tiers(item: pytest.Item, settings: Settings) -> bool:
     params = getattr(getattr(item, "callspec", None), "params", {})
     target = params.get("qeff_case")
@@ -191,8 +225,10 @@ def mark_items(items: Sequence[pytest.Item]) -> None:
         backend = split_backend(meta["backend"])[0] if meta["backend"] else None
         if backend:
             item.add_marker(getattr(pytest.mark, f"qeff_{backend}"))
-        if meta.get("graph") == "fused":
+        if meta["backend"] == FUSED:
             item.add_marker(pytest.mark.qeff_fused)
+        if meta.get("weights"):
+            item.add_marker(pytest.mark.qeff_compressed)
         item.add_marker(pytest.mark.xdist_group(target.card.id))
         known = target.card.known_failure(meta["stage"], meta["tier"], meta["case"], backend)
         if known is not None:

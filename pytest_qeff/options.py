@@ -21,7 +21,7 @@ __all__ = ["Settings", "SETTINGS", "add_options", "resolve", "worker_id", "is_wo
 
 BACKEND_CHOICES = ("auto", "ort", "qaic")
 #: --qeff-graph: which graphs the compile, generation and benchmark stages certify.
-GRAPH_CHOICES = ("portable", "fused", "all")
+GRAPH_CHOICES = ("portable", "fused", "compressed", "all")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,10 @@ def add_options(parser: pytest.Parser) -> None:
         help="graphs the compile, generation and benchmark stages certify: portable (the graph every backend "
         "compiles), fused (ONNX Runtime's fused CPU graph with fp32 weights, what `qeff infer --backend ort` runs "
         "where it covers the architecture; judged against HF eager like the portable one, with its own benchmark) "
-        "or all (both; Cloud AI has the portable graph only). Default: portable.",
+        "compressed (the fused graph with the compressed weights `qeff infer --weights native|int8|int4 "
+        "[--int8-activations]` builds, each judged against HF fp32 within the card's [cpu_weights] budget, with its own "
+        "benchmark; cards without a budget in the tier are not collected) or all (every one of them; Cloud AI has the "
+        "portable graph only). Default: portable.",
     )
     group.addoption(
         "--qeff-tier", choices=cards_mod.TIERS, default="tiny",
@@ -221,8 +224,8 @@ def resolve(config: pytest.Config) -> Settings:
             _check_directory("--qeff-baseline", _path(config, opt("qeff_baseline")))
     backend = opt("qeff_backend")
     graph = opt("qeff_graph") or "portable"
-    if graph == "fused" and backend == "qaic":
-        raise pytest.UsageError("--qeff-graph fused: the fused graph is ONNX Runtime's (--qeff-backend ort or auto); "
+    if graph in ("fused", "compressed") and backend == "qaic":
+        raise pytest.UsageError(f"--qeff-graph {graph}: the fused graph is ONNX Runtime's (--qeff-backend ort or auto); "
                                 "Cloud AI 100 runs the portable graph")
     default_baseline = (config.rootpath / "reports" / "published").resolve()
     return Settings(

@@ -41,6 +41,7 @@ __all__ = [
     "ModelFacts",
     "OnnxFacts",
     "ArtifactFacts",
+    "WeightsVerdict",
     "KINDS",
     "record_of",
 ]
@@ -133,6 +134,26 @@ class CompileRecord(StageRecord):
     hf_vs_graph: Comparison | None = None
     #: the pipeline's check of the fused graph against the portable one (qeff vs qeff: a guard, not the verdict)
     graph_check: dict[str, Any] | None = None
+    #: the fused graph's weights mode: fp32, or a compressed mode (native, int8, int4, int8-a8)
+    weights: str = "fp32"
+    #: a compressed graph's verdict: HF fp32 (untouched) vs this graph over the card's corpus, held
+    #: to the card's [cpu_weights] budget (the precision ladder's measures)
+    budget: WeightsVerdict | None = None
+
+
+@dataclass
+class WeightsVerdict:
+    """A compressed fused graph against HF fp32 on the untouched model: the measures and the
+    budget (:class:`~qeff.precision.ladder.TierResult`, ``tier`` = the weights mode), and what
+    they were measured over."""
+
+    result: TierResult
+    corpus: str  # "qeff corpus" (full tier) or "random tokens" (tiny tier)
+    rows: int
+    window: int
+    #: the largest |HF fp32 - candidate| logit over every position: 0 means the candidate was
+    #: compared with itself (re-quantized weights never reproduce fp32 bit for bit)
+    logits_max_abs: float
 
 
 @dataclass

@@ -5,7 +5,9 @@
     export      transformed PyTorch vs the exported graph in ONNX Runtime
     compile     the backend's artifact builds, and opens with the case's shapes; the fused CPU graph
                 (``ort-fused``, --qeff-graph) is also judged here against HF eager: logits and
-                cache teacher-forced over HF's greedy tokens, with the card's tolerances
+                cache teacher-forced over HF's greedy tokens, with the card's tolerances; with
+                compressed weights (``ort-fused-<mode>``) against HF fp32 over the card's corpus,
+                within the card's ``[cpu_weights]`` budget (KL divergence, top-1, perplexity)
     generation  qeff.generate on the backend: greedy tokens equal HF's own greedy tokens
     benchmark   decode tokens/s, total tokens/s, time to first token (median of the card's
                 repeats, timed by qeff.generate) against the committed baseline
@@ -17,7 +19,9 @@ the :class:`qeff.cpu_graph.CompileTarget` ``qeff infer``/``compile`` make from t
 :meth:`qeff.pipeline.Pipeline.compile` builds it (tests/test_graph_policy.py checks that the three
 give one artifact). The compile, generation and benchmark stages run once per ``qeff_backend``
 value: ``ort`` (ONNX Runtime's portable graph), ``ort-fused`` (its fused CPU graph, with its own
-verdicts against HF eager and its own benchmark baseline) and ``qaic``.
+verdicts against HF eager and its own benchmark baseline), ``ort-fused-<mode>`` (the fused graph
+with the compressed weights ``qeff infer --weights native|int8|int4 [--int8-activations]`` builds:
+a budget verdict and a benchmark, no greedy-generation stage) and ``qaic``.
 
 Each stage hands a typed record (:mod:`pytest_qeff.records`) to ``record`` before it judges, so a
 failing stage still brings its numbers to the report. What stages build is kept in a
@@ -27,6 +31,7 @@ graph and compiled artifacts).
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Callable
@@ -37,8 +42,9 @@ from typing import Any
 import pytest
 
 from pytest_qeff import baseline, remote, weights
-from pytest_qeff.cards import Card, Case, config_value_matches
-from pytest_qeff.collect import Target, split_backend
+from pytest_qeff.cards import WEIGHT_MODES, Card, Case, config_value_matches
+from pytest_qeff.collect import Target, split_backend, weight_mode
+from pytest_qeff.precision import corpus_for
 from pytest_qeff.probe import Probe
 from pytest_qeff.records import (
     ArtifactFacts,
@@ -51,6 +57,7 @@ from pytest_qeff.records import (
     OnnxFacts,
     StageRecord,
     TransformRecord,
+    WeightsVerdict,
 )
 
 __all__ = ["Workspace", "Record", "transform", "export", "compile", "generation", "benchmark", "serving"]
@@ -224,8 +231,9 @@ class Workspace:
 
         name, graph = split_backend(backend)
         shape = {"batch_size": case.batch_size, "prompt_len": case.prompt_len, "ctx_len": case.ctx_len}
-        if name == "ort":
-            return CompileTarget("ort", graph=graph, options=shape)
+        if name == "ort":  # a compressed mode is `--weights W [--int8-activations]`, as the CLI takes it
+            weights, int8_activations = WEIGHT_MODES.get(weight_mode(backend) or "", ("fp32", False))
+            return CompileTarget("ort", graph=graph, weights=weights, int8_activations=int8_activations, options=shape)
         # Cloud AI: the card's compile options, tensor-sliced over the worker's device group.
         options = card.compile.model_dump(exclude={"batch_size", "prompt_len", "ctx_len"})
         return CompileTarget(name, graph="portable", options={**shape, **options, "num_devices": len(self.device_group)})
@@ -283,14 +291,31 @@ def _require(backend: str) -> None:
 
 def _require_graph(ws: Workspace, card: Card, backend: str) -> str:
     """The stage's graph (portable | fused); skip a fused stage whose architecture the fused graph
-    does not cover (``qeff infer`` runs the portable graph there, certified by the ``ort`` stages)."""
+    does not cover (``qeff infer`` runs the portable graph there, certified by the ``ort`` stages),
+    and a compressed mode the card does not budget in this tier (one line: why)."""
     graph = split_backend(backend)[1]
     if graph == "fused":
         reason = ws.fused_unfit(card)
         if reason:
             pytest.skip(f"{card.id}: no fused ONNX Runtime graph: {reason}; `qeff infer` runs the portable graph, "
                         "which the ort stages certify")
+    mode = weight_mode(backend)
+    if mode and card.cpu_weights.budget(ws.tier, mode) is None:
+        if mode == "native":
+            what = "seeded random weights" if ws.tier == "tiny" else f"{card.weights.source!r} weights"
+            pytest.skip(f"{card.id}: native weights apply to a GGUF's own blocks; the {ws.tier} tier runs {what}")
+        pytest.skip(f"{card.id}: {mode} weights are not certified in the {ws.tier} tier: the card has no "
+                    f"[cpu_weights.{ws.tier}.{mode}] budget")
     return graph
+
+
+def _weights_flags(backend: str) -> tuple[str, ...]:
+    """The CLI flags of a compressed mode (for the memory preflight's command line)."""
+    mode = weight_mode(backend)
+    if mode is None:
+        return ()
+    weights, int8_activations = WEIGHT_MODES[mode]
+    return ("--weights", weights, *(("--int8-activations",) if int8_activations else ()))
 
 
 def _tolerances(target: Target):
@@ -395,27 +420,128 @@ def compile(ws: Workspace, target: Target, backend: str, record: Record) -> None
         _dry_run_without_sdk(ws, card, case, backend)
     _require(backend)
     graph = _require_graph(ws, card, backend)
+    flags = _weights_flags(backend)
     if split_backend(backend)[0] == "ort":
-        ws.require_memory(card, case, f"compiling the {graph} graph for ONNX Runtime", "compile", graph=graph)
+        ws.require_memory(card, case, f"compiling the {graph} graph for ONNX Runtime", "compile", *flags, graph=graph)
     if graph == "fused":  # its verdict runs HF eager beside it
-        ws.require_memory(card, case, "the fused graph against HF's reference", "infer", "--verify", graph=graph)
+        ws.require_memory(card, case, "the fused graph against HF's reference", "infer", "--verify", *flags, graph=graph)
     built = ws.compiled(card, case, backend)
     session = ws.session(card, case, backend)
     want = {"batch_size": case.batch_size, "ctx_len": case.ctx_len, "num_layers": ws.facts(card)[1].num_layers}
     got = {k: getattr(session, k, None) for k in want}
-    verdict = _hf_vs_graph(ws, target, session, backend) if graph == "fused" else None
+    mode = weight_mode(backend)
+    verdict = _hf_vs_graph(ws, target, session, backend) if graph == "fused" and mode is None else None
+    session.close()
+    budget = _within_budget(ws, target, backend, built) if mode else None
     record(CompileRecord(
         **_base(ws, target),
         artifact=ArtifactFacts(path=str(built.path), name=built.path.name, reused=built.reused, build_s=built.build_seconds,
                                bytes=_dir_bytes(built.path)),
         compile_options=card.compile.model_dump(), session=got, graph=graph, hf_vs_graph=verdict,
-        graph_check=ws.graph_check(card, built),
+        graph_check=ws.graph_check(card, built), weights=mode or "fp32", budget=budget,
     ))
     wrong = [f"{k} is {got[k]} (expected {v})" for k, v in want.items() if got[k] != v]
     if wrong:
         pytest.fail(f"{target.id}: the {backend} artifact {built.path} opens with " + ", ".join(wrong), pytrace=False)
     if verdict is not None and verdict.failures:
         pytest.fail(f"{target.id}: " + _failure("HF vs the fused ONNX Runtime graph", verdict), pytrace=False)
+    if budget is not None and budget.result.failures:
+        pytest.fail(f"{target.id}: the fused graph with {mode} weights vs HF fp32, outside the card's budget: "
+                    + "; ".join(budget.result.failures), pytrace=False)
+
+
+def _reference(ws: Workspace, target: Target, backend: str, windows, session=None):
+    """HF fp32 on the untouched model (the pipeline's ``model``, never a qeff graph): its logits at
+    every position of each window, ``(rows, window, vocab)``. (``backend`` and ``session`` are the
+    candidate's, unused: the signature is :func:`_teacher_forced`'s.)"""
+    import numpy as np
+    from qeff.precision.ladder import reference_logits
+
+    model = ws.pipeline(target.card).model
+    out = np.empty((*windows.shape, int(model.config.vocab_size)), np.float32)
+    reference_logits(model, windows, out)
+    return out
+
+
+def _teacher_forced(ws: Workspace, target: Target, backend: str, windows, session=None):
+    """The compiled graph of ``backend`` fed ``windows`` one token per step (one window per batch
+    row from position 0, as the precision ladder feeds a tier): its logits ``(rows, window, vocab)``.
+    ``session``: one to reuse (the fused graph's cache is only read up to the step's position, so a
+    window restarting at 0 sees none of the last one); else a fresh one, closed after."""
+    import numpy as np
+
+    card, case = target.card, target.case
+    own = session is None
+    session = ws.session(card, case, backend, threads=card.benchmark.threads) if own else session
+    try:
+        rows, window = windows.shape
+        out = np.empty((rows, window, session.vocab_size), np.float32)
+        ids = np.zeros((session.batch_size, 1), np.int64)
+        pos = np.full((session.batch_size, 1), -1, np.int64)
+        for t in range(window):
+            ids[:rows, 0], pos[:rows, 0] = windows[:, t], t
+            out[:, t] = session.run(ids, pos)[:rows]
+        return out
+    finally:
+        if own:
+            session.close()
+
+
+def _within_budget(ws: Workspace, target: Target, backend: str, built) -> WeightsVerdict:
+    """A compressed fused graph against HF fp32 on the untouched model, as the precision ladder
+    measures a tier (:mod:`qeff.precision.ladder`): teacher-forced over the card's ``[precision]``
+    corpus, or its ``[cpu_weights.corpus]`` (the same number of tokens, in windows the case's
+    ``ctx_len`` holds, ``batch_size`` at a time, on one session), KL divergence, top-1 agreement and perplexity at every position; greedy tokens on the
+    case's prompts (teacher-forced over HF's, reported). Held to the card's ``[cpu_weights]``
+    budget — and failed if the two sides are bit-identical, which only a self-comparison gives."""
+    from dataclasses import asdict
+
+    import numpy as np
+    from qeff.metrics import DistributionStats
+    from qeff.precision.ladder import Budget, TierResult, windows_of
+    from qeff.verification import Tolerances, compare, session_trace
+
+    card, case, tier = target.card, target.case, target.tier
+    mode = weight_mode(backend)
+    budget = Budget(**card.cpu_weights.budget(tier, mode).model_dump())
+    size = card.cpu_weights.windows(tier, card.precision)
+    window = min(size.window, case.ctx_len)
+    rows = math.ceil(size.rows * size.window / window)
+    corpus, what = corpus_for(ws, card, rows * window)
+    windows = windows_of(corpus, rows, window)
+    stats, worst = DistributionStats(), 0.0
+    session = ws.session(card, case, backend, threads=card.benchmark.threads)
+    try:
+        for start in range(0, rows, case.batch_size):
+            chunk = windows[start:start + case.batch_size]
+            ref = _reference(ws, target, backend, chunk, session=session)
+            cand = _teacher_forced(ws, target, backend, chunk, session=session)
+            targets = np.concatenate([chunk[:, 1:], np.full((len(chunk), 1), -1)], axis=1)
+            stats.add(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]), targets.reshape(-1))
+            worst = max(worst, float(np.max(np.abs(ref - cand))))
+    finally:
+        session.close()
+    summary = stats.summary()
+    reference = ws.reference(card, case)  # HF's greedy tokens on the case's prompts
+    session = ws.session(card, case, backend, threads=card.benchmark.threads)
+    try:
+        trace = session_trace(session, backend, ws.prompts(card, case), reference.tokens, case.prompt_len)
+    finally:
+        session.close()
+    greedy = compare(reference.trace, trace, Tolerances())
+    weights, int8_activations = WEIGHT_MODES[mode]
+    result = TierResult(
+        tier=mode, kld_mean=summary.kld_mean, kld_p99=summary.kld_p99, kld_max=summary.kld_max,
+        top1_agree=summary.top1_agree, top5_overlap=summary.top5_overlap, ppl_ref=summary.ppl_ref, ppl=summary.ppl,
+        tokens_matched=greedy.tokens_matched, tokens_total=greedy.tokens_total, tokens_ambiguous=greedy.ambiguous,
+        positions=summary.positions, budget=asdict(budget),
+        emulation={"weights": weights, "int8_activations": int8_activations, "artifact": built.path.name},
+    )
+    result.failures = budget.check(result)
+    if not worst > 0:
+        result.failures.append("the graph's logits equal HF fp32's bit for bit at every position: the verdict compared "
+                               "the candidate with itself (compressed weights never reproduce fp32 exactly)")
+    return WeightsVerdict(result=result, corpus=what, rows=rows, window=window, logits_max_abs=worst)
 
 
 def _hf_vs_graph(ws: Workspace, target: Target, session, backend: str):
@@ -500,7 +626,8 @@ def benchmark(ws: Workspace, target: Target, backend: str, record: Record, timer
     card, case, bench = target.card, target.case, target.card.benchmark
     graph = _require_graph(ws, card, backend)
     if split_backend(backend)[0] == "ort":
-        ws.require_memory(card, case, f"the benchmark on the {graph} graph", "infer", "--no-verify", graph=graph)
+        ws.require_memory(card, case, f"the benchmark on the {graph} graph", "infer", "--no-verify", *_weights_flags(backend),
+                          graph=graph)
     prompts = ws.prompts(card, case)
     gen_len = min(bench.generation_len, case.ctx_len - max(len(p) for p in prompts))
     session = ws.session(card, case, backend, threads=bench.threads)

@@ -316,7 +316,13 @@ def _pct(value: float | None) -> str:
 
 
 def _precision_metrics(stage: PrecisionRecord) -> list[Metric]:
-    r, b = stage.result, stage.result.budget
+    return _budget_metrics(stage.result)
+
+
+def _budget_metrics(r) -> list[Metric]:
+    """A :class:`~qeff.precision.ladder.TierResult` against its budget (a precision tier's, or a
+    compressed fused graph's)."""
+    b = r.budget
     delta = r.ppl_delta
     ambiguous = f" ({r.tokens_ambiguous} ambiguous)" if r.tokens_ambiguous else ""
     return [
@@ -488,6 +494,13 @@ def _stage(rec: dict) -> StageView:
             view.title = "the fused ONNX Runtime graph builds, opens, and matches HF eager"
             view.metrics = _comparison_metrics(stage.hf_vs_graph)
             view.divergences = [d for d in (_divergence(stage.hf_vs_graph),) if d]
+        if stage.budget is not None:  # compressed weights: their verdict against HF fp32, within the card's budget
+            v = stage.budget
+            view.title = f"the fused ONNX Runtime graph with {stage.weights} weights builds, opens, and stays within the card's budget vs HF fp32"
+            view.metrics = _budget_metrics(v.result)
+            view.metrics.append(Metric("logits max-abs vs HF fp32 (0 = compared with itself)", fmt(v.logits_max_abs), "> 0",
+                                       v.logits_max_abs > 0))
+            view.facts.append(Pair("teacher-forced over", f"{v.rows} x {v.window} tokens ({v.corpus}, {v.result.positions} positions)"))
         if stage.graph_check is not None:
             view.facts.append(Pair("build check vs the portable graph", _graph_check(stage.graph_check)))
     if isinstance(stage, GenerationRecord):
