@@ -33,7 +33,10 @@ def write_baseline(path: Path, **figures: float) -> None:
 def test_regression_fails_readably_and_update_rewrites_the_baseline(pytester: pytest.Pytester) -> None:
     baselines = pytester.mkdir("published")
     path = baselines / "ort" / f"{CARD}.json"
-    write_baseline(path, decode_tok_s=1e9, total_tok_s=1e9, ttft_s=1e-9)  # a machine no one has
+    # A machine no one has for the throughputs; the time to first token is left slower than any run
+    # (its noise floor is judged with fixed numbers in the test below: a measured prefill of a tiny
+    # model is ~1 ms idle but tens of ms on a loaded machine, so it cannot be pinned here).
+    write_baseline(path, decode_tok_s=1e9, total_tok_s=1e9, ttft_s=1e3)
 
     slow = bench(pytester, baselines)
     slow.assert_outcomes(failed=1)
@@ -43,11 +46,12 @@ def test_regression_fails_readably_and_update_rewrites_the_baseline(pytester: py
     assert "the card allows -80%" in out
     assert f"update the baseline: pytest --qeff-model {CARD} --qeff-tier tiny --qeff-backend ort -m qeff_benchmark " \
            f"--qeff-baseline {baselines} --qeff-update-baseline" in out
-    # A tiny prefill is ~1 ms slower than a 1 ns baseline: below the 2 ms noise floor, reported only.
     assert "time to first token regressed:" not in out
     assert "Traceback" not in out
     record = json.loads((pytester.path / "qeff_report" / "results.json").read_text())["records"][0]
-    assert record["data"]["baseline"]["within_noise"] == ["ttft_s"]
+    judged = record["data"]["baseline"]
+    assert any(r.startswith("decode tokens/s regressed") for r in judged["regressions"]), judged
+    assert judged["changes"]["ttft_s"] > 0 and "ttft_s" not in judged.get("within_noise", []), judged
 
     updated = bench(pytester, baselines, "--qeff-update-baseline")
     updated.assert_outcomes(passed=1)
