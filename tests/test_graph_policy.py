@@ -16,6 +16,8 @@ from qeff.cpu_graph import CompileTarget
 from qeff.errors import VerificationError
 from qeff.pipeline import Pipeline
 from qeff.synthetic import LlamaShape, write_llama
+from pytest_qeff.cards import Case
+from tests.routes import cli_compile, plugin_compiled
 
 SHAPE = LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=300, tied=False)
 BS, PL, CL = 1, 8, 32
@@ -28,23 +30,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _cli(home: Path, checkpoint: Path, capsys, *flags: str) -> Path:
-    from qeff.cli import main
-
-    argv = ["compile", "-m", str(checkpoint), "--home", str(home), "--backend", "ort", "--batch_size", str(BS),
-            "--prompt_len", str(PL), "--ctx_len", str(CL), *flags]
-    assert main(argv) == 0, capsys.readouterr().err
-    return Path(capsys.readouterr().out.strip().splitlines()[-1])
+    return cli_compile(home, checkpoint, capsys, Case(**OPTIONS), *flags)
 
 
 def _plugin(home: Path, checkpoint: Path, backend: str) -> Path:
-    """The plugin's stage code path (Workspace.compiled) on a pipeline of the same model and home."""
-    from pytest_qeff.cards import Case, load_cards
-    from pytest_qeff.stages import Workspace
-
-    card = load_cards(Path(__file__).resolve().parent.parent / "model_cards")["llama-3-8b"]
-    ws = Workspace(root=home, tier="full", device_group=(0,), baseline_dir=home, default_baseline_dir=home)
-    ws._pipelines[card.id] = Pipeline.open(str(checkpoint), home=home, progress=False)
-    return ws.compiled(card, Case(**OPTIONS), backend).path
+    return plugin_compiled(home, checkpoint, Case(**OPTIONS), backend)
 
 
 def _three(home: Path, checkpoint: Path, capsys, graph: str) -> dict[str, tuple[Path, dict]]:

@@ -28,6 +28,8 @@ from pytest_qeff.cards import default_cards_dir, load_cards
 from pytest_qeff.collect import COMPRESSED, split_backend, weight_mode
 from qeff.store.artifacts import read_manifest
 from qeff.synthetic import LlamaShape, write_llama
+from pytest_qeff.cards import Case
+from tests.routes import cli_compile, plugin_compiled
 
 pytest_plugins = ("pytester",)
 
@@ -138,24 +140,11 @@ def home(tmp_path_factory) -> Path:
 
 
 def _cli(home: Path, checkpoint: Path, capsys, *flags: str) -> Path:
-    from qeff.cli import main
-
-    argv = ["compile", "-m", str(checkpoint), "--home", str(home), "--backend", "ort", "--batch_size", str(BS),
-            "--prompt_len", str(PL), "--ctx_len", str(CL), *flags]
-    assert main(argv) == 0, capsys.readouterr().err
-    return Path(capsys.readouterr().out.strip().splitlines()[-1])
+    return cli_compile(home, checkpoint, capsys, Case(batch_size=BS, prompt_len=PL, ctx_len=CL), *flags)
 
 
 def _plugin(home: Path, checkpoint: Path, backend: str) -> Path:
-    """The compile stage's code path (Workspace.compiled) on a pipeline of the same model and home."""
-    from pytest_qeff.cards import Case
-    from pytest_qeff.stages import Workspace
-    from qeff.pipeline import Pipeline
-
-    card = load_cards(default_cards_dir())["llama-3-8b"]
-    ws = Workspace(root=home, tier="full", device_group=(0,), baseline_dir=home, default_baseline_dir=home)
-    ws._pipelines[card.id] = Pipeline.open(str(checkpoint), home=home, progress=False)
-    return ws.compiled(card, Case(batch_size=BS, prompt_len=PL, ctx_len=CL), backend).path
+    return plugin_compiled(home, checkpoint, Case(batch_size=BS, prompt_len=PL, ctx_len=CL), backend)
 
 
 FLAGS = {"int8": ("--weights", "int8"), "int4": ("--weights", "int4"), "int8-a8": ("--weights", "int8", "--int8-activations")}
