@@ -11,9 +11,10 @@ per decode step. On a CPU, ONNX Runtime has fused kernels for exactly this model
                   ─ x·sigmoid(x)·up ─ MatMul(down) ─ SkipSimplifiedLayerNormalization
     Gather(last valid token of each row) ─ MatMul(lm_head)
 
-About 11 nodes per layer (gate and up packed into one MatMul + Split when the artifact runs
-one row: faster for one row, slower for several, as measured by ``benchmarks/ab_fused.py``). ``GroupQueryAttention`` appends each row's new keys/values into the
-cache buffer it is given as both ``past_*`` input and ``present_*`` output (one OrtValue bound to
+About 11 nodes per layer. The compiled artifact's lowering (which of ``_Lowering``'s forms, chosen
+by :func:`qeff.compilers.ort_fused_artifact.fused_lowering` from ONNX Runtime's profiler on SmolLM2:
+docs/cpu.md) is the structure of onnxruntime-genai's graph for fp32 weights.
+``GroupQueryAttention`` appends each row's new keys/values into the cache buffer it is given as both ``past_*`` input and ``present_*`` output (one OrtValue bound to
 both, as the portable graph's session does) and attends only over each row's valid length
 (``seqlens_k``), with right-padded chunks described by ``query_seqlens``. The session
 (:mod:`qeff.runtime.ort_fused`) derives those from ``position_ids``, so the generation loop and
