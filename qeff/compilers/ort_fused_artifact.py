@@ -165,10 +165,11 @@ def fused_lowering(batch_size: int, weights: str) -> dict[str, bool]:
     """How the fused graph is lowered for ``batch_size`` rows of ``weights`` (``write_fused_graph``'s
     keywords). fp32: the vocabulary projection in one MatMul and gate/up as two MatMuls, as
     onnxruntime-genai's graph has them: ONNX Runtime's profiler on SmolLM2 decode steps (docs/cpu.md,
-    "fp32 against onnxruntime-genai at batch 1") put the 4 column slices of the head ~25 % above
-    one MatMul of the same weights and the Split after a packed gate|up at ~1.5 % of a step, the
-    packed MatMul itself costing what the two do; the price is ~85 MB more peak when the session
-    opens (ONNX Runtime prepacks the head into a copy). Compressed weights keep gate|up packed for
+    "fp32 against onnxruntime-genai at batch 1") put the 4 column slices of the head 25-37 % above
+    one MatMul of the same weights and the Split after a packed gate|up at 1.2-1.6 % of a step, the
+    packed MatMul itself costing what the two do; the price is ~80 MiB more peak when the session
+    opens (ONNX Runtime prepacks the head into a copy). The norms' unused statistics outputs stay
+    unnamed for every weight format. Compressed weights keep gate|up packed for
     one row (one MatMulNBits and one offset term for both; not re-measured) and have no float head
     to slice."""
     return {"pack_gate_up": batch_size == 1 and weights != "fp32", "slice_lm_head": False, "norm_stats": False}
