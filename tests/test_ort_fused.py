@@ -238,3 +238,50 @@ def test_unsliced_lm_head_lowering_matches_too(built, tmp_path, monkeypatch):
     ref = session_trace(portable, "portable", PROMPTS, tokens, PROMPT_LEN)
     cand = session_trace(fused, "fused", PROMPTS, tokens, PROMPT_LEN)
     assert compare(ref, cand, Tolerances(logits_max_abs=1e-5, logits_mse=1e-12, cache_max_abs=1e-5, cache_mse=1e-12)).passed
+
+
+def test_a_one_row_fp32_artifact_has_genai_s_structure_and_its_own_identity(tmp_path, monkeypatch):
+    # Issue 21: ONNX Runtime's profiler on SmolLM2 decode steps found the one-row fp32 graph paying
+    # for a sliced LM head (+ Concat), a Split after a packed gate|up, and norm statistics nobody
+    # reads (docs/cpu.md). A batch-1 fp32 artifact now has one head MatMul, two gate/up MatMuls and
+    # unnamed statistics outputs, computes what the portable graph computes, and an artifact built
+    # with the old structure is rebuilt rather than served.
+    from collections import Counter
+
+    import onnx
+
+    import qeff.compilers.ort_fused as fused_module
+    import qeff.compilers.ort_fused_artifact as artifact_module
+
+    monkeypatch.setattr(fused_module, "_MAX_WEIGHT_BYTES", 4096)  # the tiny head is sliced under the old rule
+    model = fused_model("llama")
+    onnx_path = qeff.export(qeff.transform(model), tmp_path / "export").path
+    build = lambda: compile_fused(onnx_path.parent, batch_size=1, prompt_len=PROMPT_LEN, ctx_len=CTX,  # noqa: E731
+                                  load_model=lambda: model)
+
+    old = dict(pack_gate_up=True, slice_lm_head=True, norm_stats=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(artifact_module, "fused_lowering", lambda batch_size, weights: old)
+        assert not build().reused
+    built = build()
+    assert not built.reused  # the old structure's artifact is not served for the new one
+    assert build().reused
+
+    graph = onnx.load(str(built.path / FUSED_GRAPH), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert "Concat" not in ops and "Split" not in ops
+    assert ops["MatMul"] == 5 * model.config.num_hidden_layers + 1
+    norms = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(list(n.output[1:3]) == ["", ""] for n in norms[:-1])
+    assert len(norms[-1].output) == 1  # the last residual sum is read by nothing
+
+    portable = OrtSession(onnx_path, batch_size=1, ctx_len=CTX, prompt_len=PROMPT_LEN)
+    fused = FusedOrtSession(built.path / FUSED_GRAPH, batch_size=1, ctx_len=CTX, prompt_len=PROMPT_LEN)
+    prompts = PROMPTS[:1]
+    tokens = qeff.generate(portable, prompt_token_ids=prompts, generation_len=16, ignore_eos=True).token_ids
+    assert qeff.generate(fused, prompt_token_ids=prompts, generation_len=16, ignore_eos=True).token_ids == tokens
+    portable = OrtSession(onnx_path, batch_size=1, ctx_len=CTX, prompt_len=PROMPT_LEN)
+    fused = FusedOrtSession(built.path / FUSED_GRAPH, batch_size=1, ctx_len=CTX, prompt_len=PROMPT_LEN)
+    ref = session_trace(portable, "portable", prompts, tokens, PROMPT_LEN)
+    cand = session_trace(fused, "fused", prompts, tokens, PROMPT_LEN)
+    assert compare(ref, cand, Tolerances(logits_max_abs=1e-5, logits_mse=1e-12, cache_max_abs=1e-5, cache_mse=1e-12)).passed

@@ -9,6 +9,7 @@ import torch
 
 import qeff
 from qeff.compilers.ort_fused import FUSED_GRAPH, write_fused_graph
+from qeff.compilers.ort_fused_artifact import fused_lowering
 from qeff.compilers.ort_fused_weights import from_hf
 from qeff.intake.loading import embedded_gguf
 from qeff.quant.blocks import NBitsWeight
@@ -40,7 +41,7 @@ def generate(path, tokenizer) -> list[list[int]]:
 
 def test_fp32_fused_greedy_equals_hf_for_128_tokens(smollm2, hf_reference, tmp_path):
     model, tokenizer = smollm2
-    write_fused_graph(from_hf(model, CTX), tmp_path)
+    write_fused_graph(from_hf(model, CTX), tmp_path, **fused_lowering(len(PROMPTS), "fp32"))  # as compiled artifacts are
     assert generate(tmp_path / FUSED_GRAPH, tokenizer) == hf_reference
 
 

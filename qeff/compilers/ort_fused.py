@@ -11,9 +11,10 @@ per decode step. On a CPU, ONNX Runtime has fused kernels for exactly this model
                   ─ x·sigmoid(x)·up ─ MatMul(down) ─ SkipSimplifiedLayerNormalization
     Gather(last valid token of each row) ─ MatMul(lm_head)
 
-About 11 nodes per layer (gate and up packed into one MatMul + Split when the artifact runs
-one row: faster for one row, slower for several, as measured by ``benchmarks/ab_fused.py``). ``GroupQueryAttention`` appends each row's new keys/values into the
-cache buffer it is given as both ``past_*`` input and ``present_*`` output (one OrtValue bound to
+About 11 nodes per layer. The compiled artifact's lowering (which of ``_Lowering``'s forms, chosen
+by :func:`qeff.compilers.ort_fused_artifact.fused_lowering` from ONNX Runtime's profiler on SmolLM2:
+docs/cpu.md) is the structure of onnxruntime-genai's graph for fp32 weights.
+``GroupQueryAttention`` appends each row's new keys/values into the cache buffer it is given as both ``past_*`` input and ``present_*`` output (one OrtValue bound to
 both, as the portable graph's session does) and attends only over each row's valid length
 (``seqlens_k``), with right-padded chunks described by ``query_seqlens``. The session
 (:mod:`qeff.runtime.ort_fused`) derives those from ``position_ids``, so the generation loop and
@@ -198,6 +199,10 @@ class _Lowering:
     #: A matrix with offsets runs with MatMulNBits's default zero point when that is exact
     #: (:meth:`NBitsWeight.recentred`): no zero-point input, ONNX Runtime's faster kernel path.
     recentre: bool = True
+    #: ``SkipSimplifiedLayerNormalization`` names only the outputs the graph reads (the normed
+    #: value and the residual sum), as onnxruntime-genai's graph does; True also names its unused
+    #: statistics outputs, which ONNX Runtime then allocates and writes on every step (docs/cpu.md).
+    norm_stats: bool = False
 
 
 class _Builder:
@@ -256,6 +261,19 @@ class _Builder:
             return None  # type: ignore[return-value]
         return np.concatenate([np.asarray(p, np.float32) for p in parts], axis=0)
 
+    def _skip_norm(self, x: str, skip: str, gamma: np.ndarray, hint: str, last: bool = False) -> tuple[str, str]:
+        """``norm(x + skip)`` and ``x + skip``; the sum is left unnamed after the last layer (nothing
+        reads it), and so are the mean and inverse deviation unless ``norm_stats``."""
+        g = self.g
+        normed, mean, inv_std, total = g.node("SkipSimplifiedLayerNormalization", [x, skip, g.const(hint, gamma)], 4,
+                                              hint=hint, domain="com.microsoft", epsilon=self.w.eps)
+        if not self.low.norm_stats:
+            outputs = g.nodes[-1].output
+            outputs[1] = outputs[2] = ""  # optional outputs: an empty name is not computed
+            if last:
+                del outputs[1:]
+        return normed, total
+
     # -- the decoder -------------------------------------------------------------------------
 
     def build(self, batch: str = "batch_size", seq: str = "seq_len", ctx: str = "ctx_len"):
@@ -302,8 +320,7 @@ class _Builder:
             g.nodes[-1].output[1] = f"{past_k}_RetainedState"
             g.nodes[-1].output[2] = f"{past_v}_RetainedState"
             o = self.linear(attn, layer.o, f"layers.{i}.o", layer.o_bias)
-            x, _, _, h = g.node("SkipSimplifiedLayerNormalization", [o, h, g.const(f"post_norm.{i}", layer.post_norm)], 4,
-                                hint=f"post_norm.{i}", domain="com.microsoft", epsilon=w.eps)  # x = norm(o + h); h = o + h
+            x, h = self._skip_norm(o, h, layer.post_norm, f"post_norm.{i}")  # x = norm(o + h); h = o + h
             gb, ub, db = layer.mlp_bias or (None, None, None)
             gu_w = self._stack([layer.gate, layer.up]) if self.low.pack_gate_up else None
             if gu_w is not None:
@@ -319,8 +336,7 @@ class _Builder:
             (prod,) = g.node("Mul", [act, up], hint=f"layers.{i}.gated")
             down = self.linear(prod, layer.down, f"layers.{i}.down", db)
             norm = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else w.norm
-            x, _, _, h = g.node("SkipSimplifiedLayerNormalization", [down, h, g.const(f"norm.{i + 1}", norm)], 4,
-                                hint=f"input_norm.{i + 1}", domain="com.microsoft", epsilon=w.eps)
+            x, h = self._skip_norm(down, h, norm, f"input_norm.{i + 1}", last=i + 1 == len(w.layers))
         # Only each row's last valid token reaches the vocabulary projection.
         (flat,) = g.node("Reshape", [x, g.const("flat_shape", np.array([-1, w.hidden], np.int64))], hint="flatten")  # (B*S, H)
         (last,) = g.node("Gather", [flat, "last_index"], hint="last_token", axis=0)  # (B, H)
@@ -343,11 +359,12 @@ class _Builder:
 
 def write_fused_graph(weights: DecoderWeights, out_dir: str | os.PathLike, *, accuracy_level: int = 0,
                       metadata: dict[str, str] | None = None, pack_gate_up: bool = True,
-                      slice_lm_head: bool = True, recentre: bool = True) -> dict:
+                      slice_lm_head: bool = True, recentre: bool = True, norm_stats: bool = False) -> dict:
     """Write ``FUSED_GRAPH`` (+ ``.data``) into ``out_dir``; returns facts for the manifest."""
     out_dir = Path(out_dir)
     builder = _Builder(weights, _Lowering(accuracy_level=accuracy_level, pack_gate_up=pack_gate_up,
-                                          slice_lm_head=slice_lm_head, recentre=recentre), out_dir / FUSED_GRAPH)
+                                          slice_lm_head=slice_lm_head, recentre=recentre, norm_stats=norm_stats),
+                       out_dir / FUSED_GRAPH)
     try:
         inputs, outputs = builder.build()
     except BaseException:

@@ -24,7 +24,7 @@ from qeff.errors import ArtifactError, QEffError, UsageError
 from qeff.store.home import find_home
 from qeff.store.layout import ORT_FUSED, ort_fused_dir_name
 
-__all__ = ["WEIGHTS", "GRAPHS", "compile_fused", "check_cpu_options", "export_config"]
+__all__ = ["WEIGHTS", "GRAPHS", "LOWERING_VERSION", "compile_fused", "check_cpu_options", "export_config", "fused_lowering"]
 
 WEIGHTS = ("fp32", "native", "int8", "int4")
 GRAPHS = ("auto", "fused", "portable")
@@ -100,6 +100,9 @@ def compile_fused(
         manifest["nbits_zero_points"] = "recentred"
     if weights == "native":
         manifest["gguf"] = _gguf_source(gguf_path).identity(home=find_home(export_dir), rehash=verify_mode() == "full")
+    lowering = fused_lowering(batch_size, weights)
+    # The graph's structure is part of its identity: artifacts of an older lowering are rebuilt.
+    manifest["lowering"] = {"version": LOWERING_VERSION, **lowering}
     target = Path(out_dir) if out_dir else export_dir / ort_fused_dir_name(**options, weights=weights, int8_activations=int8_activations)
 
     def build(tmp: Path) -> dict:
@@ -124,12 +127,7 @@ def compile_fused(
 
                 decoder = from_hf(model, ctx_len, weights=weights)
                 del model
-            # gate|up as one MatMul + Split is faster for one row, two MatMuls for several
-            # (benchmarks/ab_fused.py, interleaved on SmolLM2: 7% and 11%, 7/7 and 6/7 rounds); the
-            # vocabulary projection in one MatMul rather than 4 column slices is faster for several
-            # rows (docs/cpu.md: batch 4, ~9 % per decode step) at ~85 MB more peak at session open.
-            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level, pack_gate_up=batch_size == 1,
-                                      slice_lm_head=batch_size == 1)
+            facts = write_fused_graph(decoder, tmp, accuracy_level=accuracy_level, **lowering)
             del decoder
         if check is not None:
             with measured("fused-check"):
@@ -156,6 +154,25 @@ def compile_fused(
         return (onnx_bytes + tied) // {"fp32": 1, "int8": 4, "int4": 7}[weights]
 
     return build_artifact(target, manifest, build, required=(ORT_FUSED,), force=force, size_hint=size_hint)
+
+
+#: Bumped whenever the fused graph's structure changes in a way ``fused_lowering`` does not name
+#: (2: the norms' unused outputs left unnamed, one LM head MatMul and two gate/up MatMuls at batch 1).
+LOWERING_VERSION = 2
+
+
+def fused_lowering(batch_size: int, weights: str) -> dict[str, bool]:
+    """How the fused graph is lowered for ``batch_size`` rows of ``weights`` (``write_fused_graph``'s
+    keywords). fp32: the vocabulary projection in one MatMul and gate/up as two MatMuls, as
+    onnxruntime-genai's graph has them: ONNX Runtime's profiler on SmolLM2 decode steps (docs/cpu.md,
+    "fp32 against onnxruntime-genai at batch 1") put the 4 column slices of the head 25-37 % above
+    one MatMul of the same weights and the Split after a packed gate|up at 1.2-1.6 % of a step, the
+    packed MatMul itself costing what the two do; the price is ~80 MiB more peak when the session
+    opens (ONNX Runtime prepacks the head into a copy). The norms' unused statistics outputs stay
+    unnamed for every weight format. Compressed weights keep gate|up packed for
+    one row (one MatMulNBits and one offset term for both; not re-measured) and have no float head
+    to slice."""
+    return {"pack_gate_up": batch_size == 1 and weights != "fp32", "slice_lm_head": False, "norm_stats": False}
 
 
 def _gguf_source(path):
