@@ -122,6 +122,27 @@ def test_shipped_budgets_are_measured_and_cover_the_gguf_card() -> None:
         assert tier["int4"].kld_mean > tier["int8"].kld_mean
 
 
+def test_every_card_the_fused_graph_covers_budgets_its_tiny_tier() -> None:
+    """What a user can build for a card is certified for it: every card whose tiny shape the fused
+    graph covers (qeff.compilers.ort_fused.unsupported_reason, the rule the stages skip by) budgets
+    the three re-quantized modes in its tiny tier, each written beside what it was measured at
+    (benchmarks/cpu_weight_budgets.py). llama-3-8b is kept without, the example of a card with none."""
+    from types import SimpleNamespace
+
+    from qeff.compilers.ort_fused import unsupported_reason
+
+    cards = load_cards(default_cards_dir())
+    covered = [c for c in cards.values() if c.id != "llama-3-8b" and unsupported_reason(
+        SimpleNamespace(**{"model_type": c.architecture, **c.tiny_config().hf_config()})) is None]
+    assert len(covered) >= 10
+    missing = [c.id for c in covered if set(c.cpu_weights.tiny) != {"int8", "int4", "int8-a8"}]
+    assert missing == []
+    for card in covered:
+        text = (default_cards_dir() / f"{card.id}.toml").read_text()
+        assert text.count("# measured KLD mean") == len(card.cpu_weights.tiny) + len(card.cpu_weights.full), card.id
+        assert card.cpu_weights.tiny["int4"].kld_mean > card.cpu_weights.tiny["int8"].kld_mean, card.id
+
+
 # --- one artifact: the CLI's -------------------------------------------------------------------------
 
 SHAPE = LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=300, tied=False)
