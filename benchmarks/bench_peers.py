@@ -21,10 +21,12 @@ machine's roofline: measured bandwidth (ONNX Runtime streaming a 256 MB weight t
 matrix-vector product, best of several) divided by the bytes each engine's decode step reads.
 
 Same prompt token ids for all, greedy, exactly ``--new-tokens`` tokens, threads = ``--threads``.
-A warm-up run each, then ``--trials`` rounds; within a round every engine runs once, in turn, so
-load from other processes on a shared machine hits all alike. Medians are reported, and each
-engine's tokens are compared with the first qeff engine's (and with HF's when it runs). Ratios
-are against onnxruntime-genai fp32 and llama.cpp; absolute numbers drift with the machine.
+A warm-up run each, then ``--trials`` rounds; within a round every engine runs once, in turn (the
+order rotating from round to round, so no engine always runs first or after the same one), so
+load from other processes on a shared machine hits all alike. Rates are medians over the rounds;
+each engine's tokens are compared with the first qeff engine's (and with HF's when it runs).
+Ratios, against onnxruntime-genai fp32 and llama.cpp, are medians of the per-round ratios;
+absolute numbers drift with the machine.
 Accuracy beside speed (batch 1, ``--kld``, on by default): HF eager (fp32, the untouched
 reference) generates the continuation once; every scoring engine then reads the same prompt +
 continuation teacher-forced, and the table gives the mean KL divergence of its next-token
@@ -94,6 +96,20 @@ def measure_bandwidth(threads: int, mbytes: int = 256, repeats: int = 7) -> dict
         session.run(None, {"x": x})
         rates.append(mbytes * 2**20 / (time.perf_counter() - start) / 1e9)
     return {"gb_s_best": max(rates), "gb_s_median": statistics.median(rates), "mbytes": mbytes}
+
+
+def rotated(names: list[str], trial: int) -> list[str]:
+    """Trial ``t`` runs the engines from the ``t``-th on, wrapping: each engine runs first once in
+    every ``len(names)`` trials, so no engine always follows the same one."""
+    k = trial % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def per_trial_ratio(runs: list[float], peer_runs: list[float]) -> float:
+    """The median over trials of ``runs[t] / peer_runs[t]``: both engines of a trial ran under the
+    same load, so the ratio within a trial is what the machine's drift leaves alone (a ratio of
+    the two medians mixes trials)."""
+    return statistics.median(a / b for a, b in zip(runs, peer_runs, strict=True))
 
 
 class Worker:
@@ -213,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             workers[name].ask(cmd="run", prompt_ids=ids, new_tokens=8)  # warm-up
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for trial in range(args.trials):
-            for name in names:
+            # The order rotates: an engine that always ran first (right after the previous trial's
+            # last one, still winding down) read ~10 % slow against one that never did (2026-12-07).
+            for name in rotated(names, trial):
                 r = workers[name].ask(cmd="run", prompt_ids=ids, new_tokens=args.new_tokens)
                 runs[name].append(r)
             log(f"[bench] batch {batch} trial {trial + 1}/{args.trials}: " + ", ".join(
@@ -260,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def ratio(row, peer):
         other = next((r for r in rows if r["engine"] == peer and r["batch_size"] == row["batch_size"]), None)
-        return row["decode_tok_s"] / other["decode_tok_s"] if other else None
+        return per_trial_ratio(row["decode_runs"], other["decode_runs"]) if other else None
 
     log(f"\nSmolLM2-135M, {len(ids)}-token prompt, {args.new_tokens} new tokens, {args.threads} threads, median of {args.trials} "
-        f"interleaved trials; roofline = {bandwidth['gb_s_best']:.1f} GB/s / bytes read per step")
+        f"interleaved trials (ratios: medians of the per-trial ratios); roofline = {bandwidth['gb_s_best']:.1f} GB/s / bytes read per step")
     log(f"{'engine':<18} {'batch':>5} | {'decode tok/s':>12} {'vs genai':>8} {'vs l.cpp':>8} {'roofline':>8} | {'TTFT ms':>8} | "
         f"{'peak RSS MB':>11} | {'step MB':>7} | {'KL vs HF fp32':>13} {'top-1':>7} | tokens")
     for r in rows:
