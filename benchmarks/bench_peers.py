@@ -21,8 +21,9 @@ machine's roofline: measured bandwidth (ONNX Runtime streaming a 256 MB weight t
 matrix-vector product, best of several) divided by the bytes each engine's decode step reads.
 
 Same prompt token ids for all, greedy, exactly ``--new-tokens`` tokens, threads = ``--threads``.
-A warm-up run each, then ``--trials`` rounds; within a round every engine runs once, in turn (the
-order rotating from round to round, so no engine always runs first or after the same one), so
+A warm-up run each, then ``--trials`` rounds; within a round every engine runs once, in turn (in an
+order shuffled per round, seeded by its number, so no engine always runs first or after the same
+one), so
 load from other processes on a shared machine hits all alike. Rates are medians over the rounds;
 each engine's tokens are compared with the first qeff engine's (and with HF's when it runs).
 Ratios, against onnxruntime-genai fp32 and llama.cpp, are medians of the per-round ratios;
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -98,11 +100,17 @@ def measure_bandwidth(threads: int, mbytes: int = 256, repeats: int = 7) -> dict
     return {"gb_s_best": max(rates), "gb_s_median": statistics.median(rates), "mbytes": mbytes}
 
 
-def rotated(names: list[str], trial: int) -> list[str]:
-    """Trial ``t`` runs the engines from the ``t``-th on, wrapping: each engine runs first once in
-    every ``len(names)`` trials, so no engine always follows the same one."""
-    k = trial % len(names) if names else 0
-    return names[k:] + names[:k]
+def trial_order(names: list[str], trial: int) -> list[str]:
+    """The order trial ``trial`` runs the engines in: a permutation seeded by the trial's number.
+
+    A fixed order made one engine always run first, right after the same one (the fused fp32 graph
+    after llama.cpp's Q4_1, whatever that leaves behind); rotating it keeps every engine's
+    neighbours.
+    A shuffle per trial gives each engine varied places and predecessors, and the same run
+    repeats the same orders."""
+    order = list(names)
+    random.Random(f"bench-peers trial {trial}").shuffle(order)
+    return order
 
 
 def per_trial_ratio(runs: list[float], peer_runs: list[float]) -> float:
@@ -229,13 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             workers[name].ask(cmd="run", prompt_ids=ids, new_tokens=8)  # warm-up
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for trial in range(args.trials):
-            # The order rotates: an engine that always ran first (right after the previous trial's
-            # last one, still winding down) read ~10 % slow against one that never did (2026-12-07).
-            for name in rotated(names, trial):
+            for name in trial_order(names, trial):
                 r = workers[name].ask(cmd="run", prompt_ids=ids, new_tokens=args.new_tokens)
                 runs[name].append(r)
-            log(f"[bench] batch {batch} trial {trial + 1}/{args.trials}: " + ", ".join(
-                f"{n} {(len(runs[n][-1]['tokens'][0]) - 1) * batch / runs[n][-1]['decode_s']:.1f}" for n in names) + " decode tok/s")
+            log(f"[bench] batch {batch} trial {trial + 1}/{args.trials} (in the order run): " + ", ".join(
+                f"{n} {(len(runs[n][-1]['tokens'][0]) - 1) * batch / runs[n][-1]['decode_s']:.1f}"
+                for n in trial_order(names, trial)) + " decode tok/s")
         accuracy = {}
         if reference is not None and batch == 1:
             import numpy as np

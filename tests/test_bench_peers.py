@@ -18,16 +18,18 @@ import bench_peers  # noqa: E402
 ENGINES = ["qeff-fused-fp32", "qeff-fused-native", "genai-fp32", "llama.cpp-F32"]
 
 
-def test_every_engine_runs_first_once_and_follows_every_other_in_a_cycle_of_trials():
-    orders = [bench_peers.rotated(ENGINES, t) for t in range(len(ENGINES))]
-    assert all(sorted(o) == sorted(ENGINES) for o in orders)  # each trial runs every engine once
-    assert sorted(o[0] for o in orders) == sorted(ENGINES)  # each engine opens one trial
-    # Across trial boundaries (the previous trial's last engine, then this one's first), no engine
-    # always follows the same one: the fixed order had qeff-fused-fp32 after llama.cpp every time.
-    sequence = [name for o in orders * 2 for name in o]
-    before = {n: {sequence[i - 1] for i in range(1, len(sequence)) if sequence[i] == n} for n in ENGINES}
-    assert all(len(b) >= 2 for b in before.values()), before
-    assert bench_peers.rotated(ENGINES, len(ENGINES) + 1) == bench_peers.rotated(ENGINES, 1)
+def test_engines_run_in_varied_places_and_after_varied_engines():
+    engines = ENGINES + ["qeff-portable", "llama.cpp-Q4_1"]
+    orders = [bench_peers.trial_order(engines, t) for t in range(5)]  # the default 5 trials
+    assert all(sorted(o) == sorted(engines) for o in orders)  # each trial runs every engine once
+    assert orders == [bench_peers.trial_order(engines, t) for t in range(5)]  # a run repeats its orders
+    assert engines == ENGINES + ["qeff-portable", "llama.cpp-Q4_1"]  # the caller's list is left alone
+    # No engine runs in the same place, or right after the same engine, in every trial (a fixed
+    # order had qeff-fused-fp32 first every time; a rotation kept it after llama.cpp-Q4_1).
+    for name in engines:
+        places = {o.index(name) for o in orders}
+        before = {o[o.index(name) - 1] if o.index(name) else None for o in orders}
+        assert len(places) >= 2 and len(before) >= 2, (name, places, before)
 
 
 def test_the_ratio_is_the_median_of_the_per_trial_ratios_not_the_ratio_of_medians():
