@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +53,7 @@ import numpy as np
 from qeff.divergence import LAYER_RTOL, FirstDivergence, decoder_layers, layer_output_names
 from qeff.errors import UnsupportedModelError, UsageError
 from qeff.generation import prefill_chunks
+from qeff.store.scratch import ScratchDir
 from qeff.verification import Comparison, Tolerances, Trace, compare
 
 if TYPE_CHECKING:
@@ -380,7 +379,8 @@ class _Spill:
     caches of every step of a big model do not stay in memory."""
 
     def __init__(self):
-        self.dir = Path(tempfile.mkdtemp(prefix="qeff-layer-check-"))
+        self._scratch = ScratchDir("qeff-layer-check-")  # locked: a killed run's is reclaimed (qeff.store.scratch)
+        self.dir = self._scratch.path
         self._count = 0
 
     def put(self, array) -> Path:
@@ -394,7 +394,7 @@ class _Spill:
         return np.load(path, mmap_mode="r")
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._scratch.close()
 
 
 @dataclass

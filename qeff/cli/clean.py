@@ -1,5 +1,6 @@
-"""``qeff clean``: remove what killed runs left behind (never a build in progress); ``--superseded``:
-also what another qeff or library version built (this one never reuses it)."""
+"""``qeff clean``: remove what killed runs left behind (never a build in progress) — in the cache, and
+the scratch folders of gone runs in the system's temporary directory; ``--superseded``: also what
+another qeff or library version built (this one never reuses it)."""
 
 from __future__ import annotations
 
@@ -37,4 +38,15 @@ def run(inv: Invocation) -> int:
     for item, why in done.kept:
         print(f"kept {what(item)}: {item.path} ({why})")
     print(f"freed {human_bytes(done.freed)} under {home}")
+    # The scratch folders stages spill to outside the cache (qeff.store.scratch): those of runs
+    # that are gone, whichever cache they used.
+    from qeff.store.scratch import reclaim_scratch
+
+    scratch = reclaim_scratch()
+    for path, _ in scratch.removed:
+        print(f"removed scratch folder of a run that is gone: {path}")
+    for path, why in scratch.kept:
+        print(f"kept scratch folder: {path} ({why})")
+    if scratch.removed:
+        print(f"freed {human_bytes(scratch.freed)} of scratch folders in {scratch.removed[0][0].parent}")
     return 0

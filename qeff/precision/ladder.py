@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -206,13 +205,15 @@ class _ReferenceStore:
         if rows * window * vocab * 4 <= self.IN_MEMORY_MAX:
             self.array = np.empty(shape, np.float32)
         else:
-            self._dir = tempfile.TemporaryDirectory(prefix="qeff-reference-")
-            self.array = np.memmap(Path(self._dir.name) / "logits.f32", dtype=np.float32, mode="w+", shape=shape)
+            from qeff.store.scratch import ScratchDir
+
+            self._dir = ScratchDir("qeff-reference-")  # locked: a killed run's is reclaimed
+            self.array = np.memmap(self._dir.path / "logits.f32", dtype=np.float32, mode="w+", shape=shape)
 
     def close(self) -> None:
         self.array = None
         if self._dir is not None:
-            self._dir.cleanup()
+            self._dir.close()
 
 
 # -- one tier ------------------------------------------------------------------------------------------
