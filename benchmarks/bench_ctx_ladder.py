@@ -3,7 +3,7 @@
     python benchmarks/bench_ctx_ladder.py [--rounds 3] [--new-tokens 64] [--threads 2]
 
 Three runs of ``qeff infer --json --ort-graph portable --ignore_eos`` on the same prompt, each a
-fresh process, rounds interleaved (A, B, C, A, B, C, …) so load from other processes hits all
+fresh process, rounds interleaved (each round runs A, B, C once, in an order shuffled per round) so load from other processes hits all
 alike:
 
 - ``ctx256``: ``--ctx_len 256 --comp_ctx_lengths off`` (the plain portable graph, the baseline);
@@ -24,6 +24,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from bench_peers import trial_order
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "My name is"
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
         log(f"warm: {name}")
     rows: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for r in range(args.rounds):
-        for name, extra in CONFIGS.items():
+        for name in trial_order(list(CONFIGS), r):  # shuffled per round: no config always follows another
+            extra = CONFIGS[name]
             out = run(args, extra)
             rows[name].append(out)
             log(f"round {r + 1} {name:15s} decode {out['decode_tok_s']:7.2f} tok/s  TTFT {out['ttft_s'] * 1000:7.1f} ms")

@@ -3,9 +3,10 @@
     python benchmarks/bench_prompt_lookup.py [--rounds 3] [--k 5] [--new-tokens 160] [--peers .venv-peers]
 
 qeff: ``qeff infer --json`` (the fused CPU graph, batch 1, --no-verify) with and without
-``--prompt_lookup K``, rounds interleaved (plain, lookup, plain, lookup, …) so load from other
-processes hits both alike; medians of decode tokens/s, their ratio, the mean tokens kept per verify
-step, and whether the token ids are equal (they must be: greedy output is unchanged).
+``--prompt_lookup K``, rounds interleaved (each round runs every engine once, in an order shuffled
+per round) so load from other processes hits all alike; medians of decode tokens/s, the speed-up
+as the median of the per-round ratios, the mean tokens kept per verify step, and whether the token
+ids are equal (they must be: greedy output is unchanged).
 
 llama.cpp: when the peers venv (``make bench-peers`` builds it) has llama-cpp-python, the same
 prompt on the F32 GGUF of the same weights, plain and with ``LlamaPromptLookupDecoding``
@@ -22,6 +23,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from bench_peers import per_trial_ratio, trial_order
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSAGE = (
@@ -108,29 +111,37 @@ def main() -> int:
     llama = peers_llama(args.peers)
     if llama:
         runs.update({"llama.cpp-plain": [], "llama.cpp-lookup": []})
+    engines = {
+        "qeff-plain": lambda: qeff_run(args, None),
+        "qeff-lookup": lambda: qeff_run(args, args.k),
+        "llama.cpp-plain": lambda: llama_run(*llama, args, 0),
+        "llama.cpp-lookup": lambda: llama_run(*llama, args, args.k),
+    }
     for r in range(args.rounds):
-        runs["qeff-plain"].append(qeff_run(args, None))
-        runs["qeff-lookup"].append(qeff_run(args, args.k))
-        if llama:
-            runs["llama.cpp-plain"].append(llama_run(*llama, args, 0))
-            runs["llama.cpp-lookup"].append(llama_run(*llama, args, args.k))
+        for name in trial_order(list(runs), r):  # shuffled per round: no run always follows another
+            runs[name].append(engines[name]())
         log(f"[round {r + 1}] " + ", ".join(f"{name} {rs[-1]['decode_tok_s']:.1f} tok/s" for name, rs in runs.items()))
     med = {name: statistics.median(x["decode_tok_s"] for x in rs) for name, rs in runs.items()}
+    rate = lambda rs: [x["decode_tok_s"] for x in rs]  # noqa: E731
     look = runs["qeff-lookup"]
     record = {
         "prompt": args.prompt, "new_tokens": look[0]["new_tokens"], "k": args.k, "rounds": args.rounds,
         "decode_tok_s_median": {k: round(v, 2) for k, v in med.items()},
-        "qeff_speedup": round(med["qeff-lookup"] / med["qeff-plain"], 3),
+        "qeff_speedup_of_medians": round(med["qeff-lookup"] / med["qeff-plain"], 3),
+        "qeff_speedup": round(per_trial_ratio(rate(runs["qeff-lookup"]), rate(runs["qeff-plain"])), 3),
         "qeff_mean_accepted_tokens": look[0]["mean_accepted_tokens"],
         "qeff_tokens_equal": all(x["token_ids"] == runs["qeff-plain"][0]["token_ids"] for x in runs["qeff-plain"] + look),
         "llama_cpp": "ran" if llama else f"not run: no llama-cpp-python in {args.peers} or no .bench/smollm2-f32.gguf (make bench-peers builds them)",
     }
     if llama:
-        record["llama_cpp_speedup"] = round(med["llama.cpp-lookup"] / med["llama.cpp-plain"], 3)
+        record["llama_cpp_speedup_of_medians"] = round(med["llama.cpp-lookup"] / med["llama.cpp-plain"], 3)
+        record["llama_cpp_speedup"] = round(per_trial_ratio(rate(runs["llama.cpp-lookup"]), rate(runs["llama.cpp-plain"])), 3)
         record["llama_cpp_tokens_equal"] = runs["llama.cpp-lookup"][0]["token_ids"] == runs["llama.cpp-plain"][0]["token_ids"]
     log(f"\n{'engine':<18}{'decode tok/s (median)':>24}")
     for name, v in med.items():
         log(f"{name:<18}{v:>24.2f}")
+    log(f"speed-ups are medians of the per-round ratios (ratios of the medians: qeff {record['qeff_speedup_of_medians']:.2f}x"
+        f"{', llama.cpp ' + format(record['llama_cpp_speedup_of_medians'], '.2f') + 'x' if llama else ''})")
     log(f"qeff prompt lookup K={args.k}: {record['qeff_speedup']:.2f}x plain, {record['qeff_mean_accepted_tokens']:.2f} tokens per "
         f"verify step, tokens equal: {record['qeff_tokens_equal']}; llama.cpp: {record.get('llama_cpp_speedup', record['llama_cpp'])}")
     print(json.dumps(record))
