@@ -3,8 +3,8 @@
     python benchmarks/bench_ctx_ladder.py [--rounds 3] [--new-tokens 64] [--threads 2]
 
 Three runs of ``qeff infer --json --ort-graph portable --ignore_eos`` on the same prompt, each a
-fresh process, rounds interleaved (each round runs A, B, C once, in an order shuffled per round) so load from other processes hits all
-alike:
+fresh process, rounds interleaved (each round runs A, B, C once, in an order shuffled per round)
+so load from other processes hits all alike:
 
 - ``ctx256``: ``--ctx_len 256 --comp_ctx_lengths off`` (the plain portable graph, the baseline);
 - ``ctx4096``: ``--ctx_len 4096 --comp_ctx_lengths off`` (every step attends 4096 slots);

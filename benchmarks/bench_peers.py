@@ -23,8 +23,7 @@ matrix-vector product, best of several) divided by the bytes each engine's decod
 Same prompt token ids for all, greedy, exactly ``--new-tokens`` tokens, threads = ``--threads``.
 A warm-up run each, then ``--trials`` rounds; within a round every engine runs once, in turn (in an
 order shuffled per round, seeded by its number, so no engine always runs first or after the same
-one), so
-load from other processes on a shared machine hits all alike. Rates are medians over the rounds;
+one), so load from other processes on a shared machine hits all alike. Rates are medians over the rounds;
 each engine's tokens are compared with the first qeff engine's (and with HF's when it runs).
 Ratios, against onnxruntime-genai fp32 and llama.cpp, are medians of the per-round ratios;
 absolute numbers drift with the machine.
@@ -105,8 +104,7 @@ def trial_order(names: list[str], trial: int) -> list[str]:
 
     A fixed order made one engine always run first, right after the same one (the fused fp32 graph
     after llama.cpp's Q4_1, whatever that leaves behind); rotating it keeps every engine's
-    neighbours.
-    A shuffle per trial gives each engine varied places and predecessors, and the same run
+    neighbours. A shuffle per trial gives each engine varied places and predecessors, and the same run
     repeats the same orders."""
     order = list(names)
     random.Random(f"bench-peers trial {trial}").shuffle(order)
@@ -237,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             workers[name].ask(cmd="run", prompt_ids=ids, new_tokens=8)  # warm-up
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for trial in range(args.trials):
-            for name in trial_order(names, trial):
+            order = trial_order(names, trial)
+            for name in order:
                 r = workers[name].ask(cmd="run", prompt_ids=ids, new_tokens=args.new_tokens)
                 runs[name].append(r)
             log(f"[bench] batch {batch} trial {trial + 1}/{args.trials} (in the order run): " + ", ".join(
-                f"{n} {(len(runs[n][-1]['tokens'][0]) - 1) * batch / runs[n][-1]['decode_s']:.1f}"
-                for n in trial_order(names, trial)) + " decode tok/s")
+                f"{n} {(len(runs[n][-1]['tokens'][0]) - 1) * batch / runs[n][-1]['decode_s']:.1f}" for n in order) + " decode tok/s")
         accuracy = {}
         if reference is not None and batch == 1:
             import numpy as np

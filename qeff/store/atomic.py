@@ -25,6 +25,7 @@ from typing import IO, Any
 from qeff.errors import DiskFullError
 
 __all__ = [
+    "tree_bytes",
     "write_bytes",
     "write_text",
     "write_json",
@@ -75,6 +76,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of the regular files under a folder (symbolic links not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def is_disk_full(exc: BaseException | None) -> bool:

@@ -45,7 +45,7 @@ from qeff.code_digest import scope_for, scoped_source
 from qeff.errors import ArtifactError
 from qeff.store.home import is_qeff_manifest, require_cache
 from qeff.store.layout import is_artifact_name
-from qeff.store.locks import PathLock, holder, holder_pid, is_held, remove_if_free
+from qeff.store.locks import PathLock, holder, holder_pid, is_held, pid_alive, remove_if_free
 
 __all__ = ["is_qeff_artifact", "ArtifactStatus", "Leftover", "Scan", "scan", "clean", "format_scan", "Cleaned", "reclaim",
            "superseded_because",
@@ -99,30 +99,7 @@ class Scan:
         bytes of its whole tree."""
         marked = [a for a in self.artifacts if a.superseded]
         roots = [a for a in marked if not any(o.path in a.path.parents for o in marked)]
-        return [replace(a, bytes=_size(a.path)) for a in roots]
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for p in path.rglob("*"):
-        try:
-            if p.is_file() and not p.is_symlink():
-                total += p.stat().st_size
-        except OSError:
-            pass
-    return total
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return [replace(a, bytes=atomic.tree_bytes(a.path)) for a in roots]
 
 
 def _lock_user(lock: Path) -> str | None:
@@ -156,12 +133,12 @@ def _leftover(entry: Path) -> Leftover | None:
     owner = owner_of_temporary(name)
     if owner is not None and is_artifact_name(owner) and entry.is_dir() and not entry.is_symlink():
         kind = "build" if name.startswith(".tmp-") else "trash"
-        return Leftover(entry, kind, _size(entry), _lock_user(entry.parent / (owner + LOCK_SUFFIX)))
+        return Leftover(entry, kind, atomic.tree_bytes(entry), _lock_user(entry.parent / (owner + LOCK_SUFFIX)))
     if name.endswith(LOCK_SUFFIX) and _is_qeff_lock(entry):
         return Leftover(entry, "lock", entry.stat().st_size, _lock_user(entry))
     if atomic.TEMPORARY.match(name) and entry.is_file() and not entry.is_symlink():
         pid = int(name.rsplit(".", 3)[1])
-        return Leftover(entry, "temporary file", entry.stat().st_size, f"pid {pid}" if _pid_alive(pid) else None)
+        return Leftover(entry, "temporary file", entry.stat().st_size, f"pid {pid}" if pid_alive(pid) else None)
     if name.endswith(FAILED_LOG_SUFFIX) and is_artifact_name(name[: -len(FAILED_LOG_SUFFIX)]) and entry.is_file():
         return Leftover(entry, "failed log", entry.stat().st_size, None)
     return None
@@ -214,7 +191,7 @@ def superseded_hint(model_dir: str | os.PathLike) -> str | None:
             old.append(manifest.parent)
     if not old:
         return None
-    size = atomic.human_bytes(sum(_size(d) for d in old))
+    size = atomic.human_bytes(sum(atomic.tree_bytes(d) for d in old))
     return (f"{len(old)} export(s) of {model_dir.name} built by another qeff or library version hold {size} "
             f"and will never be reused; `qeff clean --superseded` removes them")
 
@@ -268,7 +245,7 @@ def _own_bytes(directory: Path) -> int:
         if p.is_file():
             total += p.stat().st_size
         elif p.is_dir() and not (p / MANIFEST).exists() and owner_of_temporary(p.name) is None:
-            total += _size(p)
+            total += atomic.tree_bytes(p)
     return total
 
 
@@ -403,7 +380,7 @@ def _owner_alive(lock_path: Path) -> str | None:
     pid, host = stamp
     if host != socket.gethostname():
         return f"pid {pid} on {host} (another host: `qeff clean` there removes it)"
-    return f"pid {pid}" if _pid_alive(pid) and pid != os.getpid() else None
+    return f"pid {pid}" if pid_alive(pid) and pid != os.getpid() else None
 
 
 def reclaim(root: str | os.PathLike) -> Cleaned:
@@ -423,7 +400,7 @@ def reclaim(root: str | os.PathLike) -> Cleaned:
         dirs[:] = [d for d in dirs if d not in ours]  # not walked into
     for path in found:
         # Not through scan(): testing a lock (is_held) re-stamps it, erasing the dead holder's pid.
-        item = Leftover(path, "build" if path.name.startswith(".tmp-") else "trash", _size(path), None)
+        item = Leftover(path, "build" if path.name.startswith(".tmp-") else "trash", atomic.tree_bytes(path), None)
         lock_path = path.parent / (owner_of_temporary(path.name) + LOCK_SUFFIX)
         user = _owner_alive(lock_path)
         if user is not None:

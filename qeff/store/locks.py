@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: fall back to the filelock package
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PathLock", "is_held", "holder", "holder_pid", "remove_if_free"]
+__all__ = ["PathLock", "is_held", "holder", "holder_pid", "pid_alive", "remove_if_free"]
 
 
 class PathLock:
@@ -132,6 +132,17 @@ def holder_pid(path: str | os.PathLike) -> tuple[int, str] | None:
         return int(text[0]), text[1]
     except (OSError, ValueError, IndexError):
         return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def is_held(path: str | os.PathLike) -> bool:

@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qeff.store.locks import PathLock, holder_pid
+from qeff.store.atomic import tree_bytes
+from qeff.store.locks import PathLock, holder_pid, pid_alive
 
 __all__ = ["ScratchDir", "reclaim_scratch", "PREFIXES", "LOCK_NAME"]
 
@@ -42,27 +43,6 @@ PREFIXES = ("qeff-layer-check-", "qeff-reference-")
 LOCK_NAME = ".qeff-scratch.lock"
 #: A lock file with no stamp this old is no creator's in progress (one stamps it within microseconds).
 UNSTAMPED_GRACE_S = 60.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _size(path: Path) -> int:
-    total = 0
-    for here, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(here, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class ScratchDir:
@@ -140,7 +120,7 @@ def reclaim_scratch(tmp: str | os.PathLike | None = None) -> Reclaimed:
             if stamped_host != host:
                 out.kept.append((path, f"made on {stamped_host}"))
                 continue
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 out.kept.append((path, f"pid {pid} is running"))
                 continue
         lock = PathLock(lock_path)
@@ -152,18 +132,9 @@ def reclaim_scratch(tmp: str | os.PathLike | None = None) -> Reclaimed:
             out.kept.append((path, "its run is still going"))
             continue
         try:
-            size = _size(path)
-            for child in path.iterdir():
-                if child.name == LOCK_NAME:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-            lock_path.unlink(missing_ok=True)
-            try:
-                path.rmdir()
-            except OSError:
+            size = tree_bytes(path)
+            shutil.rmtree(path, ignore_errors=True)  # the lock file too: the lock holds on its open descriptor
+            if path.exists():
                 continue
             out.removed.append((path, size))
         finally:
